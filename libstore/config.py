@@ -1,0 +1,45 @@
+"""Settings, read when used (never at import time): flags first, then environment, then defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HOME = Path("~/.libstore").expanduser
+CATALOG_FILE = "catalog.db"
+BLOBS_DIR = "blobs"
+
+
+def library_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``-L/--library`` if given, else ``$LIBSTORE_HOME``, else ``~/.libstore``."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get("LIBSTORE_HOME")
+    if env:
+        return Path(env).expanduser()
+    return DEFAULT_HOME()
+
+
+def db_url(library: Path, explicit: str | None = None) -> str:
+    """``--db`` if given, else ``$LIBSTORE_DB_URL``, else the SQLite file inside the library."""
+    if explicit:
+        return explicit
+    env = os.environ.get("LIBSTORE_DB_URL")
+    if env:
+        return env
+    return f"sqlite:///{(library / CATALOG_FILE).resolve()}"
+
+
+def hub_token(explicit: str | None = None) -> str | None:
+    """``--token`` if given, else ``$HF_TOKEN``, else whatever ``huggingface_hub`` login stored."""
+    if explicit:
+        return explicit
+    env = os.environ.get("HF_TOKEN")
+    if env:
+        return env
+    return None  # huggingface_hub falls back to its own stored login
+
+
+def hub_endpoint() -> str | None:
+    """``$HF_ENDPOINT`` at the time of the call."""
+    return os.environ.get("HF_ENDPOINT") or None

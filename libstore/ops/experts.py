@@ -1,0 +1,358 @@
+"""Use cases on experts and base models: register, import, query, export, remove, rename, tag."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libstore.catalog import repo
+from libstore.catalog.models import BaseModelRow, ClusteringRow, ClusterRow
+from libstore.errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    LibstoreError,
+    NotFoundError,
+    ValidationError,
+)
+from libstore.ops.context import Context
+from libstore.ops.query import parse_query
+from libstore.store.adapter import check_against_base, read_adapter, validate_name
+from libstore.store.blobs import sha256_file
+from libstore.types import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXPERT_KINDS,
+    AdapterFile,
+    BaseModel,
+    Expert,
+    ExpertQuery,
+    StoredFile,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What ``import_dir`` did: experts added, folders skipped because already present."""
+
+    added: tuple[Expert, ...] = ()
+    skipped: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = field(default=())
+
+
+# --- base models -------------------------------------------------------------------------------
+
+
+def add_base(ctx: Context, name: str, source: str, revision: str | None = None) -> BaseModel:
+    from libstore.store.basemodel import inspect_base_model
+
+    validate_name(name)
+    base = inspect_base_model(source, name=name, revision=revision)
+    with ctx.catalog.write() as s:
+        repo.add_base(s, base)
+    return base
+
+
+def bases(ctx: Context) -> list[BaseModel]:
+    with ctx.catalog.read() as s:
+        return repo.list_bases(s)
+
+
+def get_base(ctx: Context, name: str) -> BaseModel:
+    with ctx.catalog.read() as s:
+        return repo.to_base(repo.base_row(s, name))
+
+
+def remove_base(ctx: Context, name: str) -> None:
+    with ctx.catalog.write() as s:
+        repo.remove_base(s, name)
+
+
+def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
+    """The named base, or the only registered one when no name is given."""
+    if base is not None:
+        return repo.base_row(session, base)
+    rows = list(session.scalars(select(BaseModelRow)))
+    if len(rows) == 1:
+        return rows[0]
+    if not rows:
+        raise NotFoundError(
+            "no base model is registered; register one first: libstore base add NAME --from PATH"
+        )
+    names = ", ".join(sorted(r.name for r in rows))
+    raise ValidationError(f"several base models are registered ({names}); choose one with --base")
+
+
+# --- adding experts ----------------------------------------------------------------------------
+
+
+def add(
+    ctx: Context,
+    folder: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    kind: str = "task",
+    base: str | None = None,
+    tasks: Iterable[str] = (),
+    tags: Iterable[str] = (),
+    metadata: dict[str, Any] | None = None,
+    cluster: str | None = None,
+    source: str | None = None,
+    allow_base_mismatch: bool = False,
+    allow_nonfinite: bool = False,
+) -> Expert:
+    """Validate a PEFT folder, store its files as blobs and record it, all or nothing."""
+    folder = Path(folder)
+    name = validate_name(name if name is not None else folder.name)
+    _check_kind(kind)
+    tasks = [validate_name(t) for t in tasks]
+    tags = [validate_name(t) for t in tags]
+    adapter = read_adapter(folder, allow_nonfinite=allow_nonfinite)
+    with ctx.catalog.write() as s:
+        row = _insert_adapter(
+            ctx, s, adapter, name=name, kind=kind, base=base, tasks=tasks, tags=tags,
+            metadata=metadata, cluster=cluster, source=source or str(folder.resolve()),
+            allow_base_mismatch=allow_base_mismatch,
+        )
+        return repo.to_expert(s, row)
+
+
+def _insert_adapter(
+    ctx: Context,
+    s: Session,
+    adapter: AdapterFile,
+    *,
+    name: str,
+    kind: str,
+    base: str | None,
+    tasks: Sequence[str],
+    tags: Sequence[str],
+    metadata: dict[str, Any] | None,
+    cluster: str | None,
+    source: str | None,
+    allow_base_mismatch: bool,
+) -> Any:
+    base_row = resolve_base_row(s, base)
+    check_against_base(adapter, repo.to_base(base_row), allow_base_mismatch=allow_base_mismatch)
+    if repo.expert_exists(s, name):
+        raise AlreadyExistsError(
+            f"an expert named {name!r} already exists; choose another --name, or remove it first"
+        )
+    cluster_id, cluster_tasks = _resolve_cluster(s, cluster, kind)
+    files = store_adapter_files(ctx, adapter)
+    return repo.insert_expert(
+        s,
+        name=name,
+        kind=kind,
+        base=base_row,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        target_modules=adapter.target_modules,
+        modules=adapter.modules,
+        dtype=adapter.dtype,
+        files=files,
+        weights_file=ADAPTER_WEIGHTS,
+        source=source,
+        metadata=metadata,
+        tasks=[*tasks, *cluster_tasks],
+        tags=tags,
+        cluster_id=cluster_id,
+    )
+
+
+def store_adapter_files(ctx: Context, adapter: AdapterFile) -> list[StoredFile]:
+    """Put the adapter's config and weights into the blob store (content-addressed, deduplicated)."""
+    cfg = ctx.blobs.put_bytes(adapter.config_bytes)
+    weights = ctx.blobs.put_file(adapter.weights_path, expected_sha256=adapter.weights_sha256)
+    return [
+        StoredFile(ADAPTER_CONFIG, cfg.sha256, cfg.size),
+        StoredFile(ADAPTER_WEIGHTS, weights.sha256, weights.size),
+    ]
+
+
+def _resolve_cluster(s: Session, cluster: str | None, kind: str) -> tuple[int | None, list[str]]:
+    """``NAME:INDEX`` -> (cluster row id, the cluster's tasks)."""
+    if cluster is None:
+        return None, []
+    if kind != "cluster":
+        raise ValidationError("--cluster links a cluster expert: use it with --kind cluster")
+    clustering_name, sep, index = cluster.partition(":")
+    if not sep or not index.isdigit():
+        raise ValidationError(f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {cluster!r}")
+    clustering = s.scalar(select(ClusteringRow).where(ClusteringRow.name == clustering_name))
+    if clustering is None:
+        raise NotFoundError(f"no clustering named {clustering_name!r}; see: libstore clusters ls")
+    row = s.scalar(
+        select(ClusterRow).where(
+            ClusterRow.clustering_id == clustering.id, ClusterRow.index == int(index)
+        )
+    )
+    if row is None:
+        raise NotFoundError(
+            f"clustering {clustering_name!r} has clusters 0..{len(clustering.clusters) - 1}, "
+            f"not {index}"
+        )
+    return row.id, [t.name for t in row.tasks]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in EXPERT_KINDS:
+        raise ValidationError(f"unknown kind {kind!r}; kinds are {', '.join(EXPERT_KINDS)}")
+
+
+def find_adapter_folders(root: Path) -> list[Path]:
+    """Every folder at or below ``root`` holding an ``adapter_config.json``, sorted."""
+    return sorted(p.parent for p in Path(root).rglob(ADAPTER_CONFIG))
+
+
+def import_dir(
+    ctx: Context,
+    root: str | os.PathLike[str],
+    *,
+    kind: str = "task",
+    base: str | None = None,
+    tags: Iterable[str] = (),
+    task_from_name: bool = False,
+    allow_base_mismatch: bool = False,
+    allow_nonfinite: bool = False,
+) -> ImportReport:
+    """Import every PEFT folder below ``root`` (names from folder names) in one transaction.
+
+    Every adapter is validated before anything is written; one bad folder fails the whole import and
+    leaves the library unchanged. A folder whose name and weights are already in the library is
+    skipped, so re-running an import is harmless.
+    """
+    _check_kind(kind)
+    tags = [validate_name(t) for t in tags]
+    folders = find_adapter_folders(Path(root))
+    if not folders:
+        raise ValidationError(f"no PEFT adapter folders (with {ADAPTER_CONFIG}) below {root}")
+    names = [validate_name(f.name) for f in folders]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValidationError(
+            f"several folders below {root} are named {dupes[0]!r}; expert names must be unique — "
+            f"import them one by one with libstore add --name"
+        )
+    adapters: list[tuple[str, AdapterFile]] = []
+    for name, folder in zip(names, folders, strict=True):
+        try:
+            adapters.append((name, read_adapter(folder, allow_nonfinite=allow_nonfinite)))
+        except LibstoreError as e:
+            raise type(e)(f"{folder}: {e}") from e
+    added: list[Any] = []
+    skipped: list[str] = []
+    with ctx.catalog.write() as s:
+        for name, adapter in adapters:
+            if repo.expert_exists(s, name):
+                if repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
+                    continue
+            row = _insert_adapter(
+                ctx, s, adapter, name=name, kind=kind, base=base,
+                tasks=[name] if task_from_name else [], tags=tags, metadata=None, cluster=None,
+                source=str(Path(adapter.folder).resolve()), allow_base_mismatch=allow_base_mismatch,
+            )
+            added.append(row)
+        experts = tuple(repo.to_expert(s, r) for r in added)
+    return ImportReport(added=experts, skipped=tuple(skipped))
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def experts(ctx: Context, query: str | ExpertQuery | None = None) -> list[Expert]:
+    q = parse_query(query)
+    with ctx.catalog.read() as s:
+        return [repo.to_expert(s, r) for r in repo.find_expert_rows(s, q)]
+
+
+def get(ctx: Context, name: str) -> Expert:
+    with ctx.catalog.read() as s:
+        return repo.to_expert(s, repo.expert_row(s, name))
+
+
+def export(ctx: Context, name: str, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the expert as a PEFT folder (``PeftModel.from_pretrained`` loads it), hash-checked."""
+    expert = get(ctx, name)
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise AlreadyExistsError(f"{dest} exists and is not empty; pass --overwrite or another path")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in expert.files:
+        copy_blob(ctx, f, dest / f.path)
+    return dest
+
+
+def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:
+    """Copy a blob to ``target`` atomically, checking its hash on the way out."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(ctx.blobs.path(f.sha256), tmp)
+        if sha256_file(tmp) != f.sha256:
+            raise IntegrityError(
+                f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- changing ----------------------------------------------------------------------------------
+
+
+def remove(ctx: Context, name: str) -> None:
+    """Remove the record; blobs stay until ``libstore gc`` (another expert may share them)."""
+    with ctx.catalog.write() as s:
+        repo.delete_expert(s, repo.expert_row(s, name))
+
+
+def rename(ctx: Context, old: str, new: str) -> Expert:
+    validate_name(new)
+    with ctx.catalog.write() as s:
+        row = repo.expert_row(s, old)
+        if repo.expert_exists(s, new):
+            raise AlreadyExistsError(f"an expert named {new!r} already exists")
+        row.name = new
+        s.flush()
+        return repo.to_expert(s, row)
+
+
+def tag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[str]:
+    """Add tags to every expert the query matches; returns the names changed."""
+    tags = [validate_name(t) for t in tags]
+    with ctx.catalog.write() as s:
+        rows = _rows_or_error(s, query)
+        tag_rows = [repo.tag_row(s, t) for t in tags]
+        for row in rows:
+            row.tags = sorted({*row.tags, *tag_rows}, key=lambda t: t.name)
+        return [r.name for r in rows]
+
+
+def untag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[str]:
+    drop = set(tags)
+    with ctx.catalog.write() as s:
+        rows = _rows_or_error(s, query)
+        for row in rows:
+            row.tags = [t for t in row.tags if t.name not in drop]
+        return [r.name for r in rows]
+
+
+def _rows_or_error(s: Session, query: str | ExpertQuery) -> list[Any]:
+    q = parse_query(query)
+    rows = repo.find_expert_rows(s, q)
+    if not rows:
+        raise NotFoundError(f"no expert matches {query!r}; list them with: libstore ls")
+    return rows
+
+
+def tags(ctx: Context) -> list[tuple[str, int]]:
+    with ctx.catalog.read() as s:
+        return repo.list_tags(s)

@@ -1,0 +1,61 @@
+"""The catalog query language shared by the CLI and the Python API.
+
+A query is whitespace-separated ``field=value`` terms; fields are AND-ed, repeated fields and
+comma-separated values are OR-ed; a bare word is a name (globs ``*``, ``?`` allowed)::
+
+    "kind=task tag=v1"          task experts tagged v1
+    "kind=task,cluster base=phi3"
+    "arc_* tag=v2"              experts whose name starts with arc_ and tagged v2
+    ""  or  "all"               everything
+"""
+
+from __future__ import annotations
+
+from libstore.errors import QueryError
+from libstore.types import EXPERT_KINDS, ExpertQuery
+
+_FIELDS = {
+    "name": "names",
+    "kind": "kinds",
+    "base": "bases",
+    "tag": "tags",
+    "task": "tasks",
+    "cluster": "clusters",
+}
+
+
+def parse_query(text: str | ExpertQuery | None) -> ExpertQuery:
+    """Parse a query string; an ``ExpertQuery`` passes through unchanged."""
+    if isinstance(text, ExpertQuery):
+        return text
+    values: dict[str, list[str]] = {attr: [] for attr in _FIELDS.values()}
+    for term in (text or "").split():
+        if term == "all":
+            continue
+        key, sep, raw = term.partition("=")
+        if not sep:
+            key, raw = "name", term
+        attr = _FIELDS.get(key)
+        if attr is None:
+            raise QueryError(
+                f"unknown query field {key!r} in {text!r}; use {', '.join(sorted(_FIELDS))} "
+                f"(e.g. 'kind=task tag=v1')"
+            )
+        items = [v for v in raw.split(",") if v]
+        if not items:
+            raise QueryError(f"empty value for {key!r} in {text!r}")
+        values[attr].extend(items)
+    bad = [k for k in values["kinds"] if k not in EXPERT_KINDS]
+    if bad:
+        raise QueryError(f"unknown kind {bad[0]!r}; kinds are {', '.join(EXPERT_KINDS)}")
+    return ExpertQuery(**{attr: tuple(dict.fromkeys(v)) for attr, v in values.items()})
+
+
+def format_query(query: ExpertQuery) -> str:
+    """The canonical string of a query (stable: used in records and cache keys)."""
+    parts = []
+    for key, attr in _FIELDS.items():
+        vals = getattr(query, attr)
+        if vals:
+            parts.append(f"{key}={','.join(vals)}")
+    return " ".join(parts) or "all"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the libstore catalog (packaged as ``libstore.migrations``)."""
