@@ -26,8 +26,8 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
-    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -48,6 +48,18 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite drops the zone on the way back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
@@ -66,7 +78,7 @@ class BaseModelRow(Base):
     model_type: Mapped[str] = mapped_column(String(255))
     fingerprint: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
     linear_shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class BlobRow(Base):
@@ -76,7 +88,7 @@ class BlobRow(Base):
 
     sha256: Mapped[str] = mapped_column(String(SHA_LEN), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class ExpertRow(Base):
@@ -106,9 +118,9 @@ class ExpertRow(Base):
     cluster_id: Mapped[int | None] = mapped_column(
         ForeignKey("clusters.id", ondelete="SET NULL"), index=True
     )
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, onupdate=_now
+        UTCDateTime(), default=_now, onupdate=_now
     )
 
     base_model: Mapped[BaseModelRow] = relationship(lazy="joined")
@@ -191,7 +203,7 @@ class ClusteringRow(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     criterion: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     query: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
     clusters: Mapped[list[ClusterRow]] = relationship(
         cascade="all, delete-orphan", order_by="ClusterRow.index", lazy="selectin",
@@ -273,7 +285,7 @@ class DerivationRow(Base):
     method_version: Mapped[int] = mapped_column(Integer, default=1)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     inputs_key: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
     parents: Mapped[list[DerivationParentRow]] = relationship(
         cascade="all, delete-orphan", order_by="DerivationParentRow.position", lazy="selectin"
@@ -314,7 +326,7 @@ class PrototypeCacheRow(Base):
     blob_sha256: Mapped[str] = mapped_column(
         ForeignKey("blobs.sha256", ondelete="RESTRICT"), index=True
     )
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class RemoteRow(Base):
@@ -329,8 +341,8 @@ class RemoteRow(Base):
     revision: Mapped[str] = mapped_column(String(255), default="main")
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     last_commit: Mapped[str | None] = mapped_column(String(64))
-    last_synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    last_synced_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class RemoteExpertRow(Base):
@@ -344,4 +356,4 @@ class RemoteExpertRow(Base):
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     synced_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
     remote_commit: Mapped[str | None] = mapped_column(String(64))
-    synced_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    synced_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
