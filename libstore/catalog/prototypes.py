@@ -1,0 +1,160 @@
+"""Catalog queries and writes for the prototype cache.
+
+One row per (expert sha256, method, method version, params_key) points at a safetensors blob holding
+that expert's prototypes for every LoRA module. Keys use the expert's *content* hash, so renaming an
+expert keeps its cache and changing its weights misses it. ``params_key`` is the sha256 of the
+canonical JSON of the method's parameters (see :func:`params_key`).
+
+Every function takes an open ``Session``; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
+
+from libstore.catalog.models import ExpertRow, PrototypeCacheRow
+from libstore.catalog.repo import ensure_blob
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached prototype set.
+
+    Attributes:
+        expert_sha256: weights hash of the expert it was computed from.
+        method, method_version, params: how it was computed.
+        params_key: sha256 of the canonical JSON of ``params``.
+        blob_sha256: the safetensors blob in the store.
+        experts: names of the experts that currently have ``expert_sha256`` (empty: orphaned).
+    """
+
+    expert_sha256: str
+    method: str
+    method_version: int
+    params_key: str
+    params: dict[str, Any]
+    blob_sha256: str
+    experts: tuple[str, ...] = ()
+    created_at: dt.datetime | None = None
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of ``params``."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entry(row: PrototypeCacheRow, experts: Iterable[str] = ()) -> CacheEntry:
+    return CacheEntry(
+        expert_sha256=row.expert_sha256,
+        method=row.method,
+        method_version=row.method_version,
+        params_key=row.params_key,
+        params=dict(row.params or {}),
+        blob_sha256=row.blob_sha256,
+        experts=tuple(sorted(experts)),
+        created_at=row.created_at,
+    )
+
+
+def find_cached(
+    session: Session,
+    expert_sha256s: Iterable[str],
+    *,
+    method: str,
+    method_version: int,
+    key: str,
+) -> dict[str, str]:
+    """``expert sha256 -> blob sha256`` for the hashes that have this cache entry."""
+    shas = sorted(set(expert_sha256s))
+    found: dict[str, str] = {}
+    for i in range(0, len(shas), 500):  # keep IN lists within every driver's limits
+        stmt = select(PrototypeCacheRow.expert_sha256, PrototypeCacheRow.blob_sha256).where(
+            PrototypeCacheRow.expert_sha256.in_(shas[i : i + 500]),
+            PrototypeCacheRow.method == method,
+            PrototypeCacheRow.method_version == int(method_version),
+            PrototypeCacheRow.params_key == key,
+        )
+        found.update({sha: blob for sha, blob in session.execute(stmt)})
+    return found
+
+
+def record(
+    session: Session,
+    *,
+    expert_sha256: str,
+    method: str,
+    method_version: int,
+    params: dict[str, Any],
+    blob_sha256: str,
+    blob_size: int,
+) -> bool:
+    """Record a computed cache entry; ``False`` if another writer recorded it first (kept as is)."""
+    key = params_key(params)
+    if find_cached(session, [expert_sha256], method=method, method_version=method_version, key=key):
+        return False
+    try:
+        with session.begin_nested():  # a concurrent writer may win the unique constraints
+            ensure_blob(session, blob_sha256, blob_size)
+            session.add(
+                PrototypeCacheRow(
+                    expert_sha256=expert_sha256,
+                    method=method,
+                    method_version=int(method_version),
+                    params_key=key,
+                    params=dict(params),
+                    blob_sha256=blob_sha256,
+                )
+            )
+    except SAIntegrityError:  # theirs is as good: same inputs, same method
+        return False
+    return True
+
+
+def entries(session: Session, expert_sha256: str | None = None) -> list[CacheEntry]:
+    """Cache entries (of one expert hash, or all), each with the experts that have that hash now."""
+    stmt = select(PrototypeCacheRow).order_by(
+        PrototypeCacheRow.expert_sha256, PrototypeCacheRow.method, PrototypeCacheRow.created_at
+    )
+    if expert_sha256 is not None:
+        stmt = stmt.where(PrototypeCacheRow.expert_sha256 == expert_sha256)
+    rows = list(session.scalars(stmt))
+    names: dict[str, list[str]] = {}
+    shas = sorted({r.expert_sha256 for r in rows})
+    for i in range(0, len(shas), 500):
+        q = select(ExpertRow.sha256, ExpertRow.name).where(ExpertRow.sha256.in_(shas[i : i + 500]))
+        for sha, name in session.execute(q):
+            names.setdefault(sha, []).append(name)
+    return [_entry(r, names.get(r.expert_sha256, ())) for r in rows]
+
+
+def orphaned(session: Session) -> list[CacheEntry]:
+    """Cache entries whose expert content no longer exists in the catalog."""
+    live = select(ExpertRow.sha256)
+    stmt = (
+        select(PrototypeCacheRow)
+        .where(PrototypeCacheRow.expert_sha256.not_in(live))
+        .order_by(PrototypeCacheRow.expert_sha256, PrototypeCacheRow.method)
+    )
+    return [_entry(r) for r in session.scalars(stmt)]
+
+
+def delete_orphaned(session: Session) -> list[CacheEntry]:
+    """Delete the orphaned entries (their blobs go at the next ``gc``); returns what was deleted."""
+    gone = orphaned(session)
+    live = select(ExpertRow.sha256)
+    for row in session.scalars(
+        select(PrototypeCacheRow).where(PrototypeCacheRow.expert_sha256.not_in(live))
+    ):
+        session.delete(row)
+    session.flush()
+    return gone
