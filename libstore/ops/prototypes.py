@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from libstore.lowrank.prototypes import Prototypes
+    from libstore.ops.tensors import ModuleFactors
 
 PROTOTYPE_FORMAT = "libstore-prototypes/1"
 METHODS = ("exact", "peft")
@@ -171,7 +172,12 @@ def compute(
 
 
 def _ensure(
-    ctx: Context, experts: Sequence[Expert], spec: PrototypeSpec, device: str, batch_bytes: int
+    ctx: Context,
+    experts: Sequence[Expert],
+    spec: PrototypeSpec,
+    device: str,
+    batch_bytes: int,
+    preloaded: Mapping[str, ModuleFactors] | None = None,
 ) -> PrototypeReport:
     with ctx.catalog.read() as s:
         have = cache.find_cached(s, (e.sha256 for e in experts), method=spec.method,
@@ -183,7 +189,7 @@ def _ensure(
     _check_top_n(todo.values(), spec)
     calls = 0
     for chunk in _chunks(list(todo.values()), batch_bytes):
-        blobs, n_calls = _compute_chunk(ctx, chunk, spec, device)
+        blobs, n_calls = _compute_chunk(ctx, chunk, spec, device, preloaded)
         calls += n_calls
         with ctx.catalog.write() as s:
             for sha, ref in blobs.items():
@@ -229,9 +235,17 @@ def _chunks(experts: list[Expert], budget: int) -> Iterable[list[Expert]]:
 
 
 def _compute_chunk(
-    ctx: Context, experts: Sequence[Expert], spec: PrototypeSpec, device: str
+    ctx: Context,
+    experts: Sequence[Expert],
+    spec: PrototypeSpec,
+    device: str,
+    preloaded: Mapping[str, ModuleFactors] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Compute and store the prototypes of ``experts``; returns sha256 -> BlobRef and the call count."""
+    """Compute and store the prototypes of ``experts``; returns sha256 -> BlobRef and the call count.
+
+    ``preloaded`` (expert sha256 -> factors) lets a caller that already read the weights (the router
+    builder) avoid reading a blob twice.
+    """
     import torch
 
     from libstore.lowrank.prototypes import exact_prototypes, peft_prototypes
@@ -240,7 +254,11 @@ def _compute_chunk(
     # (rank, in, out) -> [(expert sha, module, A, B, scale)]
     groups: dict[tuple[int, int, int], list[tuple[str, str, Any, Any, float]]] = {}
     for e in experts:
-        for m, (a, b) in load_expert_tensors(ctx, e, device=device, dtype=torch.float32).items():
+        factors = (preloaded or {}).get(e.sha256)
+        if factors is None:
+            factors = load_expert_tensors(ctx, e, device=device)
+        for m, (a, b) in factors.items():
+            a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
             key = (a.shape[0], a.shape[1], b.shape[0])
             groups.setdefault(key, []).append((e.sha256, m, a, b, e.scale))
     results: dict[str, dict[str, torch.Tensor]] = {e.sha256: {} for e in experts}
