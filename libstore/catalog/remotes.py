@@ -1,0 +1,333 @@
+"""Catalog side of Hub sync: remotes, per-expert sync state, and the records a manifest carries.
+
+``remotes`` holds where a library syncs to (repo id, tracked branch, visibility) and ``last_commit``,
+the remote commit the library last pushed or pulled. ``remote_experts`` holds, per remote and
+expert name, the *record digest* both sides had at that sync (the sha256 of the expert's manifest
+entry: weights and config hashes, kind, tasks, tags, metadata, derivation and cluster), which is
+what three-way sync planning compares. Tokens are never stored here.
+
+The rest reads and writes derivations, clusterings and base models in the shape a manifest needs,
+directly on the ORM tables. Every function takes an open ``Session``; the caller owns the
+transaction. ORM rows stay inside the catalog and ops layers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from libstore.catalog import repo
+from libstore.catalog.models import (
+    BaseModelRow,
+    ClusteringInputRow,
+    ClusteringRow,
+    ClusterMemberRow,
+    ClusterRow,
+    DerivationParentRow,
+    DerivationRow,
+    ExpertRow,
+    RemoteExpertRow,
+    RemoteRow,
+)
+from libstore.errors import AlreadyExistsError, BaseModelMismatchError, NotFoundError
+from libstore.types import BaseModel
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A Hub repo the library syncs with.
+
+    Attributes:
+        name: the library's name for it (``origin``).
+        repo_id: ``namespace/name`` of a model repo.
+        revision: the branch push writes to and pull reads by default.
+        private: visibility used when push creates the repo.
+        last_commit: the remote commit of the last push or pull (``None``: never synced).
+        last_synced_at: when that was.
+        synced: number of experts with a sync record.
+    """
+
+    name: str
+    repo_id: str
+    revision: str
+    private: bool
+    last_commit: str | None
+    last_synced_at: dt.datetime | None
+    created_at: dt.datetime | None = None
+    synced: int = 0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- remotes ---------------------------------------------------------------------------------------
+
+
+def to_remote(session: Session, row: RemoteRow) -> Remote:
+    n = len(session.scalars(select(RemoteExpertRow.expert_name).where(RemoteExpertRow.remote_id == row.id)).all())
+    return Remote(
+        name=row.name, repo_id=row.repo_id, revision=row.revision, private=row.private,
+        last_commit=row.last_commit, last_synced_at=row.last_synced_at, created_at=row.created_at,
+        synced=n,
+    )
+
+
+def remote_row(session: Session, name: str) -> RemoteRow:
+    row = session.scalar(select(RemoteRow).where(RemoteRow.name == name))
+    if row is None:
+        known = ", ".join(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name))) or "none yet"
+        raise NotFoundError(
+            f"no remote named {name!r} (remotes: {known}); add one with: "
+            f"libstore remote add {name} ORG/REPO"
+        )
+    return row
+
+
+def only_remote_name(session: Session) -> str | None:
+    """The remote to use when none is named: ``origin``, else the only one, else ``None``."""
+    names = list(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name)))
+    if "origin" in names:
+        return "origin"
+    return names[0] if len(names) == 1 else None
+
+
+def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> RemoteRow:
+    if session.scalar(select(RemoteRow.id).where(RemoteRow.name == name)) is not None:
+        raise AlreadyExistsError(f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})")
+    row = RemoteRow(name=name, repo_id=repo_id, revision=revision, private=private)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_remotes(session: Session) -> list[Remote]:
+    return [to_remote(session, r) for r in session.scalars(select(RemoteRow).order_by(RemoteRow.name))]
+
+
+def remove_remote(session: Session, name: str) -> None:
+    session.delete(remote_row(session, name))
+    session.flush()
+
+
+def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
+    """``expert name -> record digest`` both sides had at the last sync."""
+    stmt = select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_sha256).where(
+        RemoteExpertRow.remote_id == row.id
+    )
+    return {n: d for n, d in session.execute(stmt)}
+
+
+def record_sync(
+    session: Session,
+    row: RemoteRow,
+    *,
+    commit: str,
+    digests: Mapping[str, str],
+    forget: Iterable[str] = (),
+    last_commit: bool = True,
+) -> None:
+    """Record a finished push or pull: new digests per expert, forgotten names, the commit."""
+    forget = sorted(set(forget))
+    if forget:
+        for i in range(0, len(forget), 500):
+            session.execute(delete(RemoteExpertRow).where(
+                RemoteExpertRow.remote_id == row.id, RemoteExpertRow.expert_name.in_(forget[i:i + 500])
+            ))
+    existing = {r.expert_name: r for r in session.scalars(
+        select(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id)
+    )}
+    now = _now()
+    for name, digest in digests.items():
+        rec = existing.get(name)
+        if rec is None:
+            session.add(RemoteExpertRow(remote_id=row.id, expert_name=name, synced_sha256=digest,
+                                        remote_commit=commit, synced_at=now))
+        elif rec.synced_sha256 != digest or rec.remote_commit != commit:
+            rec.synced_sha256, rec.remote_commit, rec.synced_at = digest, commit, now
+    if last_commit:
+        row.last_commit = commit
+    row.last_synced_at = now
+    session.flush()
+
+
+# --- base models -----------------------------------------------------------------------------------
+
+
+def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:
+    """The local base model named like ``base``; registered from the record if absent.
+
+    A local base of that name with another config fingerprint is a different model: refused.
+    """
+    row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
+    if row is None:
+        return repo.add_base(session, base)
+    if row.fingerprint != base.fingerprint:
+        raise BaseModelMismatchError(
+            f"the remote's base model {base.name!r} ({base.architecture}, fingerprint "
+            f"{base.fingerprint[:12]}) is not this library's {base.name!r} ({row.architecture}, "
+            f"fingerprint {row.fingerprint[:12]}); its experts cannot be pulled into this library"
+        )
+    return row
+
+
+# --- derivations -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DerivationData:
+    method: str
+    method_version: int
+    params: dict[str, Any]
+    inputs_key: str
+    parents: tuple[tuple[str, str, str], ...]  # (role, parent name, parent sha256 at derivation)
+
+
+def derivations_of(session: Session, expert_ids: Sequence[int]) -> dict[int, DerivationData]:
+    """``child expert id -> derivation`` for the ids that have one."""
+    out: dict[int, DerivationData] = {}
+    ids = list(expert_ids)
+    for i in range(0, len(ids), 500):
+        for d in session.scalars(select(DerivationRow).where(DerivationRow.child_id.in_(ids[i:i + 500]))):
+            out[d.child_id] = DerivationData(
+                method=d.method, method_version=d.method_version, params=dict(d.params or {}),
+                inputs_key=d.inputs_key,
+                parents=tuple((p.role, p.parent_name, p.parent_sha256) for p in d.parents),
+            )
+    return out
+
+
+def set_derivation(session: Session, child: ExpertRow, d: DerivationData | None) -> None:
+    """Replace the child's derivation record (``None`` removes it); parents resolved by name."""
+    old = session.scalar(select(DerivationRow).where(DerivationRow.child_id == child.id))
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    if d is None:
+        return
+    row = DerivationRow(child_id=child.id, method=d.method, method_version=d.method_version,
+                        params=dict(d.params), inputs_key=d.inputs_key)
+    parents = []
+    for i, (role, name, sha) in enumerate(d.parents):
+        pid = session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
+        parents.append(DerivationParentRow(position=i, role=role, parent_id=pid, parent_name=name,
+                                           parent_sha256=sha))
+    row.parents = parents
+    session.add(row)
+    session.flush()
+
+
+# --- clusterings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterData:
+    index: int
+    label: str | None
+    stats: dict[str, Any]
+    members: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusteringData:
+    name: str
+    base_model: str
+    method: str
+    metric: str
+    k: int
+    seed: int
+    params: dict[str, Any]
+    criterion: dict[str, Any]
+    query: str
+    inputs: tuple[tuple[str, str], ...]  # (expert name, sha256 seen)
+    clusters: tuple[ClusterData, ...]
+
+
+def _clustering_data(session: Session, row: ClusteringRow) -> ClusteringData:
+    base = session.get(BaseModelRow, row.base_model_id)
+    return ClusteringData(
+        name=row.name, base_model=base.name if base else "", method=row.method, metric=row.metric,
+        k=row.k, seed=row.seed, params=dict(row.params or {}), criterion=dict(row.criterion or {}),
+        query=row.query or "",
+        inputs=tuple((i.expert_name, i.expert_sha256) for i in row.inputs),
+        clusters=tuple(
+            ClusterData(index=c.index, label=c.label, stats=dict(c.stats or {}),
+                        members=tuple(m.expert_name for m in c.members),
+                        tasks=tuple(t.name for t in c.tasks))
+            for c in row.clusters
+        ),
+    )
+
+
+def clusterings(session: Session) -> list[ClusteringData]:
+    return [_clustering_data(session, r) for r in session.scalars(select(ClusteringRow).order_by(ClusteringRow.name))]
+
+
+def clustering(session: Session, name: str) -> ClusteringData | None:
+    row = session.scalar(select(ClusteringRow).where(ClusteringRow.name == name))
+    return None if row is None else _clustering_data(session, row)
+
+
+def insert_clustering(session: Session, c: ClusteringData) -> ClusteringRow:
+    """Record a clustering (its base model must exist); expert links are resolved by name."""
+    base = repo.base_row(session, c.base_model)
+
+    def expert_id(name: str) -> int | None:
+        return session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
+
+    row = ClusteringRow(name=c.name, base_model_id=base.id, method=c.method, metric=c.metric, k=c.k,
+                        seed=c.seed, params=dict(c.params), criterion=dict(c.criterion), query=c.query)
+    row.inputs = [ClusteringInputRow(position=i, expert_id=expert_id(n), expert_name=n, expert_sha256=s)
+                  for i, (n, s) in enumerate(c.inputs)]
+    clusters = []
+    for k in c.clusters:
+        cr = ClusterRow(index=k.index, label=k.label, stats=dict(k.stats))
+        cr.members = [ClusterMemberRow(position=i, expert_id=expert_id(n), expert_name=n)
+                      for i, n in enumerate(k.members)]
+        cr.tasks = [repo.task_row(session, t) for t in k.tasks]
+        clusters.append(cr)
+    row.clusters = clusters
+    session.add(row)
+    session.flush()
+    return row
+
+
+def cluster_id(session: Session, ref: str | None) -> int | None:
+    """The cluster row id of ``CLUSTERING:INDEX`` (``None`` for ``None``)."""
+    if ref is None:
+        return None
+    name, _, index = ref.rpartition(":")
+    cid = session.scalar(
+        select(ClusterRow.id).join(ClusteringRow, ClusterRow.clustering_id == ClusteringRow.id)
+        .where(ClusteringRow.name == name, ClusterRow.index == int(index))
+    )
+    if cid is None:
+        raise NotFoundError(f"no cluster {ref!r} in this library")
+    return cid
+
+
+def link_experts(session: Session, names: Iterable[str]) -> None:
+    """Point clustering inputs/members and derivation parents recorded by name at these experts."""
+    names = sorted(set(names))
+    for i in range(0, len(names), 500):
+        chunk = names[i:i + 500]
+        ids = {n: x for n, x in session.execute(select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk)))}
+        for inp in session.scalars(select(ClusteringInputRow).where(
+            ClusteringInputRow.expert_name.in_(chunk), ClusteringInputRow.expert_id.is_(None)
+        )):
+            inp.expert_id = ids.get(inp.expert_name)
+        for member in session.scalars(select(ClusterMemberRow).where(
+            ClusterMemberRow.expert_name.in_(chunk), ClusterMemberRow.expert_id.is_(None)
+        )):
+            member.expert_id = ids.get(member.expert_name)
+        for p in session.scalars(select(DerivationParentRow).where(
+            DerivationParentRow.parent_name.in_(chunk), DerivationParentRow.parent_id.is_(None)
+        )):
+            p.parent_id = ids.get(p.parent_name)
+    session.flush()

@@ -1,0 +1,257 @@
+"""Read microsoft/mttl's expert-library format and convert its LoRA experts to PEFT folders.
+
+An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is a flat folder:
+
+- ``<expert>.meta``: ``torch.save`` of ``MetadataEntry.asdict()``: ``expert_name``,
+  ``expert_task_name``, ``expert_model`` (base model), ``parent_node``, ``expert_deleted`` and
+  ``expert_config`` (the modifier config: ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+  ``modify_modules``, ``modify_layers``, ``class_name``), plus ``training_config``;
+- ``<expert>.ckpt``: ``torch.save`` of the weights dict, ``<module>.lora_a`` of shape (in, r) and
+  ``<module>.lora_b`` of shape (r, out); mttl's update is ``scaling · (lora_a @ lora_b)ᵀ`` with
+  ``scaling = lora_alpha / lora_rank``, i.e. PEFT's ``A = lora_aᵀ`` (r, in), ``B = lora_bᵀ`` (out, r)
+  and the same ``lora_alpha``;
+- ``<expert>.<data>.bin``: auxiliary data (embeddings, scores, Arrow prototypes), not imported —
+  libstore computes exact prototypes itself.
+
+Every file is read with ``torch.load(..., weights_only=True)`` only: plain containers, numbers,
+strings and tensors load; anything that would need arbitrary classes (pickled objects, code) is
+refused with :class:`UnsafeFileError` and nothing of it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from libstore.errors import BaseModelMismatchError, UnsafeFileError, ValidationError
+from libstore.store.adapter import validate_name
+from libstore.store.safetensors_io import save_tensors
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel
+
+if TYPE_CHECKING:
+    import torch
+
+META_SUFFIX = ".meta"
+CKPT_SUFFIX = ".ckpt"
+AUX_SUFFIX = ".bin"
+MAX_FILE_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class MttlFiles:
+    """One expert's files in an mttl library folder."""
+
+    name: str
+    meta: Path
+    ckpt: Path
+    aux: tuple[str, ...] = ()  # auxiliary data types present (``<name>.<type>.bin``)
+
+
+@dataclass(frozen=True)
+class MttlExpert:
+    """An mttl LoRA expert read safely: metadata facts and PEFT-oriented factors."""
+
+    name: str
+    tasks: tuple[str, ...]
+    base_model: str | None
+    rank: int
+    alpha: float
+    dropout: float
+    deleted: bool
+    metadata: dict[str, Any]
+
+
+def scan(folder: Path) -> list[MttlFiles]:
+    """The experts of a local mttl library folder (one ``.meta`` + ``.ckpt`` pair each), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValidationError(f"{folder} is not a folder holding an mttl library (<expert>.meta/.ckpt files)")
+    out = []
+    for meta in sorted(folder.glob(f"*{META_SUFFIX}")):
+        name = meta.name[: -len(META_SUFFIX)]
+        ckpt = folder / f"{name}{CKPT_SUFFIX}"
+        if not ckpt.is_file():
+            raise ValidationError(f"{meta} has no weights file {ckpt.name}; the mttl library is incomplete")
+        aux = tuple(sorted(
+            p.name[len(name) + 1: -len(AUX_SUFFIX)]
+            for p in folder.glob(f"{name}.*{AUX_SUFFIX}")
+            if p.name.count(".") == 2
+        ))
+        out.append(MttlFiles(name=name, meta=meta, ckpt=ckpt, aux=aux))
+    if not out:
+        raise ValidationError(
+            f"{folder} holds no mttl experts (<expert>.meta with <expert>.ckpt); is it an mttl expert library?"
+        )
+    return out
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``; refuses (never runs) anything beyond plain data."""
+    import torch
+
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValidationError(f"{path} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for an mttl file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else "")
+        first = why.split(". ")[0][:300] or type(e).__name__
+        raise UnsafeFileError(
+            f"{path} needs more than plain tensors and containers to load (torch.load with "
+            f"weights_only=True refused it: {first}); libstore never unpickles arbitrary objects. "
+            f"Re-save it in a trusted environment as a dict of tensors / a dict of plain values."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - corrupt archives raise many types
+        raise ValidationError(f"{path} is not a readable torch.save file: {type(e).__name__}: {e}") from None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalars only (for metadata records)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return None
+
+
+def read_meta(files: MttlFiles) -> MttlExpert:
+    """The expert's metadata (``.meta``), checked to describe a plain LoRA expert."""
+    meta = safe_load(files.meta)
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise ValidationError(f"{files.meta} does not hold an mttl metadata dict")
+    cfg = meta.get("expert_config") or {}
+    training = meta.get("training_config") or {}
+    if not isinstance(cfg, dict) or not isinstance(training, dict):
+        raise ValidationError(f"{files.meta}: expert_config / training_config must be dicts")
+    cls = str(cfg.get("class_name") or cfg.get("__model_modifier__") or training.get("model_modifier") or "lora")
+    if cls.rsplit(".", 1)[-1] not in ("LoRAConfig", "lora"):
+        raise ValidationError(
+            f"{files.meta}: expert {files.name!r} uses the mttl modifier {cls!r}; libstore imports "
+            f"plain LoRA experts only (mttl.models.modifiers.lora.LoRAConfig)"
+        )
+    rank = cfg.get("lora_rank", training.get("lora_rank"))
+    alpha = cfg.get("lora_alpha", training.get("lora_alpha"))
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValidationError(f"{files.meta}: lora_rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        raise ValidationError(f"{files.meta}: lora_alpha must be a positive number, got {alpha!r}")
+    name = meta.get("expert_name") or files.name
+    if name != files.name:
+        raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
+    task_text = meta.get("expert_task_name") or training.get("finetune_task_name") or ""
+    if not isinstance(task_text, str):
+        raise ValidationError(f"{files.meta}: expert_task_name must be a string, got {task_text!r}")
+    tasks = tuple(dict.fromkeys(t.strip() for t in task_text.split(",") if t.strip()))
+    for t in tasks:
+        validate_name(t)
+    model = meta.get("expert_model") or training.get("model")
+    record = {
+        "format": "mttl",
+        "expert_model": _plain(model),
+        "expert_task_name": _plain(task_text) or None,
+        "parent_node": _plain(meta.get("parent_node")),
+        "modify_modules": _plain(cfg.get("modify_modules")),
+        "modify_layers": _plain(cfg.get("modify_layers")),
+        "lora_dropout": _plain(cfg.get("lora_dropout")),
+        "modifier": cls,
+    }
+    if files.aux:
+        record["aux_data_not_imported"] = list(files.aux)
+    return MttlExpert(
+        name=files.name, tasks=tasks, base_model=model if isinstance(model, str) else None,
+        rank=rank, alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0),
+        deleted=bool(meta.get("expert_deleted", False)),
+        metadata={k: v for k, v in record.items() if v is not None},
+    )
+
+
+def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
+    """The expert's ``.ckpt`` weights dict (a Lightning checkpoint's ``state_dict`` also works)."""
+    import torch
+
+    obj = safe_load(files.ckpt)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = {str(k).replace("model.", "", 1): v for k, v in obj["state_dict"].items()}
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValidationError(f"{files.ckpt} must hold a non-empty dict of name -> tensor")
+    return obj
+
+
+def _module_name(key: str, base: BaseModel) -> str | None:
+    for cand in (key, f"model.{key}", key.removeprefix("model.")):
+        if cand in base.linear_shapes:
+            return cand
+    return None
+
+
+def to_peft(expert: MttlExpert, weights: Mapping[str, torch.Tensor], base: BaseModel, dest: Path) -> Path:
+    """Write ``expert`` as a PEFT LoRA folder at ``dest`` (A = lora_aᵀ, B = lora_bᵀ, same alpha)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in weights.items():
+        stem, _, part = key.rpartition(".")
+        if part not in ("lora_a", "lora_b") or not stem:
+            raise ValidationError(
+                f"expert {expert.name!r}: tensor {key!r} is not an mttl LoRA weight "
+                f"(<module>.lora_a / <module>.lora_b); only plain LoRA experts can be imported"
+            )
+        pairs.setdefault(stem, {})[part] = t
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for stem, ab in sorted(pairs.items()):
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise ValidationError(f"expert {expert.name!r}: module {stem!r} lacks lora_a or lora_b")
+        module = _module_name(stem, base)
+        if module is None:
+            raise BaseModelMismatchError(
+                f"expert {expert.name!r}: module {stem!r} is not an nn.Linear of base model "
+                f"{base.name!r}; import it into a library whose base is the model it was trained on"
+            )
+        a, b = ab["lora_a"], ab["lora_b"]
+        lin = base.linear_shapes[module]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or tuple(a.shape) != (lin.in_features, a.shape[1]) \
+                or tuple(b.shape) != (b.shape[0], lin.out_features):
+            raise BaseModelMismatchError(
+                f"expert {expert.name!r}: module {stem!r} has lora_a {list(a.shape)} and lora_b "
+                f"{list(b.shape)}; mttl stores lora_a as (in, r) and lora_b as (r, out) and base "
+                f"{base.name!r} has Linear(in={lin.in_features}, out={lin.out_features})"
+            )
+        if a.shape[1] != expert.rank:
+            raise ValidationError(
+                f"expert {expert.name!r}: module {stem!r} has rank {a.shape[1]} but its metadata says "
+                f"lora_rank={expert.rank}"
+            )
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.T.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.T.contiguous()
+        modules.append(module)
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    covered = {m for m in base.linear_shapes if m.rsplit(".", 1)[-1] in leaves}
+    targets: list[str] = leaves if covered == set(modules) else sorted(modules)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": expert.rank,
+        "lora_alpha": expert.alpha,
+        "lora_dropout": expert.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base.source,
+        "revision": base.revision,
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, dest / ADAPTER_WEIGHTS)
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dest
