@@ -96,6 +96,11 @@ class RemoteMovedError(HubError):
     """The remote has commits this library has not seen; pull before pushing."""
 
 
+class SyncConflictError(HubError):
+    """Experts changed both in the library and on the remote since the last sync; nothing was
+    overwritten. Resolve with ``pull --force`` (take theirs) or ``push --force`` (keep ours)."""
+
+
 class RouterError(LibstoreError, RuntimeError):
     """A routed model cannot be built from the given base model and experts."""
 

@@ -16,7 +16,7 @@ from libstore.catalog import remotes as remote_repo
 from libstore.catalog.remotes import ClusterData, ClusteringData
 from libstore.errors import HubError, IntegrityError, RemoteMovedError
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
-from libstore.hub.plan import SyncConflictError
+from libstore.errors import SyncConflictError
 from libstore.ops import sync
 from libstore.store.blobs import sha256_file
 from tests import test_hub_support as support

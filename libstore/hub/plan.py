@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from libstore.errors import HubError
 from libstore.hub.manifest import ExpertEntry
 from libstore.types import ExpertQuery
 
@@ -202,6 +201,3 @@ def matches(entry: ExpertEntry, query: ExpertQuery) -> bool:
     return True
 
 
-class SyncConflictError(HubError):
-    """Experts changed both in the library and on the remote since the last sync; nothing was
-    overwritten. Resolve with ``pull --force`` (take theirs) or ``push --force`` (keep ours)."""

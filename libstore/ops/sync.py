@@ -50,6 +50,7 @@ from libstore.errors import (
     LibstoreError,
     NotFoundError,
     RemoteMovedError,
+    SyncConflictError,
     ValidationError,
 )
 from libstore.hub import modelcard
@@ -79,7 +80,6 @@ from libstore.hub.manifest import (
 )
 from libstore.hub.plan import (
     ExpertPlan,
-    SyncConflictError,
     matches,
     plan,
     stale_sync_records,
