@@ -290,8 +290,8 @@ def lineage(state: State, name: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def stale(state: State, as_json: bool) -> None:
-    """Derived experts whose parents changed or are gone, and prototype caches of experts that no
-    longer exist.
+    """Derived experts whose parents changed or are gone, prototype caches of experts that no
+    longer exist, and clusterings whose experts changed, are gone or gained new matches.
 
     \b
     Example:
@@ -314,6 +314,11 @@ def stale(state: State, as_json: bool) -> None:
         echo_table(["orphaned prototype cache", "method", "params", "blob"],
                    [[_short(c.expert_sha256), f"{c.method} v{c.method_version}", c.params,
                      _short(c.blob_sha256)] for c in report.caches])
+    if report.clusterings:
+        if report.experts or report.caches:
+            click.echo()
+        echo_table(["clustering", "metric", "k", "why"],
+                   [[c.name, c.metric, c.k, "; ".join(c.reasons)] for c in report.clusterings])
 
 
 COMMANDS = [prototypes, gks, similarity, merge, lineage, stale]

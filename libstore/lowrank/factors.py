@@ -48,7 +48,9 @@ class LowRankDelta:
 
     Attributes:
         A: (..., k, in) factor, same layout as PEFT's ``lora_A.weight``.
-        B: (..., out, k) factor, same layout as PEFT's ``lora_B.weight``. Scales are folded into B.
+        B: (..., out, k) factor, same layout as PEFT's ``lora_B.weight``. Scales and weights are
+            folded into the factors: into B for an exact concatenation, split evenly (A = √S·Vᵀ,
+            B = U·√S) for a truncated one.
         scale: always 1.0 for results computed here. To save as a PEFT adapter of rank k, write
             ``lora_alpha = k`` (``use_rslora = False``) so that PEFT's alpha/r is 1, or call
             :meth:`rescaled` to match another alpha.

@@ -23,7 +23,7 @@ from libstore.lowrank.merge import merge_delta
 __all__ = ["Residual", "subtract_general_delta", "subtract_general_param"]
 
 Residual = LowRankDelta
-"""A GenKnowSub residual: A, B, scale (1.0, scales folded into B) and energy_kept."""
+"""A GenKnowSub residual: A, B, scale (always 1.0: scales are folded into the factors) and energy_kept."""
 
 
 def subtract_general_param(

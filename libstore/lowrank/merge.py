@@ -34,7 +34,7 @@ def merge_delta(
             truncates to that rank by SVD (balanced factors, zero-padded if ΔW has lower rank), and
             ``energy_kept`` = ‖kept‖²_F/‖ΔW‖²_F, summed over batch dims.
 
-    The result has scale 1.0: weights and scales are folded into B.
+    The result has scale 1.0: weights and scales are folded into the factors (see LowRankDelta).
     """
     n = len(experts_modules)
     if n == 0:

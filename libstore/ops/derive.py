@@ -125,15 +125,27 @@ class StaleExpert:
 
 
 @dataclass(frozen=True)
+class StaleClustering:
+    """A recorded clustering whose inputs changed, are gone, or gained experts (``libstore clusters``)."""
+
+    name: str
+    metric: str
+    k: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StaleReport:
-    """Derived experts whose inputs changed, and prototype caches whose expert no longer exists."""
+    """Derived experts whose inputs changed, prototype caches whose expert no longer exists, and
+    clusterings whose inputs changed."""
 
     experts: tuple[StaleExpert, ...]
     caches: tuple[cache.CacheEntry, ...]
+    clusterings: tuple[StaleClustering, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.experts and not self.caches
+        return not self.experts and not self.caches and not self.clusterings
 
 
 # --- GenKnowSub --------------------------------------------------------------------------------
@@ -538,4 +550,10 @@ def stale(ctx: Context) -> StaleReport:
         for r in records
         if r.child in reasons
     )
-    return StaleReport(experts=experts, caches=tuple(orphans))
+    from libstore.ops import clusters as _clusters
+
+    clusterings = tuple(
+        StaleClustering(c.name, c.metric, c.k, c.stale_reasons)
+        for c in _clusters.stale_clusterings(ctx)
+    )
+    return StaleReport(experts=experts, caches=tuple(orphans), clusterings=clusterings)
