@@ -1,0 +1,206 @@
+"""Helpers for the router tests: tiny base models, real PEFT adapter folders, the PEFT Arrow oracle.
+
+Adapters are made the way users make them (``get_peft_model`` + ``save_pretrained``) so the oracle
+(``peft.create_arrow_model``) reads PEFT's own files; :func:`load_peft_folder` reads the same files into
+:class:`~libstore.router.build.ExpertTensors` (the library's loader reads the content-addressed store
+instead). The few tests at the bottom check the helpers themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+from libstore.router.build import ExpertTensors
+
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_phi3(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def make_adapter(
+    base: nn.Module,
+    folder: Path,
+    *,
+    seed: int,
+    target_modules: Sequence[str],
+    r: int = 4,
+    alpha: float = 8,
+    layers: Sequence[int] | None = None,
+    edit: Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+) -> Path:
+    """Save a PEFT LoRA adapter of ``base`` (random A and B, seeded) to ``folder``; returns it.
+
+    ``edit(module, A, B, gen) -> (A, B)`` may replace each module's factors (e.g. to plant a spectral gap).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        layers_to_transform=list(layers) if layers is not None else None,
+    )
+    pm = get_peft_model(copy.deepcopy(base), cfg)
+    if edit is not None:
+        gen = torch.Generator().manual_seed(seed + 10_000)
+        with torch.no_grad():
+            for name, mod in pm.named_modules():
+                if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+                    A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                    A2, B2 = edit(name, A.clone(), B.clone(), gen)
+                    A.copy_(A2)
+                    B.copy_(B2)
+    pm.save_pretrained(str(folder))
+    return folder
+
+
+def dominant(scale: float = 10.0) -> Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]:
+    """An ``edit`` giving ΔW one dominant direction: σ1/σ2 ≈ scale² (power iteration converges)."""
+
+    def edit(_name: str, A: Tensor, B: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        A = torch.randn(A.shape, generator=gen) * 0.05
+        B = torch.randn(B.shape, generator=gen) * 0.05
+        A[0] = torch.randn(A.shape[1], generator=gen) * 0.05 * scale
+        B[:, 0] = torch.randn(B.shape[0], generator=gen) * 0.05 * scale
+        return A, B
+
+    return edit
+
+
+def load_peft_folder(path: str | Path, name: str | None = None) -> ExpertTensors:
+    """Read a PEFT adapter folder into ExpertTensors (tests and benchmarks only)."""
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    modules: dict[str, tuple[Tensor, Tensor]] = {}
+    prefix = "base_model.model."
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(prefix) : -len(".lora_A.weight")] if key.startswith(prefix) else key[: -len(".lora_A.weight")]
+        modules[module] = (A, tensors[key.replace(".lora_A.", ".lora_B.")])
+    return ExpertTensors(name or path.name, scale, modules)
+
+
+def peft_arrow(
+    base: nn.Module,
+    tasks: Sequence[Path],
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    general: Sequence[Path] = (),
+    seed: int = 0,
+) -> nn.Module:
+    """The oracle: ``peft.create_arrow_model`` on a copy of ``base``."""
+    from peft import ArrowConfig, create_arrow_model
+
+    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=bool(general), rng_seed=seed)
+    model = create_arrow_model(
+        copy.deepcopy(base),
+        task_specific_adapter_paths=[str(p) for p in tasks],
+        general_adapter_paths=[str(p) for p in general] or None,
+        arrow_config=cfg,
+    )
+    return model.eval()
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the numel of every tensor any torch op returns (to prove what is never materialised)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            # views and in-place results share an input's storage: they allocate nothing
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(t.shape))
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@contextmanager
+def recording_shapes() -> Iterator[ShapeRecorder]:
+    rec = ShapeRecorder()
+    with rec:
+        yield rec
+
+
+# -- the helpers' own checks --------------------------------------------------------------------
+
+
+def test_load_peft_folder_matches_peft_weights(tmp_path: Path) -> None:
+    base = tiny_llama()
+    folder = make_adapter(base, tmp_path / "a", seed=3, target_modules=["q_proj", "down_proj"], r=4, alpha=8)
+    ex = load_peft_folder(folder)
+    assert ex.scale == 2.0
+    assert sorted(ex.modules) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
+    A, B = ex.modules["model.layers.0.mlp.down_proj"]
+    assert A.shape == (4, 128) and B.shape == (64, 4)
+
+
+def test_shape_recorder_sees_peft_materialise_tokens_x_experts_x_out(tmp_path: Path) -> None:
+    """The detector works: PEFT's Arrow forward does build a (tokens x E x out) tensor."""
+    base = tiny_llama()
+    E = 6
+    tasks = [make_adapter(base, tmp_path / f"t{i}", seed=i, target_modules=["q_proj"]) for i in range(E)]
+    pm = peft_arrow(base, tasks, top_k=2)
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        pm(ids)  # prototypes built lazily on the first call
+        with recording_shapes() as rec:
+            pm(ids)
+    assert (10, E, 64) in rec.shapes
