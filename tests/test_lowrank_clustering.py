@@ -473,4 +473,5 @@ def test_scale_1000_experts_1m_params(capsys: pytest.CaptureFixture[str]) -> Non
     with capsys.disabled():
         split = ", ".join(f"{key} {wall[key]:.2f}s (cpu {cpu[key]:.2f}s)" for key in wall)
         print(f"\nMBC n={n} d={d}: {split}; MBC total {mbc_wall:.2f}s wall")
-    assert mbc_wall < 120  # ~10 s on an idle 2-core CPU; generous for a loaded CI machine
+    # ~10 s wall on an idle 2-core CPU; bound the CPU time, which a busy machine inflates far less than wall
+    assert sum(v for key, v in cpu.items() if key != "generate") < 120
