@@ -30,6 +30,22 @@ def db_url(library: Path, explicit: str | None = None) -> str:
     return f"sqlite:///{(library / CATALOG_FILE).resolve()}"
 
 
+DEFAULT_MAX_FILE_BYTES = 64 << 30
+
+
+def max_file_bytes(explicit: int | None = None) -> int:
+    """Largest adapter weights file an import accepts: ``explicit``, else
+    ``$LIBSTORE_MAX_FILE_BYTES``, else 64 GiB (a rank-256 LoRA on every Linear of a 400B model is
+    about 20 GB). Refusing bigger files early keeps a wrong path (a whole model, a disk image) from
+    being hashed and copied into the store."""
+    if explicit is not None:
+        return int(explicit)
+    env = os.environ.get("LIBSTORE_MAX_FILE_BYTES")
+    if env:
+        return int(env)
+    return DEFAULT_MAX_FILE_BYTES
+
+
 def hub_token(explicit: str | None = None) -> str | None:
     """``--token`` if given, else ``$HF_TOKEN``, else whatever ``huggingface_hub`` login stored."""
     if explicit:

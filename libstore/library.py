@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libstore import config
 from libstore.ops import experts as _experts
 from libstore.ops.context import Context, init_library, open_library
 from libstore.types import BaseModel, Expert, ExpertQuery
+
+if TYPE_CHECKING:  # the low-rank operations import torch: loaded only when called
+    from libstore.catalog.clusterings import Clustering
+    from libstore.catalog.prototypes import CacheEntry
+    from libstore.ops.derive import GksReport, LineageInfo, StaleReport
+    from libstore.ops.maintenance import GcReport, VerifyReport
+    from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
+    from libstore.ops.similarity import SimilarityMatrix
 
 PathLike = str | os.PathLike[str]
 
@@ -136,3 +144,357 @@ class Library:
 
     def tags(self) -> list[tuple[str, int]]:
         return _experts.tags(self._ctx)
+
+    # --- low-rank core: prototypes, GenKnowSub, similarity, merge, lineage ----------------------
+
+    def compute_prototypes(
+        self,
+        query: str | ExpertQuery | Iterable[str] | None = None,
+        *,
+        method: str = "exact",
+        top_n: int = 1,
+        iters: int = 15,
+        seed: int = 0,
+        device: str | None = None,
+    ) -> PrototypeReport:
+        """Cache the Arrow prototypes of the matching experts; computes only what is missing.
+
+        ``method="exact"`` (default): top ``top_n`` right singular vectors of ΔW, exact.
+        ``method="peft"``: PEFT's power iteration (``iters`` steps, start vector seeded by ``seed``).
+        The report says which experts were computed and which were already cached.
+        """
+        from libstore.ops import prototypes as _protos
+
+        target = query if query is None or isinstance(query, str | ExpertQuery) else list(query)
+        return _protos.compute(self._ctx, target, method=method, top_n=top_n, iters=iters,
+                               seed=seed, device=device)
+
+    def prototypes(
+        self,
+        expert_or_query: str | Expert | ExpertQuery | Iterable[str],
+        method: str = "exact",
+        top_n: int = 1,
+        *,
+        iters: int = 15,
+        seed: int = 0,
+        modules: Iterable[str] | None = None,
+        device: str | None = None,
+    ) -> dict[str, ExpertPrototypes]:
+        """Expert name -> its prototypes (``.modules[m].vectors`` (n, in), ``.values`` (n,)).
+
+        Computed and cached first where missing. ``expert_or_query`` is a name, a query such as
+        ``"kind=residual"``, an ``Expert`` or a list of names.
+        """
+        from libstore.ops import prototypes as _protos
+
+        target = (expert_or_query if isinstance(expert_or_query, str | Expert | ExpertQuery)
+                  else list(expert_or_query))
+        return _protos.load(self._ctx, target, method=method, top_n=top_n, iters=iters, seed=seed,
+                            modules=modules, device=device)
+
+    def prototype_cache(self) -> list[CacheEntry]:
+        """Every cached prototype set, with the experts that currently have its weights."""
+        from libstore.ops import prototypes as _protos
+
+        return _protos.cache_entries(self._ctx)
+
+    def subtract_general(
+        self,
+        *,
+        general: str | ExpertQuery | Iterable[str],
+        experts: str | ExpertQuery | Iterable[str],
+        mode: str = "param",
+        rank: int | None = None,
+        suffix: str = "_res",
+        refresh: bool = False,
+        device: str | None = None,
+    ) -> GksReport:
+        """GenKnowSub: store ``<expert><suffix>`` = expert minus the mean of the general experts.
+
+        ``mode="param"`` subtracts mean A and mean B (PEFT's ``use_gks``; equal ranks);
+        ``mode="delta"`` subtracts mean ΔW exactly (any ranks), truncated to ``rank`` if given.
+        Residuals computed before from the same inputs are reused; ``refresh=True`` recomputes in
+        place those whose inputs changed.
+        """
+        from libstore.ops import derive as _derive
+
+        def norm(q: Any) -> Any:
+            return q if isinstance(q, str | ExpertQuery) else list(q)
+
+        return _derive.subtract_general(
+            self._ctx, general=norm(general), experts=norm(experts), mode=mode, rank=rank,
+            suffix=suffix, refresh=refresh, device=device,
+        )
+
+    def similarity(
+        self,
+        query: str | ExpertQuery | Iterable[str] | None = None,
+        *,
+        metric: str = "delta",
+        device: str | None = None,
+    ) -> SimilarityMatrix:
+        """Cosine similarity of the matching experts: ``delta`` (of ΔW, exact) or ``flat``
+        (of the flattened parameters, as the MBC paper)."""
+        from libstore.ops import similarity as _sim
+
+        target = query if query is None or isinstance(query, str | ExpertQuery) else list(query)
+        return _sim.similarity(self._ctx, target, metric=metric, device=device)
+
+    def plot_similarity(self, matrix: SimilarityMatrix, path: PathLike) -> Path:
+        """Write a heatmap PNG of a similarity matrix."""
+        from libstore.ops import similarity as _sim
+
+        return _sim.plot(matrix, path)
+
+    def merge(
+        self,
+        names: Iterable[str],
+        *,
+        name: str,
+        rank: int | None = None,
+        weights: Iterable[float] | None = None,
+        refresh: bool = False,
+        device: str | None = None,
+    ) -> Expert:
+        """Store ``name`` (kind ``merged``) = the (weighted) average of the experts' ΔW, exactly
+        re-factorised, truncated to ``rank`` by SVD if given."""
+        from libstore.ops import derive as _derive
+
+        return _derive.merge(self._ctx, list(names), name=name, rank=rank,
+                             weights=None if weights is None else list(weights), refresh=refresh,
+                             device=device)
+
+    def lineage(self, name: str) -> LineageInfo:
+        """How ``name`` was derived (parents with their current state, method, params), and its children."""
+        from libstore.ops import derive as _derive
+
+        return _derive.lineage(self._ctx, name)
+
+    def stale(self) -> StaleReport:
+        """Derived experts whose parents changed or are gone, and orphaned prototype caches."""
+        from libstore.ops import derive as _derive
+
+        return _derive.stale(self._ctx)
+
+    # --- MBC clustering (issue 5) -----------------------------------------------------------
+
+    def cluster(
+        self,
+        experts: str | ExpertQuery | Iterable[str] | None = "kind=task",
+        *,
+        k: int | None = None,
+        metric: str = "flat",
+        seed: int = 0,
+        name: str | None = None,
+        keep: float = 0.2,
+        dim: int = 64,
+        k_range: Iterable[int] | None = None,
+        n_init: int = 10,
+        device: str | None = None,
+    ) -> Clustering:
+        """Cluster the experts ``experts`` selects (MBC) and record the run as ``name``.
+
+        ``metric="flat"``: mttl's MBC (flattened parameters, top ``keep`` by magnitude, SVD to
+        ``dim``, cosine); ``"delta"``: exact cosine of ΔW. Without ``k``, k is the best silhouette
+        over ``k_range`` (default 2..min(20, n-1)). Deterministic for a ``seed``; default name
+        ``mbc-k<k>``. The record holds every parameter and the hash of every expert seen, so a
+        changed or added expert marks it stale.
+        """
+        from libstore.ops import clusters as _clusters
+
+        target = experts if experts is None or isinstance(experts, str | ExpertQuery) else list(experts)
+        return _clusters.cluster(
+            self._ctx, target, k=k, metric=metric, seed=seed, name=name, keep=keep, dim=dim,
+            k_range=None if k_range is None else list(k_range), n_init=n_init, device=device,
+        )
+
+    def clusterings(self) -> list[Clustering]:
+        """Every recorded clustering (with ``stale`` and ``stale_reasons``)."""
+        from libstore.ops import clusters as _clusters
+
+        return _clusters.clusterings(self._ctx)
+
+    def clustering(self, name: str) -> Clustering:
+        """One recorded clustering: parameters, criterion, clusters (members, tasks, statistics)."""
+        from libstore.ops import clusters as _clusters
+
+        return _clusters.get(self._ctx, name)
+
+    def export_clustering(self, name: str, format: str = "json") -> str:
+        """The task lists of the clusters as ``json`` or ``csv`` text (to train cluster experts)."""
+        from libstore.ops import clusters as _clusters
+
+        return _clusters.export(self._ctx, name, format)
+
+    def remove_clustering(self, name: str, *, force: bool = False) -> list[str]:
+        """Remove a clustering; refuses while cluster experts link to it unless ``force``.
+        Returns the cluster experts whose link was cleared."""
+        from libstore.ops import clusters as _clusters
+
+        return _clusters.remove(self._ctx, name, force=force)
+
+    def plot_clustering(self, name: str, path: PathLike) -> Path:
+        """Write a PNG: similarity matrix ordered by cluster, and a 2-D embedding."""
+        from libstore.ops import clusters as _clusters
+
+        return _clusters.plot(self._ctx, name, path)
+
+    # --- maintenance (issue 9) ---------------------------------------------------------------
+
+    def verify(self, *, repair: bool = False, grace_s: float | None = None) -> VerifyReport:
+        """Check that catalog and blob store agree: every blob hashes right, every expert's stored
+        weights match its record, every reference points at a row. ``repair`` fixes only what is
+        safe (never deletes an expert); temp files older than ``grace_s`` (default 1 h) go too."""
+        from libstore.ops import maintenance
+
+        grace = maintenance.DEFAULT_GRACE_S if grace_s is None else grace_s
+        return maintenance.verify(self._ctx, repair=repair, grace_s=grace)
+
+    def gc(self, *, dry_run: bool = False, grace_s: float | None = None) -> GcReport:
+        """Remove unreferenced blobs, prototype caches of weights no expert has, and stale temp
+        files. Blobs written or re-used within ``grace_s`` (default 1 h) are kept, so a concurrent
+        import never loses a blob it has stored but not yet committed."""
+        from libstore.ops import maintenance
+
+        grace = maintenance.DEFAULT_GRACE_S if grace_s is None else grace_s
+        return maintenance.gc(self._ctx, dry_run=dry_run, grace_s=grace)
+
+    # --- Hub sync (issue 6) ----------------------------------------------------------------
+    # Imported per call: opening a library must not pay for the Hub client.
+
+    def add_remote(
+        self, name: str, repo_id: str, *, revision: str = "main", private: bool = False
+    ) -> Any:
+        """Record remote ``name`` -> Hub model repo ``repo_id`` (branch ``revision``); no network.
+
+        ``private`` is the visibility ``push`` uses if it has to create the repo.
+        """
+        from libstore.ops import sync
+
+        return sync.add_remote(self._ctx, name, repo_id, revision=revision, private=private)
+
+    def remotes(self) -> list[Any]:
+        """Every remote with its last synced commit (``libstore.catalog.remotes.Remote``)."""
+        from libstore.ops import sync
+
+        return sync.remotes(self._ctx)
+
+    def remove_remote(self, name: str) -> None:
+        """Forget a remote and its sync records; the Hub repo is not touched."""
+        from libstore.ops import sync
+
+        sync.remove_remote(self._ctx, name)
+
+    def push(
+        self,
+        remote: str | None = None,
+        *,
+        experts: str | ExpertQuery | None = None,
+        message: str | None = None,
+        tag: str | None = None,
+        token: str | None = None,
+        force: bool = False,
+        prune: bool = False,
+    ) -> Any:
+        """Upload what changed since the last sync (one commit; batches of <=100 files, manifest
+        last). Refuses if the remote moved (pull first) or on conflicts. Returns a ``PushReport``."""
+        from libstore.ops import sync
+
+        return sync.push(self._ctx, remote, experts=experts, message=message, tag=tag, token=token,
+                         force=force, prune=prune)
+
+    def pull(
+        self,
+        remote: str | None = None,
+        *,
+        revision: str | None = None,
+        experts: str | ExpertQuery | None = None,
+        token: str | None = None,
+        force: bool = False,
+        prune: bool = False,
+    ) -> Any:
+        """Download what is missing or changed (hash-checked), at a branch, tag or commit, and apply
+        it in one transaction. Conflicts are reported, not overwritten. Returns a ``PullReport``."""
+        from libstore.ops import sync
+
+        return sync.pull(self._ctx, remote, revision=revision, experts=experts, token=token,
+                         force=force, prune=prune)
+
+    def status(self, remote: str | None = None, *, token: str | None = None) -> Any:
+        """Per expert: local only, remote only, in sync, changed, conflict; and what push and pull
+        would do. Returns a ``StatusReport``."""
+        from libstore.ops import sync
+
+        return sync.status(self._ctx, remote, token=token)
+
+    def import_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        name: str | None = None,
+        kind: str = "task",
+        base: str | None = None,
+        tasks: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        token: str | None = None,
+        allow_base_mismatch: bool = False,
+    ) -> Expert:
+        """Import one PEFT adapter from a Hub repo (optionally a subfolder), validated like ``add``."""
+        from libstore.ops import hub_import
+
+        return hub_import.import_hub(
+            self._ctx, repo_id, subfolder=subfolder, revision=revision, name=name, kind=kind,
+            base=base, tasks=tasks, tags=tags, token=token, allow_base_mismatch=allow_base_mismatch,
+        )
+
+    def import_mttl(
+        self,
+        source: PathLike,
+        *,
+        kind: str = "task",
+        base: str | None = None,
+        tags: Iterable[str] = (),
+        experts: Iterable[str] | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        allow_base_mismatch: bool = False,
+    ) -> Any:
+        """Import a library in microsoft/mttl's expert-library format (folder or Hub repo), converting
+        each LoRA expert to a PEFT folder; all or nothing. Returns an ``ImportReport``."""
+        from libstore.ops import hub_import
+
+        return hub_import.import_mttl(
+            self._ctx, source, kind=kind, base=base, tags=tags, experts=experts, revision=revision,
+            token=token, allow_base_mismatch=allow_base_mismatch,
+        )
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def routed_model(
+        self,
+        base: Any = None,
+        *,
+        experts: str | ExpertQuery | list[str] = "kind=task",
+        top_k: int = 3,
+        temperature: float = 1.0,
+        general: str | ExpertQuery | None = None,
+        method: str = "exact",
+        mixing: str = "output",
+        device: Any = None,
+        dtype: Any = None,
+        allow_base_mismatch: bool = False,
+    ) -> Any:
+        """An Arrow-routed model over the experts a query selects (see ``libstore.ops.route``).
+
+        ``base`` is a folder, a Hub id, a loaded ``PreTrainedModel`` or ``None`` (the registered
+        source). The result forwards ``__call__``/``generate`` and adds ``explain()``.
+        """
+        from libstore.ops.route import routed_model
+
+        return routed_model(
+            self._ctx, base=base, experts=experts, top_k=top_k, temperature=temperature,
+            general=general, method=method, mixing=mixing, device=device, dtype=dtype,
+            allow_base_mismatch=allow_base_mismatch,
+        )

@@ -3,6 +3,13 @@
 SQLite with many processes needs WAL, a busy timeout and foreign keys per connection, and writes that
 read first must start with ``BEGIN IMMEDIATE`` or two writers deadlock into "database is locked"
 (SQLAlchemy's documented pysqlite transaction fix: let SQLAlchemy, not the driver, emit BEGIN).
+
+PostgreSQL gets the same guarantee: every write transaction first takes a transaction-scoped
+advisory lock (one per schema), so writers are serialised exactly as on SQLite and the operations'
+"check, then insert" steps (a name is free, a blob or tag row exists) cannot race under READ
+COMMITTED. Write transactions are short (blobs are stored before or outside them), reads never take
+the lock. A unique constraint that still fails (a writer outside libstore) becomes
+:class:`AlreadyExistsError`, never a raw driver error.
 """
 
 from __future__ import annotations
@@ -13,12 +20,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from libstore.errors import CatalogBusyError, LibstoreError
+from libstore.errors import AlreadyExistsError, CatalogBusyError, LibstoreError
 
 BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL: class id of the advisory lock write transactions take ("libs"); the object id is the
+#: hash of the current schema, so libraries in different schemas of one database do not contend.
+PG_WRITE_LOCK_CLASS = 0x6C696273
 T = TypeVar("T")
 
 
@@ -77,6 +87,8 @@ class Catalog:
         session = Session(bind=bind, expire_on_commit=False, autoflush=True)
         try:
             with translate_errors():
+                if self.engine.dialect.name == "postgresql":
+                    _pg_write_lock(session)
                 yield session
                 session.commit()
         except BaseException:
@@ -101,16 +113,40 @@ class Catalog:
         self.engine.dispose()
 
 
+def _pg_write_lock(session: Session) -> None:
+    """PostgreSQL's ``BEGIN IMMEDIATE``: wait (up to the busy timeout) for the schema's write lock."""
+    session.execute(text(f"SET LOCAL lock_timeout = '{int(BUSY_TIMEOUT_MS)}ms'"))
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:cls, hashtext(coalesce(current_schema(), '')))"),
+        {"cls": PG_WRITE_LOCK_CLASS},
+    )
+
+
+def _is_unique_violation(e: exc.IntegrityError) -> bool:
+    orig = e.orig
+    return getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig)
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn driver-level lock and connection failures into libstore errors."""
+    """Turn driver-level lock, constraint and connection failures into libstore errors."""
     try:
         yield
     except LibstoreError:
         raise
+    except exc.IntegrityError as e:
+        if _is_unique_violation(e):
+            raise AlreadyExistsError(
+                f"another writer stored the same name or key at the same time ({e.orig}); "
+                f"nothing was changed — check what is there now and try again"
+            ) from e
+        raise LibstoreError(
+            f"catalog constraint violated ({e.orig}); nothing was changed — try again, and run "
+            f"libstore verify if it persists"
+        ) from e
     except exc.OperationalError as e:
-        text = str(e.orig).lower()
-        if "locked" in text or "busy" in text or "could not serialize" in text:
+        msg = str(e.orig).lower()
+        if any(w in msg for w in ("locked", "busy", "lock timeout", "could not serialize", "deadlock")):
             raise CatalogBusyError(
                 "the catalog stayed locked by other writers; try again, or use PostgreSQL "
                 "for many concurrent writers"

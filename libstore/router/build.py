@@ -42,6 +42,7 @@ not converged; ``peft_prototype_fn(seed=...)`` reproduces it bit for bit for com
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -152,7 +153,9 @@ def build_router(
         lin = linears[m]
         ranks = [en.A.shape[0] for en in entries]
         # one copy of each factor: A rows (R, in), B^T rows (R, out) in >= fp32 (scale folded below)
-        wide = torch.promote_types(torch.promote_types(entries[0].A.dtype, entries[0].B.dtype), torch.float32)
+        wide = torch.float32
+        for en in entries:
+            wide = torch.promote_types(wide, torch.promote_types(en.A.dtype, en.B.dtype))
         src = entries[0].A.device
         A_cat = torch.cat([en.A.to(src) for en in entries]).to(wide)
         Bt_cat = torch.cat([en.B.T.to(src) for en in entries]).to(wide)
@@ -193,8 +196,7 @@ def _check_settings(
 ) -> None:
     if len(experts) == 0:
         raise RouterError("a router needs at least one expert")
-    names = [e.name for e in experts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, c in Counter(e.name for e in experts).items() if c > 1)
     if dupes:
         raise RouterError(f"expert names must be unique within a router; repeated: {dupes}")
     if not isinstance(top_k, int) or top_k < 1:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from libstore import config as config_mod
 from libstore.errors import (
     BaseModelMismatchError,
     InvalidNameError,
@@ -130,12 +131,19 @@ def validate_name(name: str) -> str:
 # --- adapter folders ---------------------------------------------------------------------------
 
 
-def read_adapter(folder: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> AdapterFile:
+def read_adapter(
+    folder: str | os.PathLike[str],
+    *,
+    allow_nonfinite: bool = False,
+    max_file_bytes: int | None = None,
+) -> AdapterFile:
     """Validate a PEFT LoRA folder (config + safetensors header + NaN/Inf scan) and describe it.
 
     Raises :class:`ValidationError` (:class:`UnsafeFileError` for pickled weights) naming the file
     and the fault; nothing is written anywhere. ``target_modules`` of the result are the module-name
-    suffixes that actually carry weights (the config may hold a regex or a superset).
+    suffixes that actually carry weights (the config may hold a regex or a superset). Weights larger
+    than ``max_file_bytes`` (default: ``libstore.config.max_file_bytes()``) are refused before they
+    are read.
     """
     folder = Path(folder)
     _check_folder(folder)
@@ -146,7 +154,14 @@ def read_adapter(folder: str | os.PathLike[str], *, allow_nonfinite: bool = Fals
     weights_path = folder / ADAPTER_WEIGHTS
     _check_weights_present(folder, weights_path)
     before = weights_path.stat()
-    header = read_header(weights_path)
+    limit = config_mod.max_file_bytes(max_file_bytes)
+    if before.st_size > limit:
+        raise ValidationError(
+            f"{weights_path} is {before.st_size} bytes, over the {limit}-byte limit for adapter "
+            f"weights: is it a whole model rather than a LoRA adapter? If it really is an adapter, "
+            f"raise the limit with LIBSTORE_MAX_FILE_BYTES"
+        )
+    header = read_header(weights_path, max_file_bytes=limit)
     modules, dtype = _modules_from_header(weights_path, header, rank)
     _check_targeted(config_path, config, modules)
     if not allow_nonfinite:
@@ -250,7 +265,7 @@ def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:
     raw = path.read_bytes()
     try:
         config = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # Recursion: absurd nesting
         raise ValidationError(
             f"{path} is not valid UTF-8 JSON ({e}); re-save the adapter with PEFT"
         ) from e

@@ -195,11 +195,22 @@ class BlobStore:
 
         A blob of the wrong size is corrupt (it cannot have these bytes); returning False lets the
         caller replace it atomically with the verified bytes.
+
+        A blob re-used here is *claimed*: its atime is set to now (mtime and content untouched), so
+        a concurrent ``gc`` keeps it for its grace period even if no row references it yet (the
+        caller's transaction commits later). If ``gc`` removed it meanwhile, it is written anew.
         """
+        path = self.path(digest)
         try:
-            return self.path(digest).stat().st_size == size
+            st = path.stat()
+            if st.st_size != size:
+                return False
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
         except FileNotFoundError:
             return False
+        except OSError:  # not ours to touch (a shared store): dedup still holds
+            return path.exists()
+        return True
 
     def _write(self, digest: str, fill: Callable[[BinaryIO], str], *, what: str) -> None:
         """Write via ``fill(file) -> sha256`` to a temp file in the shard, check, fsync, rename."""

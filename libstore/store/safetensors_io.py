@@ -221,7 +221,7 @@ def read_header(
         obj = json.loads(
             text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
         )
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValidationError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(obj, dict):
         raise ValidationError(f"{path}: header must be a JSON object, got {type(obj).__name__}")
