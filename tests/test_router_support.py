@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -23,7 +24,26 @@ from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausa
 
 from libstore.router.build import ExpertTensors
 
-LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine every parallel
+    region can wait a scheduler quantum for its second thread: run the router tests on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+LLAMA_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
@@ -65,7 +85,8 @@ def make_adapter(
     r: int = 4,
     alpha: float = 8,
     layers: Sequence[int] | None = None,
-    edit: Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    edit: Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+    | None = None,
 ) -> Path:
     """Save a PEFT LoRA adapter of ``base`` (random A and B, seeded) to ``folder``; returns it.
 
@@ -95,10 +116,14 @@ def make_adapter(
     return folder
 
 
-def dominant(scale: float = 10.0) -> Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]:
+def dominant(
+    scale: float = 10.0,
+) -> Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]:
     """An ``edit`` giving ΔW one dominant direction: σ1/σ2 ≈ scale² (power iteration converges)."""
 
-    def edit(_name: str, A: Tensor, B: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def edit(
+        _name: str, A: Tensor, B: Tensor, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         A = torch.randn(A.shape, generator=gen) * 0.05
         B = torch.randn(B.shape, generator=gen) * 0.05
         A[0] = torch.randn(A.shape[1], generator=gen) * 0.05 * scale
@@ -120,7 +145,11 @@ def load_peft_folder(path: str | Path, name: str | None = None) -> ExpertTensors
     for key, A in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
-        module = key[len(prefix) : -len(".lora_A.weight")] if key.startswith(prefix) else key[: -len(".lora_A.weight")]
+        module = (
+            key[len(prefix) : -len(".lora_A.weight")]
+            if key.startswith(prefix)
+            else key[: -len(".lora_A.weight")]
+        )
         modules[module] = (A, tensors[key.replace(".lora_A.", ".lora_B.")])
     return ExpertTensors(name or path.name, scale, modules)
 
@@ -137,7 +166,12 @@ def peft_arrow(
     """The oracle: ``peft.create_arrow_model`` on a copy of ``base``."""
     from peft import ArrowConfig, create_arrow_model
 
-    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=bool(general), rng_seed=seed)
+    cfg = ArrowConfig(
+        top_k=top_k,
+        router_temperature=temperature,
+        use_gks=bool(general),
+        rng_seed=seed,
+    )
     model = create_arrow_model(
         copy.deepcopy(base),
         task_specific_adapter_paths=[str(p) for p in tasks],
@@ -155,7 +189,9 @@ class ShapeRecorder(TorchDispatchMode):
         self.largest = 0
         self.shapes: list[tuple[int, ...]] = []
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {
             a.untyped_storage().data_ptr()
@@ -164,7 +200,10 @@ class ShapeRecorder(TorchDispatchMode):
         }
         for t in out if isinstance(out, (tuple, list)) else (out,):
             # views and in-place results share an input's storage: they allocate nothing
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
                 self.shapes.append(tuple(t.shape))
                 self.largest = max(self.largest, t.numel())
         return out
@@ -182,21 +221,35 @@ def recording_shapes() -> Iterator[ShapeRecorder]:
 
 def test_load_peft_folder_matches_peft_weights(tmp_path: Path) -> None:
     base = tiny_llama()
-    folder = make_adapter(base, tmp_path / "a", seed=3, target_modules=["q_proj", "down_proj"], r=4, alpha=8)
+    folder = make_adapter(
+        base,
+        tmp_path / "a",
+        seed=3,
+        target_modules=["q_proj", "down_proj"],
+        r=4,
+        alpha=8,
+    )
     ex = load_peft_folder(folder)
     assert ex.scale == 2.0
     assert sorted(ex.modules) == sorted(
-        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
     )
     A, B = ex.modules["model.layers.0.mlp.down_proj"]
     assert A.shape == (4, 128) and B.shape == (64, 4)
 
 
-def test_shape_recorder_sees_peft_materialise_tokens_x_experts_x_out(tmp_path: Path) -> None:
+def test_shape_recorder_sees_peft_materialise_tokens_x_experts_x_out(
+    tmp_path: Path,
+) -> None:
     """The detector works: PEFT's Arrow forward does build a (tokens x E x out) tensor."""
     base = tiny_llama()
     E = 6
-    tasks = [make_adapter(base, tmp_path / f"t{i}", seed=i, target_modules=["q_proj"]) for i in range(E)]
+    tasks = [
+        make_adapter(base, tmp_path / f"t{i}", seed=i, target_modules=["q_proj"])
+        for i in range(E)
+    ]
     pm = peft_arrow(base, tasks, top_k=2)
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():

@@ -32,7 +32,12 @@ class RoutedModel:
         experts: the routed experts' names; traces and ``RoutedLinear.expert_ids`` index into it.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, RoutedLinear], experts: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, RoutedLinear],
+        experts: tuple[str, ...],
+    ) -> None:
         self.model = model
         self.layers: dict[str, RoutedLinear] = dict(layers)
         self.experts = experts
@@ -85,7 +90,9 @@ class RoutedModel:
         if mixing == "parameter":
             bad = [n for n, layer in self.layers.items() if not layer.uniform_rank]
             if bad:
-                raise RouterError(f"mixing='parameter' needs equal ranks per module; mixed ranks in {bad[:3]}")
+                raise RouterError(
+                    f"mixing='parameter' needs equal ranks per module; mixed ranks in {bad[:3]}"
+                )
         for layer in self.layers.values():
             if top_k is not None:
                 layer.top_k = top_k
@@ -113,7 +120,9 @@ class RoutedModel:
         """
         self._check_patched()
         if self._tracing:
-            raise RouterError("explain() is already active on this model; nested traces are not supported")
+            raise RouterError(
+                "explain() is already active on this model; nested traces are not supported"
+            )
         trace = RoutingTrace(self.experts, tuple(self.layers))
         self._tracing = True
         for layer in self.layers.values():
@@ -133,7 +142,9 @@ class RoutedModel:
         named = dict(self.model.named_modules())
         for name, layer in self.layers.items():
             if named.get(name) is not layer:
-                raise RouterError(f"module {name!r} was replaced after routing; cannot unpatch it safely")
+                raise RouterError(
+                    f"module {name!r} was replaced after routing; cannot unpatch it safely"
+                )
         for name, layer in self.layers.items():
             parent, _, attr = name.rpartition(".")
             setattr(named[parent] if parent else self.model, attr, layer.base_layer)
@@ -142,4 +153,6 @@ class RoutedModel:
 
     def _check_patched(self) -> None:
         if not self._patched:
-            raise RouterError("this RoutedModel was unpatched; build a new router to route again")
+            raise RouterError(
+                "this RoutedModel was unpatched; build a new router to route again"
+            )

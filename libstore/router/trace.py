@@ -71,7 +71,12 @@ class RoutingTrace:
         call = self._calls.get(module, 0)
         self._calls[module] = call + 1
         self.records.append(
-            RouteRecord(module, call, experts.detach().to("cpu", torch.long), weights.detach().to("cpu", torch.float32))
+            RouteRecord(
+                module,
+                call,
+                experts.detach().to("cpu", torch.long),
+                weights.detach().to("cpu", torch.float32),
+            )
         )
 
     def __len__(self) -> int:
@@ -89,9 +94,15 @@ class RoutingTrace:
             known = module in self.modules
             raise RouterError(
                 f"no routed calls recorded for {module!r}"
-                + ("" if known else f"; routed modules are e.g. {list(self.modules[:3])}")
+                + (
+                    ""
+                    if known
+                    else f"; routed modules are e.g. {list(self.modules[:3])}"
+                )
             )
-        return torch.cat([r.experts for r in recs]), torch.cat([r.weights for r in recs])
+        return torch.cat([r.experts for r in recs]), torch.cat(
+            [r.weights for r in recs]
+        )
 
     def counts(self, module: str | None = None) -> dict[str, Tensor] | Tensor:
         """How often each expert was in a token's top-k: (E,) long for one module, else a dict."""
@@ -117,16 +128,24 @@ class RoutingTrace:
             acc.index_add_(0, r.experts.reshape(-1), r.weights.reshape(-1))
         return out
 
-    def usage(self, by: Literal["module", "layer"] = "module") -> tuple[list[str], Tensor]:
+    def usage(
+        self, by: Literal["module", "layer"] = "module"
+    ) -> tuple[list[str], Tensor]:
         """Share of routing weight per expert, one row per module (or per block): rows sum to 1."""
         per_module = self.weights()
         assert isinstance(per_module, dict)
         rows: dict[str, Tensor] = {}
-        for m in [m for m in self.modules if m in per_module] + [m for m in per_module if m not in self.modules]:
+        for m in [m for m in self.modules if m in per_module] + [
+            m for m in per_module if m not in self.modules
+        ]:
             key = m if by == "module" else _layer_label(m)
-            rows[key] = rows[key] + per_module[m] if key in rows else per_module[m].clone()
+            rows[key] = (
+                rows[key] + per_module[m] if key in rows else per_module[m].clone()
+            )
         if not rows:
-            raise RouterError("the trace is empty: run the model inside `with routed.explain() as trace:`")
+            raise RouterError(
+                "the trace is empty: run the model inside `with routed.explain() as trace:`"
+            )
         names = list(rows)
         mat = torch.stack([rows[n] for n in names])
         return names, mat / mat.sum(1, keepdim=True).clamp_min(1e-12)
@@ -138,7 +157,11 @@ class RoutingTrace:
         for name, row in zip(names, mat, strict=True):
             k = min(top, row.numel())
             vals, idx = torch.topk(row, k)
-            out[name] = [(self.experts[i], round(float(v), 4)) for v, i in zip(vals, idx.tolist(), strict=True) if v > 0]
+            out[name] = [
+                (self.experts[i], round(float(v), 4))
+                for v, i in zip(vals, idx.tolist(), strict=True)
+                if v > 0
+            ]
         return out
 
     def format(self, top: int = 3) -> str:
@@ -168,9 +191,14 @@ class RoutingTrace:
         from matplotlib.figure import Figure
 
         if by == "token":
-            module = module or next((m for m in self.modules if any(r.module == m for r in self.records)), None)
+            module = module or next(
+                (m for m in self.modules if any(r.module == m for r in self.records)),
+                None,
+            )
             if module is None:
-                raise RouterError("the trace is empty: run the model inside `with routed.explain() as trace:`")
+                raise RouterError(
+                    "the trace is empty: run the model inside `with routed.explain() as trace:`"
+                )
             idx, w = self.tokens(module)
             idx, w = idx[:max_tokens], w[:max_tokens]
             mat = torch.zeros(idx.shape[0], len(self.experts)).scatter_(1, idx, w)
@@ -180,12 +208,25 @@ class RoutingTrace:
             rows, mat = self.usage(by)
             title, ylabel = f"share of routing weight per {by}", by
         else:
-            raise RouterError(f"unknown plot kind {by!r}; use 'module', 'layer' or 'token'")
+            raise RouterError(
+                f"unknown plot kind {by!r}; use 'module', 'layer' or 'token'"
+            )
         n_rows, n_cols = mat.shape
-        fig = Figure(figsize=(min(max(6.0, 4 + 0.25 * n_cols), 40), min(max(3.0, 1.5 + 0.22 * n_rows), 60)))
+        fig = Figure(
+            figsize=(
+                min(max(6.0, 4 + 0.25 * n_cols), 40),
+                min(max(3.0, 1.5 + 0.22 * n_rows), 60),
+            )
+        )
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        im = ax.imshow(mat.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+        im = ax.imshow(
+            mat.numpy(),
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            vmin=0.0,
+        )
         fig.colorbar(im, ax=ax)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("expert")
