@@ -58,6 +58,7 @@ from typing import Any
 
 from libstore.errors import LibstoreError, ValidationError
 from libstore.store.adapter import validate_name
+from libstore.store.strict_json import strict_loads
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_KINDS
 
 MANIFEST_FILE = "libstore.json"
@@ -354,19 +355,6 @@ def validate_manifest(m: Manifest) -> None:
 # --- strict reading ------------------------------------------------------------------------------
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 class _Reader:
     """Typed accessors that name the offending place (``experts.arc.files``) in every error."""
 
@@ -450,8 +438,7 @@ def parse_manifest(data: bytes, *, source: str = MANIFEST_FILE) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise r.fail("file", f"{len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")
     try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicates,
-                         parse_constant=_reject_constant)
+        raw = strict_loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise r.fail("file", f"not valid UTF-8 JSON ({e})") from None
     top = r.obj(raw, "top level")

@@ -35,6 +35,7 @@ from libstore.store.safetensors_io import (
     nonfinite_tensors,
     read_header,
 )
+from libstore.store.strict_json import strict_loads
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -247,15 +248,6 @@ def _check_weights_present(folder: Path, weights_path: Path) -> None:
     raise ValidationError(f"{folder} has no {ADAPTER_WEIGHTS}; {_PEFT_FOLDER}")
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
@@ -264,7 +256,7 @@ def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:
         )
     raw = path.read_bytes()
     try:
-        config = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        config = strict_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # Recursion: absurd nesting
         raise ValidationError(
             f"{path} is not valid UTF-8 JSON ({e}); re-save the adapter with PEFT"

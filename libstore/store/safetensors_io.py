@@ -15,17 +15,17 @@ the data region exactly: sorted by offset, no gap, no overlap, nothing after the
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
 from libstore.errors import UnsafeFileError, ValidationError
 from libstore.store.blobs import fsync_dir
+from libstore.store.strict_json import strict_loads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,19 +141,6 @@ def _sniff(path: Path, head: bytes) -> None:
         )
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def _is_int(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -218,9 +205,7 @@ def read_header(
             f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})"
         ) from e
     try:
-        obj = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
+        obj = strict_loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValidationError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(obj, dict):
