@@ -3,6 +3,10 @@
     python benchmarks/mbc.py                 # n = 1000, rank 8, 32 modules of 256 × 256, k = 10
     python benchmarks/mbc.py --quick         # n = 200, well under a minute
     python benchmarks/mbc.py --metrics flat  # skip the (much more expensive) exact ΔW metric
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/mbc.py   # on a shared, busy machine
+
+On a machine whose cores other jobs also use, multi-threaded torch/BLAS waits at every parallel region
+for a descheduled thread; one thread per process gives far steadier (and there, faster) numbers.
 
 Experts are planted around ``--k`` random centres (centre + ``--noise`` × centre-scale Gaussian), so
 every row also says whether the planted clusters were recovered exactly. The catalog path imports the
@@ -73,7 +77,7 @@ class Span(float):
 
     cpu: float
 
-    def __new__(cls, wall: float, cpu: float) -> Span:
+    def __new__(cls, wall: float, cpu: float) -> Span:  # noqa: PYI034
         obj = super().__new__(cls, wall)
         obj.cpu = cpu
         return obj
@@ -93,7 +97,11 @@ def _timed(fn):  # type: ignore[no-untyped-def]
 
 def bench_memory(A: torch.Tensor, B: torch.Tensor, truth: torch.Tensor, k: int, metrics: list[str],
                  scale: float) -> list[dict]:
-    from libstore.lowrank.clustering import cluster_similarity, cosine_matrix, mbc_features
+    from libstore.lowrank.clustering import (
+        cluster_similarity,
+        cosine_matrix,
+        mbc_features,
+    )
     from libstore.lowrank.similarity import delta_cosine_matrix
     from libstore.ops.clusters import partition
 
@@ -227,7 +235,8 @@ def main() -> None:
     print(f"# MBC benchmark: {n} experts, rank {args.rank}, {m} modules ({args.layers} layers × "
           f"{'/'.join(MODULE_KINDS)}), every module in = out = {args.dim}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads); {d:,} parameters per expert, "
+          f"{torch.__version__} ({torch.get_num_threads()} threads, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}); {d:,} parameters per expert, "
           f"{n * d * 4 / 2**20:.0f} MiB of float32 tensors in all; planted k = {args.k}, "
           f"noise {args.noise}\n")
 
@@ -250,7 +259,7 @@ def main() -> None:
                 child = subprocess.run(
                     [sys.executable, __file__, "--catalog-child", str(root / "lib"), "--k", str(args.k),
                      "--child-metric", metric, "--child-budget", str(budget)],
-                    capture_output=True, text=True,
+                    capture_output=True, text=True, check=False,
                 )
                 if child.returncode != 0:
                     sys.exit(f"catalog child ({metric}, {budget} MiB) failed:\n{child.stderr[-4000:]}")

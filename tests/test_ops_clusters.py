@@ -8,6 +8,7 @@ interleave in name order (t00 → centre 0, t01 → centre 1, ...).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,7 @@ def test_different_base_models_refused(library: Library, planted: dict[str, Path
 
 
 @pytest.fixture
-def sqlite_lib(tmp_path: Path, base_dir: Path, planted: dict[str, Path]) -> Library:
+def sqlite_lib(tmp_path: Path, base_dir: Path, planted: dict[str, Path]) -> Iterator[Library]:
     lib = Library.init(tmp_path / "lib")
     lib.add_base("tiny", str(base_dir))
     _add_planted(lib, planted)

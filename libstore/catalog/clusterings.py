@@ -184,7 +184,7 @@ def added_experts(session: Session, row: ClusteringRow, query: ExpertQuery) -> l
     """Experts of the clustering's base model that match ``query`` now and that it did not see."""
     seen = {i.expert_id for i in row.inputs if i.expert_id is not None}
     stmt = (
-        repo._query_statement(query)  # noqa: SLF001 - the catalog's own query builder
+        repo._query_statement(query)
         .with_only_columns(ExpertRow.id, ExpertRow.name)
         .where(ExpertRow.base_model_id == row.base_model_id)
     )
@@ -203,7 +203,8 @@ def to_clustering(session: Session, row: ClusteringRow, *, added: Sequence[str] 
             .order_by(ExpertRow.name)
         )
         for cid, name in session.execute(stmt):
-            linked.setdefault(cid, []).append(name)
+            if cid is not None:
+                linked.setdefault(cid, []).append(name)
     clusters = tuple(
         Cluster(
             index=c.index,

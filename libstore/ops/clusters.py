@@ -13,11 +13,16 @@ Metrics:
   truncated SVD to ``dim`` dimensions, L2-normalised, cosine. Needs equal ranks.
 - ``delta``: the exact cosine of the experts' updates ΔW (Frobenius, over all modules). Any ranks.
 
-**Streaming.** Tensors are never held for all experts at once when they do not fit ``STREAM_BYTES``:
-the flat metric reads each expert once to find its magnitude threshold, then builds the n × n Gram
-matrix of the sparsified rows one group of modules at a time (every expert's slice of that group, then
-the next group); the delta metric accumulates ⟨ΔWᵢ, ΔWⱼ⟩ the same way, group by group. Memory is
-O(n² + STREAM_BYTES) whatever the number of experts; a library that fits the budget is read once.
+**Streaming.** Tensors are never held for all experts at once when they do not fit ``STREAM_BYTES``
+(256 MiB): the flat metric reads each expert once to find its magnitude threshold (keeping the first
+group of modules' columns on the way), then builds the n × n Gram matrix of the sparsified rows one
+further group of modules at a time (every expert's slice of that group, then the next group); the delta
+metric accumulates ⟨ΔWᵢ, ΔWⱼ⟩ group by group. Memory is O(n² + STREAM_BYTES) however large the
+experts are; a library that fits the budget is read once.
+
+**k-means** runs on an isometric embedding of the similarity's rows (:func:`row_embedding`): the same
+distances and means as mttl's k-means on the rows of S, so the same choices, but for the flat metric
+on ≤ ``dim`` columns instead of n.
 
 **Staleness.** A run is stale when an expert it saw changed or is gone, or a new expert of its base
 model matches its query (see ``libstore.catalog.clusterings``). Nothing is recomputed behind the
@@ -41,7 +46,11 @@ from typing import TYPE_CHECKING, Any
 from libstore.catalog import clusterings as cat
 from libstore.catalog import repo
 from libstore.catalog.clusterings import Cluster, Clustering, ClusteringInput
-from libstore.errors import AlreadyExistsError, IncompatibleExpertsError, ValidationError
+from libstore.errors import (
+    AlreadyExistsError,
+    IncompatibleExpertsError,
+    ValidationError,
+)
 from libstore.ops.context import Context
 from libstore.ops.prototypes import default_device, resolve_experts
 from libstore.ops.query import format_query, parse_query
@@ -63,8 +72,8 @@ __all__ = [
     "get",
     "partition",
     "plot",
-    "row_embedding",
     "remove",
+    "row_embedding",
     "similarity_matrix",
     "stale_clusterings",
 ]
@@ -270,7 +279,7 @@ def similarity_matrix(
 
     Values are rounded to 12 decimals: identical experts then have similarity exactly 1 (distance
     exactly 0), so eigensolver rounding noise of 1e-16 never decides a silhouette (where 0 vs 1e-16
-    flips a score from 0 to -1), and results do not depend on the BLAS build's summation order.
+    flips a score from 0 to -1), and summation-order differences between BLAS builds mostly vanish.
     """
     import torch
 
@@ -358,7 +367,8 @@ def _delta_similarity(
         m: max(e.modules[m].rank for e in experts) * (s.in_features + s.out_features)
         for m, s in shapes.items()
     }
-    groups = _module_groups(widths, n, budget)
+    # half the budget for the factors held, half for delta_cosine_matrix's stacked copies and blocks
+    groups = _module_groups(widths, n, budget // 2)
 
     def load(group: list[str]) -> list[list[tuple[torch.Tensor, torch.Tensor, float]]]:
         out = []
@@ -419,7 +429,12 @@ def partition(
     so it makes the choices ``cluster_similarity(S, k)`` makes at a fraction of the cost (the flat
     metric's S has rank ≤ ``dim``: 64 columns instead of n).
     """
-    from libstore.lowrank.clustering import cluster_stats, kmeans, silhouette, silhouette_samples
+    from libstore.lowrank.clustering import (
+        cluster_stats,
+        kmeans,
+        silhouette,
+        silhouette_samples,
+    )
 
     n = int(S.shape[0])
     Y = row_embedding(S)
