@@ -101,7 +101,7 @@ def _cli(lib: Path, db_url: str | None, *args: str) -> subprocess.CompletedProce
     env = {**os.environ, **({"LIBSTORE_DB_URL": db_url} if db_url else {})}
     return subprocess.run(
         [sys.executable, "-c", "from libstore.cli import main; main()", "-L", str(lib), *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, check=False,
     )
 
 

@@ -235,7 +235,9 @@ def test_library_add_of_mutated_adapters_changes_nothing_on_refusal(
 
 @pytest.fixture(scope="module")
 def manifest() -> dict[str, Any]:
-    from tests.test_hub_manifest import _manifest  # a valid manifest using every feature
+    from tests.test_hub_manifest import (
+        _manifest,  # a valid manifest using every feature
+    )
 
     return json.loads(_manifest().to_bytes())
 

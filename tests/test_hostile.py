@@ -183,8 +183,8 @@ def test_pickle_named_safetensors_runs_nothing(stocked: Library, base_dir: Path,
     (bin_only / "adapter_model.bin").write_bytes(_pickle_bytes(marker))  # the PEFT pickle name
     with untouched(stocked, tmp_path, marker):
         for folder in [*folders, bin_only]:
-            _refused(lambda: stocked.add(folder, name="evil"), UnsafeFileError, "never unpickles")
-            _refused(lambda: stocked.import_dir(folder.parent), UnsafeFileError)
+            _refused(lambda f=folder: stocked.add(f, name="evil"), UnsafeFileError, "never unpickles")
+            _refused(lambda f=folder: stocked.import_dir(f.parent), UnsafeFileError)
 
 
 @SQLITE_ONLY
@@ -312,18 +312,18 @@ def test_hostile_names_refused_everywhere(stocked: Library, base_dir: Path, tmp_
     with untouched(stocked, tmp_path):
         for name in HOSTILE_NAMES:
             for attempt in (
-                lambda: stocked.add(folder, name=name),
-                lambda: stocked.add(folder, name="fine", tags=[name]),
-                lambda: stocked.add(folder, name="fine", tasks=[name]),
-                lambda: stocked.rename("keep1", name),
-                lambda: stocked.tag("keep1", name),
-                lambda: stocked.add_remote(name, REPO),
-                lambda: stocked.add_base(name, str(base_dir)),
+                lambda n=name: stocked.add(folder, name=n),
+                lambda n=name: stocked.add(folder, name="fine", tags=[n]),
+                lambda n=name: stocked.add(folder, name="fine", tasks=[n]),
+                lambda n=name: stocked.rename("keep1", n),
+                lambda n=name: stocked.tag("keep1", n),
+                lambda n=name: stocked.add_remote(n, REPO),
+                lambda n=name: stocked.add_base(n, str(base_dir)),
             ):
                 _refused(attempt, InvalidNameError)
         for suffix in ("/../../evil", "_\u0430", "\x00"):
-            _refused(lambda: stocked.subtract_general(general=["keep1"], experts=["keep2"],
-                                                      suffix=suffix), InvalidNameError)
+            _refused(lambda s=suffix: stocked.subtract_general(general=["keep1"], experts=["keep2"],
+                                                               suffix=s), InvalidNameError)
 
 
 @SQLITE_ONLY

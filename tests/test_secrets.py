@@ -133,10 +133,10 @@ def test_token_stays_secret_through_failures(
     _clean("\n".join(r.getMessage() + repr(r.args) for r in caplog.records), "log records")
     out = capsys.readouterr()
     _clean(out.out + out.err, "stdout/stderr")
-    for library in (lib, other):
-        _clean(_catalog_text(library), "the catalog")
-        _clean(repr(library.remotes()) + repr(library.status()), "remotes and status")
-        for f in _files_of(library.path):
+    for each in (lib, other):
+        _clean(_catalog_text(each), "the catalog")
+        _clean(repr(each.remotes()) + repr(each.status()), "remotes and status")
+        for f in _files_of(each.path):
             data = f.read_bytes()
             for needle in NEEDLES:
                 assert needle.encode() not in data, f"token leaked into {f}"
@@ -155,7 +155,7 @@ def test_token_stays_secret_through_failures(
 def _libstore(lib: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from libstore.cli import main; main()", "-L", str(lib), *args],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=120, check=False,
     )
 
 

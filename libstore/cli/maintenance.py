@@ -11,7 +11,13 @@ from typing import Any
 import click
 
 from libstore.cli.app import State
-from libstore.cli.output import echo_json, echo_table, human_bytes, json_option, to_jsonable
+from libstore.cli.output import (
+    echo_json,
+    echo_table,
+    human_bytes,
+    json_option,
+    to_jsonable,
+)
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

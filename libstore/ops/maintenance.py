@@ -44,7 +44,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -62,13 +61,21 @@ from sqlalchemy.orm import Session
 
 from libstore.catalog import prototypes as cache
 from libstore.catalog import repo
-from libstore.catalog.models import Base, BlobRow, ExpertFileRow, ExpertRow, PrototypeCacheRow
+from libstore.catalog.models import (
+    Base,
+    BlobRow,
+    ExpertFileRow,
+    ExpertRow,
+    PrototypeCacheRow,
+)
+from libstore.errors import ValidationError
 from libstore.ops.context import Context
 from libstore.ops.prototypes import PROTOTYPE_FORMAT
 from libstore.ops.sync import TMP_DIR as ROOT_TEMP_DIR
 from libstore.store.adapter import KEY_PREFIX
 from libstore.store.blobs import ALGORITHM, CHUNK, TEMP_PREFIX, fsync_dir
 from libstore.store.safetensors_io import FLOAT_DTYPE_NAMES, read_header
+from libstore.store.strict_json import strict_loads
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 #: Default grace period: unreferenced blobs and temp files younger than this are kept.
@@ -553,11 +560,12 @@ def _check_expert(ctx: Context, e: Mapping[str, Any], good: set[str]) -> list[Pr
     c_sha, _ = files[ADAPTER_CONFIG]
     if c_sha in good:
         try:
-            config = json.loads(ctx.blobs.path(c_sha).read_bytes().decode("utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
+            config: Any = strict_loads(ctx.blobs.path(c_sha).read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
-            bad("adapter_config.json", "a JSON object", f"unreadable ({err})")
+            config = f"unreadable ({err})"
+        if not isinstance(config, dict):
+            bad("adapter_config.json", "a JSON object", config if isinstance(config, str) else
+                type(config).__name__)
         else:
             if config.get("r") != e["rank"]:
                 bad("rank (config r)", e["rank"], config.get("r"))
@@ -809,8 +817,8 @@ def gc(ctx: Context, *, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S)
     Blobs and temp files claimed within ``grace_s`` seconds are kept (see the module docstring).
     ``dry_run`` lists what would go and changes nothing.
     """
-    if grace_s < 0 or math.isnan(grace_s):
-        raise ValueError(f"grace must be a non-negative number of seconds, got {grace_s}")
+    if not grace_s >= 0:  # also NaN
+        raise ValidationError(f"grace must be a non-negative number of seconds, got {grace_s}")
     now = time.time()
     # 1. caches of weights no expert has: their blobs then become unreferenced
     if dry_run:
@@ -858,9 +866,7 @@ def gc(ctx: Context, *, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S)
         if now - _newest_mtime(p) >= grace_s and (dry_run or _remove_path(p)):
             temp.append(_rel(ctx, p))
     for p in scan.tombs:
-        if dry_run:
-            temp.append(_rel(ctx, p))
-        elif _settle_tomb(ctx, p, grace_s, now):
+        if dry_run or _settle_tomb(ctx, p, grace_s, now):
             temp.append(_rel(ctx, p))
     return GcReport(dry_run=dry_run, grace_s=grace_s, blobs=tuple(removed), bytes_freed=freed,
                     caches=tuple(caches), temp=tuple(sorted(temp)), kept=tuple(sorted(kept)))

@@ -1,0 +1,53 @@
+"""The end-to-end demo (examples/demo.py) in its quick form: trains, catalogs, clusters, syncs through the
+Hub stand-in and routes, in a subprocess, as ``./dev.sh demo --quick`` would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARROW_MODELS = ("arrow", "arrow+gks", "arrow+gks(ΔW)")
+
+
+@pytest.mark.slow
+def test_quick_demo_routes_tasks_to_their_experts(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "demo.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Routing accuracy" in proc.stdout and str(out) in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"settings", "tasks", "library", "hub", "routing_accuracy", "accuracy", "table", "pngs",
+            "timings_s"} <= set(results)
+    tasks = results["tasks"]
+    assert results["settings"]["quick"] is True and len(tasks) == 4
+    assert set(results["accuracy"]) == {"base", "oracle", "uniform", *ARROW_MODELS}
+    assert set(results["routing_accuracy"]) == set(ARROW_MODELS)
+    for label, r in results["routing_accuracy"].items():
+        assert set(r["token"]) == set(r["sequence"]) == set(tasks), label
+        assert len(r["confusion"]) == len(r["confusion_sequence"]) == len(tasks), label
+
+    # the library went through the Hub: the clone holds every expert, with the cached prototypes
+    assert sorted(results["hub"]["pulled_experts"]) == sorted(results["library"]["experts"])
+    assert results["hub"]["pulled_prototypes"] > 0 and results["hub"]["status"] == {"in_sync": len(results["library"]["experts"])}
+    assert results["library"]["clustering"]["k"] >= 2
+
+    # Arrow sends held-out inputs to their own task's expert, far above chance (1/4) ...
+    arrow = results["routing_accuracy"]["arrow"]
+    assert arrow["sequence_mean"] >= 0.8, arrow
+    assert arrow["token_mean"] >= 0.4, arrow
+    # ... and that shows in the answers: better than the base model and than the uniform average
+    acc = {label: a["token_mean"] for label, a in results["accuracy"].items()}
+    assert acc["arrow"] >= acc["uniform"] + 0.15 and acc["arrow"] >= acc["base"] + 0.3, acc
+    assert acc["oracle"] >= 0.8, acc
+
+    for png in results["pngs"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
