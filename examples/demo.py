@@ -1,29 +1,31 @@
-"""libstore end to end on a tiny model, offline, in a few minutes on a laptop CPU.
+"""libstore end to end on a tiny model: offline, a few minutes on a laptop CPU.
 
-What it does, in order (each step prints its wall time):
+    python examples/demo.py                 # the full demo (6 tasks; about a minute on 2 idle cores)
+    python examples/demo.py --quick         # a smoke run (4 tasks, fewer steps; about 20 s)
+    python examples/demo.py --out DIR       # where PNGs, results.json and the work files go
 
-1. **Base model.** A word-level tokenizer and a tiny Llama (from a config) are made here and
-   pre-trained briefly on *general* data: sequences in every task's format and alphabet whose answers
-   are random, so the base knows the format and the vocabulary but none of the tasks.
-2. **Experts.** One synthetic task per alphabet (copy, reverse, shift, mirror, ...): ``<task> x1..xL =
-   y1..yL </s>`` where every task has its own tokens, so their hidden states differ in distribution.
-   One LoRA per task (PEFT, rank 8, all attention and MLP Linear layers), plus "general" LoRAs trained
-   on more general data (the stand-ins for the paper's Wikipedia adapters), saved as PEFT folders.
-3. **Library.** A fresh libstore library: the base, the task experts and the general experts; MBC
-   clustering of the task experts; GenKnowSub residuals (task minus mean general); exact Arrow
-   prototypes.
-4. **Hub round trip.** The Hub stand-in of the test suite (``tests/hubserver.py``) runs on 127.0.0.1;
-   the library is pushed to ``demo/tiny-experts`` and pulled into a second, empty library: every routed
-   model below is built from that *clone*.
+The steps (each prints its wall time):
+
+1. **Base model.** A word-level tokenizer and a tiny Llama are made here from a config and
+   pre-trained on *general* data: instructed operations ("<double> b3 b1 b= b6 b2 </s>") in every
+   little language of the world below. The base learns the skills.
+2. **Experts.** One task per language, *without* instruction: "b? b3 b1 b= b6 b2 </s>" is task
+   `double` (its language is b). The base cannot know what "?" asks for; a task expert learns it.
+   One LoRA per task (PEFT, rank 8, every attention and MLP Linear layer; half of each batch is
+   general data, the usual replay against forgetting), plus general LoRAs trained on general data
+   only (the stand-ins for the paper's Wikipedia adapters). Saved as PEFT folders.
+3. **Library.** A fresh libstore library: the base, the task and general experts; MBC clustering of
+   the task experts; GenKnowSub residuals (task minus the mean of the general experts, in PEFT's
+   parameter mode and in libstore's exact ΔW mode); exact Arrow prototypes.
+4. **Hub round trip.** The Hub stand-in of the test suite (``tests/hubserver.py``) runs on
+   127.0.0.1; the library is pushed to ``demo/tiny-experts`` and pulled into a second, empty
+   library: every routed model below is built from that *clone*.
 5. **Routing.** Held-out inputs of every task go through routed models built from catalog queries:
-   Arrow's routing accuracy (is a token's top-1 expert its task's own expert?) per task, as a table and
-   a confusion-matrix PNG; and held-out answer accuracy of the base model, the right single expert
-   (oracle), the uniform average of all task experts, Arrow, and Arrow over GenKnowSub residuals.
+   Arrow's routing accuracy (does a token choose its task's own expert as top-1?) per task, as a
+   table and a confusion-matrix PNG; and the held-out accuracy of the base model, the right single
+   expert (oracle), the uniform average of all task experts, Arrow, and Arrow over the residuals.
 
-Every number printed is computed in this run; results go to ``--out`` (PNGs and ``results.json``).
-
-    python examples/demo.py                 # the full demo (about 2-4 minutes on 2 CPU cores)
-    python examples/demo.py --quick         # a smoke run for the test suite (well under 90 s)
+Every number printed is computed in this run and saved to ``results.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +47,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from libstore import Library
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests/hubserver.py (the Hub stand-in), and libstore if not installed
-
-from libstore import Library  # noqa: E402
-
-ALPHABET = 10  # symbols per task
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-
-
-# --- settings ------------------------------------------------------------------------------------
+sys.path.insert(0, str(REPO))  # for tests/hubserver.py, the Hub stand-in of the test suite
 
 
 @dataclass(frozen=True)
@@ -63,75 +59,72 @@ class Settings:
 
     tasks: tuple[str, ...]
     n_general: int
-    hidden: int
-    layers: int
-    length: int  # symbols per input
     base_steps: int
     expert_steps: int
     general_steps: int
-    batch: int
     held_out: int  # held-out sequences per task
+    hidden: int = 64
+    layers: int = 2
+    length: int = 5  # symbols per input
+    batch: int = 32
     rank: int = 8
+    replay: float = 0.5  # share of general data in a task expert's batches
     top_k: int = 2
+    lr_base: float = 3e-3
+    lr_lora: float = 3e-3
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(tasks=("copy", "reverse", "shift", "mirror"), n_general=2, hidden=64, layers=2,
-                       length=5, base_steps=150, expert_steps=120, general_steps=60, batch=32,
-                       held_out=32)
-        return cls(tasks=tuple(OPERATIONS), n_general=3,
-                   hidden=96, layers=3, length=6, base_steps=400, expert_steps=300, general_steps=150,
-                   batch=32, held_out=64)
+            return cls(tasks=("copy", "shift", "mirror", "double"), n_general=2, base_steps=1200,
+                       expert_steps=120, general_steps=60, held_out=32)
+        return cls(tasks=tuple(OPERATIONS), n_general=3, base_steps=3000, expert_steps=200,
+                   general_steps=150, held_out=64)
 
 
-# --- tasks and data ------------------------------------------------------------------------------
+# --- the little world: languages, operations, tasks ----------------------------------------------
 #
-# Each task lives in its own little language: ten digits, a question mark and an equals sign of its
-# own ("a0".."a9", "a?", "a=" for the first task, "b0".."b9", "b?", "b=" for the next, ...).
-# General data (what the base model and the general experts learn from) names an operation --
-# "<reverse> b3 b1 b4 b= b4 b1 b3 </s>" -- in any language: the base learns the skills. Task data
-# has no instruction, only the language's own "?" -- "b? b3 b1 b4 b= b4 b1 b3 </s>" is task
-# `reverse` -- so a task expert learns which skill its inputs call for, the way a real task adapter
-# learns a task on top of a base model's knowledge. The base alone cannot know what "?" asks for:
-# in general data a "?" is followed by a random answer.
+# Each task lives in its own language: ten digits, a "?" and a "=" of its own ("a0".."a9", "a?",
+# "a=" for the first task, "b0".."b9", "b?", "b=" for the next, ...). A sequence reads
+#     <marker> x1 .. xL <lang>= y1 .. yL </s>
+# General data names the operation in the marker ("<mirror>") over any language; task data has only
+# its language's "?". In general data a "?" is followed by a random answer.
 
+ALPHABET = 10
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 OPERATIONS: dict[str, Callable[[list[int]], list[int]]] = {
     "copy": lambda x: list(x),
-    "reverse": lambda x: x[::-1],
     "shift": lambda x: [(v + 1) % ALPHABET for v in x],
     "mirror": lambda x: [ALPHABET - 1 - v for v in x],
-    "rotate": lambda x: x[1:] + x[:1],
     "double": lambda x: [2 * v % ALPHABET for v in x],
+    "unshift": lambda x: [(v - 1) % ALPHABET for v in x],
+    "triple": lambda x: [3 * v % ALPHABET for v in x],
 }
 
 
 def language(task: str) -> str:
-    """The letter of the task's language: ``copy`` -> a, ``reverse`` -> b, ..."""
+    """The letter of a task's language: ``copy`` -> a, ``shift`` -> b, ..."""
     return "abcdefghij"[list(OPERATIONS).index(task)]
 
 
 def vocabulary(task: str) -> list[str]:
-    letter = language(task)
-    return [*(f"{letter}{i}" for i in range(ALPHABET)), f"{letter}?", f"{letter}="]
+    c = language(task)
+    return [*(f"{c}{i}" for i in range(ALPHABET)), f"{c}?", f"{c}="]
 
 
 def render(marker: str | None, lang: str, x: list[int], y: list[int]) -> str:
-    """``marker`` is an instruction (``<copy>``) or ``None`` for the language's own ``?``."""
+    """A sequence in ``lang``'s language; ``marker`` is an instruction, or None for its ``?``."""
     c = language(lang)
-    return " ".join([marker or f"{c}?", *(f"{c}{v}" for v in x), f"{c}=", *(f"{c}{v}" for v in y),
-                     "</s>"])
+    return " ".join([marker or f"{c}?", *(f"{c}{v}" for v in x), f"{c}=", *(f"{c}{v}" for v in y), "</s>"])
 
 
-def example(task: str, rng: random.Random, length: int) -> str:
-    """One sequence of ``task``: no instruction, an input in the task's language, the answer."""
+def task_example(task: str, rng: random.Random, length: int) -> str:
     x = [rng.randrange(ALPHABET) for _ in range(length)]
     return render(None, task, x, OPERATIONS[task](x))
 
 
 def general_example(tasks: Sequence[str], rng: random.Random, length: int) -> str:
-    """General data: an instructed operation in any language, or (1 in 5) a ``?`` with a random
-    answer."""
+    """An instructed operation in any language, or (1 in 5) a ``?`` with a random answer."""
     op, lang = rng.choice(tasks), rng.choice(tasks)
     x = [rng.randrange(ALPHABET) for _ in range(length)]
     if rng.random() < 0.2:
@@ -140,28 +133,27 @@ def general_example(tasks: Sequence[str], rng: random.Random, length: int) -> st
 
 
 def held_out_inputs(tasks: Sequence[str], n: int, length: int, seed: int) -> dict[str, list[str]]:
-    """``n`` sequences per task from their own seed; training draws from other seeds."""
-    return {t: [example(t, random.Random(f"held-out/{seed}/{t}/{i}"), length) for i in range(n)]
-            for t in tasks}
+    """``n`` sequences per task; training batches never contain one of them."""
+    rng = random.Random(f"held-out/{seed}")
+    return {t: [task_example(t, rng, length) for _ in range(n)] for t in tasks}
 
 
-def batches(make: Callable[[random.Random], str], steps: int, batch: int, seed: int,
+def batches(make: Callable[[random.Random], str], steps: int, size: int, seed: int,
             exclude: set[str]) -> Iterator[list[str]]:
     rng = random.Random(seed)
     for _ in range(steps):
-        out: list[str] = []
-        while len(out) < batch:
-            s = make(rng)
-            if s not in exclude:
-                out.append(s)
-        yield out
+        batch: list[str] = []
+        while len(batch) < size:
+            if (s := make(rng)) not in exclude:
+                batch.append(s)
+        yield batch
 
 
 # --- step 1: tokenizer and base model ------------------------------------------------------------
 
 
-def make_tokenizer(tasks: Sequence[str]) -> Any:
-    """A word-level tokenizer: specials, the markers and every alphabet."""
+def make_tokenizer() -> Any:
+    """A word-level tokenizer: specials, one instruction per operation, every language."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -174,37 +166,26 @@ def make_tokenizer(tasks: Sequence[str]) -> Any:
                                    bos_token="<s>", eos_token="</s>")
 
 
-def make_base(tokenizer: Any, cfg: Settings) -> nn.Module:
+def make_base(tokenizer: Any, cfg: Settings) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
         num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    lang_scale = float(os.environ.get("DEMO_LANG", "0"))
-    if lang_scale:
-        emb = model.get_input_embeddings().weight
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for op in OPERATIONS:
-                ids = tokenizer.convert_tokens_to_ids(vocabulary(op))
-                emb[ids] += lang_scale * emb.std() * torch.randn(emb.shape[1], generator=g)
-    return model
+    return LlamaForCausalLM(config)
 
 
 def encode(tokenizer: Any, texts: Sequence[str]) -> Tensor:
-    """Token ids (batch, seq); every sequence of a run has the same length, so no padding."""
-    ids = [tokenizer.convert_tokens_to_ids(t.split()) for t in texts]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids (batch, seq); all sequences of a run have the same length, so there is no padding."""
+    return torch.tensor([tokenizer.convert_tokens_to_ids(t.split()) for t in texts], dtype=torch.long)
 
 
 def answer_mask(ids: Tensor) -> Tensor:
-    """True at positions whose *next* token is part of the answer (after ``=``, up to ``</s>``)."""
-    L = (ids.shape[1] - 3) // 2  # <task> x1..xL = y1..yL </s>
+    """True at the positions whose *next* token is part of the answer (y1 .. yL and ``</s>``)."""
+    L = (ids.shape[1] - 3) // 2
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, L + 1 : 2 * L + 2] = True
     return mask
@@ -212,13 +193,12 @@ def answer_mask(ids: Tensor) -> Tensor:
 
 def train(model: nn.Module, tokenizer: Any, data: Iterator[list[str]], steps: int, lr: float,
           desc: str, *, answer_only: bool) -> float:
-    """AdamW with a linear decay; loss on the answer tokens only, or on every token (pre-training)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """AdamW, linear decay; the loss on the answers only, or on every token (pre-training)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     model.train()
     loss_value = float("nan")
-    with tqdm(data, total=steps, desc=desc, leave=False, mininterval=0.5) as bar:
+    with tqdm(data, total=steps, desc=f"  {desc}", leave=False, mininterval=0.5) as bar:
         for texts in bar:
             ids = encode(tokenizer, texts)
             logits = model(input_ids=ids).logits[:, :-1]
@@ -237,115 +217,116 @@ def train(model: nn.Module, tokenizer: Any, data: Iterator[list[str]], steps: in
 
 
 def pretrain_base(work: Path, cfg: Settings, exclude: set[str]) -> tuple[Path, Any]:
-    tokenizer = make_tokenizer(cfg.tasks)
+    tokenizer = make_tokenizer()
     model = make_base(tokenizer, cfg)
-
-    def general(rng: random.Random) -> str:
-        return general_example(cfg.tasks, rng, cfg.length)
-
-    loss = train(model, tokenizer, batches(general, cfg.base_steps, cfg.batch, 1, exclude),
-                 cfg.base_steps, 3e-3, "pre-train base", answer_only=False)
+    data = batches(lambda rng: general_example(cfg.tasks, rng, cfg.length), cfg.base_steps,
+                   cfg.batch, seed=1, exclude=exclude)
+    loss = train(model, tokenizer, data, cfg.base_steps, cfg.lr_base, "pre-train base", answer_only=False)
     path = work / "base"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     n = sum(p.numel() for p in model.parameters())
-    print(f"  base: {n / 1e3:.0f}k parameters, final LM loss {loss:.3f} -> {path}")
+    print(f"  tiny Llama ({cfg.layers} layers, hidden {cfg.hidden}, {n / 1e3:.0f}k parameters, "
+          f"vocabulary {len(tokenizer)}): {cfg.base_steps} steps, final loss {loss:.3f} -> {path}")
     return path, tokenizer
 
 
 # --- step 2: LoRA experts ------------------------------------------------------------------------
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_INIT_SEED = 0  # every adapter starts from the same initialisation (a fixed training seed)
 
 
 def train_lora(base: Path, tokenizer: Any, data: Iterator[list[str]], steps: int, out: Path,
-               cfg: Settings, desc: str, seed: int) -> float:
+               cfg: Settings, desc: str) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=TARGETS, lora_dropout=0.0)
-    peft_model = get_peft_model(model, lora)
-    loss = train(peft_model, tokenizer, data, steps, 3e-3, desc, answer_only=True)
-    peft_model.save_pretrained(out)
+    torch.manual_seed(LORA_INIT_SEED)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=TARGETS, lora_dropout=0.0),
+    )
+    loss = train(model, tokenizer, data, steps, cfg.lr_lora, desc, answer_only=True)
+    model.save_pretrained(str(out))
     return loss
 
 
 def train_experts(base: Path, tokenizer: Any, work: Path, cfg: Settings,
                   exclude: set[str]) -> tuple[dict[str, Path], dict[str, Path]]:
-    """One LoRA per task, and ``n_general`` general LoRAs (each on its own stream of general data)."""
-    task_dirs: dict[str, Path] = {}
+    """One LoRA per task (with general replay), and ``n_general`` LoRAs on general data alone."""
+    adapters: dict[str, Path] = {}
     for i, task in enumerate(cfg.tasks):
         def make(rng: random.Random, task: str = task) -> str:
-            return example(task, rng, cfg.length)
+            if rng.random() < cfg.replay:
+                return general_example(cfg.tasks, rng, cfg.length)
+            return task_example(task, rng, cfg.length)
 
-        task_dirs[task] = work / "adapters" / task
-        loss = train_lora(base, tokenizer, batches(make, cfg.expert_steps, cfg.batch, 100 + i, exclude),
-                          cfg.expert_steps, task_dirs[task], cfg, f"LoRA {task}", seed=i)
-        print(f"  task expert {task:<8} final loss {loss:.3f}")
-    general_dirs: dict[str, Path] = {}
+        adapters[task] = work / "adapters" / task
+        data = batches(make, cfg.expert_steps, cfg.batch, seed=100 + i, exclude=exclude)
+        loss = train_lora(base, tokenizer, data, cfg.expert_steps, adapters[task], cfg, f"LoRA {task}")
+        print(f"  task expert    {task:<9} {cfg.expert_steps} steps, final loss {loss:.3f}")
+    general: dict[str, Path] = {}
     for g in range(cfg.n_general):
-        def general(rng: random.Random) -> str:
-            return general_example(cfg.tasks, rng, cfg.length)
-
         name = f"general{g}"
-        general_dirs[name] = work / "adapters" / name
-        loss = train_lora(base, tokenizer, batches(general, cfg.general_steps, cfg.batch, 200 + g, exclude),
-                          cfg.general_steps, general_dirs[name], cfg, f"LoRA {name}", seed=50 + g)
-        print(f"  general expert {name} final loss {loss:.3f}")
-    return task_dirs, general_dirs
+        general[name] = work / "adapters" / name
+        data = batches(lambda rng: general_example(cfg.tasks, rng, cfg.length), cfg.general_steps,
+                       cfg.batch, seed=200 + g, exclude=exclude)
+        loss = train_lora(base, tokenizer, data, cfg.general_steps, general[name], cfg, f"LoRA {name}")
+        print(f"  general expert {name:<9} {cfg.general_steps} steps, final loss {loss:.3f}")
+    return adapters, general
 
 
 # --- step 3: the library -------------------------------------------------------------------------
 
 
-def build_library(work: Path, base: Path, task_dirs: dict[str, Path],
-                  general_dirs: dict[str, Path], out: Path) -> tuple[Library, dict[str, Any]]:
+def build_library(work: Path, base: Path, adapters: dict[str, Path], general: dict[str, Path],
+                  out: Path) -> tuple[Library, dict[str, Any]]:
     lib = Library.init(work / "library")
     lib.add_base("tiny", str(base))
-    for task, path in task_dirs.items():
+    for task, path in adapters.items():
         lib.add(path, name=task, kind="task", tasks=[task], tags=["demo"])
-    for name, path in general_dirs.items():
+    for name, path in general.items():
         lib.add(path, name=name, kind="general", tags=["demo"])
-    print(f"  {len(lib.experts())} experts in {lib.path}")
+    print(f"  {len(lib.experts('kind=task'))} task + {len(lib.experts('kind=general'))} general "
+          f"experts in {lib.path}")
 
-    clustering = lib.cluster("kind=task", metric="delta", seed=0)
-    print(f"  MBC ({clustering.metric} cosine, k={clustering.k} by silhouette):")
+    # mttl's MBC, k by silhouette. Each task has a language of its own here, so expect weak clusters
+    # (a low silhouette); a real library's related tasks cluster more clearly.
+    clustering = lib.cluster("kind=task", seed=0)
+    sil = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.2f}"
+    print(f"  MBC clustering {clustering.name!r} ({clustering.metric} metric, k = {clustering.k}, "
+          f"silhouette {sil}):")
     for c in clustering.clusters:
         print(f"    cluster {c.index}: {', '.join(c.members)}")
     lib.plot_clustering(clustering.name, out / "clusters.png")
+    lib.plot_similarity(lib.similarity("kind=task", metric="delta"), out / "similarity.png")
 
-    sim = lib.similarity("kind=task", metric="delta")
-    lib.plot_similarity(sim, out / "similarity.png")
-
-    gks = lib.subtract_general(general="kind=general", experts="kind=task")
-    print(f"  GenKnowSub: {', '.join(gks.created)} = task - mean({', '.join(gks.general)})")
+    gks = lib.subtract_general(general="kind=general", experts="kind=task")  # PEFT's use_gks
+    exact = lib.subtract_general(general="kind=general", experts="kind=task", mode="delta",
+                                 rank=task_rank(lib), suffix="_dres")
+    print(f"  GenKnowSub residuals = task - mean({', '.join(gks.general)}): "
+          f"{', '.join(gks.created)} (param mode), {', '.join(exact.created)} (ΔW mode)")
     report = lib.compute_prototypes("kind=task,residual")
-    print(f"  exact Arrow prototypes: {_describe(report)}")
-    summary = {
+    print(f"  exact Arrow prototypes: {len(report.computed)} experts computed, {len(report.cached)} cached")
+    return lib, {
         "experts": [e.name for e in lib.experts()],
-        "clustering": {"name": clustering.name, "k": clustering.k,
+        "clustering": {"name": clustering.name, "metric": clustering.metric, "k": clustering.k,
                        "clusters": [list(c.members) for c in clustering.clusters]},
-        "residuals": list(gks.created),
+        "residuals": {"param": list(gks.created), "delta": list(exact.created)},
     }
-    return lib, summary
 
 
-def _describe(report: Any) -> str:
-    parts = []
-    for field in ("computed", "cached"):
-        value = getattr(report, field, None)
-        if value is not None:
-            parts.append(f"{len(value)} {field}")
-    return ", ".join(parts) or str(report)
+def task_rank(lib: Library) -> int:
+    """ΔW-mode residuals are truncated back to the task experts' rank."""
+    return max(e.rank for e in lib.experts("kind=task"))
 
 
 # --- step 4: Hub round trip ----------------------------------------------------------------------
 
 
-class _Env:
-    """What ``tests.hubserver.patch_hf_client`` needs from pytest's monkeypatch, with an undo."""
+class _Patch:
+    """The ``setenv``/``setattr`` that ``tests.hubserver.patch_hf_client`` expects, with an undo."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
@@ -353,8 +334,14 @@ class _Env:
     def setenv(self, key: str, value: str) -> None:
         old = os.environ.get(key)
         os.environ[key] = value
-        self._undo.append(lambda: os.environ.__setitem__(key, old) if old is not None
-                          else os.environ.pop(key, None))
+
+        def undo() -> None:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+        self._undo.append(undo)
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
         old = getattr(obj, name)
@@ -368,31 +355,38 @@ class _Env:
 
 @contextmanager
 def local_hub(home: Path) -> Iterator[str]:
-    """The Hub stand-in on 127.0.0.1, with this process's ``huggingface_hub`` pointed at it."""
+    """The Hub stand-in on 127.0.0.1, this process's ``huggingface_hub`` pointed at it.
+
+    ``huggingface_hub`` (imported with transformers) reads its endpoint at import time, so the
+    environment alone is not enough in-process: ``patch_hf_client`` also patches its constants.
+    """
     from tests.hubserver import HubServer, patch_hf_client
 
-    env = _Env()
+    patch = _Patch()
     with HubServer(user="demo") as server:
-        patch_hf_client(env, server.url, home)
+        patch_hf_client(patch, server.url, home)
         try:
             yield server.url
         finally:
-            env.undo()
+            patch.undo()
 
 
 def hub_round_trip(lib: Library, work: Path) -> tuple[Library, dict[str, Any]]:
     with local_hub(work / "hf_home") as url:
         lib.add_remote("origin", "demo/tiny-experts")
-        pushed = lib.push("origin", message="tiny demo library")
-        print(f"  pushed {pushed.files_uploaded} files ({pushed.bytes_uploaded / 1e6:.1f} MB) to "
-              f"{url}/demo/tiny-experts @ {pushed.commit[:8]}")
+        pushed = lib.push("origin", message="tiny demo library", tag="v1")
+        print(f"  push: {len(pushed.uploaded)} experts, {pushed.files_uploaded} files "
+              f"({pushed.bytes_uploaded / 1e6:.2f} MB) -> {url}/demo/tiny-experts @ {pushed.commit[:8]}")
         clone = Library.init(work / "clone")
         clone.add_remote("origin", "demo/tiny-experts")
-        pulled = clone.pull("origin")
-        print(f"  pulled into {clone.path}: {len(pulled.added)} experts, {pulled.files_downloaded} files, "
-              f"{pulled.prototypes} prototype sets")
-    return clone, {"pushed_files": pushed.files_uploaded, "commit": pushed.commit,
-                   "pulled_experts": len(pulled.added), "pulled_prototypes": pulled.prototypes}
+        pulled = clone.pull("origin", revision="v1")
+        status = clone.status("origin")
+        print(f"  pull into {clone.path}: {len(pulled.added)} experts, {pulled.files_downloaded} files "
+              f"(sha256-checked), {pulled.prototypes} prototype sets, {len(pulled.clusterings)} clusterings")
+        print(f"  status: {status.counts}")
+    return clone, {"remote": "demo/tiny-experts", "commit": pushed.commit, "pushed_files": pushed.files_uploaded,
+                   "pulled_experts": sorted(pulled.added), "pulled_prototypes": pulled.prototypes,
+                   "status": dict(status.counts)}
 
 
 # --- step 5: routing and accuracy ----------------------------------------------------------------
@@ -400,13 +394,14 @@ def hub_round_trip(lib: Library, work: Path) -> tuple[Library, dict[str, Any]]:
 
 @dataclass
 class Evaluation:
-    """Held-out results of one model: per task, answer-token accuracy and exact match."""
+    """Held-out results of one model, per task; routing only for Arrow models."""
 
-    token_acc: dict[str, float]
-    exact: dict[str, float]
-    routing: dict[str, float] | None = None  # token-level routing accuracy (Arrow models)
-    routing_seq: dict[str, float] | None = None  # sequence-level (majority over tokens x modules)
-    confusion: list[list[float]] | None = None  # task x expert share of top-1 choices
+    token: dict[str, float]  # answer tokens right (teacher forced)
+    exact: dict[str, float]  # whole answer right (= greedy decoding gives it)
+    routing: dict[str, float] | None = None  # (token, module) pairs whose top-1 is the own expert
+    routing_seq: dict[str, float] | None = None  # sequences whose majority top-1 is the own expert
+    confusion: list[list[float]] | None = None  # task x expert: share of (token, module) top-1s
+    confusion_seq: list[list[float]] | None = None  # task x expert: share of sequence majorities
 
     def mean(self, field: str) -> float:
         values = getattr(self, field)
@@ -414,126 +409,137 @@ class Evaluation:
 
 
 def score(logits: Tensor, ids: Tensor) -> tuple[float, float]:
-    """Answer-token accuracy under teacher forcing, and exact match (= greedy decoding is right)."""
+    """Answer-token accuracy under teacher forcing, and exact match: every answer token is the
+    argmax given the right prefix exactly when greedy decoding produces the answer."""
     mask = answer_mask(ids)[:, :-1]
-    correct = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask
-    token = correct[mask].float().mean().item()
-    exact = correct.all(dim=1).float().mean().item()
-    return token, exact
+    right = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask
+    return right[mask].float().mean().item(), right.all(dim=1).float().mean().item()
 
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, held_out: dict[str, list[str]],
-             own_expert: dict[str, str] | None = None) -> Evaluation:
-    """Run every task's held-out batch; with ``own_expert`` (expert -> task), also read the routing."""
-    token_acc, exact, routing, routing_seq, confusion = {}, {}, {}, {}, []
+             task_of: dict[str, str] | None = None) -> Evaluation:
+    """Run each task's held-out batch; for a routed model (``task_of``: expert -> its task) also read
+    which expert every token chose at every routed module, from ``explain()``."""
+    tasks = list(held_out)
+    token, exact, routing, routing_seq, confusion, confusion_seq = {}, {}, {}, {}, [], []
     for task, texts in held_out.items():
         ids = encode(tokenizer, texts)
-        if own_expert is None:
+        if task_of is None:
             logits = model(input_ids=ids).logits
         else:
             with model.explain() as trace:
                 logits = model(input_ids=ids).logits
-            top1 = torch.stack([trace.tokens(m)[0][:, 0] for m in model.layers])  # (modules, B*T)
-            own = torch.tensor([own_expert[e] == task for e in trace.experts])
-            hits = own[top1].reshape(len(model.layers), ids.shape[0], ids.shape[1])
-            routing[task] = hits.float().mean().item()
-            votes = torch.nn.functional.one_hot(top1.reshape(len(model.layers), ids.shape[0], -1),
-                                                len(trace.experts)).sum(dim=(0, 2))  # (B, E)
-            routing_seq[task] = own[votes.argmax(-1)].float().mean().item()
-            share = torch.bincount(top1.reshape(-1), minlength=len(trace.experts)).float()
-            confusion.append((share / share.sum()).tolist())
-        token_acc[task], exact[task] = score(logits, ids)
-    if own_expert is None:
-        return Evaluation(token_acc, exact)
-    return Evaluation(token_acc, exact, routing, routing_seq, confusion)
+            votes = top1_votes(model, trace, tasks, task_of, ids.shape[0])
+            own = tasks.index(task)
+            routing[task] = (votes[:, own].sum() / votes.sum()).item()
+            routing_seq[task] = (votes.argmax(-1) == own).float().mean().item()
+            confusion.append((votes.sum(0) / votes.sum()).tolist())
+            confusion_seq.append((torch.bincount(votes.argmax(-1), minlength=len(tasks)) / len(texts)).tolist())
+        token[task], exact[task] = score(logits, ids)
+    if task_of is None:
+        return Evaluation(token, exact)
+    return Evaluation(token, exact, routing, routing_seq, confusion, confusion_seq)
 
 
-def load_base(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def top1_votes(model: Any, trace: Any, tasks: list[str], task_of: dict[str, str], n: int) -> Tensor:
+    """(sequences, tasks): how many of a sequence's (token, module) pairs chose each task's expert
+    as top-1. ``trace.tokens(module)`` lists the tokens of a (batch, seq) call batch-major."""
+    column = torch.tensor([tasks.index(task_of[e]) for e in trace.experts])  # expert -> its task
+    top1 = torch.stack([column[trace.tokens(m)[0][:, 0]] for m in model.layers])  # (modules, n * seq)
+    per_sequence = top1.reshape(len(model.layers), n, -1).permute(1, 0, 2).reshape(n, -1)
+    return nn.functional.one_hot(per_sequence, len(tasks)).sum(1)
 
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+ARROW_MODELS = {  # label -> catalog query of the routed experts
+    "arrow": "kind=task",
+    "arrow+gks": "kind=residual name=*_res",
+    "arrow+gks(ΔW)": "kind=residual name=*_dres",
+}
 
 
 def route_and_evaluate(clone: Library, base: Path, tokenizer: Any, held_out: dict[str, list[str]],
-                       cfg: Settings, out: Path) -> tuple[dict[str, Evaluation], dict[str, list[str]]]:
-    """Every model of the comparison, built from the clone's catalog by queries."""
+                       cfg: Settings, out: Path) -> tuple[dict[str, Evaluation], dict[str, float]]:
+    """Every model of the comparison, built from catalog queries on the clone."""
+    from transformers import AutoModelForCausalLM
+
     task_of = {e.name: e.tasks[0] for e in clone.experts("kind=task,residual")}
-    results: dict[str, Evaluation] = {"base": evaluate(load_base(base), tokenizer, held_out)}
+    results = {"base": evaluate(AutoModelForCausalLM.from_pretrained(base).eval(), tokenizer, held_out)}
 
-    oracle_tok, oracle_exact = {}, {}
-    for task in held_out:  # the right single expert: a router over that expert alone
-        single = clone.routed_model(base, experts=[task], top_k=1)
-        ev = evaluate(single, tokenizer, {task: held_out[task]})
-        oracle_tok[task], oracle_exact[task] = ev.token_acc[task], ev.exact[task]
-    results["oracle"] = Evaluation(oracle_tok, oracle_exact)
+    single = [evaluate(clone.routed_model(base, experts=[t], top_k=1), tokenizer, {t: held_out[t]})
+              for t in held_out]  # the right expert alone: a router over that one expert
+    results["oracle"] = Evaluation({t: e.token[t] for t, e in zip(held_out, single, strict=True)},
+                                   {t: e.exact[t] for t, e in zip(held_out, single, strict=True)})
 
-    n = len(clone.experts("kind=task"))
+    n = len(clone.experts("kind=task"))  # every expert, equal weights: the uniform merge
     uniform = clone.routed_model(base, experts="kind=task", top_k=n, temperature=1e9)
     results["uniform"] = evaluate(uniform, tokenizer, held_out)
 
-    experts_of: dict[str, list[str]] = {}
-    for label, query in (("arrow", "kind=task"), ("arrow+gks", "kind=residual")):
-        routed = clone.routed_model(base, experts=query, top_k=cfg.top_k)
-        results[label] = evaluate(routed, tokenizer, held_out, own_expert=task_of)
-        experts_of[label] = list(routed.experts)
-        if label == "arrow":
-            with routed.explain() as trace:  # one mixed batch: the library's own routing plot
-                routed(input_ids=encode(tokenizer, [texts[0] for texts in held_out.values()]))
-            experts_of["trace"] = [str(trace.plot(out / "routing_by_module.png"))]
-    return results, experts_of
+    routed = {}
+    for label, query in ARROW_MODELS.items():
+        routed[label] = clone.routed_model(base, experts=query, top_k=cfg.top_k)
+        results[label] = evaluate(routed[label], tokenizer, held_out, task_of)
+
+    mixed = encode(tokenizer, [texts[0] for texts in held_out.values()])  # one sequence per task
+    with routed["arrow"].explain() as trace:  # libstore's own view: routing weight per module
+        routed["arrow"](input_ids=mixed)
+    trace.plot(out / "routing_by_module.png")
+
+    # GenKnowSub on the fly (PEFT's use_gks) must equal routing over the stored residuals
+    on_the_fly = clone.routed_model(base, experts="kind=task", general="kind=general", top_k=cfg.top_k)
+    with torch.no_grad():
+        diff = (on_the_fly(input_ids=mixed).logits - routed["arrow+gks"](input_ids=mixed).logits).abs().max()
+    print(f"  GenKnowSub on the fly (general='kind=general') vs stored residuals: max |Δ logit| = {diff:.1e}")
+    return results, {"gks_on_the_fly_vs_residuals_max_abs_diff": diff.item()}
 
 
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def print_tables(results: dict[str, Evaluation], tasks: Sequence[str], top_k: int) -> str:
-    lines = []
-    w = max(8, *(len(t) for t in tasks))
-    header = f"{'':<22}" + "".join(f"{t:>{w + 1}}" for t in tasks) + f"{'mean':>{w + 1}}"
-    lines.append(f"Routing accuracy (share of held-out tokens x routed modules whose top-1 expert is the"
-                 f" task's own; chance = {1 / len(tasks):.2f}; top_k = {top_k})")
-    lines.append(header)
-    for label in ("arrow", "arrow+gks"):
+def format_tables(results: dict[str, Evaluation], tasks: Sequence[str], cfg: Settings) -> str:
+    w = max(11, *(len(t) + 2 for t in tasks))
+    head = f"{'':<32}" + "".join(f"{t:>{w}}" for t in tasks) + f"{'mean':>{w}}"
+    title = (f"Routing accuracy: top-1 expert is the task's own (top_k = {cfg.top_k}, "
+             f"chance = {1 / len(tasks):.2f})")
+    lines = [title, head]
+    for label in ARROW_MODELS:
         ev = results[label]
-        for field, name in (("routing", "token"), ("routing_seq", "sequence (majority)")):
-            values = getattr(ev, field)
-            lines.append(f"{label + ' ' + name:<22}" + "".join(f"{values[t]:>{w + 1}.2f}" for t in tasks)
-                         + f"{ev.mean(field):>{w + 1}.2f}")
-    lines.append("")
-    lines.append("Held-out accuracy: answer tokens (teacher forced) / exact match of the whole answer")
-    lines.append(header)
+        for field, what in (("routing", "tokens x modules"), ("routing_seq", "sequences")):
+            row = getattr(ev, field)
+            lines.append(f"{label + ', ' + what:<32}" + "".join(f"{row[t]:>{w}.2f}" for t in tasks)
+                         + f"{ev.mean(field):>{w}.2f}")
+    lines += ["", "Held-out accuracy: answer tokens / exact match of the whole answer", head]
     for label, ev in results.items():
-        row = "".join(f"{ev.token_acc[t]:>{w - 4}.2f}/{ev.exact[t]:.2f}"[-(w + 1):].rjust(w + 1)
-                      for t in tasks)
-        lines.append(f"{label:<22}{row}" + f"{ev.mean('token_acc'):.2f}/{ev.mean('exact'):.2f}".rjust(w + 1))
-    text = "\n".join(lines)
-    print(text)
-    return text
+        cells = [f"{ev.token[t]:.2f}/{ev.exact[t]:.2f}" for t in tasks]
+        cells.append(f"{ev.mean('token'):.2f}/{ev.mean('exact'):.2f}")
+        lines.append(f"{label:<32}" + "".join(f"{c:>{w}}" for c in cells))
+    return "\n".join(lines)
 
 
-def plot_confusion(results: dict[str, Evaluation], experts_of: dict[str, list[str]],
-                   tasks: Sequence[str], path: Path) -> Path:
+def plot_confusion(results: dict[str, Evaluation], tasks: Sequence[str], path: Path) -> Path:
+    """Rows: the Arrow models; columns: per (token, module) and per sequence (majority)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = ["arrow", "arrow+gks"]
-    fig = Figure(figsize=(5.2 * len(labels), 4.6))
+    n = len(tasks)
+    fig = Figure(figsize=(9.5, 3.9 * len(ARROW_MODELS)))
     FigureCanvasAgg(fig)
-    for i, label in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1)
-        mat = torch.tensor(results[label].confusion)
-        im = ax.imshow(mat.numpy(), vmin=0, vmax=1, cmap="Blues")
-        for r in range(mat.shape[0]):
-            for c in range(mat.shape[1]):
-                ax.text(c, r, f"{mat[r, c]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if mat[r, c] > 0.5 else "black")
-        ax.set_xticks(range(mat.shape[1]), experts_of[label], rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-        ax.set_xlabel("top-1 expert chosen (tokens x modules)")
-        ax.set_ylabel("held-out task")
-        ax.set_title(f"{label}: routing accuracy {results[label].mean('routing'):.2f}")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+    for i, label in enumerate(ARROW_MODELS):
+        ev = results[label]
+        for j, (mat, acc, what) in enumerate(((ev.confusion, ev.mean("routing"), "tokens x modules"),
+                                              (ev.confusion_seq, ev.mean("routing_seq"), "sequences, majority"))):
+            ax = fig.add_subplot(len(ARROW_MODELS), 2, 2 * i + j + 1)
+            m = torch.tensor(mat)
+            im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="Blues")
+            for r in range(n):
+                for c in range(n):
+                    ax.text(c, r, f"{m[r, c]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if m[r, c] > 0.55 else "black")
+            ax.set_xticks(range(n), [f"{t} expert" for t in tasks], rotation=35, ha="right", fontsize=7)
+            ax.set_yticks(range(n), tasks, fontsize=7)
+            ax.set_ylabel("held-out task", fontsize=8)
+            ax.set_title(f"{label}: {what}\nrouting accuracy {acc:.2f}", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -543,22 +549,30 @@ def plot_accuracy(results: dict[str, Evaluation], tasks: Sequence[str], path: Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1.4 + 1.1 * (len(tasks) + 1), 3.8))
+    fig = Figure(figsize=(2 + 1.2 * (len(tasks) + 1), 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    labels = list(results)
-    width = 0.8 / len(labels)
-    for j, label in enumerate(labels):
-        ev = results[label]
+    width = 0.8 / len(results)
+    for j, (label, ev) in enumerate(results.items()):
         values = [ev.exact[t] for t in tasks] + [ev.mean("exact")]
         ax.bar([i + j * width for i in range(len(values))], values, width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks) + 1)], [*tasks, "mean"])
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, ncols=len(labels), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def to_json(results: dict[str, Evaluation]) -> dict[str, Any]:
+    routing = {label: {"token": ev.routing, "token_mean": ev.mean("routing"),
+                       "sequence": ev.routing_seq, "sequence_mean": ev.mean("routing_seq"),
+                       "confusion": ev.confusion, "confusion_sequence": ev.confusion_seq}
+               for label, ev in results.items() if ev.routing is not None}
+    accuracy = {label: {"token": ev.token, "exact": ev.exact, "token_mean": ev.mean("token"),
+                        "exact_mean": ev.mean("exact")} for label, ev in results.items()}
+    return {"routing_accuracy": routing, "accuracy": accuracy}
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -566,18 +580,21 @@ def plot_accuracy(results: dict[str, Evaluation], tasks: Sequence[str], path: Pa
 
 @contextmanager
 def step(title: str, timings: dict[str, float]) -> Iterator[None]:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
     t0 = time.perf_counter()
     yield
     timings[title] = round(time.perf_counter() - t0, 2)
-    print(f"   ({timings[title]:.1f} s)")
+    print(f"   ({timings[title]:.1f} s)", flush=True)
 
 
 def setup(seed: int) -> None:
     """Seed everything; one thread (a tiny model is bound by per-op overhead, and a second thread
-    only fights other processes for the cores); no progress bars but ours."""
+    only fights other processes for the cores); no progress bars or warnings but ours."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside PEFT/transformers
     random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -589,68 +606,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-output"),
-                        help="folder for PNGs, results.json and the work files (default ./demo-output)")
-    parser.add_argument("--quick", action="store_true", help="fewer tasks and steps: a smoke run")
+                        help="folder for the PNGs, results.json and work files (default: ./demo-output)")
+    parser.add_argument("--quick", action="store_true", help="4 tasks and fewer steps: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     cfg = Settings.make(args.quick)
     out = args.out.resolve()
     work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     setup(args.seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-
     held_out = held_out_inputs(cfg.tasks, cfg.held_out, cfg.length, args.seed)
     exclude = {s for texts in held_out.values() for s in texts}
 
     with step("1. tokenizer + tiny Llama, pre-trained on general data", timings):
         base, tokenizer = pretrain_base(work, cfg, exclude)
     with step(f"2. {len(cfg.tasks)} task LoRAs + {cfg.n_general} general LoRAs (PEFT)", timings):
-        task_dirs, general_dirs = train_experts(base, tokenizer, work, cfg, exclude)
-    with step("3. library: catalog, MBC clusters, GenKnowSub residuals, prototypes", timings):
-        lib, library_summary = build_library(work, base, task_dirs, general_dirs, out)
-    with step("4. push to the Hub stand-in, pull into a fresh clone", timings):
-        clone, hub_summary = hub_round_trip(lib, work)
-    with step("5. routed models from the clone: held-out routing and accuracy", timings):
-        results, experts_of = route_and_evaluate(clone, base, tokenizer, held_out, cfg, out)
-    print()
-    table = print_tables(results, cfg.tasks, cfg.top_k)
-    pngs = [
-        str(plot_confusion(results, experts_of, cfg.tasks, out / "routing_confusion.png")),
-        str(plot_accuracy(results, cfg.tasks, out / "accuracy.png")),
-        *experts_of.pop("trace"),
-        str(out / "clusters.png"),
-        str(out / "similarity.png"),
-    ]
+        adapters, general = train_experts(base, tokenizer, work, cfg, exclude)
+    with step("3. library: catalog, MBC clustering, GenKnowSub residuals, Arrow prototypes", timings):
+        lib, library = build_library(work, base, adapters, general, out)
+    with step("4. push to the Hub stand-in, pull into a fresh library", timings):
+        clone, hub = hub_round_trip(lib, work)
+    with step("5. routed models from the clone, on held-out inputs", timings):
+        results, checks = route_and_evaluate(clone, base, tokenizer, held_out, cfg, out)
+        pngs = [plot_confusion(results, cfg.tasks, out / "routing_confusion.png"),
+                plot_accuracy(results, cfg.tasks, out / "accuracy.png"),
+                out / "routing_by_module.png", out / "clusters.png", out / "similarity.png"]
     timings["total"] = round(time.perf_counter() - start, 2)
-    output = {
-        "settings": {**cfg.__dict__, "quick": args.quick, "seed": args.seed},
-        "tasks": list(cfg.tasks),
-        "library": library_summary,
-        "hub": hub_summary,
-        "experts": experts_of,
-        "routing_accuracy": {label: {"per_task": results[label].routing,
-                                     "mean": results[label].mean("routing"),
-                                     "sequence_per_task": results[label].routing_seq,
-                                     "sequence_mean": results[label].mean("routing_seq"),
-                                     "confusion": results[label].confusion}
-                             for label in ("arrow", "arrow+gks")},
-        "accuracy": {label: {"token": ev.token_acc, "exact": ev.exact,
-                             "token_mean": ev.mean("token_acc"), "exact_mean": ev.mean("exact")}
-                     for label, ev in results.items()},
-        "table": table,
-        "pngs": pngs,
-        "timings_s": timings,
-    }
-    (out / "results.json").write_text(json.dumps(output, indent=2))
+
+    table = format_tables(results, cfg.tasks, cfg)
+    print(f"\n{table}")
+    report = {"settings": {**asdict(cfg), "quick": args.quick, "seed": args.seed},
+              "tasks": list(cfg.tasks), "library": library, "hub": hub, **to_json(results), "checks": checks,
+              "table": table, "pngs": [str(p) for p in pngs], "timings_s": timings}
+    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     lib.close()
     clone.close()
-    print(f"\nDone in {timings['total']:.0f} s. Results in {out}:")
-    for p in [*pngs, str(out / "results.json")]:
+    print(f"\nDone in {timings['total']:.0f} s. Written to {out}:")
+    for p in [*pngs, out / "results.json"]:
         print(f"  {p}")
     return 0
 

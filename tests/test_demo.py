@@ -25,8 +25,8 @@ def test_quick_demo_routes_tasks_to_their_experts(tmp_path: Path) -> None:
     assert "Routing accuracy" in proc.stdout and str(out) in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
-    assert {"settings", "tasks", "library", "hub", "routing_accuracy", "accuracy", "table", "pngs",
-            "timings_s"} <= set(results)
+    assert {"settings", "tasks", "library", "hub", "routing_accuracy", "accuracy", "checks", "table",
+            "pngs", "timings_s"} <= set(results)
     tasks = results["tasks"]
     assert results["settings"]["quick"] is True and len(tasks) == 4
     assert set(results["accuracy"]) == {"base", "oracle", "uniform", *ARROW_MODELS}
@@ -48,6 +48,9 @@ def test_quick_demo_routes_tasks_to_their_experts(tmp_path: Path) -> None:
     acc = {label: a["token_mean"] for label, a in results["accuracy"].items()}
     assert acc["arrow"] >= acc["uniform"] + 0.15 and acc["arrow"] >= acc["base"] + 0.3, acc
     assert acc["oracle"] >= 0.8, acc
+
+    # GenKnowSub on the fly (general=...) routes exactly like the stored parameter-mode residuals
+    assert results["checks"]["gks_on_the_fly_vs_residuals_max_abs_diff"] < 1e-4
 
     for png in results["pngs"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
