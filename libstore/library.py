@@ -398,9 +398,9 @@ class Library:
     ) -> Any:
         """Upload what changed since the last sync (one commit; batches of <=100 files, manifest
         last). Refuses if the remote moved (pull first) or on conflicts. Returns a ``PushReport``."""
-        from libstore.ops import sync
+        from libstore.ops import push
 
-        return sync.push(self._ctx, remote, experts=experts, message=message, tag=tag, token=token,
+        return push.push(self._ctx, remote, experts=experts, message=message, tag=tag, token=token,
                          force=force, prune=prune)
 
     def pull(
@@ -415,9 +415,9 @@ class Library:
     ) -> Any:
         """Download what is missing or changed (hash-checked), at a branch, tag or commit, and apply
         it in one transaction. Conflicts are reported, not overwritten. Returns a ``PullReport``."""
-        from libstore.ops import sync
+        from libstore.ops import pull
 
-        return sync.pull(self._ctx, remote, revision=revision, experts=experts, token=token,
+        return pull.pull(self._ctx, remote, revision=revision, experts=experts, token=token,
                          force=force, prune=prune)
 
     def status(self, remote: str | None = None, *, token: str | None = None) -> Any:

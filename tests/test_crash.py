@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 SEED = 20260109
 PLAN = {"import": 14, "prototypes": 10, "gks": 10, "gc": 8, "pull": 12}  # 54 kills
 PRELOAD = ["torch", "libstore.library", "libstore.ops.experts", "libstore.ops.prototypes",
-           "libstore.ops.derive", "libstore.ops.maintenance", "libstore.ops.sync",
+           "libstore.ops.derive", "libstore.ops.maintenance", "libstore.ops.sync", "libstore.ops.push", "libstore.ops.pull",
            "libstore.lowrank.prototypes", "libstore.lowrank.gks", "huggingface_hub", "tests.hubserver",
            "tests.test_crash"]  # the child's function lives here: unpickling it must not import
 TASKS = ["t0", "t1", "t2"]

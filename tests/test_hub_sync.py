@@ -17,7 +17,7 @@ from libstore.catalog.remotes import ClusterData, ClusteringData
 from libstore.errors import HubError, IntegrityError, RemoteMovedError
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
 from libstore.errors import SyncConflictError
-from libstore.ops import sync
+from libstore.ops import pull, push
 from libstore.store.blobs import sha256_file
 from tests import test_hub_support as support
 from tests.factories import load_base, make_adapter
@@ -276,7 +276,7 @@ def _setup_pushed(library: Library, base_dir: Path, tmp_path: Path, names: list[
 def test_failed_lfs_upload_leaves_remote_and_library_unchanged(
     library: Library, hub: HubServer, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sync.time, "sleep", lambda s: None)
+    monkeypatch.setattr(push.time, "sleep", lambda s: None)
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
     add_experts(library, base_dir, tmp_path, ["b"], seed0=5)
     before = snapshot(library)
@@ -292,7 +292,7 @@ def test_failed_lfs_upload_leaves_remote_and_library_unchanged(
 def test_5xx_on_commit_leaves_remote_at_previous_commit(
     library: Library, hub: HubServer, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sync.time, "sleep", lambda s: None)
+    monkeypatch.setattr(push.time, "sleep", lambda s: None)
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
     add_experts(library, base_dir, tmp_path, ["b"], seed0=5)
     before = snapshot(library)
@@ -329,7 +329,7 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
     old_manifest = hub.read_file(REPO, MANIFEST_FILE)
     add_experts(library, base_dir, tmp_path, [f"n{i}" for i in range(6)], seed0=10)
-    real = sync.HubClient.commit
+    real = push.HubClient.commit
     calls = []
 
     def failing_last(self, repo_id, **kw):  # the batches land, the manifest commit fails
@@ -338,15 +338,15 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
             raise HubError("injected: connection reset")
         return real(self, repo_id, **kw)
 
-    monkeypatch.setattr(sync.HubClient, "commit", failing_last)
+    monkeypatch.setattr(push.HubClient, "commit", failing_last)
     with pytest.raises(HubError):
-        sync.push(library.context, max_files_per_commit=4, retries=0)
+        push.push(library.context, max_files_per_commit=4, retries=0)
     assert len(calls) == 3 + 1  # 12 files in batches of 4, then the manifest commit (failed)
     assert hub.head(REPO) != head and hub.read_file(REPO, MANIFEST_FILE) == old_manifest
     assert library.remotes()[0].last_commit == head
-    monkeypatch.setattr(sync.HubClient, "commit", real)
+    monkeypatch.setattr(push.HubClient, "commit", real)
     hub.reset_stats()
-    r = sync.push(library.context, max_files_per_commit=4)
+    r = push.push(library.context, max_files_per_commit=4)
     assert hub.counts["lfs_upload"] == 0 and r.commits == 1  # files already there: manifest only
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
     assert len(manifest["experts"]) == 7
@@ -366,7 +366,7 @@ def test_cut_download_leaves_library_unchanged_and_next_pull_resumes(
     before = snapshot(other)
     hub.faults.cut_download(f"experts/{cut}/adapter_model.safetensors", 100, count=None)
     with pytest.raises(HubError):
-        sync.pull(other.context, workers=1)
+        pull.pull(other.context, workers=1)
     assert snapshot(other) == before
     stored = set(other.context.blobs)
     assert library.get(cut).sha256 not in stored
@@ -464,7 +464,7 @@ def test_token_never_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base
         patch_hf_client(monkeypatch, server.url, tmp_path / "hf", token="hf_wrong_token")
         monkeypatch.delenv("HF_TOKEN")
         skip_client_backoff(monkeypatch)
-        monkeypatch.setattr(sync.time, "sleep", lambda s: None)
+        monkeypatch.setattr(push.time, "sleep", lambda s: None)
         lib = Library.init(tmp_path / "lib")
         lib.add_base("tiny", str(base_dir))
         add_experts(lib, base_dir, tmp_path, ["a"])

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from libstore import Library
 from libstore.catalog.models import Base
 from libstore.errors import HubError, LibstoreError
-from libstore.ops import sync
+from libstore.ops import push
 from tests import test_hub_support as support
 from tests.hubserver import HubServer, client_env, patch_hf_client, skip_client_backoff
 from tests.test_hub_support import REPO
@@ -61,7 +61,7 @@ def locked_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubS
         patch_hf_client(monkeypatch, server.url, tmp_path / "hf_home", token=SECRET)
         monkeypatch.delenv("HF_TOKEN")
         skip_client_backoff(monkeypatch)
-        monkeypatch.setattr(sync.time, "sleep", lambda s: None)
+        monkeypatch.setattr(push.time, "sleep", lambda s: None)
         yield server
 
 
