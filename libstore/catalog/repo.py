@@ -26,7 +26,12 @@ from libstore.catalog.models import (
     TagRow,
     TaskRow,
 )
-from libstore.errors import AlreadyExistsError, NotFoundError, QueryError
+from libstore.errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    QueryError,
+    ValidationError,
+)
 from libstore.types import (
     BaseModel,
     Expert,
@@ -78,6 +83,36 @@ def add_base(session: Session, base: BaseModel) -> BaseModelRow:
     )
     session.add(row)
     session.flush()
+    return row
+
+
+def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
+    """The named base, or the only registered one when no name is given."""
+    if base is not None:
+        return base_row(session, base)
+    rows = list(session.scalars(select(BaseModelRow)))
+    if len(rows) == 1:
+        return rows[0]
+    if not rows:
+        raise NotFoundError(
+            "no base model is registered; register one first: libstore base add NAME --from PATH"
+        )
+    names = ", ".join(sorted(r.name for r in rows))
+    raise ValidationError(f"several base models are registered ({names}); choose one with --base")
+
+
+def cluster_row(session: Session, clustering: str, index: int) -> ClusterRow:
+    """Cluster ``index`` of the clustering named ``clustering``."""
+    run = session.scalar(select(ClusteringRow).where(ClusteringRow.name == clustering))
+    if run is None:
+        raise NotFoundError(f"no clustering named {clustering!r}; see: libstore clusters ls")
+    row = session.scalar(
+        select(ClusterRow).where(ClusterRow.clustering_id == run.id, ClusterRow.index == index)
+    )
+    if row is None:
+        raise NotFoundError(
+            f"clustering {clustering!r} has clusters 0..{len(run.clusters) - 1}, not {index}"
+        )
     return row
 
 

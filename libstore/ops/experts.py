@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from libstore.catalog import repo
-from libstore.catalog.models import BaseModelRow, ClusteringRow, ClusterRow
 from libstore.errors import (
     AlreadyExistsError,
     IntegrityError,
@@ -32,8 +33,6 @@ from libstore.types import (
     ExpertQuery,
     StoredFile,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True)
@@ -73,21 +72,6 @@ def remove_base(ctx: Context, name: str) -> None:
         repo.remove_base(s, name)
 
 
-def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
-    """The named base, or the only registered one when no name is given."""
-    if base is not None:
-        return repo.base_row(session, base)
-    rows = list(session.scalars(select(BaseModelRow)))
-    if len(rows) == 1:
-        return rows[0]
-    if not rows:
-        raise NotFoundError(
-            "no base model is registered; register one first: libstore base add NAME --from PATH"
-        )
-    names = ", ".join(sorted(r.name for r in rows))
-    raise ValidationError(f"several base models are registered ({names}); choose one with --base")
-
-
 # --- adding experts ----------------------------------------------------------------------------
 
 
@@ -114,7 +98,7 @@ def add(
     tags = [validate_name(t) for t in tags]
     adapter = read_adapter(folder, allow_nonfinite=allow_nonfinite)
     with ctx.catalog.write() as s:
-        row = _insert_adapter(
+        row = insert_adapter(
             ctx, s, adapter, name=name, kind=kind, base=base, tasks=tasks, tags=tags,
             metadata=metadata, cluster=cluster, source=source or str(folder.resolve()),
             allow_base_mismatch=allow_base_mismatch,
@@ -122,7 +106,7 @@ def add(
         return repo.to_expert(s, row)
 
 
-def _insert_adapter(
+def insert_adapter(
     ctx: Context,
     s: Session,
     adapter: AdapterFile,
@@ -137,7 +121,12 @@ def _insert_adapter(
     source: str | None,
     allow_base_mismatch: bool,
 ) -> Any:
-    base_row = resolve_base_row(s, base)
+    """Store a validated adapter's blobs and record it inside the caller's transaction ``s``.
+
+    Imports that must be all or nothing across many adapters (import-dir, import-mttl) call this
+    once per adapter within one transaction.
+    """
+    base_row = repo.resolve_base_row(s, base)
     check_against_base(adapter, repo.to_base(base_row), allow_base_mismatch=allow_base_mismatch)
     if repo.expert_exists(s, name):
         raise AlreadyExistsError(
@@ -185,19 +174,7 @@ def _resolve_cluster(s: Session, cluster: str | None, kind: str) -> tuple[int | 
     clustering_name, sep, index = cluster.partition(":")
     if not sep or not index.isdigit():
         raise ValidationError(f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {cluster!r}")
-    clustering = s.scalar(select(ClusteringRow).where(ClusteringRow.name == clustering_name))
-    if clustering is None:
-        raise NotFoundError(f"no clustering named {clustering_name!r}; see: libstore clusters ls")
-    row = s.scalar(
-        select(ClusterRow).where(
-            ClusterRow.clustering_id == clustering.id, ClusterRow.index == int(index)
-        )
-    )
-    if row is None:
-        raise NotFoundError(
-            f"clustering {clustering_name!r} has clusters 0..{len(clustering.clusters) - 1}, "
-            f"not {index}"
-        )
+    row = repo.cluster_row(s, clustering_name, int(index))
     return row.id, [t.name for t in row.tasks]
 
 
@@ -254,7 +231,7 @@ def import_dir(
                 if repo.expert_row(s, name).sha256 == adapter.weights_sha256:
                     skipped.append(name)
                     continue
-            row = _insert_adapter(
+            row = insert_adapter(
                 ctx, s, adapter, name=name, kind=kind, base=base,
                 tasks=[name] if task_from_name else [], tags=tags, metadata=None, cluster=None,
                 source=str(Path(adapter.folder).resolve()), allow_base_mismatch=allow_base_mismatch,

@@ -153,7 +153,7 @@ def import_mttl(
             if not found:
                 raise ValidationError(f"no expert of {source} matches {', '.join(patterns)}")
         with ctx.catalog.read() as s:
-            base_model = repo.to_base(experts_ops.resolve_base_row(s, base))
+            base_model = repo.to_base(repo.resolve_base_row(s, base))
         prepared = []
         for files in found:
             try:
@@ -175,7 +175,7 @@ def import_mttl(
                 if repo.expert_exists(s, info.name) and repo.expert_row(s, info.name).sha256 == adapter.weights_sha256:
                     skipped.append(info.name)
                     continue
-                row = experts_ops._insert_adapter(
+                row = experts_ops.insert_adapter(
                     ctx, s, adapter, name=info.name, kind=kind, base=base_model.name, tasks=list(info.tasks),
                     tags=tags, metadata={"mttl": info.metadata}, cluster=None,
                     source=f"{label}/{info.name}.ckpt", allow_base_mismatch=True,
