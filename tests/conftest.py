@@ -65,6 +65,28 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Non
         yield from _pg_schema_url()
 
 
+def cli_invoker(*prefix: str):  # type: ignore[no-untyped-def]
+    """``run(*args, code=0)``: invoke the CLI with ``prefix`` first and assert the exit code."""
+    from click.testing import CliRunner
+
+    from libstore.cli import cli
+
+    runner = CliRunner()
+
+    def _run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+        result = runner.invoke(cli, [*prefix, *args], catch_exceptions=False)
+        assert result.exit_code == code, (args, result.output, result.stderr)
+        return result
+
+    return _run
+
+
+@pytest.fixture
+def run(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The CLI on a SQLite library at tmp_path/lib (test files may override with other databases)."""
+    return cli_invoker("-L", str(tmp_path / "lib"))
+
+
 @pytest.fixture
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-style model saved with save_pretrained (config + random weights)."""

@@ -12,21 +12,14 @@ import pytest
 from click.testing import CliRunner
 
 from libstore.cli import cli
+from tests.conftest import cli_invoker
 from tests.factories import make_adapter
 
 
 @pytest.fixture
 def run(tmp_path: Path, db_url: str | None):  # type: ignore[no-untyped-def]
-    """Invoke the CLI on a library in tmp_path (SQLite, or PostgreSQL through --db)."""
-    runner = CliRunner()
-    prefix = ["-L", str(tmp_path / "lib")] + (["--db", db_url] if db_url else [])
-
-    def _run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = runner.invoke(cli, [*prefix, *args], catch_exceptions=False)
-        assert result.exit_code == code, (args, result.output, result.stderr)
-        return result
-
-    return _run
+    """The CLI on a library in tmp_path (SQLite, or PostgreSQL through --db)."""
+    return cli_invoker("-L", str(tmp_path / "lib"), *(["--db", db_url] if db_url else []))
 
 
 def test_catalog_commands_end_to_end(run, base_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -12,28 +12,12 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
-from libstore.cli import cli
 from libstore.cli.clusters import COMMANDS
 from tests.factories import make_adapter
 
 K = 3
 NAMES = [f"t{j:02d}" for j in range(9)]  # t00, t03, t06 around centre 0; t01, ... around centre 1
-
-
-@pytest.fixture
-def run(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Invoke the CLI on a library in tmp_path (SQLite)."""
-    runner = CliRunner()
-    prefix = ["-L", str(tmp_path / "lib")]
-
-    def _run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = runner.invoke(cli, [*prefix, *args], catch_exceptions=False)
-        assert result.exit_code == code, (args, result.output, result.stderr)
-        return result
-
-    return _run
 
 
 @pytest.fixture
