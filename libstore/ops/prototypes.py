@@ -168,10 +168,10 @@ def compute(
     """Make sure the prototypes of every expert in ``target`` are cached; compute only what is missing."""
     spec = method_spec(method, top_n=top_n, iters=iters, seed=seed)
     experts = resolve_experts(ctx, target)
-    return _ensure(ctx, experts, spec, default_device(device), batch_bytes)
+    return ensure(ctx, experts, spec, default_device(device), batch_bytes)
 
 
-def _ensure(
+def ensure(
     ctx: Context,
     experts: Sequence[Expert],
     spec: PrototypeSpec,
@@ -179,6 +179,7 @@ def _ensure(
     batch_bytes: int,
     preloaded: Mapping[str, ModuleFactors] | None = None,
 ) -> PrototypeReport:
+    """Compute and cache what of ``experts`` is missing; ``preloaded`` spares re-reading blobs."""
     with ctx.catalog.read() as s:
         have = cache.find_cached(s, (e.sha256 for e in experts), method=spec.method,
                                  method_version=spec.method_version, key=spec.params_key)
@@ -325,7 +326,7 @@ def load(
     spec = method_spec(method, top_n=top_n, iters=iters, seed=seed)
     experts = resolve_experts(ctx, target)
     if compute_missing:
-        _ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
+        ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
     with ctx.catalog.read() as s:
         blobs = cache.find_cached(s, (e.sha256 for e in experts), method=spec.method,
                                   method_version=spec.method_version, key=spec.params_key)

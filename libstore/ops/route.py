@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from libstore.catalog import prototypes as cache
 from libstore.errors import BaseModelMismatchError, NotFoundError, RouterError
 from libstore.ops import prototypes as protos
 from libstore.ops.context import Context
@@ -50,7 +49,12 @@ def routed_model(
     """
     import torch
 
-    from libstore.router.build import ExpertTensors, build_router, peft_prototype_fn
+    from libstore.router.build import (
+        ExpertTensors,
+        build_router,
+        exact_prototype_fn,
+        peft_prototype_fn,
+    )
 
     chosen = _select(ctx, experts)
     base_rec = _common_base(ctx, chosen, general)
@@ -69,26 +73,17 @@ def routed_model(
         general_tensors = [ExpertTensors(g.name, g.scale, _factors(ctx, g)) for g in gen]
     else:
         prototypes = _cached_prototypes(ctx, chosen, loaded, method)
-    try:
-        return build_router(
-            model,
-            tensors,
-            general=general_tensors,
-            prototypes=prototypes,
-            prototype_fn=peft_prototype_fn() if method == "peft" else _exact_fn(),
-            top_k=top_k,
-            temperature=temperature,
-            mixing=mixing,  # type: ignore[arg-type]
-            device=torch.device(target_device),
-        )
-    finally:
-        loaded.clear()
-
-
-def _exact_fn() -> Any:
-    from libstore.router.build import exact_prototype_fn
-
-    return exact_prototype_fn
+    return build_router(
+        model,
+        tensors,
+        general=general_tensors,
+        prototypes=prototypes,
+        prototype_fn=peft_prototype_fn() if method == "peft" else exact_prototype_fn,
+        top_k=top_k,
+        temperature=temperature,
+        mixing=mixing,  # type: ignore[arg-type]
+        device=torch.device(target_device),
+    )
 
 
 def _select(ctx: Context, experts: str | ExpertQuery | Sequence[str]) -> list[Expert]:
@@ -167,11 +162,7 @@ def _cached_prototypes(
     import torch
 
     spec = protos.method_spec(method)
-    with ctx.catalog.read() as s:
-        have = cache.find_cached(s, (e.sha256 for e in chosen), method=spec.method,
-                                 method_version=spec.method_version, key=spec.params_key)
-    if len(have) < len({e.sha256 for e in chosen}):
-        protos._ensure(ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES,
-                       preloaded=loaded)
+    protos.ensure(ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES,
+                  preloaded=loaded)
     stacked = protos.stacked(ctx, chosen, method=method)
     return {m: v[:, 0, :].to(torch.float32) for m, v in stacked.items()}
