@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_HOME = Path("~/.libstore").expanduser
+DEFAULT_HOME = "~/.libstore"
 CATALOG_FILE = "catalog.db"
 BLOBS_DIR = "blobs"
 
@@ -17,7 +17,7 @@ def library_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("LIBSTORE_HOME")
     if env:
         return Path(env).expanduser()
-    return DEFAULT_HOME()
+    return Path(DEFAULT_HOME).expanduser()
 
 
 def db_url(library: Path, explicit: str | None = None) -> str:
