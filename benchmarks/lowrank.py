@@ -150,7 +150,9 @@ def bench_similarity(n_exp: int, small: tuple[int, int, int], full: tuple[int, i
         return flat @ flat.T
 
     dense_cos, t_dense = _timed(dense)
-    flat64 = torch.stack([torch.cat([(s * B.double() @ A.double()).reshape(-1) for A, B, s in e]) for e in experts])
+    flat64 = torch.stack(
+        [torch.cat([(s * B.double() @ A.double()).reshape(-1) for A, B, s in e]) for e in experts]
+    )
     norms = flat64.norm(dim=1)
     truth = (flat64 @ flat64.T) / torch.outer(norms, norms)
     del flat64
@@ -180,8 +182,10 @@ def bench_similarity(n_exp: int, small: tuple[int, int, int], full: tuple[int, i
         dense_gb = n_exp * n_mod * dim * dim * 4 / 2**30
         ok = bool(torch.isfinite(big).all()) and bool(torch.equal(big, big.T))
         lines.append(
-            f"| trace formula, `delta_cosine_matrix` (bf16 stored, fp32 math) | {n_exp} experts × {n_mod} modules × "
-            f"({dim}×{dim}, r = {r}) | {t_big:.2f} | – | dense not run: the flattened ΔW would take {dense_gb:,.0f} GiB; "
+            f"| trace formula, `delta_cosine_matrix` (bf16 stored, fp32 math) | {n_exp} experts × "
+            f"{n_mod} modules × "
+            f"({dim}×{dim}, r = {r}) | {t_big:.2f} | – | dense not run: the flattened ΔW would take "
+            f"{dense_gb:,.0f} GiB; "
             f"finite & symmetric: {ok} |"
         )
     lines.append("")
@@ -202,7 +206,8 @@ def main() -> None:
     print(f"## libstore low-rank benchmark ({'quick' if args.quick else 'full'})")
     print()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, "
         f"CPU fp32"
     )
     print()

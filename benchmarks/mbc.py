@@ -77,7 +77,7 @@ class Span(float):
 
     cpu: float
 
-    def __new__(cls, wall: float, cpu: float) -> Span:  # noqa: PYI034
+    def __new__(cls, wall: float, cpu: float) -> Span:
         obj = super().__new__(cls, wall)
         obj.cpu = cpu
         return obj
@@ -95,8 +95,9 @@ def _timed(fn):  # type: ignore[no-untyped-def]
 # --- in memory ----------------------------------------------------------------------------------
 
 
-def bench_memory(A: torch.Tensor, B: torch.Tensor, truth: torch.Tensor, k: int, metrics: list[str],
-                 scale: float) -> list[dict]:
+def bench_memory(
+    A: torch.Tensor, B: torch.Tensor, truth: torch.Tensor, k: int, metrics: list[str], scale: float
+) -> list[dict]:
     from libstore.lowrank.clustering import (
         cluster_similarity,
         cosine_matrix,
@@ -113,21 +114,53 @@ def bench_memory(A: torch.Tensor, B: torch.Tensor, truth: torch.Tensor, k: int, 
         S, t_sim = _timed(lambda: cosine_matrix(mbc_features(flat, keep=0.2, dim=64)))
         del flat
         km, t_km = _timed(lambda: cluster_similarity(S, k, seed=0))
-        rows.append({"path": "in memory, k-means on rows of S (mttl's way)", "metric": "flat",
-                     "k": f"{k} (given)", "sim": t_sim, "cluster": t_km, "ok": _recovered(km.labels, truth)})
+        rows.append(
+            {
+                "path": "in memory, k-means on rows of S (mttl's way)",
+                "metric": "flat",
+                "k": f"{k} (given)",
+                "sim": t_sim,
+                "cluster": t_km,
+                "ok": _recovered(km.labels, truth),
+            }
+        )
         part, t_part = _timed(lambda: partition(S, k=k, seed=0))
         assert list(part.labels) == km.labels.tolist()  # the row embedding makes the same choices
-        rows.append({"path": "in memory", "metric": "flat", "k": f"{k} (given)", "sim": t_sim,
-                     "cluster": t_part, "ok": _recovered(list(part.labels), truth)})
+        rows.append(
+            {
+                "path": "in memory",
+                "metric": "flat",
+                "k": f"{k} (given)",
+                "sim": t_sim,
+                "cluster": t_part,
+                "ok": _recovered(list(part.labels), truth),
+            }
+        )
         part, t_auto = _timed(lambda: partition(S, seed=0))
-        rows.append({"path": "in memory", "metric": "flat", "k": f"auto 2..20 → {part.k}",
-                     "sim": t_sim, "cluster": t_auto, "ok": _recovered(list(part.labels), truth)})
+        rows.append(
+            {
+                "path": "in memory",
+                "metric": "flat",
+                "k": f"auto 2..20 → {part.k}",
+                "sim": t_sim,
+                "cluster": t_auto,
+                "ok": _recovered(list(part.labels), truth),
+            }
+        )
     if "delta" in metrics:
         per_expert = [[(A[i, j], B[i, j], scale) for j in range(m)] for i in range(n)]
         S, t_sim = _timed(lambda: delta_cosine_matrix(per_expert).double())
         part, t_part = _timed(lambda: partition(S, k=k, seed=0))
-        rows.append({"path": "in memory", "metric": "delta", "k": f"{k} (given)", "sim": t_sim,
-                     "cluster": t_part, "ok": _recovered(list(part.labels), truth)})
+        rows.append(
+            {
+                "path": "in memory",
+                "metric": "delta",
+                "k": f"{k} (given)",
+                "sim": t_sim,
+                "cluster": t_part,
+                "ok": _recovered(list(part.labels), truth),
+            }
+        )
     return rows
 
 
@@ -141,8 +174,14 @@ def write_library(root: Path, A: torch.Tensor, B: torch.Tensor, layers: int, dim
     from libstore import Library
     from tests.factories import make_adapter, make_base_model
 
-    base = make_base_model(root / "base", hidden_size=dim, intermediate_size=dim,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
+    base = make_base_model(
+        root / "base",
+        hidden_size=dim,
+        intermediate_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     template = make_adapter(base, root / "template", r=r, alpha=2 * r, targets=MODULE_KINDS)
     config = (template / "adapter_config.json").read_bytes()
     names = module_names(layers)
@@ -178,29 +217,45 @@ def catalog_child(lib_path: str, k: int, metric: str, budget_mib: int) -> None:
     lib = Library.open(lib_path)
     experts = lib.experts("kind=task")
     with torch.no_grad():  # warm-up (lazy imports, BLAS/LAPACK start-up) on 3 experts
-        ops.partition(ops.similarity_matrix(lib.context, experts[:3], metric=metric, device="cpu")[0],
-                      k=2)
+        ops.partition(ops.similarity_matrix(lib.context, experts[:3], metric=metric, device="cpu")[0], k=2)
     rss0 = _rss_mb()
     out: dict = {"rss0": rss0, "rows": []}
     with torch.no_grad():
-        (S, _), t_sim = _timed(lambda: ops.similarity_matrix(lib.context, experts, metric=metric,
-                                                             device="cpu"))
+        (S, _), t_sim = _timed(
+            lambda: ops.similarity_matrix(lib.context, experts, metric=metric, device="cpu")
+        )
     part, t_part = _timed(lambda: ops.partition(S, k=k, seed=0))
     out["rss_sim"] = _rss_mb()
-    rec, t_total = _timed(lambda: lib.cluster(k=k, metric=metric, device="cpu",
-                                              name=f"bench-{metric}-{budget_mib}"))
+    rec, t_total = _timed(
+        lambda: lib.cluster(k=k, metric=metric, device="cpu", name=f"bench-{metric}-{budget_mib}")
+    )
     assert [cl.members for cl in rec.clusters] == [
         tuple(experts[i].name for i, lab in enumerate(part.labels) if lab == c) for c in range(part.k)
     ]
-    out["rows"].append({"metric": metric, "k": f"{k} (given)", "sim": span(t_sim),
-                        "cluster": span(t_part), "total": span(t_total), "labels": list(part.labels)})
+    out["rows"].append(
+        {
+            "metric": metric,
+            "k": f"{k} (given)",
+            "sim": span(t_sim),
+            "cluster": span(t_part),
+            "total": span(t_total),
+            "labels": list(part.labels),
+        }
+    )
     if metric == "flat":
         part_auto, t_pauto = _timed(lambda: ops.partition(S, seed=0))
         auto, t_auto = _timed(lambda: lib.cluster(name=f"auto-{budget_mib}", metric="flat"))
         assert auto.k == part_auto.k
-        out["rows"].append({"metric": "flat", "k": f"auto 2..20 → {auto.k}", "sim": span(t_sim),
-                            "cluster": span(t_pauto), "total": span(t_auto),
-                            "labels": list(part_auto.labels)})
+        out["rows"].append(
+            {
+                "metric": "flat",
+                "k": f"auto 2..20 → {auto.k}",
+                "sim": span(t_sim),
+                "cluster": span(t_pauto),
+                "total": span(t_auto),
+                "labels": list(part_auto.labels),
+            }
+        )
     out["rss_peak"] = _rss_mb()
     lib.close()
     print(json.dumps(out))
@@ -217,9 +272,12 @@ def main() -> None:
     ap.add_argument("--metrics", default="flat,delta")
     ap.add_argument("--quick", action="store_true", help="n = 200")
     ap.add_argument("--skip-catalog", action="store_true")
-    ap.add_argument("--budgets", default="256,64",
-                    help="streaming budgets (MiB) to run the catalog path with; the first for every "
-                         "metric, the others for flat only")
+    ap.add_argument(
+        "--budgets",
+        default="256,64",
+        help="streaming budgets (MiB) to run the catalog path with; the first for every "
+        "metric, the others for flat only",
+    )
     ap.add_argument("--catalog-child", help=argparse.SUPPRESS)
     ap.add_argument("--child-metric", help=argparse.SUPPRESS)
     ap.add_argument("--child-budget", type=int, help=argparse.SUPPRESS)
@@ -232,18 +290,23 @@ def main() -> None:
     m = args.layers * len(MODULE_KINDS)
     d = m * args.rank * 2 * args.dim
     scale = 2.0  # alpha = 2r
-    print(f"# MBC benchmark: {n} experts, rank {args.rank}, {m} modules ({args.layers} layers × "
-          f"{'/'.join(MODULE_KINDS)}), every module in = out = {args.dim}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads, OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}); {d:,} parameters per expert, "
-          f"{n * d * 4 / 2**20:.0f} MiB of float32 tensors in all; planted k = {args.k}, "
-          f"noise {args.noise}\n")
+    print(
+        f"# MBC benchmark: {n} experts, rank {args.rank}, {m} modules ({args.layers} layers × "
+        f"{'/'.join(MODULE_KINDS)}), every module in = out = {args.dim}"
+    )
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads, OPENBLAS_NUM_THREADS="
+        f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}); {d:,} parameters per expert, "
+        f"{n * d * 4 / 2**20:.0f} MiB of float32 tensors in all; planted k = {args.k}, "
+        f"noise {args.noise}\n"
+    )
 
     A, B, truth = _planted(n, args.k, args.layers, args.dim, args.rank, args.noise)
     warm = torch.randn(8, 4096, dtype=torch.float64)  # warm-up: BLAS/LAPACK start-up, lazy imports
     from libstore.lowrank.clustering import cosine_matrix, mbc_features
     from libstore.ops.clusters import partition
+
     partition(cosine_matrix(mbc_features(warm.float())), k=2)
     rows = bench_memory(A, B, truth, args.k, metrics, scale)
     extra: dict = {}
@@ -257,42 +320,74 @@ def main() -> None:
             extra["memory"] = []
             for metric, budget in runs:
                 child = subprocess.run(
-                    [sys.executable, __file__, "--catalog-child", str(root / "lib"), "--k", str(args.k),
-                     "--child-metric", metric, "--child-budget", str(budget)],
-                    capture_output=True, text=True, check=False,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--catalog-child",
+                        str(root / "lib"),
+                        "--k",
+                        str(args.k),
+                        "--child-metric",
+                        metric,
+                        "--child-budget",
+                        str(budget),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
                 )
                 if child.returncode != 0:
                     sys.exit(f"catalog child ({metric}, {budget} MiB) failed:\n{child.stderr[-4000:]}")
                 res = json.loads(child.stdout.strip().splitlines()[-1])
                 # the library sorts experts by name (task0000, ...): the order they were generated in
                 for r in res["rows"]:
-                    rows.append({"path": f"catalog, {budget} MiB budget", "metric": r["metric"],
-                                 "k": r["k"], "sim": Span(*r["sim"]), "cluster": Span(*r["cluster"]),
-                                 "total": Span(*r["total"]), "ok": _recovered(r["labels"], truth)})
-                extra["memory"].append((metric, budget, res["rss_sim"] - res["rss0"],
-                                        res["rss_peak"] - res["rss0"]))
+                    rows.append(
+                        {
+                            "path": f"catalog, {budget} MiB budget",
+                            "metric": r["metric"],
+                            "k": r["k"],
+                            "sim": Span(*r["sim"]),
+                            "cluster": Span(*r["cluster"]),
+                            "total": Span(*r["total"]),
+                            "ok": _recovered(r["labels"], truth),
+                        }
+                    )
+                extra["memory"].append(
+                    (metric, budget, res["rss_sim"] - res["rss0"], res["rss_peak"] - res["rss0"])
+                )
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    print("Seconds as wall (CPU of all threads): on a shared machine wall time includes waiting for "
-          "cores.\n")
-    print("| path | metric | k | load + features + similarity s | k-means (+ choice of k) s "
-          "| lib.cluster end to end s | planted clusters recovered |")
+    print("Seconds as wall (CPU of all threads): on a shared machine wall time includes waiting for cores.\n")
+    print(
+        "| path | metric | k | load + features + similarity s | k-means (+ choice of k) s "
+        "| lib.cluster end to end s | planted clusters recovered |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         total = r["total"].show() if "total" in r else "–"
-        print(f"| {r['path']} | {r['metric']} | {r['k']} | {r['sim'].show()} | {r['cluster'].show()} | "
-              f"{total} | {'yes' if r['ok'] else 'NO'} |")
+        print(
+            f"| {r['path']} | {r['metric']} | {r['k']} | {r['sim'].show()} | {r['cluster'].show()} | "
+            f"{total} | {'yes' if r['ok'] else 'NO'} |"
+        )
     if extra:
-        print(f"\nCatalog: writing {n} PEFT folders {float(extra['write']):.1f} s; `import_dir` of {n} experts "
-              f"(validate, hash, store blobs, one transaction) {extra['import'].show()} s "
-              f"({float(extra['import']) / n * 1000:.1f} ms per expert).")
-        print(f"\nPeak memory of the catalog path (child process, over its resident size after opening "
-              f"the library; all {n} experts' tensors are {n * d * 4 / 2**20:.0f} MiB):\n")
-        print("| metric | streaming budget MiB | peak growth, similarity only MiB | peak growth, whole run MiB |")
+        print(
+            f"\nCatalog: writing {n} PEFT folders {float(extra['write']):.1f} s; `import_dir` of {n} experts "
+            f"(validate, hash, store blobs, one transaction) {extra['import'].show()} s "
+            f"({float(extra['import']) / n * 1000:.1f} ms per expert)."
+        )
+        print(
+            f"\nPeak memory of the catalog path (child process, over its resident size after opening "
+            f"the library; all {n} experts' tensors are {n * d * 4 / 2**20:.0f} MiB):\n"
+        )
+        print(
+            "| metric | streaming budget MiB | peak growth, similarity only MiB | peak growth, whole "
+            "run MiB |"
+        )
         print("|---|---|---|---|")
         for metric, budget, sim_mb, peak_mb in extra["memory"]:
             print(f"| {metric} | {budget} | {sim_mb:.0f} | {peak_mb:.0f} |")
+
 
 if __name__ == "__main__":
     main()

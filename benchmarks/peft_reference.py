@@ -46,18 +46,14 @@ def bench_model(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def write_adapters(
-    base: nn.Module, root: Path, n: int, *, r: int = 8, alpha: float = 16
-) -> list[Path]:
+def write_adapters(base: nn.Module, root: Path, n: int, *, r: int = 8, alpha: float = 16) -> list[Path]:
     """``n`` PEFT adapter folders under ``root`` (reused if already there); returns their paths."""
     from peft import LoraConfig, get_peft_model
 
     root.mkdir(parents=True, exist_ok=True)
     first = root / "expert_0000"
     if not (first / "adapter_model.safetensors").exists():
-        cfg = LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=MODULES, init_lora_weights=False
-        )
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=MODULES, init_lora_weights=False)
         pm = get_peft_model(copy.deepcopy(base), cfg)
         pm.save_pretrained(str(first))
     template = load_file(str(first / "adapter_model.safetensors"))
@@ -88,16 +84,12 @@ def load_peft_folder(path: str | Path, name: str | None = None) -> ExpertTensors
     modules: dict[str, tuple[Tensor, Tensor]] = {}
     for key, A in tensors.items():
         if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(
-                ".lora_A.weight"
-            )
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             modules[module] = (A, tensors[key.replace(".lora_A.", ".lora_B.")])
     return ExpertTensors(name or path.name, scale, modules)
 
 
-def peft_arrow(
-    base: nn.Module, paths: list[Path], *, top_k: int = 3, seed: int = 0
-) -> nn.Module:
+def peft_arrow(base: nn.Module, paths: list[Path], *, top_k: int = 3, seed: int = 0) -> nn.Module:
     """``peft.create_arrow_model`` over ``paths`` (patches ``base`` in place, as PEFT does)."""
     from peft import ArrowConfig, create_arrow_model
 

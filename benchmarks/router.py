@@ -91,9 +91,7 @@ def _forward_stats(model: Any, ids: Any, repeats: int) -> dict[str, float]:
     }
 
 
-def worker(
-    kind: str, E: int, adapters: Path, repeats: int, threads: int = 0
-) -> dict[str, Any]:
+def worker(kind: str, E: int, adapters: Path, repeats: int, threads: int = 0) -> dict[str, Any]:
     import torch
 
     if threads:
@@ -107,9 +105,7 @@ def worker(
     from libstore.router.build import build_router
 
     base = bench_model()
-    ids = torch.randint(
-        0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
-    )
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     paths = sorted(adapters.glob("expert_*"))[:E]
     out: dict[str, Any] = {"kind": kind, "E": E, "threads": torch.get_num_threads()}
     if kind == "base":
@@ -129,20 +125,13 @@ def worker(
         out["build_mem"] = t2 - t1
         out["weights_mb"] = (
             sum(
-                (
-                    layer.lora_A.numel()
-                    + layer.lora_Bt.numel()
-                    + layer.prototypes.numel()
-                )
-                * 4
+                (layer.lora_A.numel() + layer.lora_Bt.numel() + layer.prototypes.numel()) * 4
                 for layer in routed.layers.values()
             )
             / 2**20
         )
         out.update(_forward_stats(routed.model, ids, repeats))
-        picked = sorted(
-            {layer._last_strategy or "?" for layer in routed.layers.values()}
-        )
+        picked = sorted({layer._last_strategy or "?" for layer in routed.layers.values()})
         out["strategy"] = "+".join(picked)
     elif kind == "peft":
         t0 = time.perf_counter()
@@ -157,9 +146,7 @@ def worker(
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-def run_worker(
-    kind: str, E: int, adapters: Path, repeats: int, threads: int
-) -> dict[str, Any]:
+def run_worker(kind: str, E: int, adapters: Path, repeats: int, threads: int) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [
         sys.executable,
@@ -173,17 +160,13 @@ def run_worker(
     ]
     cmd += ["--repeats", str(repeats), "--threads", str(threads)]
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False
-    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"worker {kind} E={E} failed")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall"] = time.perf_counter() - t0
-    print(
-        f"  {kind:>5} E={E:<4} done in {res['wall']:.0f} s", file=sys.stderr, flush=True
-    )
+    print(f"  {kind:>5} E={E:<4} done in {res['wall']:.0f} s", file=sys.stderr, flush=True)
     return res
 
 
@@ -202,9 +185,7 @@ def table(rows: list[dict[str, Any]], floor: float) -> str:
     names = {"base": "base model alone", "lora1": "base + 1 LoRA (PEFT, unmerged)"}
     for r in rows:
         name = names.get(r["kind"]) or (
-            f"libstore router, E = {r['E']}"
-            if r["kind"] == "ours"
-            else f"PEFT Arrow, E = {r['E']}"
+            f"libstore router, E = {r['E']}" if r["kind"] == "ours" else f"PEFT Arrow, E = {r['E']}"
         )
         fwd = r["forward"]
         lines.append(
@@ -218,18 +199,10 @@ def table(rows: list[dict[str, Any]], floor: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="E = 8, 32; PEFT only at 8; 3 repeats"
-    )
-    ap.add_argument(
-        "--experts", default="8,32,128,256", help="comma-separated expert counts"
-    )
-    ap.add_argument(
-        "--peft-max", type=int, default=128, help="largest E to run PEFT at"
-    )
-    ap.add_argument(
-        "--repeats", type=int, default=5, help="timed forwards per configuration"
-    )
+    ap.add_argument("--quick", action="store_true", help="E = 8, 32; PEFT only at 8; 3 repeats")
+    ap.add_argument("--experts", default="8,32,128,256", help="comma-separated expert counts")
+    ap.add_argument("--peft-max", type=int, default=128, help="largest E to run PEFT at")
+    ap.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration")
     ap.add_argument(
         "--adapters",
         type=Path,
@@ -248,11 +221,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.worker:
-        print(
-            json.dumps(
-                worker(args.worker, args.E, args.adapters, args.repeats, args.threads)
-            )
-        )
+        print(json.dumps(worker(args.worker, args.E, args.adapters, args.repeats, args.threads)))
         return
 
     experts = [8, 32] if args.quick else [int(e) for e in args.experts.split(",")]
@@ -267,39 +236,24 @@ def main() -> None:
     )
     write_adapters(bench_model(), args.adapters, max(experts))
     load0 = os.getloadavg()[0]
-    rows = [
-        run_worker(k, 1, args.adapters, repeats, args.threads)
-        for k in ("base", "lora1")
-    ]
+    rows = [run_worker(k, 1, args.adapters, repeats, args.threads) for k in ("base", "lora1")]
     for E in experts:
         rows.append(run_worker("ours", E, args.adapters, repeats, args.threads))
-        if E <= peft_max:
+        if peft_max >= E:
             # PEFT at large E takes minutes per forward: one warm-up + 2 timed runs
-            rows.append(
-                run_worker(
-                    "peft", E, args.adapters, repeats if E <= 32 else 2, args.threads
-                )
-            )
+            rows.append(run_worker("peft", E, args.adapters, repeats if E <= 32 else 2, args.threads))
     floor = rows[1]["forward"]
     print()
     print(table(rows, floor))
-    skipped = [E for E in experts if E > peft_max]
+    skipped = [E for E in experts if peft_max < E]
     if skipped:
-        why = (
-            "--quick"
-            if args.quick
-            else "its build grows with E²: > 3 minutes at E = 256"
-        )
+        why = "--quick" if args.quick else "its build grows with E²: > 3 minutes at E = 256"
         print(f"\nPEFT not run at E = {skipped} ({why}).")
     by = {(r["kind"], r["E"]): r for r in rows}
-    print(
-        f"\nthreads: {rows[0]['threads']}; load average at start {load0:.1f}, end {os.getloadavg()[0]:.1f}"
-    )
+    print(f"\nthreads: {rows[0]['threads']}; load average at start {load0:.1f}, end {os.getloadavg()[0]:.1f}")
     for E in experts:
         ours, peft = by.get(("ours", E)), by.get(("peft", E))
-        line = (
-            f"E={E}: forward {ours['forward'] / floor:.2f}× base+1 LoRA" if ours else ""
-        )
+        line = f"E={E}: forward {ours['forward'] / floor:.2f}× base+1 LoRA" if ours else ""
         if ours and peft:
             line += (
                 f"; build {peft['build_disk'] / ours['build_disk']:.0f}× faster than PEFT (disk to model),"

@@ -53,8 +53,10 @@ def _make_library(root: Path, base: Path, n: int, rank: int) -> Library:
         out = src / f"task_{i:03d}"
         out.mkdir(parents=True)
         g = torch.Generator().manual_seed(i)
-        save_file({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in tensors.items()},
-                  str(out / "adapter_model.safetensors"))
+        save_file(
+            {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in tensors.items()},
+            str(out / "adapter_model.safetensors"),
+        )
         shutil.copyfile(proto / "adapter_config.json", out / "adapter_config.json")
     lib = Library.init(root / "lib_a")
     lib.add_base("small", str(base))
@@ -73,8 +75,14 @@ def main() -> None:
     disable_progress_bars()
     root = Path(tempfile.mkdtemp(prefix="libstore-bench-sync-"))
     try:
-        base = make_base_model(root / "base", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=4)
+        base = make_base_model(
+            root / "base",
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
         t0 = time.perf_counter()
         a = _make_library(root, base, args.experts, args.rank)
         setup_s = time.perf_counter() - t0
@@ -92,12 +100,27 @@ def main() -> None:
                 wall = time.perf_counter() - t
                 c = server.counts
                 if hasattr(report, "files_uploaded"):
-                    files, size, extra = report.files_uploaded, report.bytes_uploaded, f"{report.commits} commit(s)"
+                    files, size, extra = (
+                        report.files_uploaded,
+                        report.bytes_uploaded,
+                        f"{report.commits} commit(s)",
+                    )
                 else:
                     files, size = report.files_downloaded, report.bytes_downloaded
-                    extra = f"{report.files_reused} reused; {len(report.added)} added, {len(report.updated)} updated"
-                rows.append([label, str(files), f"{size / 1e6:.2f} MB", f"{wall:.2f} s", extra,
-                             f"{c['commit']} / {c['lfs_upload']} / {c['download']}"])
+                    extra = (
+                        f"{report.files_reused} reused; {len(report.added)} added, "
+                        f"{len(report.updated)} updated"
+                    )
+                rows.append(
+                    [
+                        label,
+                        str(files),
+                        f"{size / 1e6:.2f} MB",
+                        f"{wall:.2f} s",
+                        extra,
+                        f"{c['commit']} / {c['lfs_upload']} / {c['download']}",
+                    ]
+                )
                 return report
 
             step(f"push {args.experts} experts", a.push)
@@ -105,8 +128,9 @@ def main() -> None:
             step("push, nothing changed", a.push)
             victim = "task_042" if args.experts > 42 else "task_000"
             a.remove(victim)
-            changed = make_adapter(base, root / "changed", r=args.rank, alpha=2 * args.rank,
-                                   targets=LLAMA_TARGETS, seed=999)
+            changed = make_adapter(
+                base, root / "changed", r=args.rank, alpha=2 * args.rank, targets=LLAMA_TARGETS, seed=999
+            )
             a.add(changed, name=victim, kind="task", tasks=[victim])
             step("push after changing 1 expert", a.push)
             step("pull after changing 1 expert", b.pull)
@@ -117,10 +141,14 @@ def main() -> None:
         e = Library.open(root / "lib_a")
         one = e.experts()[0]
         e.close()
-        print(f"## Hub sync, {args.experts} experts of rank {args.rank} ({len(one.modules)} LoRA modules, "
-              f"{one.bytes / 1e3:.0f} kB each); library built in {setup_s:.1f} s")
-        print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-              f"huggingface_hub {_hf_version()}, local Hub stand-in on 127.0.0.1\n")
+        print(
+            f"## Hub sync, {args.experts} experts of rank {args.rank} ({len(one.modules)} LoRA modules, "
+            f"{one.bytes / 1e3:.0f} kB each); library built in {setup_s:.1f} s"
+        )
+        print(
+            f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+            f"huggingface_hub {_hf_version()}, local Hub stand-in on 127.0.0.1\n"
+        )
         print("| step | files | bytes | wall time | notes | server: commits / LFS uploads / file GETs |")
         print("|---|---|---|---|---|---|")
         for r in rows:

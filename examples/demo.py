@@ -76,10 +76,22 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(tasks=("copy", "shift", "mirror", "double"), n_general=2, base_steps=1200,
-                       expert_steps=120, general_steps=60, held_out=32)
-        return cls(tasks=tuple(OPERATIONS), n_general=3, base_steps=3000, expert_steps=200,
-                   general_steps=150, held_out=64)
+            return cls(
+                tasks=("copy", "shift", "mirror", "double"),
+                n_general=2,
+                base_steps=1200,
+                expert_steps=120,
+                general_steps=60,
+                held_out=32,
+            )
+        return cls(
+            tasks=tuple(OPERATIONS),
+            n_general=3,
+            base_steps=3000,
+            expert_steps=200,
+            general_steps=150,
+            held_out=64,
+        )
 
 
 # --- the little world: languages, operations, tasks ----------------------------------------------
@@ -138,8 +150,9 @@ def held_out_inputs(tasks: Sequence[str], n: int, length: int, seed: int) -> dic
     return {t: [task_example(t, rng, length) for _ in range(n)] for t in tasks}
 
 
-def batches(make: Callable[[random.Random], str], steps: int, size: int, seed: int,
-            exclude: set[str]) -> Iterator[list[str]]:
+def batches(
+    make: Callable[[random.Random], str], steps: int, size: int, seed: int, exclude: set[str]
+) -> Iterator[list[str]]:
     rng = random.Random(seed)
     for _ in range(steps):
         batch: list[str] = []
@@ -162,18 +175,26 @@ def make_tokenizer() -> Any:
     words = [*SPECIALS, *(f"<{op}>" for op in OPERATIONS), *(w for op in OPERATIONS for w in vocabulary(op))]
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def make_base(tokenizer: Any, cfg: Settings) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
-        num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=2 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config)
 
@@ -191,8 +212,16 @@ def answer_mask(ids: Tensor) -> Tensor:
     return mask
 
 
-def train(model: nn.Module, tokenizer: Any, data: Iterator[list[str]], steps: int, lr: float,
-          desc: str, *, answer_only: bool) -> float:
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Iterator[list[str]],
+    steps: int,
+    lr: float,
+    desc: str,
+    *,
+    answer_only: bool,
+) -> float:
     """AdamW, linear decay; the loss on the answers only, or on every token (pre-training)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
@@ -219,15 +248,22 @@ def train(model: nn.Module, tokenizer: Any, data: Iterator[list[str]], steps: in
 def pretrain_base(work: Path, cfg: Settings, exclude: set[str]) -> tuple[Path, Any]:
     tokenizer = make_tokenizer()
     model = make_base(tokenizer, cfg)
-    data = batches(lambda rng: general_example(cfg.tasks, rng, cfg.length), cfg.base_steps,
-                   cfg.batch, seed=1, exclude=exclude)
+    data = batches(
+        lambda rng: general_example(cfg.tasks, rng, cfg.length),
+        cfg.base_steps,
+        cfg.batch,
+        seed=1,
+        exclude=exclude,
+    )
     loss = train(model, tokenizer, data, cfg.base_steps, cfg.lr_base, "pre-train base", answer_only=False)
     path = work / "base"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     n = sum(p.numel() for p in model.parameters())
-    print(f"  tiny Llama ({cfg.layers} layers, hidden {cfg.hidden}, {n / 1e3:.0f}k parameters, "
-          f"vocabulary {len(tokenizer)}): {cfg.base_steps} steps, final loss {loss:.3f} -> {path}")
+    print(
+        f"  tiny Llama ({cfg.layers} layers, hidden {cfg.hidden}, {n / 1e3:.0f}k parameters, "
+        f"vocabulary {len(tokenizer)}): {cfg.base_steps} steps, final loss {loss:.3f} -> {path}"
+    )
     return path, tokenizer
 
 
@@ -237,8 +273,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LORA_INIT_SEED = 0  # every adapter starts from the same initialisation (a fixed training seed)
 
 
-def train_lora(base: Path, tokenizer: Any, data: Iterator[list[str]], steps: int, out: Path,
-               cfg: Settings, desc: str) -> float:
+def train_lora(
+    base: Path, tokenizer: Any, data: Iterator[list[str]], steps: int, out: Path, cfg: Settings, desc: str
+) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -252,11 +289,13 @@ def train_lora(base: Path, tokenizer: Any, data: Iterator[list[str]], steps: int
     return loss
 
 
-def train_experts(base: Path, tokenizer: Any, work: Path, cfg: Settings,
-                  exclude: set[str]) -> tuple[dict[str, Path], dict[str, Path]]:
+def train_experts(
+    base: Path, tokenizer: Any, work: Path, cfg: Settings, exclude: set[str]
+) -> tuple[dict[str, Path], dict[str, Path]]:
     """One LoRA per task (with general replay), and ``n_general`` LoRAs on general data alone."""
     adapters: dict[str, Path] = {}
     for i, task in enumerate(cfg.tasks):
+
         def make(rng: random.Random, task: str = task) -> str:
             if rng.random() < cfg.replay:
                 return general_example(cfg.tasks, rng, cfg.length)
@@ -270,8 +309,13 @@ def train_experts(base: Path, tokenizer: Any, work: Path, cfg: Settings,
     for g in range(cfg.n_general):
         name = f"general{g}"
         general[name] = work / "adapters" / name
-        data = batches(lambda rng: general_example(cfg.tasks, rng, cfg.length), cfg.general_steps,
-                       cfg.batch, seed=200 + g, exclude=exclude)
+        data = batches(
+            lambda rng: general_example(cfg.tasks, rng, cfg.length),
+            cfg.general_steps,
+            cfg.batch,
+            seed=200 + g,
+            exclude=exclude,
+        )
         loss = train_lora(base, tokenizer, data, cfg.general_steps, general[name], cfg, f"LoRA {name}")
         print(f"  general expert {name:<9} {cfg.general_steps} steps, final loss {loss:.3f}")
     return adapters, general
@@ -280,39 +324,51 @@ def train_experts(base: Path, tokenizer: Any, work: Path, cfg: Settings,
 # --- step 3: the library -------------------------------------------------------------------------
 
 
-def build_library(work: Path, base: Path, adapters: dict[str, Path], general: dict[str, Path],
-                  out: Path) -> tuple[Library, dict[str, Any]]:
+def build_library(
+    work: Path, base: Path, adapters: dict[str, Path], general: dict[str, Path], out: Path
+) -> tuple[Library, dict[str, Any]]:
     lib = Library.init(work / "library")
     lib.add_base("tiny", str(base))
     for task, path in adapters.items():
         lib.add(path, name=task, kind="task", tasks=[task], tags=["demo"])
     for name, path in general.items():
         lib.add(path, name=name, kind="general", tags=["demo"])
-    print(f"  {len(lib.experts('kind=task'))} task + {len(lib.experts('kind=general'))} general "
-          f"experts in {lib.path}")
+    print(
+        f"  {len(lib.experts('kind=task'))} task + {len(lib.experts('kind=general'))} general "
+        f"experts in {lib.path}"
+    )
 
     # mttl's MBC, k by silhouette. Each task has a language of its own here, so expect weak clusters
     # (a low silhouette); a real library's related tasks cluster more clearly.
     clustering = lib.cluster("kind=task", seed=0)
     sil = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.2f}"
-    print(f"  MBC clustering {clustering.name!r} ({clustering.metric} metric, k = {clustering.k}, "
-          f"silhouette {sil}):")
+    print(
+        f"  MBC clustering {clustering.name!r} ({clustering.metric} metric, k = {clustering.k}, "
+        f"silhouette {sil}):"
+    )
     for c in clustering.clusters:
         print(f"    cluster {c.index}: {', '.join(c.members)}")
     lib.plot_clustering(clustering.name, out / "clusters.png")
     lib.plot_similarity(lib.similarity("kind=task", metric="delta"), out / "similarity.png")
 
     gks = lib.subtract_general(general="kind=general", experts="kind=task")  # PEFT's use_gks
-    exact = lib.subtract_general(general="kind=general", experts="kind=task", mode="delta",
-                                 rank=task_rank(lib), suffix="_dres")
-    print(f"  GenKnowSub residuals = task - mean({', '.join(gks.general)}): "
-          f"{', '.join(gks.created)} (param mode), {', '.join(exact.created)} (ΔW mode)")
+    exact = lib.subtract_general(
+        general="kind=general", experts="kind=task", mode="delta", rank=task_rank(lib), suffix="_dres"
+    )
+    print(
+        f"  GenKnowSub residuals = task - mean({', '.join(gks.general)}): "
+        f"{', '.join(gks.created)} (param mode), {', '.join(exact.created)} (ΔW mode)"
+    )
     report = lib.compute_prototypes("kind=task,residual")
     print(f"  exact Arrow prototypes: {len(report.computed)} experts computed, {len(report.cached)} cached")
     return lib, {
         "experts": [e.name for e in lib.experts()],
-        "clustering": {"name": clustering.name, "metric": clustering.metric, "k": clustering.k,
-                       "clusters": [list(c.members) for c in clustering.clusters]},
+        "clustering": {
+            "name": clustering.name,
+            "metric": clustering.metric,
+            "k": clustering.k,
+            "clusters": [list(c.members) for c in clustering.clusters],
+        },
         "residuals": {"param": list(gks.created), "delta": list(exact.created)},
     }
 
@@ -375,18 +431,27 @@ def hub_round_trip(lib: Library, work: Path) -> tuple[Library, dict[str, Any]]:
     with local_hub(work / "hf_home") as url:
         lib.add_remote("origin", "demo/tiny-experts")
         pushed = lib.push("origin", message="tiny demo library", tag="v1")
-        print(f"  push: {len(pushed.uploaded)} experts, {pushed.files_uploaded} files "
-              f"({pushed.bytes_uploaded / 1e6:.2f} MB) -> {url}/demo/tiny-experts @ {pushed.commit[:8]}")
+        print(
+            f"  push: {len(pushed.uploaded)} experts, {pushed.files_uploaded} files "
+            f"({pushed.bytes_uploaded / 1e6:.2f} MB) -> {url}/demo/tiny-experts @ {pushed.commit[:8]}"
+        )
         clone = Library.init(work / "clone")
         clone.add_remote("origin", "demo/tiny-experts")
         pulled = clone.pull("origin", revision="v1")
         status = clone.status("origin")
-        print(f"  pull into {clone.path}: {len(pulled.added)} experts, {pulled.files_downloaded} files "
-              f"(sha256-checked), {pulled.prototypes} prototype sets, {len(pulled.clusterings)} clusterings")
+        print(
+            f"  pull into {clone.path}: {len(pulled.added)} experts, {pulled.files_downloaded} files "
+            f"(sha256-checked), {pulled.prototypes} prototype sets, {len(pulled.clusterings)} clusterings"
+        )
         print(f"  status: {status.counts}")
-    return clone, {"remote": "demo/tiny-experts", "commit": pushed.commit, "pushed_files": pushed.files_uploaded,
-                   "pulled_experts": sorted(pulled.added), "pulled_prototypes": pulled.prototypes,
-                   "status": dict(status.counts)}
+    return clone, {
+        "remote": "demo/tiny-experts",
+        "commit": pushed.commit,
+        "pushed_files": pushed.files_uploaded,
+        "pulled_experts": sorted(pulled.added),
+        "pulled_prototypes": pulled.prototypes,
+        "status": dict(status.counts),
+    }
 
 
 # --- step 5: routing and accuracy ----------------------------------------------------------------
@@ -417,8 +482,9 @@ def score(logits: Tensor, ids: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, held_out: dict[str, list[str]],
-             task_of: dict[str, str] | None = None) -> Evaluation:
+def evaluate(
+    model: Any, tokenizer: Any, held_out: dict[str, list[str]], task_of: dict[str, str] | None = None
+) -> Evaluation:
     """Run each task's held-out batch; for a routed model (``task_of``: expert -> its task) also read
     which expert every token chose at every routed module, from ``explain()``."""
     tasks = list(held_out)
@@ -435,7 +501,9 @@ def evaluate(model: Any, tokenizer: Any, held_out: dict[str, list[str]],
             routing[task] = (votes[:, own].sum() / votes.sum()).item()
             routing_seq[task] = (votes.argmax(-1) == own).float().mean().item()
             confusion.append((votes.sum(0) / votes.sum()).tolist())
-            confusion_seq.append((torch.bincount(votes.argmax(-1), minlength=len(tasks)) / len(texts)).tolist())
+            confusion_seq.append(
+                (torch.bincount(votes.argmax(-1), minlength=len(tasks)) / len(texts)).tolist()
+            )
         token[task], exact[task] = score(logits, ids)
     if task_of is None:
         return Evaluation(token, exact)
@@ -458,18 +526,23 @@ ARROW_MODELS = {  # label -> catalog query of the routed experts
 }
 
 
-def route_and_evaluate(clone: Library, base: Path, tokenizer: Any, held_out: dict[str, list[str]],
-                       cfg: Settings, out: Path) -> tuple[dict[str, Evaluation], dict[str, float]]:
+def route_and_evaluate(
+    clone: Library, base: Path, tokenizer: Any, held_out: dict[str, list[str]], cfg: Settings, out: Path
+) -> tuple[dict[str, Evaluation], dict[str, float]]:
     """Every model of the comparison, built from catalog queries on the clone."""
     from transformers import AutoModelForCausalLM
 
     task_of = {e.name: e.tasks[0] for e in clone.experts("kind=task,residual")}
     results = {"base": evaluate(AutoModelForCausalLM.from_pretrained(base).eval(), tokenizer, held_out)}
 
-    single = [evaluate(clone.routed_model(base, experts=[t], top_k=1), tokenizer, {t: held_out[t]})
-              for t in held_out]  # the right expert alone: a router over that one expert
-    results["oracle"] = Evaluation({t: e.token[t] for t, e in zip(held_out, single, strict=True)},
-                                   {t: e.exact[t] for t, e in zip(held_out, single, strict=True)})
+    single = [
+        evaluate(clone.routed_model(base, experts=[t], top_k=1), tokenizer, {t: held_out[t]})
+        for t in held_out
+    ]  # the right expert alone: a router over that one expert
+    results["oracle"] = Evaluation(
+        {t: e.token[t] for t, e in zip(held_out, single, strict=True)},
+        {t: e.exact[t] for t, e in zip(held_out, single, strict=True)},
+    )
 
     n = len(clone.experts("kind=task"))  # every expert, equal weights: the uniform merge
     uniform = clone.routed_model(base, experts="kind=task", top_k=n, temperature=1e9)
@@ -499,15 +572,20 @@ def route_and_evaluate(clone: Library, base: Path, tokenizer: Any, held_out: dic
 def format_tables(results: dict[str, Evaluation], tasks: Sequence[str], cfg: Settings) -> str:
     w = max(11, *(len(t) + 2 for t in tasks))
     head = f"{'':<32}" + "".join(f"{t:>{w}}" for t in tasks) + f"{'mean':>{w}}"
-    title = (f"Routing accuracy: top-1 expert is the task's own (top_k = {cfg.top_k}, "
-             f"chance = {1 / len(tasks):.2f})")
+    title = (
+        f"Routing accuracy: top-1 expert is the task's own (top_k = {cfg.top_k}, "
+        f"chance = {1 / len(tasks):.2f})"
+    )
     lines = [title, head]
     for label in ARROW_MODELS:
         ev = results[label]
         for field, what in (("routing", "tokens x modules"), ("routing_seq", "sequences")):
             row = getattr(ev, field)
-            lines.append(f"{label + ', ' + what:<32}" + "".join(f"{row[t]:>{w}.2f}" for t in tasks)
-                         + f"{ev.mean(field):>{w}.2f}")
+            lines.append(
+                f"{label + ', ' + what:<32}"
+                + "".join(f"{row[t]:>{w}.2f}" for t in tasks)
+                + f"{ev.mean(field):>{w}.2f}"
+            )
     lines += ["", "Held-out accuracy: answer tokens / exact match of the whole answer", head]
     for label, ev in results.items():
         cells = [f"{ev.token[t]:.2f}/{ev.exact[t]:.2f}" for t in tasks]
@@ -526,15 +604,26 @@ def plot_confusion(results: dict[str, Evaluation], tasks: Sequence[str], path: P
     FigureCanvasAgg(fig)
     for i, label in enumerate(ARROW_MODELS):
         ev = results[label]
-        for j, (mat, acc, what) in enumerate(((ev.confusion, ev.mean("routing"), "tokens x modules"),
-                                              (ev.confusion_seq, ev.mean("routing_seq"), "sequences, majority"))):
+        for j, (mat, acc, what) in enumerate(
+            (
+                (ev.confusion, ev.mean("routing"), "tokens x modules"),
+                (ev.confusion_seq, ev.mean("routing_seq"), "sequences, majority"),
+            )
+        ):
             ax = fig.add_subplot(len(ARROW_MODELS), 2, 2 * i + j + 1)
             m = torch.tensor(mat)
             im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="Blues")
             for r in range(n):
                 for c in range(n):
-                    ax.text(c, r, f"{m[r, c]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if m[r, c] > 0.55 else "black")
+                    ax.text(
+                        c,
+                        r,
+                        f"{m[r, c]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[r, c] > 0.55 else "black",
+                    )
             ax.set_xticks(range(n), [f"{t} expert" for t in tasks], rotation=35, ha="right", fontsize=7)
             ax.set_yticks(range(n), tasks, fontsize=7)
             ax.set_ylabel("held-out task", fontsize=8)
@@ -566,12 +655,27 @@ def plot_accuracy(results: dict[str, Evaluation], tasks: Sequence[str], path: Pa
 
 
 def to_json(results: dict[str, Evaluation]) -> dict[str, Any]:
-    routing = {label: {"token": ev.routing, "token_mean": ev.mean("routing"),
-                       "sequence": ev.routing_seq, "sequence_mean": ev.mean("routing_seq"),
-                       "confusion": ev.confusion, "confusion_sequence": ev.confusion_seq}
-               for label, ev in results.items() if ev.routing is not None}
-    accuracy = {label: {"token": ev.token, "exact": ev.exact, "token_mean": ev.mean("token"),
-                        "exact_mean": ev.mean("exact")} for label, ev in results.items()}
+    routing = {
+        label: {
+            "token": ev.routing,
+            "token_mean": ev.mean("routing"),
+            "sequence": ev.routing_seq,
+            "sequence_mean": ev.mean("routing_seq"),
+            "confusion": ev.confusion,
+            "confusion_sequence": ev.confusion_seq,
+        }
+        for label, ev in results.items()
+        if ev.routing is not None
+    }
+    accuracy = {
+        label: {
+            "token": ev.token,
+            "exact": ev.exact,
+            "token_mean": ev.mean("token"),
+            "exact_mean": ev.mean("exact"),
+        }
+        for label, ev in results.items()
+    }
     return {"routing_accuracy": routing, "accuracy": accuracy}
 
 
@@ -603,10 +707,15 @@ def setup(seed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo-output"),
-                        help="folder for the PNGs, results.json and work files (default: ./demo-output)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for the PNGs, results.json and work files (default: ./demo-output)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 tasks and fewer steps: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -632,16 +741,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         clone, hub = hub_round_trip(lib, work)
     with step("5. routed models from the clone, on held-out inputs", timings):
         results, checks = route_and_evaluate(clone, base, tokenizer, held_out, cfg, out)
-        pngs = [plot_confusion(results, cfg.tasks, out / "routing_confusion.png"),
-                plot_accuracy(results, cfg.tasks, out / "accuracy.png"),
-                out / "routing_by_module.png", out / "clusters.png", out / "similarity.png"]
+        pngs = [
+            plot_confusion(results, cfg.tasks, out / "routing_confusion.png"),
+            plot_accuracy(results, cfg.tasks, out / "accuracy.png"),
+            out / "routing_by_module.png",
+            out / "clusters.png",
+            out / "similarity.png",
+        ]
     timings["total"] = round(time.perf_counter() - start, 2)
 
     table = format_tables(results, cfg.tasks, cfg)
     print(f"\n{table}")
-    report = {"settings": {**asdict(cfg), "quick": args.quick, "seed": args.seed},
-              "tasks": list(cfg.tasks), "library": library, "hub": hub, **to_json(results), "checks": checks,
-              "table": table, "pngs": [str(p) for p in pngs], "timings_s": timings}
+    report = {
+        "settings": {**asdict(cfg), "quick": args.quick, "seed": args.seed},
+        "tasks": list(cfg.tasks),
+        "library": library,
+        "hub": hub,
+        **to_json(results),
+        "checks": checks,
+        "table": table,
+        "pngs": [str(p) for p in pngs],
+        "timings_s": timings,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     lib.close()
     clone.close()

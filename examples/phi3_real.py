@@ -44,24 +44,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--experts", nargs="+", required=True, metavar="ID",
-                   help="task (or cluster) adapters: owner/repo[/subfolder] ...")
-    p.add_argument("--general", nargs="*", default=[], metavar="ID",
-                   help="general-knowledge adapters for GenKnowSub: owner/repo[/subfolder] ...")
-    p.add_argument("--kind", choices=("task", "cluster"), default="task",
-                   help="kind recorded for --experts (default: task)")
-    p.add_argument("--library", type=Path, default=Path("phi3-library"),
-                   help="library folder, created if missing (default: ./phi3-library)")
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        required=True,
+        metavar="ID",
+        help="task (or cluster) adapters: owner/repo[/subfolder] ...",
+    )
+    p.add_argument(
+        "--general",
+        nargs="*",
+        default=[],
+        metavar="ID",
+        help="general-knowledge adapters for GenKnowSub: owner/repo[/subfolder] ...",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("task", "cluster"),
+        default="task",
+        help="kind recorded for --experts (default: task)",
+    )
+    p.add_argument(
+        "--library",
+        type=Path,
+        default=Path("phi3-library"),
+        help="library folder, created if missing (default: ./phi3-library)",
+    )
     p.add_argument("--base", default=BASE_ID, help=f"base model id or folder (default: {BASE_ID})")
     p.add_argument("--revision", default=None, help="revision of every adapter repo (default: main)")
     p.add_argument("--device", default="cuda", help="device of the routed model (default: cuda)")
     p.add_argument("--top-k", type=int, default=3, help="experts per token (default: 3)")
-    p.add_argument("--gks-mode", choices=("param", "delta"), default="param",
-                   help="GenKnowSub: subtract mean A and B (param, as PEFT) or mean ΔW (delta, exact)")
+    p.add_argument(
+        "--gks-mode",
+        choices=("param", "delta"),
+        default="param",
+        help="GenKnowSub: subtract mean A and B (param, as PEFT) or mean ΔW (delta, exact)",
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to answer")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--explain", type=Path, default=Path("phi3-routing.png"),
-                   help="where to save the routing heatmap (default: ./phi3-routing.png)")
+    p.add_argument(
+        "--explain",
+        type=Path,
+        default=Path("phi3-routing.png"),
+        help="where to save the routing heatmap (default: ./phi3-routing.png)",
+    )
     return p.parse_args(argv)
 
 
@@ -101,8 +127,7 @@ def import_adapters(lib: Any, specs: Sequence[str], *, kind: str, revision: str 
         if name in have:
             print(f"  {name}: already in the library")
         else:
-            e = lib.import_hub(repo, subfolder=sub, revision=revision, name=name, kind=kind,
-                               base=BASE_NAME)
+            e = lib.import_hub(repo, subfolder=sub, revision=revision, name=name, kind=kind, base=BASE_NAME)
             print(f"  {e.name}: rank {e.rank}, {len(e.modules)} modules, sha256 {e.sha256[:12]}")
         names.append(name)
     return names
@@ -117,7 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from libstore import Library
 
     with step(f"library at {args.library}"):
-        lib = Library.open(args.library) if (args.library / "library.json").exists() else Library.init(args.library)
+        lib = (
+            Library.open(args.library)
+            if (args.library / "library.json").exists()
+            else Library.init(args.library)
+        )
         if BASE_NAME not in {b.name for b in lib.bases()}:
             lib.add_base(BASE_NAME, args.base)  # reads the config only
         print(f"  base {BASE_NAME}: {lib.base(BASE_NAME).source}")
@@ -133,32 +162,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     routed_names = experts
     if general:
         with step(f"GenKnowSub residuals ({args.gks_mode} mode)"):
-            gks = lib.subtract_general(general=general, experts=experts, mode=args.gks_mode,
-                                       device=args.device)
+            gks = lib.subtract_general(
+                general=general, experts=experts, mode=args.gks_mode, device=args.device
+            )
             routed_names = [item.residual for item in gks.items]
-            print(f"  {len(gks.created)} created, {len(gks.reused)} reused: "
-                  f"{', '.join(routed_names[:4])}{', ...' if len(routed_names) > 4 else ''}")
+            print(
+                f"  {len(gks.created)} created, {len(gks.reused)} reused: "
+                f"{', '.join(routed_names[:4])}{', ...' if len(routed_names) > 4 else ''}"
+            )
             lib.compute_prototypes(routed_names, device=args.device)
 
     with step(f"routed model on {args.device} (bf16), top_k={args.top_k}, {len(routed_names)} experts"):
         tokenizer = AutoTokenizer.from_pretrained(args.base)
         base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16).to(args.device)
-        model = lib.routed_model(base, experts=routed_names, top_k=args.top_k, device=args.device,
-                                 dtype=torch.bfloat16)
+        model = lib.routed_model(
+            base, experts=routed_names, top_k=args.top_k, device=args.device, dtype=torch.bfloat16
+        )
         print(f"  {model!r}")
 
     with step("generate, with the routing traced"):
         inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
         with torch.no_grad(), model.explain() as trace:
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answer = str(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        answer = str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         print(f"  prompt: {args.prompt!r}\n  answer: {answer.strip()!r}")
         names, usage = trace.usage(by="layer")
         print("  most used experts per layer (share of routing weight):")
         for name, row in zip(names, usage, strict=True):
             top = torch.topk(row, min(3, row.numel()))
-            print(f"    {name:<10} " + ", ".join(f"{trace.experts[i]} {v:.2f}"
-                                                 for v, i in zip(top.values, top.indices.tolist(), strict=True)))
+            print(
+                f"    {name:<10} "
+                + ", ".join(
+                    f"{trace.experts[i]} {v:.2f}"
+                    for v, i in zip(top.values, top.indices.tolist(), strict=True)
+                )
+            )
         print(f"  heatmap: {trace.plot(args.explain, by='layer')}")
     lib.close()
     return 0

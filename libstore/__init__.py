@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Library", "Expert", "BaseModel", "ExpertQuery", "errors"]
+__all__ = ["BaseModel", "Expert", "ExpertQuery", "Library", "errors"]
 
 if TYPE_CHECKING:
     from libstore import errors

@@ -98,8 +98,16 @@ class Library:
     ) -> Expert:
         """Import one PEFT adapter folder; validated first, then stored all or nothing."""
         return _experts.add(
-            self._ctx, path, name=name, kind=kind, base=base, tasks=tasks, tags=tags,
-            metadata=metadata, cluster=cluster, allow_base_mismatch=allow_base_mismatch,
+            self._ctx,
+            path,
+            name=name,
+            kind=kind,
+            base=base,
+            tasks=tasks,
+            tags=tags,
+            metadata=metadata,
+            cluster=cluster,
+            allow_base_mismatch=allow_base_mismatch,
             allow_nonfinite=allow_nonfinite,
         )
 
@@ -115,7 +123,12 @@ class Library:
     ) -> _experts.ImportReport:
         """Import every PEFT folder below ``root`` in one transaction; names from folder names."""
         return _experts.import_dir(
-            self._ctx, root, kind=kind, base=base, tags=tags, task_from_name=task_from_name,
+            self._ctx,
+            root,
+            kind=kind,
+            base=base,
+            tags=tags,
+            task_from_name=task_from_name,
             allow_base_mismatch=allow_base_mismatch,
         )
 
@@ -166,8 +179,9 @@ class Library:
         from libstore.ops import prototypes as _protos
 
         target = query if query is None or isinstance(query, str | ExpertQuery) else list(query)
-        return _protos.compute(self._ctx, target, method=method, top_n=top_n, iters=iters,
-                               seed=seed, device=device)
+        return _protos.compute(
+            self._ctx, target, method=method, top_n=top_n, iters=iters, seed=seed, device=device
+        )
 
     def prototypes(
         self,
@@ -187,10 +201,21 @@ class Library:
         """
         from libstore.ops import prototypes as _protos
 
-        target = (expert_or_query if isinstance(expert_or_query, str | Expert | ExpertQuery)
-                  else list(expert_or_query))
-        return _protos.load(self._ctx, target, method=method, top_n=top_n, iters=iters, seed=seed,
-                            modules=modules, device=device)
+        target = (
+            expert_or_query
+            if isinstance(expert_or_query, str | Expert | ExpertQuery)
+            else list(expert_or_query)
+        )
+        return _protos.load(
+            self._ctx,
+            target,
+            method=method,
+            top_n=top_n,
+            iters=iters,
+            seed=seed,
+            modules=modules,
+            device=device,
+        )
 
     def prototype_cache(self) -> list[CacheEntry]:
         """Every cached prototype set, with the experts that currently have its weights."""
@@ -222,8 +247,14 @@ class Library:
             return q if isinstance(q, str | ExpertQuery) else list(q)
 
         return _derive.subtract_general(
-            self._ctx, general=norm(general), experts=norm(experts), mode=mode, rank=rank,
-            suffix=suffix, refresh=refresh, device=device,
+            self._ctx,
+            general=norm(general),
+            experts=norm(experts),
+            mode=mode,
+            rank=rank,
+            suffix=suffix,
+            refresh=refresh,
+            device=device,
         )
 
     def similarity(
@@ -260,9 +291,15 @@ class Library:
         re-factorised, truncated to ``rank`` by SVD if given."""
         from libstore.ops import derive as _derive
 
-        return _derive.merge(self._ctx, list(names), name=name, rank=rank,
-                             weights=None if weights is None else list(weights), refresh=refresh,
-                             device=device)
+        return _derive.merge(
+            self._ctx,
+            list(names),
+            name=name,
+            rank=rank,
+            weights=None if weights is None else list(weights),
+            refresh=refresh,
+            device=device,
+        )
 
     def lineage(self, name: str) -> LineageInfo:
         """How ``name`` was derived (parents with their current state, method, params), and its children."""
@@ -304,8 +341,17 @@ class Library:
 
         target = experts if experts is None or isinstance(experts, str | ExpertQuery) else list(experts)
         return _clusters.cluster(
-            self._ctx, target, k=k, metric=metric, seed=seed, name=name, keep=keep, dim=dim,
-            k_range=None if k_range is None else list(k_range), n_init=n_init, device=device,
+            self._ctx,
+            target,
+            k=k,
+            metric=metric,
+            seed=seed,
+            name=name,
+            keep=keep,
+            dim=dim,
+            k_range=None if k_range is None else list(k_range),
+            n_init=n_init,
+            device=device,
         )
 
     def clusterings(self) -> list[Clustering]:
@@ -362,9 +408,7 @@ class Library:
     # --- Hub sync (issue 6) ----------------------------------------------------------------
     # Imported per call: opening a library must not pay for the Hub client.
 
-    def add_remote(
-        self, name: str, repo_id: str, *, revision: str = "main", private: bool = False
-    ) -> Any:
+    def add_remote(self, name: str, repo_id: str, *, revision: str = "main", private: bool = False) -> Any:
         """Record remote ``name`` -> Hub model repo ``repo_id`` (branch ``revision``); no network.
 
         ``private`` is the visibility ``push`` uses if it has to create the repo.
@@ -400,8 +444,16 @@ class Library:
         last). Refuses if the remote moved (pull first) or on conflicts. Returns a ``PushReport``."""
         from libstore.ops import push
 
-        return push.push(self._ctx, remote, experts=experts, message=message, tag=tag, token=token,
-                         force=force, prune=prune)
+        return push.push(
+            self._ctx,
+            remote,
+            experts=experts,
+            message=message,
+            tag=tag,
+            token=token,
+            force=force,
+            prune=prune,
+        )
 
     def pull(
         self,
@@ -417,8 +469,9 @@ class Library:
         it in one transaction. Conflicts are reported, not overwritten. Returns a ``PullReport``."""
         from libstore.ops import pull
 
-        return pull.pull(self._ctx, remote, revision=revision, experts=experts, token=token,
-                         force=force, prune=prune)
+        return pull.pull(
+            self._ctx, remote, revision=revision, experts=experts, token=token, force=force, prune=prune
+        )
 
     def status(self, remote: str | None = None, *, token: str | None = None) -> Any:
         """Per expert: local only, remote only, in sync, changed, conflict; and what push and pull
@@ -445,8 +498,17 @@ class Library:
         from libstore.ops import hub_import
 
         return hub_import.import_hub(
-            self._ctx, repo_id, subfolder=subfolder, revision=revision, name=name, kind=kind,
-            base=base, tasks=tasks, tags=tags, token=token, allow_base_mismatch=allow_base_mismatch,
+            self._ctx,
+            repo_id,
+            subfolder=subfolder,
+            revision=revision,
+            name=name,
+            kind=kind,
+            base=base,
+            tasks=tasks,
+            tags=tags,
+            token=token,
+            allow_base_mismatch=allow_base_mismatch,
         )
 
     def import_mttl(
@@ -466,8 +528,15 @@ class Library:
         from libstore.ops import hub_import
 
         return hub_import.import_mttl(
-            self._ctx, source, kind=kind, base=base, tags=tags, experts=experts, revision=revision,
-            token=token, allow_base_mismatch=allow_base_mismatch,
+            self._ctx,
+            source,
+            kind=kind,
+            base=base,
+            tags=tags,
+            experts=experts,
+            revision=revision,
+            token=token,
+            allow_base_mismatch=allow_base_mismatch,
         )
 
     # --- routing ---------------------------------------------------------------------------
@@ -494,7 +563,15 @@ class Library:
         from libstore.ops.route import routed_model
 
         return routed_model(
-            self._ctx, base=base, experts=experts, top_k=top_k, temperature=temperature,
-            general=general, method=method, mixing=mixing, device=device, dtype=dtype,
+            self._ctx,
+            base=base,
+            experts=experts,
+            top_k=top_k,
+            temperature=temperature,
+            general=general,
+            method=method,
+            mixing=mixing,
+            device=device,
+            dtype=dtype,
             allow_base_mismatch=allow_base_mismatch,
         )

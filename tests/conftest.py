@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get(
-    "LIBSTORE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+PG_ADMIN_URL = os.environ.get("LIBSTORE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +36,7 @@ def _pg_schema_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as e:  # noqa: BLE001 - report why the server is unusable
+    except Exception as e:
         admin.dispose()
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required for this test: {e}")
     sep = "&" if "?" in PG_ADMIN_URL else "?"

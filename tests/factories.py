@@ -133,9 +133,7 @@ def _saved_base(arch: Arch, seed: int, overrides_json: str) -> Path:
     return out
 
 
-def make_base_model(
-    dir: str | Path, arch: Arch = "llama", seed: int = 0, **config_overrides: Any
-) -> Path:
+def make_base_model(dir: str | Path, arch: Arch = "llama", seed: int = 0, **config_overrides: Any) -> Path:
     """Save a tiny model (``config.json`` + ``model.safetensors``) into ``dir``; returns ``dir``.
 
     ``config_overrides`` go to the config (e.g. ``hidden_size=64``); they must be JSON values.
@@ -161,10 +159,7 @@ def load_base(base_dir: str | Path) -> PreTrainedModel:
     """A private copy of the model saved in ``base_dir`` (loaded from disk once per process)."""
     path = Path(base_dir).resolve()
     stamp = tuple(
-        x
-        for f in sorted(path.iterdir())
-        if f.is_file()
-        for x in (f.stat().st_mtime_ns, f.stat().st_size)
+        x for f in sorted(path.iterdir()) if f.is_file() for x in (f.stat().st_mtime_ns, f.stat().st_size)
     )
     return copy.deepcopy(_loaded_base(str(path), stamp))
 
@@ -232,9 +227,7 @@ def make_adapter(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
-    params = {
-        n.replace(".default", ""): p for n, p in peft_model.named_parameters() if ".lora_" in n
-    }
+    params = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if ".lora_" in n}
     with torch.no_grad():
         if centre is not None:
             base_t = centre if isinstance(centre, Mapping) else adapter_tensors(centre)
@@ -242,9 +235,7 @@ def make_adapter(
                 c = base_t[key]
                 p = params[key]
                 if tuple(c.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"centre {key} has shape {tuple(c.shape)}, need {tuple(p.shape)}"
-                    )
+                    raise ValueError(f"centre {key} has shape {tuple(c.shape)}, need {tuple(p.shape)}")
                 p.copy_(c.float() + noise * torch.randn(p.shape, generator=gen))
         elif singular_values is not None:
             _plant_spectrum(params, singular_values, gen, alpha=alpha, r=r, use_rslora=use_rslora)

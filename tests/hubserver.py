@@ -1,47 +1,64 @@
 """A Hugging Face Hub-compatible HTTP server for tests (standard library only).
 
-libstore syncs with the Hub through the real ``huggingface_hub`` client; the tests run that client against this
+libstore syncs with the Hub through the real ``huggingface_hub`` client; the tests run that client against
+this
 server so that pushes, pulls, conflicts and network faults are exercised end to end without a network.
 The server is a git-like store kept in memory: per repo, immutable commits (40-hex ids) holding a flat tree
-``{path: Entry}``, branches and tags pointing at commits, regular blobs keyed by their git sha1 and LFS objects
+``{path: Entry}``, branches and tags pointing at commits, regular blobs keyed by their git sha1 and LFS
+objects
 keyed by their sha256. Like the Hub, a new repo starts with an "initial commit" holding ``.gitattributes``.
 
-Endpoints (model repos only; ``{repo}`` is ``namespace/name``; revisions may be a branch, a tag, ``refs/heads/x``,
+Endpoints (model repos only; ``{repo}`` is ``namespace/name``; revisions may be a branch, a tag,
+``refs/heads/x``,
 ``refs/tags/x``, a full commit id or a unique prefix of at least 7 hex digits):
 
     GET    /api/whoami-v2                                  user name and orgs of the token
-    GET    /api/agent-harnesses                            empty registry (the client fetches it once per process)
+    GET    /api/agent-harnesses                            empty registry (the client fetches it once per
+    process)
     POST   /api/validate-yaml                              accepts any README metadata
     POST   /api/repos/create        DELETE /api/repos/delete
     PUT    /api/models/{repo}/settings                     private / visibility
-    GET    /api/models/{repo}[/revision/{rev}]             info: sha, private, siblings (+ size/blobId/lfs if blobs=1)
-    GET    /api/models/{repo}/tree/{rev}[/{path}]          listing; recursive=1, expand=1 (lastCommit), Link pages
+    GET    /api/models/{repo}[/revision/{rev}]             info: sha, private, siblings (+ size/blobId/lfs if
+    blobs=1)
+    GET    /api/models/{repo}/tree/{rev}[/{path}]          listing; recursive=1, expand=1 (lastCommit), Link
+    pages
     POST   /api/models/{repo}/paths-info/{rev}             form: paths=..., expand=...
-    GET    /api/models/{repo}/refs                         branches, tags, converts, pullRequests (include_prs=1)
+    GET    /api/models/{repo}/refs                         branches, tags, converts, pullRequests
+    (include_prs=1)
     GET    /api/models/{repo}/commits/{rev}                history, newest first, Link pages
     POST   /api/models/{repo}/preupload/{rev}              uploadMode lfs|regular, shouldIgnore, remote oid
-    POST   /api/models/{repo}/commit/{branch}              ndjson: header/file/lfsFile/deletedFile/deletedFolder;
-                                                           header.parentCommit must be the branch head (else 412)
+    POST   /api/models/{repo}/commit/{branch}              ndjson:
+    header/file/lfsFile/deletedFile/deletedFolder;
+                                                           header.parentCommit must be the branch head (else
+                                                           412)
     POST|DELETE /api/models/{repo}/tag/{rev | tag}         create (json {"tag"}) / delete a tag
     POST|DELETE /api/models/{repo}/branch/{branch}         create (json {"startingPoint"}) / delete a branch
     POST   /{repo}.git/info/lfs/objects/batch              LFS batch API, basic transfer, upload and download
-    PUT    /_lfs/{repo}/{oid}?sig=...                      upload href (signed: the client sends no token there)
+    PUT    /_lfs/{repo}/{oid}?sig=...                      upload href (signed: the client sends no token
+    there)
     POST   /_lfs/{repo}/{oid}/verify                       verify href
     GET    /_lfs/{repo}/{oid}?sig=...                      download href
-    HEAD|GET /{repo}/resolve/{rev}/{path}                  X-Repo-Commit, ETag, X-Linked-Etag/-Size (LFS), Range
+    HEAD|GET /{repo}/resolve/{rev}/{path}                  X-Repo-Commit, ETag, X-Linked-Etag/-Size (LFS),
+    Range
 
 Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound), ``X-Error-Message`` and a JSON
 ``{"error": ...}`` body, which the client maps to RepositoryNotFoundError, RevisionNotFoundError and
 RemoteEntryNotFoundError. Auth: writes need some ``Authorization: Bearer`` token; a server started with
-``token=...`` answers 401 to any request without exactly that token; private repos are invisible without a token.
+``token=...`` answers 401 to any request without exactly that token; private repos are invisible without a
+token.
 
-Fault injection and counters (see :class:`Faults`, ``HubServer.counts`` and ``HubServer.log``) let tests simulate
+Fault injection and counters (see :class:`Faults`, ``HubServer.counts`` and ``HubServer.log``) let tests
+simulate
 5xx answers, dropped connections, commits applied whose answer is lost, truncated and corrupted downloads.
 
-Client setup (what a fixture must do). ``huggingface_hub`` reads its configuration when it is imported, so setting
-``HF_ENDPOINT`` later is not enough: :func:`patch_hf_client` sets the environment (:func:`client_env`) *and* patches
-``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (used by ``hf_hub_download`` and so by PEFT and
-transformers), ``constants.HF_HUB_DISABLE_XET`` (``hf_xet`` is installed and would otherwise be used), the cache and
+Client setup (what a fixture must do). ``huggingface_hub`` reads its configuration when it is imported, so
+setting
+``HF_ENDPOINT`` later is not enough: :func:`patch_hf_client` sets the environment (:func:`client_env`) *and*
+patches
+``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (used by ``hf_hub_download`` and so by PEFT
+and
+transformers), ``constants.HF_HUB_DISABLE_XET`` (``hf_xet`` is installed and would otherwise be used), the
+cache and
 token paths, and ``huggingface_hub.hf_api.api.endpoint`` (the instance behind module-level functions such as
 ``file_exists``, built at import time)::
 
@@ -51,10 +68,12 @@ token paths, and ``huggingface_hub.hf_api.api.endpoint`` (the instance behind mo
             patch_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
             yield server
 
-Subprocesses (the CLI) only need ``env={**os.environ, **client_env(server.url, home)}``. Beware that the client
+Subprocesses (the CLI) only need ``env={**os.environ, **client_env(server.url, home)}``. Beware that the
+client
 retries 408/429/500/502/503/504 (preupload, LFS batch/upload/verify, tree and commit listings, the HEAD of a
 download; not commits nor model_info) with sleeps of 1, 2, 4,
-8, 8 s and restarts broken downloads after 1 s: to see an error at once inject another status (e.g. 507), or call
+8, 8 s and restarts broken downloads after 1 s: to see an error at once inject another status (e.g. 507), or
+call
 :func:`skip_client_backoff`. A broken download only resumes with a Range request from the last whole chunk
 (``constants.DOWNLOAD_CHUNK_SIZE``, 10 MiB); smaller files are fetched again from the start.
 """
@@ -90,7 +109,8 @@ _LFS_JSON = "application/vnd.git-lfs+json"
 
 
 def git_blob_oid(data: bytes) -> str:
-    """The git object id of a blob, which the Hub reports as ``oid``/``blobId`` and uses as ETag of regular files."""
+    """The git object id of a blob, which the Hub reports as ``oid``/``blobId`` and uses as ETag of regular
+    files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
@@ -145,7 +165,9 @@ class Repo:
 class HubError(Exception):
     """An error answer, shaped like the Hub's so that the client raises its specific exception classes."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, dict(headers or {})
 
@@ -228,9 +250,11 @@ class _Rule:
 
 
 class Faults:
-    """Thread-safe fault injection; each rule fires for the next ``count`` matching requests (None: until cleared).
+    """Thread-safe fault injection; each rule fires for the next ``count`` matching requests
+    (None: until cleared).
 
-    Kinds are the request kinds of :data:`KINDS` (``lfs_upload`` is the PUT of an LFS object, ``download`` a GET on
+    Kinds are the request kinds of :data:`KINDS` (``lfs_upload`` is the PUT of an LFS object, ``download`` a
+    GET on
     ``/resolve``, ``head`` a HEAD on it), the same keys as ``HubServer.counts``.
     """
 
@@ -238,7 +262,9 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
 
-    def fail_next(self, kind: str, status: int = 500, count: int | None = 1, message: str = "injected failure") -> None:
+    def fail_next(
+        self, kind: str, status: int = 500, count: int | None = 1, message: str = "injected failure"
+    ) -> None:
         """Answer ``status`` with an error body instead of handling the request."""
         self._add(_Rule(_check_kind(kind), "fail", count, status=status, message=message))
 
@@ -251,7 +277,8 @@ class Faults:
         self.drop_next("commit", count, after_apply=True)
 
     def cut_download(self, path_glob: str, after_bytes: int, count: int | None = 1) -> None:
-        """Send headers announcing the full length, then only ``after_bytes`` bytes, then close the connection."""
+        """Send headers announcing the full length, then only ``after_bytes`` bytes, then close the
+        connection."""
         self._add(_Rule("download", "cut", count, glob=path_glob, after_bytes=after_bytes))
 
     def wrong_bytes(self, path_glob: str, count: int | None = None) -> None:
@@ -270,9 +297,11 @@ class Faults:
         """Consume one use of the first rule matching this request, if any."""
         with self._lock:
             for rule in self._rules:
-                if (rule.kind, rule.action, rule.after_apply) == (kind, action, after_apply) and fnmatch.fnmatchcase(
-                    path, rule.glob
-                ):
+                if (rule.kind, rule.action, rule.after_apply) == (
+                    kind,
+                    action,
+                    after_apply,
+                ) and fnmatch.fnmatchcase(path, rule.glob):
                     if rule.remaining is not None:
                         rule.remaining -= 1
                         if rule.remaining == 0:
@@ -324,7 +353,9 @@ class _Handler(BaseHTTPRequestHandler):
     """Thin HTTP layer: parse, record, apply faults, delegate to the HubServer, write the reply."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms delayed-ACK stalls
+    disable_nagle_algorithm = (
+        True  # headers and body go out in separate writes: avoid 40 ms delayed-ACK stalls
+    )
     server: _HTTPServer
     timeout = 60
 
@@ -427,9 +458,12 @@ class _HTTPServer(ThreadingHTTPServer):
 class HubServer:
     """The Hub stand-in: start()/stop() or ``with HubServer() as server:``; ``server.url`` is the endpoint.
 
-    ``counts`` counts requests by kind (see :data:`KINDS`; faulted ones included) plus, per successful commit, its
-    operations by ndjson key (``file``, ``lfsFile``, ``deletedFile``, ``deletedFolder``); ``log`` keeps every request.
-    ``page_size`` caps tree and commit pages. Files are LFS when their name ends with one of ``lfs_suffixes``, they
+    ``counts`` counts requests by kind (see :data:`KINDS`; faulted ones included) plus, per successful
+    commit, its
+    operations by ndjson key (``file``, ``lfsFile``, ``deletedFile``, ``deletedFolder``); ``log`` keeps every
+    request.
+    ``page_size`` caps tree and commit pages. Files are LFS when their name ends with one of
+    ``lfs_suffixes``, they
     exceed ``lfs_threshold`` bytes or their first 512 bytes hold a NUL (the Hub refuses binary regular files).
     """
 
@@ -454,11 +488,14 @@ class HubServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------------------------
+    # -- lifecycle
+    # -----------------------------------------------------------------------------------------------
 
     def start(self) -> Self:
         self._httpd = _HTTPServer(self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hubserver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="hubserver", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -480,7 +517,8 @@ class HubServer:
         assert self._httpd is not None, "server not started"
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    # -- inspection for tests -------------------------------------------------------------------------------------
+    # -- inspection for tests
+    # -------------------------------------------------------------------------------------
 
     def head(self, repo_id: str, branch: str = "main") -> str:
         """The commit id a branch points at."""
@@ -504,15 +542,22 @@ class HubServer:
             self.counts.clear()
             self.log.clear()
 
-    # -- plumbing --------------------------------------------------------------------------------------------------
+    # -- plumbing
+    # --------------------------------------------------------------------------------------------------
 
     def _record(self, request: Request, query: str, kind: str) -> None:
         with self._lock:
             self.counts[kind] += 1
-            self.log.append(RequestRecord(request.method, request.path, query, kind, dict(request.headers.items())))
+            self.log.append(
+                RequestRecord(request.method, request.path, query, kind, dict(request.headers.items()))
+            )
 
     def _authorize(self, request: Request, kind: str) -> None:
-        if self.required_token is not None and kind not in _SIGNED_KINDS and request.token != self.required_token:
+        if (
+            self.required_token is not None
+            and kind not in _SIGNED_KINDS
+            and request.token != self.required_token
+        ):
             raise HubError(401, _BAD_TOKEN)
 
     def _sign(self, repo_id: str, oid: str) -> str:
@@ -547,7 +592,9 @@ class HubServer:
     def _is_lfs(self, path: str, size: int) -> bool:
         return path.lower().endswith(self.lfs_suffixes) or size > self.lfs_threshold
 
-    def _new_commit(self, repo: Repo, parent: str | None, tree: dict[str, Entry], title: str, message: str) -> Commit:
+    def _new_commit(
+        self, repo: Repo, parent: str | None, tree: dict[str, Entry], title: str, message: str
+    ) -> Commit:
         date = _now()
         material = {
             "parent": parent,
@@ -564,7 +611,8 @@ class HubServer:
         return commit
 
     def _paginate(self, request: Request, items: list[dict[str, Any]]) -> Reply:
-        """One page of ``items`` with a GitHub-style ``Link: <...>; rel="next"`` header, as the client follows."""
+        """One page of ``items`` with a GitHub-style ``Link: <...>; rel="next"`` header, as the client
+        follows."""
         start = int(request.arg("cursor") or 0)
         end = start + self.page_size
         headers = {}
@@ -599,7 +647,8 @@ class HubServer:
             items.append(item)
         return items
 
-    # -- endpoints ---------------------------------------------------------------------------------------------------
+    # -- endpoints
+    # ---------------------------------------------------------------------------------------------------
 
     def _whoami(self, request: Request) -> Reply:
         if request.token is None:
@@ -631,14 +680,20 @@ class HubServer:
         with self._lock:
             if repo_id in self._repos:
                 return Reply.json({"error": "You already created this model repo", "url": url}, 409)
-            repo = Repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")), _now())
-            attributes = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in self.lfs_suffixes)
+            repo = Repo(
+                repo_id, payload.get("visibility") == "private" or bool(payload.get("private")), _now()
+            )
+            attributes = "".join(
+                f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in self.lfs_suffixes
+            )
             content = attributes.encode()
             repo.blobs[git_blob_oid(content)] = content
             tree = {".gitattributes": Entry(git_blob_oid(content), len(content))}
             repo.branches["main"] = self._new_commit(repo, None, tree, "initial commit", "").id
             self._repos[repo_id] = repo
-        return Reply.json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+        return Reply.json(
+            {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]}
+        )
 
     def _delete_repo(self, request: Request) -> Reply:
         repo_id = self._repo_id_from_payload(request)
@@ -670,7 +725,12 @@ class HubServer:
                     if entry.sha256:
                         sibling["lfs"] = {**entry.as_json(path)["lfs"], "sha256": entry.sha256}
                 siblings.append(sibling)
-            info = {"id": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.id, "private": repo.private}
+            info = {
+                "id": repo.repo_id,
+                "author": repo.repo_id.split("/")[0],
+                "sha": commit.id,
+                "private": repo.private,
+            }
             dates = {"lastModified": commit.date, "createdAt": repo.created_at}
             return Reply.json({**info, **dates, "gated": False, "disabled": False, "siblings": siblings})
 
@@ -689,7 +749,9 @@ class HubServer:
                 depth = len(parts) if recursive else 1
                 paths.update(base + "/".join(parts[: i + 1]) for i in range(depth))
             if folder and not paths:
-                raise HubError(404, f"Entry not found: {folder}", "EntryNotFound", {"X-Repo-Commit": commit.id})
+                raise HubError(
+                    404, f"Entry not found: {folder}", "EntryNotFound", {"X-Repo-Commit": commit.id}
+                )
             items = self._entries(repo, commit, sorted(paths), request.flag("expand"))
         return self._paginate(request, items)
 
@@ -727,7 +789,9 @@ class HubServer:
             while commit is not None:
                 text = {"title": commit.title, "message": commit.message}
                 authors = [{"user": commit.author, "avatar": None}]
-                items.append({"id": commit.id, **text, "authors": authors, "date": commit.date, "formatted": text})
+                items.append(
+                    {"id": commit.id, **text, "authors": authors, "date": commit.date, "formatted": text}
+                )
                 commit = repo.commits[commit.parent] if commit.parent else None
         return self._paginate(request, items)
 
@@ -739,9 +803,13 @@ class HubServer:
             files = []
             for item in payload.get("files", []):
                 path, entry = item["path"], commit.tree.get(item["path"])
-                binary = b"\0" in base64.b64decode(item.get("sample", ""))  # the Hub refuses binary regular files
+                binary = b"\0" in base64.b64decode(
+                    item.get("sample", "")
+                )  # the Hub refuses binary regular files
                 mode = "lfs" if binary or self._is_lfs(path, int(item["size"])) else "regular"
-                oid = (entry.sha256 or entry.oid) if entry else None  # compared by the client to skip unchanged files
+                oid = (
+                    (entry.sha256 or entry.oid) if entry else None
+                )  # compared by the client to skip unchanged files
                 files.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
             return Reply.json({"files": files, "commitOid": commit.id})
 
@@ -775,7 +843,9 @@ class HubServer:
                     data = repo.lfs.get(value["oid"])
                     if data is None or value.get("size", len(data)) != len(data):
                         raise HubError(400, f"LFS object {value['oid']} of {path} has not been uploaded")
-                    tree[path] = Entry(git_blob_oid(lfs_pointer(value["oid"], len(data))), len(data), value["oid"])
+                    tree[path] = Entry(
+                        git_blob_oid(lfs_pointer(value["oid"], len(data))), len(data), value["oid"]
+                    )
                 elif key == "deletedFile" and path in tree:
                     del tree[path]
                 elif key == "deletedFolder" and any(p.startswith(path + "/") for p in tree):
@@ -793,7 +863,9 @@ class HubServer:
             repo.branches[branch] = commit.id
             self.counts.update(received)
         commit_url = f"{self.url}/{repo.repo_id}/commit/{commit.id}"
-        return Reply.json({"success": True, "commitOid": commit.id, "commitUrl": commit_url, "pullRequestUrl": None})
+        return Reply.json(
+            {"success": True, "commitOid": commit.id, "commitUrl": commit_url, "pullRequestUrl": None}
+        )
 
     def _tag(self, request: Request) -> Reply:
         with self._lock:
@@ -839,7 +911,9 @@ class HubServer:
                 item: dict[str, Any] = {"oid": oid, "size": size}
                 href = f"{self.url}/_lfs/{repo.repo_id}/{oid}"
                 stored = repo.lfs.get(oid)
-                if not (isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{64}", oid) and isinstance(size, int)):
+                if not (
+                    isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{64}", oid) and isinstance(size, int)
+                ):
                     item["error"] = {"code": 422, "message": "Invalid object"}
                 elif stored is not None and len(stored) != size:
                     item["error"] = {"code": 422, "message": f"Object exists with size {len(stored)}"}
@@ -855,7 +929,8 @@ class HubServer:
                     item["actions"] = {"download": {"href": f"{href}?sig={self._sign(repo.repo_id, oid)}"}}
                 objects.append(item)  # an upload of a stored object gets no actions: the client skips it
         return Reply.json(
-            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, headers={"Content-Type": _LFS_JSON}
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            headers={"Content-Type": _LFS_JSON},
         )
 
     def _lfs_upload(self, request: Request) -> Reply:
@@ -897,7 +972,11 @@ class HubServer:
             if entry is None:
                 raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit.id})
             data = repo.lfs[entry.sha256] if entry.sha256 else repo.blobs[entry.oid]
-        headers = {"X-Repo-Commit": commit.id, "ETag": f'"{entry.sha256 or entry.oid}"', "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": commit.id,
+            "ETag": f'"{entry.sha256 or entry.oid}"',
+            "Accept-Ranges": "bytes",
+        }
         if entry.sha256:
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
         if request.method == "GET" and self.faults.take("download", "corrupt", path):
@@ -937,7 +1016,8 @@ def _clean_path(path: str) -> str:
 
 
 def client_env(url: str, home: str | os.PathLike[str], token: str = DEFAULT_TOKEN) -> dict[str, str]:
-    """Environment that points a fresh ``huggingface_hub`` process (e.g. the CLI) at ``url``, isolated in ``home``."""
+    """Environment that points a fresh ``huggingface_hub`` process (e.g. the CLI) at ``url``, isolated in
+    ``home``."""
     home = Path(home)
     return {
         "HF_ENDPOINT": url,
@@ -950,10 +1030,13 @@ def client_env(url: str, home: str | os.PathLike[str], token: str = DEFAULT_TOKE
     }
 
 
-def patch_hf_client(monkeypatch: Any, url: str, home: str | os.PathLike[str], token: str = DEFAULT_TOKEN) -> None:
+def patch_hf_client(
+    monkeypatch: Any, url: str, home: str | os.PathLike[str], token: str = DEFAULT_TOKEN
+) -> None:
     """Point this process's ``huggingface_hub`` at ``url``, even if it was imported before the server started.
 
-    ``monkeypatch`` is pytest's fixture (anything with ``setenv``/``setattr``); everything is undone after the test.
+    ``monkeypatch`` is pytest's fixture (anything with ``setenv``/``setattr``); everything is undone after
+    the test.
     """
     home = Path(home)
     for key, value in client_env(url, home, token).items():

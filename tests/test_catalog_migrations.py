@@ -30,8 +30,8 @@ def _schema_diff(engine) -> list:  # type: ignore[no-untyped-def]
             conn,
             opts={
                 "compare_type": True,
-                "include_name": lambda name, type_, _p: not (
-                    type_ == "table" and name == migrate.VERSION_TABLE
+                "include_name": lambda name, type_, _p: (
+                    not (type_ == "table" and name == migrate.VERSION_TABLE)
                 ),
             },
         )

@@ -29,8 +29,9 @@ def test_catalog_commands_end_to_end(run, base_dir: Path, tmp_path: Path) -> Non
     assert bases[0]["name"] == "tiny" and bases[0]["architecture"] == "LlamaForCausalLM"
 
     arc = make_adapter(base_dir, tmp_path / "adapters" / "arc_easy", seed=1)
-    out = run("add", str(arc), "--name", "arc_easy", "--kind", "task", "--task", "arc_easy",
-              "--tag", "v1").stdout
+    out = run(
+        "add", str(arc), "--name", "arc_easy", "--kind", "task", "--task", "arc_easy", "--tag", "v1"
+    ).stdout
     assert "Added arc_easy" in out
     for i in range(2):
         make_adapter(base_dir, tmp_path / "adapters" / f"wiki{i}", seed=10 + i)
@@ -40,9 +41,12 @@ def test_catalog_commands_end_to_end(run, base_dir: Path, tmp_path: Path) -> Non
     listing = json.loads(run("ls", "--json").stdout)
     assert [e["name"] for e in listing] == ["arc_easy", "wiki0", "wiki1"]
     assert [e["name"] for e in json.loads(run("ls", "--kind", "general", "--json").stdout)] == [
-        "wiki0", "wiki1"]
+        "wiki0",
+        "wiki1",
+    ]
     assert [e["name"] for e in json.loads(run("ls", "kind=task", "--tag", "v1", "--json").stdout)] == [
-        "arc_easy"]
+        "arc_easy"
+    ]
     table = run("ls").stdout
     assert "arc_easy" in table and "sha256" in table.splitlines()[0]
 
@@ -57,7 +61,9 @@ def test_catalog_commands_end_to_end(run, base_dir: Path, tmp_path: Path) -> Non
     assert json.loads(run("show", "wiki0", "--json").stdout)["tags"] == ["wiki"]
     run("untag", "wiki0", "wiki")
     assert json.loads(run("tags", "--json").stdout) == [
-        {"tag": "v1", "experts": 1}, {"tag": "wiki", "experts": 1}]
+        {"tag": "v1", "experts": 1},
+        {"tag": "wiki", "experts": 1},
+    ]
     run("rename", "wiki1", "wiki_one")
     run("rm", "wiki0")
     assert [e["name"] for e in json.loads(run("ls", "--json").stdout)] == ["arc_easy", "wiki_one"]
@@ -86,8 +92,9 @@ def test_catalog_commands_do_not_import_torch(base_dir: Path, tmp_path: Path) ->
     lib = tmp_path / "lib"
     adapter = make_adapter(base_dir, tmp_path / "a", seed=1)
     CliRunner().invoke(cli, ["-L", str(lib), "init"], catch_exceptions=False)
-    CliRunner().invoke(cli, ["-L", str(lib), "base", "add", "tiny", "--from", str(base_dir)],
-                       catch_exceptions=False)
+    CliRunner().invoke(
+        cli, ["-L", str(lib), "base", "add", "tiny", "--from", str(base_dir)], catch_exceptions=False
+    )
     script = textwrap.dedent(f"""
         import sys
         from click.testing import CliRunner
@@ -95,7 +102,7 @@ def test_catalog_commands_do_not_import_torch(base_dir: Path, tmp_path: Path) ->
         lib = {str(lib)!r}
         for args in (["add", {str(adapter)!r}, "--name", "a"], ["import-dir", {str(adapter.parent)!r}],
                      ["ls"], ["ls", "--json"], ["show", "a"], ["tag", "a", "t"], ["untag", "a", "t"],
-                     ["tags"], ["export", "a", {str(tmp_path / 'out')!r}], ["rename", "a", "b"],
+                     ["tags"], ["export", "a", {str(tmp_path / "out")!r}], ["rename", "a", "b"],
                      ["rm", "b"], ["base", "ls"], ["db", "current"]):
             r = CliRunner().invoke(cli, ["-L", lib, *args])
             assert r.exit_code == 0, (args, r.output)

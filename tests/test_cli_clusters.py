@@ -26,8 +26,7 @@ def lib(run, base_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     run("base", "add", "tiny", "--from", str(base_dir))
     centres = [make_adapter(base_dir, tmp_path / f"centre{c}", seed=100 + c) for c in range(K)]
     for j, n in enumerate(NAMES):
-        folder = make_adapter(base_dir, tmp_path / "src" / n, seed=j, centre=centres[j % K],
-                              noise=0.02)
+        folder = make_adapter(base_dir, tmp_path / "src" / n, seed=j, centre=centres[j % K], noise=0.02)
         run("add", str(folder), "--name", n, "--task", f"task_{n}")
     run.centres = centres
     return run
@@ -41,7 +40,9 @@ def test_cluster_show_export_plot_link_stale_rm(lib, base_dir: Path, tmp_path: P
     assert (shown["name"], shown["metric"], shown["k"], shown["seed"]) == ("mbc-k3", "flat", 3, 0)
     assert shown["query"] == "kind=task" and shown["stale"] is False
     assert [c["members"] for c in shown["clusters"]] == [
-        ["t00", "t03", "t06"], ["t01", "t04", "t07"], ["t02", "t05", "t08"]
+        ["t00", "t03", "t06"],
+        ["t01", "t04", "t07"],
+        ["t02", "t05", "t08"],
     ]
     assert shown["clusters"][1]["tasks"] == ["task_t01", "task_t04", "task_t07"]
     assert shown["clusters"][0]["size"] == 3 and shown["clusters"][0]["within"] > 0.9
@@ -77,8 +78,10 @@ def test_cluster_show_export_plot_link_stale_rm(lib, base_dir: Path, tmp_path: P
     late = make_adapter(base_dir, tmp_path / "late", seed=99, centre=lib.centres[0], noise=0.02)
     lib("add", str(late), "--name", "late", "--task", "late")
     assert "STALE" in lib("clusters", "ls").stdout
-    assert "STALE: 1 expert(s) matching 'kind=task' added since: 'late'" in lib(
-        "clusters", "show", "mbc-k3").stdout
+    assert (
+        "STALE: 1 expert(s) matching 'kind=task' added since: 'late'"
+        in lib("clusters", "show", "mbc-k3").stdout
+    )
     stale = json.loads(lib("stale", "--json").stdout)
     assert [c["name"] for c in stale["clusterings"]] == ["mbc-k3"]
     assert "mbc-k3" in lib("stale").stdout
@@ -92,14 +95,14 @@ def test_cluster_show_export_plot_link_stale_rm(lib, base_dir: Path, tmp_path: P
 def test_auto_k_delta_json_and_errors(lib) -> None:  # type: ignore[no-untyped-def]
     c = json.loads(lib("cluster", "--metric", "delta", "--k-range", "2:5", "--json").stdout)
     assert c["name"] == "mbc-delta-k3" and c["k"] == 3 and c["metric"] == "delta"
-    assert c["criterion"]["name"] == "silhouette" and list(c["criterion"]["scores"]) == [
-        "2", "3", "4", "5"
-    ]
+    assert c["criterion"]["name"] == "silhouette" and list(c["criterion"]["scores"]) == ["2", "3", "4", "5"]
     assert c["params"]["keep"] is None and c["params"]["k_range"] == [2, 3, 4, 5]
     err = lib("cluster", "--k", "10", code=6)
     assert "k can be at most 9" in err.stderr
-    assert "pass another --name" in lib("cluster", "--k", "3", "--metric", "delta",
-                                        "--name", "mbc-delta-k3", code=5).stderr
+    assert (
+        "pass another --name"
+        in lib("cluster", "--k", "3", "--metric", "delta", "--name", "mbc-delta-k3", code=5).stderr
+    )
     assert "no expert matches" in lib("cluster", "--experts", "kind=general", code=4).stderr
     lib("cluster", "--k-range", "a:b", code=2)
     lib("clusters", "export", "nope", code=4)

@@ -42,11 +42,22 @@ def test_sync_commands_end_to_end(run, hub: HubServer, base_dir: Path, tmp_path:
         run(lib, "init")
         run(lib, "base", "add", "tiny", "--from", str(base_dir))
     for i, name in enumerate(["arc", "boolq"]):
-        run("a", "add", str(make_adapter(base_dir, tmp_path / "src" / name, seed=i)), "--name", name,
-            "--task", name, "--tag", "v1")
+        run(
+            "a",
+            "add",
+            str(make_adapter(base_dir, tmp_path / "src" / name, seed=i)),
+            "--name",
+            name,
+            "--task",
+            name,
+            "--tag",
+            "v1",
+        )
 
-    assert "Added remote origin -> tester/phi3-experts@main (private)" in run(
-        "a", "remote", "add", "origin", REPO, "--private").stdout
+    assert (
+        "Added remote origin -> tester/phi3-experts@main (private)"
+        in run("a", "remote", "add", "origin", REPO, "--private").stdout
+    )
     run("a", "remote", "add", "origin", REPO, code=5)  # name taken
     run("a", "remote", "add", "bad", "not a repo", code=6)
     remotes = json.loads(run("a", "remote", "ls", "--json").stdout)
@@ -93,36 +104,71 @@ def test_import_commands(run, hub: HubServer, base_dir: Path, tmp_path: Path) ->
     run("lib", "base", "add", "tiny", "--from", str(base_dir))
     api = HfApi(endpoint=hub.url, token=DEFAULT_TOKEN)
     api.create_repo("libstore-org/adapters")
-    api.upload_folder(repo_id="libstore-org/adapters", path_in_repo="arc",
-                      folder_path=make_adapter(base_dir, tmp_path / "arc", seed=3))
-    e = json.loads(run("lib", "import-hub", "libstore-org/adapters", "--subfolder", "arc", "--task", "arc",
-                       "--json").stdout)
+    api.upload_folder(
+        repo_id="libstore-org/adapters",
+        path_in_repo="arc",
+        folder_path=make_adapter(base_dir, tmp_path / "arc", seed=3),
+    )
+    e = json.loads(
+        run(
+            "lib", "import-hub", "libstore-org/adapters", "--subfolder", "arc", "--task", "arc", "--json"
+        ).stdout
+    )
     assert e["name"] == "arc" and e["tasks"] == ["arc"]
     run("lib", "import-hub", "libstore-org/adapters", "--subfolder", "../x", code=6)
 
     folder = tmp_path / "mttl"
     folder.mkdir()
     mods = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
-    torch.save({**{f"{m}.lora_a": torch.randn(32, 2) for m in mods},
-                **{f"{m}.lora_b": torch.randn(2, 32) for m in mods}}, folder / "t1.ckpt")
-    torch.save({"expert_name": "t1", "expert_task_name": "t1", "expert_model": str(base_dir),
-                "expert_config": {"lora_rank": 2, "lora_alpha": 4.0,
-                                  "class_name": "mttl.models.modifiers.lora.LoRAConfig"}}, folder / "t1.meta")
+    torch.save(
+        {
+            **{f"{m}.lora_a": torch.randn(32, 2) for m in mods},
+            **{f"{m}.lora_b": torch.randn(2, 32) for m in mods},
+        },
+        folder / "t1.ckpt",
+    )
+    torch.save(
+        {
+            "expert_name": "t1",
+            "expert_task_name": "t1",
+            "expert_model": str(base_dir),
+            "expert_config": {
+                "lora_rank": 2,
+                "lora_alpha": 4.0,
+                "class_name": "mttl.models.modifiers.lora.LoRAConfig",
+            },
+        },
+        folder / "t1.meta",
+    )
     out = run("lib", "import-mttl", str(folder), "--tag", "mttl").stdout
     assert "added    t1 (rank 2, tasks t1)" in out and "1 added" in out
     assert "1 skipped" in run("lib", "import-mttl", str(folder)).stdout
 
 
 def test_cli_in_a_fresh_process_reads_endpoint_and_token_from_the_environment(
-    hub: HubServer, base_dir: Path, tmp_path: Path,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """The CLI as users run it: HF_ENDPOINT / HF_TOKEN set in the environment before it starts."""
     env = {**os.environ, **client_env(hub.url, tmp_path / "hf")}
 
     def cli_run(*args: str) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-c", "from libstore.cli import main; main()",
-                            "-L", str(tmp_path / "lib"), *args],
-                           env=env, capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from libstore.cli import main; main()",
+                "-L",
+                str(tmp_path / "lib"),
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         assert DEFAULT_TOKEN not in r.stdout + r.stderr
         return r

@@ -19,11 +19,16 @@ def lib(run, base_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     run("init")
     run("base", "add", "tiny", "--from", str(base_dir))
     for i, n in enumerate(("arc_easy", "boolq")):
-        run("add", str(make_adapter(base_dir, tmp_path / "src" / n, seed=1 + i)), "--name", n,
-            "--task", n)
+        run("add", str(make_adapter(base_dir, tmp_path / "src" / n, seed=1 + i)), "--name", n, "--task", n)
     for i, n in enumerate(("wiki_en", "wiki_fr")):
-        run("add", str(make_adapter(base_dir, tmp_path / "src" / n, seed=10 + i)), "--name", n,
-            "--kind", "general")
+        run(
+            "add",
+            str(make_adapter(base_dir, tmp_path / "src" / n, seed=10 + i)),
+            "--name",
+            n,
+            "--kind",
+            "general",
+        )
     return run
 
 
@@ -62,7 +67,10 @@ def test_gks_lineage_stale_refresh(lib, base_dir: Path, tmp_path: Path) -> None:
     lin = json.loads(lib("lineage", "arc_easy_res", "--json").stdout)
     assert lin["derivation"]["method"] == "gks-param" and lin["stale"] is False
     assert [(p["role"], p["name"]) for p in lin["derivation"]["parents"]] == [
-        ("expert", "arc_easy"), ("general", "wiki_en"), ("general", "wiki_fr")]
+        ("expert", "arc_easy"),
+        ("general", "wiki_en"),
+        ("general", "wiki_fr"),
+    ]
     text = lib("lineage", "arc_easy").stdout
     assert "not derived" in text and "arc_easy_res (gks-param, as expert)" in text
     assert lib("stale").stdout.strip() == "Nothing is stale."
@@ -80,8 +88,19 @@ def test_gks_lineage_stale_refresh(lib, base_dir: Path, tmp_path: Path) -> None:
     assert "refreshed  arc_easy_res" in text
     assert json.loads(lib("stale", "--json").stdout)["experts"] == []
 
-    text = lib("gks", "--general", "kind=general", "--experts", "boolq", "--mode", "delta",
-               "--rank", "3", "--suffix", "_d").stdout
+    text = lib(
+        "gks",
+        "--general",
+        "kind=general",
+        "--experts",
+        "boolq",
+        "--mode",
+        "delta",
+        "--rank",
+        "3",
+        "--suffix",
+        "_d",
+    ).stdout
     assert "created    boolq_d" in text and "energy kept" in text
     shown = json.loads(lib("show", "boolq_d", "--json").stdout)
     assert shown["rank"] == 3 and shown["lineage"]["params"]["rank"] == 3
@@ -95,8 +114,11 @@ def test_similarity_and_merge(lib, tmp_path: Path) -> None:  # type: ignore[no-u
     text = lib("similarity", "--metric", "flat", "--plot", str(png)).stdout
     assert "wiki_fr" in text and png.read_bytes()[:4] == b"\x89PNG"
 
-    merged = json.loads(lib("merge", "arc_easy", "boolq", "--name", "qa", "--rank", "2",
-                            "--weights", "0.6,0.4", "--json").stdout)
+    merged = json.loads(
+        lib(
+            "merge", "arc_easy", "boolq", "--name", "qa", "--rank", "2", "--weights", "0.6,0.4", "--json"
+        ).stdout
+    )
     assert merged["kind"] == "merged" and merged["rank"] == 2
     assert merged["lineage"]["params"]["weights"] == [0.6, 0.4]
     text = lib("merge", "arc_easy", "boolq", "--name", "qa", "--rank", "2", "--weights", "0.6,0.4").stdout
@@ -111,12 +133,18 @@ def test_error_messages_and_exit_codes(lib, base_dir: Path, tmp_path: Path) -> N
     lib("add", str(make_adapter(base_dir, tmp_path / "src" / "r8", r=8, seed=3)), "--name", "r8")
     r = lib("gks", "--general", "kind=general", "--experts", "r8", code=6)
     assert "rank" in r.stderr and "--mode delta" in r.stderr
-    assert "created    r8_res" in lib("gks", "--general", "kind=general", "--experts", "r8",
-                                       "--mode", "delta").stdout
+    assert (
+        "created    r8_res"
+        in lib("gks", "--general", "kind=general", "--experts", "r8", "--mode", "delta").stdout
+    )
     r = lib("gks", "--general", "kind=general", "--experts", "arc_easy", "--rank", "2", code=6)
     assert "--mode delta --rank" in r.stderr
-    lib("add", str(make_adapter(base_dir, tmp_path / "src" / "k", targets=("k_proj",), seed=4)),
-        "--name", "konly")
+    lib(
+        "add",
+        str(make_adapter(base_dir, tmp_path / "src" / "k", targets=("k_proj",), seed=4)),
+        "--name",
+        "konly",
+    )
     r = lib("similarity", code=6)
     assert "adapt different modules" in r.stderr
     r = lib("merge", "arc_easy", "konly", "--name", "x", code=6)
@@ -134,8 +162,17 @@ def test_every_lowrank_command_has_an_example() -> None:
             yield from walk(sub)
 
     cmds = [c for top in COMMANDS for c in walk(top)]
-    assert {c.name for c in cmds} >= {"prototypes", "compute", "show", "ls", "gks", "similarity",
-                                      "merge", "lineage", "stale"}
+    assert {c.name for c in cmds} >= {
+        "prototypes",
+        "compute",
+        "show",
+        "ls",
+        "gks",
+        "similarity",
+        "merge",
+        "lineage",
+        "stale",
+    }
     for c in cmds:
         assert "Example" in (c.help or ""), c.name
 

@@ -33,11 +33,19 @@ def _folder_index(idx: int, r: int, j: int) -> int:
     return (4 * idx + PER_ROUND * r + j) % DISTINCT
 
 
-def _api_worker(idx: int, lib_path: str, db_url: str | None, folders: list[str], barrier: Any,
-                results: Any) -> None:
+def _api_worker(
+    idx: int, lib_path: str, db_url: str | None, folders: list[str], barrier: Any, results: Any
+) -> None:
     """Race on one library through the Python API; report what happened and any unexpected error."""
-    out: dict[str, Any] = {"idx": idx, "shared": None, "kept": [], "removed": [], "protos": [],
-                           "unexpected": [], "t": {}}
+    out: dict[str, Any] = {
+        "idx": idx,
+        "shared": None,
+        "kept": [],
+        "removed": [],
+        "protos": [],
+        "unexpected": [],
+        "t": {},
+    }
     t0 = time.monotonic()
     try:
         from libstore import Library
@@ -56,8 +64,12 @@ def _api_worker(idx: int, lib_path: str, db_url: str | None, folders: list[str],
             names = []
             for j in range(PER_ROUND):
                 name = f"w{idx}_r{r}_{j}"
-                lib.add(folders[_folder_index(idx, r, j)], name=name, tags=[f"w{idx}", "common"],
-                        tasks=["t_common", f"t{idx}"])
+                lib.add(
+                    folders[_folder_index(idx, r, j)],
+                    name=name,
+                    tags=[f"w{idx}", "common"],
+                    tasks=["t_common", f"t{idx}"],
+                )
                 names.append(name)
             lib.tag(f"tag=w{idx}", "hot", f"by{idx}")
             lib.tag("tag=common", "everyone")  # others' experts too, while they are being removed
@@ -72,7 +84,7 @@ def _api_worker(idx: int, lib_path: str, db_url: str | None, folders: list[str],
             lib.untag(names[1], "everyone")
         lib.close()
         out["t"]["all"] = time.monotonic() - t0
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+    except BaseException:
         out["unexpected"].append(traceback.format_exc())
     results.put(out)
 
@@ -92,7 +104,7 @@ def _checker(lib_path: str, db_url: str | None, stop: Any, results: Any) -> None
             lib.gc(grace_s=120)
             time.sleep(0.2)
         lib.close()
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         out["unexpected"].append(traceback.format_exc())
     results.put(out)
 
@@ -101,7 +113,11 @@ def _cli(lib: Path, db_url: str | None, *args: str) -> subprocess.CompletedProce
     env = {**os.environ, **({"LIBSTORE_DB_URL": db_url} if db_url else {})}
     return subprocess.run(
         [sys.executable, "-c", "from libstore.cli import main; main()", "-L", str(lib), *args],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -128,17 +144,25 @@ def _run(tmp_path: Path, db_url: str | None, adapters: tuple[Path, list[str]]) -
     barrier = ctx.Barrier(WORKERS)
     results = ctx.Queue()
     stop = ctx.Event()
-    procs = [ctx.Process(target=_api_worker, args=(i, str(lib_path), db_url, folders[:DISTINCT + 1],
-                                                  barrier, results)) for i in range(WORKERS)]
+    procs = [
+        ctx.Process(
+            target=_api_worker, args=(i, str(lib_path), db_url, folders[: DISTINCT + 1], barrier, results)
+        )
+        for i in range(WORKERS)
+    ]
     procs.append(ctx.Process(target=_checker, args=(str(lib_path), db_url, stop, results)))
     t0 = time.monotonic()
     for p in procs:
         p.start()
     # the CLI process: add, tag and remove through separate `libstore` invocations meanwhile
     cli_log = []
-    for args in (["add", folders[DISTINCT + 1], "--name", "cli_a", "--tag", "common"],
-                 ["add", folders[0], "--name", "cli_b", "--tag", "common"],
-                 ["tag", "cli_a", "from_cli"], ["rm", "cli_b"], ["ls", "--json"]):
+    for args in (
+        ["add", folders[DISTINCT + 1], "--name", "cli_a", "--tag", "common"],
+        ["add", folders[0], "--name", "cli_b", "--tag", "common"],
+        ["tag", "cli_a", "from_cli"],
+        ["rm", "cli_b"],
+        ["ls", "--json"],
+    ):
         cli_log.append(_cli(lib_path, db_url, *args))
     got = []
     for _ in range(WORKERS):
@@ -191,8 +215,10 @@ def _run(tmp_path: Path, db_url: str | None, adapters: tuple[Path, list[str]]) -
     assert set(lib.context.blobs) == referenced
     lib.close()
     slowest = max(o["t"].get("all", 0.0) for o in workers)
-    print(f"{WORKERS} workers + checker + CLI: {elapsed:.1f} s (slowest worker after the barrier "
-          f"{slowest:.1f} s; checker ran verify {checker['verifies']} times)")
+    print(
+        f"{WORKERS} workers + checker + CLI: {elapsed:.1f} s (slowest worker after the barrier "
+        f"{slowest:.1f} s; checker ran verify {checker['verifies']} times)"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -45,10 +45,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 
 SEED = 20260109
 PLAN = {"import": 14, "prototypes": 10, "gks": 10, "gc": 8, "pull": 12}  # 54 kills
-PRELOAD = ["torch", "libstore.library", "libstore.ops.experts", "libstore.ops.prototypes",
-           "libstore.ops.derive", "libstore.ops.maintenance", "libstore.ops.sync", "libstore.ops.push", "libstore.ops.pull",
-           "libstore.lowrank.prototypes", "libstore.lowrank.gks", "huggingface_hub", "tests.hubserver",
-           "tests.test_crash"]  # the child's function lives here: unpickling it must not import
+PRELOAD = [
+    "torch",
+    "libstore.library",
+    "libstore.ops.experts",
+    "libstore.ops.prototypes",
+    "libstore.ops.derive",
+    "libstore.ops.maintenance",
+    "libstore.ops.sync",
+    "libstore.ops.push",
+    "libstore.ops.pull",
+    "libstore.lowrank.prototypes",
+    "libstore.lowrank.gks",
+    "huggingface_hub",
+    "tests.hubserver",
+    "tests.test_crash",
+]  # the child's function lives here: unpickling it must not import
 TASKS = ["t0", "t1", "t2"]
 GENERAL = ["g0", "g1"]
 
@@ -120,8 +132,9 @@ class Harness:
 
         Returns (killed while the operation ran, its duration if it finished)."""
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_child, args=(op, str(lib_path), arg,
-                                                  self.hub_url if op == "pull" else None, child))
+        p = self.ctx.Process(
+            target=_child, args=(op, str(lib_path), arg, self.hub_url if op == "pull" else None, child)
+        )
         p.start()
         try:
             assert parent.poll(120), f"{op}: the child did not start"
@@ -144,7 +157,9 @@ class Harness:
 
 
 def test_sigkill_at_random_moments_leaves_a_sound_library(
-    hub: HubServer, base_dir: Path, tmp_path: Path,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     t_start = time.monotonic()
     rng = random.Random(SEED)
@@ -153,10 +168,15 @@ def test_sigkill_at_random_moments_leaves_a_sound_library(
     lib = Library.init(lib_path)
     lib.add_base("tiny", str(base_dir))
     for i, name in enumerate([*TASKS, *GENERAL]):
-        lib.add(make_adapter(base_dir, tmp_path / "src" / name, seed=i), name=name,
-                kind="general" if name in GENERAL else "task")
-    folders = {k: make_adapter(base_dir, tmp_path / "imports" / f"imp{k}", seed=100 + k)
-               for k in range(PLAN["import"] + 1)}
+        lib.add(
+            make_adapter(base_dir, tmp_path / "src" / name, seed=i),
+            name=name,
+            kind="general" if name in GENERAL else "task",
+        )
+    folders = {
+        k: make_adapter(base_dir, tmp_path / "imports" / f"imp{k}", seed=100 + k)
+        for k in range(PLAN["import"] + 1)
+    }
     remote = Library.init(tmp_path / "remote")
     remote.add_base("tiny", str(base_dir))
     support.add_experts(remote, base_dir, tmp_path, ["r0", "r1", "r2", "r3"], seed0=200)
@@ -172,8 +192,13 @@ def test_sigkill_at_random_moments_leaves_a_sound_library(
 
     h = Harness(hub.url)
     # calibration: each operation once, uninterrupted, to know how long it runs
-    cal_args = {"import": str(folders[PLAN["import"]]), "prototypes": -1, "gks": "cal", "gc": None,
-                "pull": None}
+    cal_args = {
+        "import": str(folders[PLAN["import"]]),
+        "prototypes": -1,
+        "gks": "cal",
+        "gc": None,
+        "pull": None,
+    }
     est: dict[str, float] = {}
     for op, arg in cal_args.items():
         path = fresh_pull_library("pull-cal") if op == "pull" else lib_path
@@ -219,13 +244,15 @@ def test_sigkill_at_random_moments_leaves_a_sound_library(
             names = {e.name for e in after.experts()}
             if op == "import" and Path(arg).name in names:
                 assert after.get(Path(arg).name).sha256 == sha256_file(
-                    Path(arg) / "adapter_model.safetensors")
+                    Path(arg) / "adapter_model.safetensors"
+                )
             if op == "gks":
                 made = {f"{t}_r{k}" for t in TASKS} & names
                 assert made in (set(), {f"{t}_r{k}" for t in TASKS}), (i, made)
             if op == "prototypes":
-                done = [c for c in after.prototype_cache()
-                        if c.method == "peft" and c.params.get("seed") == k]
+                done = [
+                    c for c in after.prototype_cache() if c.method == "peft" and c.params.get("seed") == k
+                ]
                 assert len(done) in (0, n_weights), (i, len(done), n_weights)
 
     # every leftover of the killed writes is collectable, and interrupted pulls complete when re-run
@@ -241,5 +268,7 @@ def test_sigkill_at_random_moments_leaves_a_sound_library(
     assert sum(PLAN.values()) >= 50
     assert mid_op >= 30, f"only {mid_op} kills landed while an operation ran"
     elapsed = time.monotonic() - t_start
-    print(f"{len(trials)} SIGKILL trials ({mid_op} mid-operation) in {elapsed:.1f} s; "
-          f"calibrated durations: { {k: round(v, 3) for k, v in est.items()} }")
+    print(
+        f"{len(trials)} SIGKILL trials ({mid_op} mid-operation) in {elapsed:.1f} s; "
+        f"calibrated durations: { {k: round(v, 3) for k, v in est.items()} }"
+    )

@@ -19,14 +19,28 @@ def test_quick_demo_routes_tasks_to_their_experts(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "demo.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "Routing accuracy" in proc.stdout and str(out) in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
-    assert {"settings", "tasks", "library", "hub", "routing_accuracy", "accuracy", "checks", "table",
-            "pngs", "timings_s"} <= set(results)
+    assert {
+        "settings",
+        "tasks",
+        "library",
+        "hub",
+        "routing_accuracy",
+        "accuracy",
+        "checks",
+        "table",
+        "pngs",
+        "timings_s",
+    } <= set(results)
     tasks = results["tasks"]
     assert results["settings"]["quick"] is True and len(tasks) == 4
     assert set(results["accuracy"]) == {"base", "oracle", "uniform", *ARROW_MODELS}
@@ -37,7 +51,9 @@ def test_quick_demo_routes_tasks_to_their_experts(tmp_path: Path) -> None:
 
     # the library went through the Hub: the clone holds every expert, with the cached prototypes
     assert sorted(results["hub"]["pulled_experts"]) == sorted(results["library"]["experts"])
-    assert results["hub"]["pulled_prototypes"] > 0 and results["hub"]["status"] == {"in_sync": len(results["library"]["experts"])}
+    assert results["hub"]["pulled_prototypes"] > 0 and results["hub"]["status"] == {
+        "in_sync": len(results["library"]["experts"])
+    }
     assert results["library"]["clustering"]["k"] >= 2
 
     # Arrow sends held-out inputs to their own task's expert, far above chance (1/4) ...

@@ -9,6 +9,7 @@ pin inputs that once escaped as other exceptions (deeply nested JSON -> ``Recurs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,8 +30,13 @@ from libstore.store.adapter import read_adapter
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.factories import make_adapter, make_base_model
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SMALL = settings(FUZZ, max_examples=60)
 
 DEEP_JSON = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
@@ -61,8 +67,13 @@ def real(workdir: Path) -> dict[str, Any]:
     }
 
 
-json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -123,7 +134,7 @@ def byte_edits(draw: st.DrawFn, data: bytes, lo: int = 0, hi: int | None = None)
             i = draw(st.integers(lo, hi - 1))
             out[i] = draw(st.integers(0, 255))
         elif action == "truncate":
-            del out[draw(st.integers(0, len(out))):]
+            del out[draw(st.integers(0, len(out))) :]
             hi = min(hi, len(out))
         elif action == "insert":
             i = draw(st.integers(lo, max(lo, hi)))
@@ -142,8 +153,11 @@ def _safetensors(header: Any, data: bytes, *, length_delta: int = 0) -> bytes:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _read_only_libstore_errors(folder: Path, config: bytes, weights: bytes) -> None:
@@ -153,10 +167,8 @@ def _read_only_libstore_errors(folder: Path, config: bytes, weights: bytes) -> N
     (folder / ADAPTER_CONFIG).write_bytes(config)
     (folder / ADAPTER_WEIGHTS).write_bytes(weights)
     before = _tree(folder.parent)
-    try:
+    with contextlib.suppress(LibstoreError):
         read_adapter(folder)
-    except LibstoreError:
-        pass
     assert _tree(folder.parent) == before
 
 
@@ -182,8 +194,7 @@ def test_mutated_safetensors_headers(real: dict[str, Any], workdir: Path, data: 
         n = len(real["weights"]) - len(real["data"])
         weights = data.draw(byte_edits(real["weights"], 0, n))
     else:
-        weights = _safetensors(real["header"], real["data"],
-                               length_delta=data.draw(st.integers(-64, 64)))
+        weights = _safetensors(real["header"], real["data"], length_delta=data.draw(st.integers(-64, 64)))
     _read_only_libstore_errors(workdir / "header" / "a", real["config_bytes"], weights)
 
 
@@ -203,7 +214,9 @@ def test_mutated_adapter_configs(real: dict[str, Any], workdir: Path, data: st.D
 @SMALL
 @given(data=st.data())
 def test_library_add_of_mutated_adapters_changes_nothing_on_refusal(
-    real: dict[str, Any], workdir: Path, data: st.DataObject,
+    real: dict[str, Any],
+    workdir: Path,
+    data: st.DataObject,
 ) -> None:
     """The same through ``Library.add``: a refusal leaves catalog and store exactly as they were."""
     lib_path = workdir / "lib"
@@ -213,10 +226,16 @@ def test_library_add_of_mutated_adapters_changes_nothing_on_refusal(
     folder = workdir / "add" / "x"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    config = (json.dumps(data.draw(mutated(real["config"]))).encode() if data.draw(st.booleans())
-              else real["config_bytes"])
-    weights = (_safetensors(data.draw(mutated(real["header"])), real["data"]) if data.draw(st.booleans())
-               else real["weights"])
+    config = (
+        json.dumps(data.draw(mutated(real["config"]))).encode()
+        if data.draw(st.booleans())
+        else real["config_bytes"]
+    )
+    weights = (
+        _safetensors(data.draw(mutated(real["header"])), real["data"])
+        if data.draw(st.booleans())
+        else real["weights"]
+    )
     (folder / ADAPTER_CONFIG).write_bytes(config)
     (folder / ADAPTER_WEIGHTS).write_bytes(weights)
     with Library.open(lib_path) as lib:
@@ -247,10 +266,8 @@ def manifest() -> dict[str, Any]:
 @example(raw=DEEP_JSON)
 @example(raw=b'{"format": "libstore-library", "format_version": 1e999}')
 def test_manifest_reader_on_random_bytes(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(LibstoreError):
         parse_manifest(raw)
-    except LibstoreError:
-        pass
 
 
 @FUZZ
@@ -261,7 +278,5 @@ def test_manifest_reader_on_mutated_manifests(manifest: dict[str, Any], data: st
     else:
         text = json.dumps(manifest).encode()
         raw = data.draw(byte_edits(text))
-    try:
+    with contextlib.suppress(LibstoreError):
         parse_manifest(raw)
-    except LibstoreError:
-        pass

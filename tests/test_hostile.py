@@ -149,8 +149,9 @@ class _Boom:
 
 
 def _pickle_bytes(marker: Path) -> bytes:
-    return pickle.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _Boom(marker)},
-                        protocol=4)
+    return pickle.dumps(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _Boom(marker)}, protocol=4
+    )
 
 
 def _torch_save_bytes(marker: Path) -> bytes:
@@ -199,7 +200,10 @@ def test_pickle_through_the_cli(stocked: Library, base_dir: Path, tmp_path: Path
 
 @SQLITE_ONLY
 def test_pulled_pickle_with_the_right_hash_runs_nothing(
-    stocked: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    stocked: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """A remote whose manifest truthfully lists a pickle as an expert's weights."""
     marker = tmp_path / "PWNED"
@@ -210,8 +214,7 @@ def test_pulled_pickle_with_the_right_hash_runs_nothing(
     source.push()
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
     evil = _pickle_bytes(marker)
-    manifest["experts"]["x"]["files"][WEIGHTS].update(
-        sha256=hashlib.sha256(evil).hexdigest(), size=len(evil))
+    manifest["experts"]["x"]["files"][WEIGHTS].update(sha256=hashlib.sha256(evil).hexdigest(), size=len(evil))
     _commit(hub, {MANIFEST_FILE: json.dumps(manifest).encode(), f"experts/x/{WEIGHTS}": evil})
     stocked.add_remote("origin", REPO)
     with untouched(stocked, tmp_path, marker, new_blobs_ok=True):
@@ -229,20 +232,32 @@ def _header_file(header: bytes, n: int | None = None, data: bytes = b"") -> byte
     return struct.pack("<Q", len(header) if n is None else n) + header + data
 
 
-@pytest.mark.parametrize("content, match", [
-    (_header_file(b"{}", n=1 << 62), "exceeds"),  # "huge" header length
-    (_header_file(b'{"a":' + b" " * 64, n=(100 << 20) + 1), "exceeds"),  # just over the cap
-    (_header_file(b"{" + os.urandom(64).hex().encode()), "not valid JSON"),  # garbage
-    (_header_file(b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', data=b"\0" * 8),
-     "truncated"),
-    (_header_file(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
-                  b' "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}', data=b"\0" * 12),
-     "overlap"),
-    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 9\n", "LFS"),
-], ids=["huge-length", "over-cap", "garbage", "truncated", "overlap", "lfs-pointer"])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (_header_file(b"{}", n=1 << 62), "exceeds"),  # "huge" header length
+        (_header_file(b'{"a":' + b" " * 64, n=(100 << 20) + 1), "exceeds"),  # just over the cap
+        (_header_file(b"{" + os.urandom(64).hex().encode()), "not valid JSON"),  # garbage
+        (
+            _header_file(b'{"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', data=b"\0" * 8),
+            "truncated",
+        ),
+        (
+            _header_file(
+                b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+                b' "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}',
+                data=b"\0" * 12,
+            ),
+            "overlap",
+        ),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 9\n", "LFS"),
+    ],
+    ids=["huge-length", "over-cap", "garbage", "truncated", "overlap", "lfs-pointer"],
+)
 @SQLITE_ONLY
-def test_lying_safetensors_headers(stocked: Library, base_dir: Path, tmp_path: Path, content: bytes,
-                                   match: str) -> None:
+def test_lying_safetensors_headers(
+    stocked: Library, base_dir: Path, tmp_path: Path, content: bytes, match: str
+) -> None:
     folder = _good_adapter(base_dir, tmp_path)
     (folder / WEIGHTS).write_bytes(content)
     with untouched(stocked, tmp_path):
@@ -286,8 +301,9 @@ def test_nonfinite_through_the_cli(stocked: Library, base_dir: Path, tmp_path: P
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.float8_e4m3fn])
 @SQLITE_ONLY
-def test_non_float_lora_weights_refused(stocked: Library, base_dir: Path, tmp_path: Path,
-                                        dtype: torch.dtype) -> None:
+def test_non_float_lora_weights_refused(
+    stocked: Library, base_dir: Path, tmp_path: Path, dtype: torch.dtype
+) -> None:
     folder = _good_adapter(base_dir, tmp_path)
     _rewrite_tensors(folder, lambda k, v: (v * 100).to(dtype))
     with untouched(stocked, tmp_path):
@@ -298,12 +314,23 @@ def test_non_float_lora_weights_refused(stocked: Library, base_dir: Path, tmp_pa
 
 
 HOSTILE_NAMES = [
-    "../evil", "../../evil", "a/../../evil", "/abs", "C:\\evil", "..", ".hidden", "a/b",
+    "../evil",
+    "../../evil",
+    "a/../../evil",
+    "/abs",
+    "C:\\evil",
+    "..",
+    ".hidden",
+    "a/b",
     "аrc_easy",  # Cyrillic а
     "arc\u200beasy",  # zero-width space
     "ａｒｃ",  # fullwidth
     "arc\u202eysae",  # right-to-left override
-    "nul\x00byte", "new\nline", "x" * 97, "", " spaced ",
+    "nul\x00byte",
+    "new\nline",
+    "x" * 97,
+    "",
+    " spaced ",
 ]
 
 
@@ -322,8 +349,10 @@ def test_hostile_names_refused_everywhere(stocked: Library, base_dir: Path, tmp_
             ):
                 _refused(attempt, InvalidNameError)
         for suffix in ("/../../evil", "_\u0430", "\x00"):
-            _refused(lambda s=suffix: stocked.subtract_general(general=["keep1"], experts=["keep2"],
-                                                               suffix=s), InvalidNameError)
+            _refused(
+                lambda s=suffix: stocked.subtract_general(general=["keep1"], experts=["keep2"], suffix=s),
+                InvalidNameError,
+            )
 
 
 @SQLITE_ONLY
@@ -342,23 +371,28 @@ def test_hostile_folder_names_and_cli(stocked: Library, base_dir: Path, tmp_path
 # --- adapter configs of the wrong shape ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("edit, match", [
-    ({"r": "4"}, "'r' must be"),
-    ({"r": 4.0}, "'r' must be"),
-    ({"r": True}, "'r' must be"),
-    ({"r": -4}, "'r' must be"),
-    ({"lora_alpha": "16"}, "lora_alpha"),
-    ({"lora_alpha": None}, "lora_alpha"),
-    ({"target_modules": 5}, "target_modules"),
-    ({"target_modules": [1, 2]}, "target_modules"),
-    ({"use_rslora": "yes"}, "use_rslora"),
-    ({"peft_type": "PICKLE"}, "peft_type"),
-    ({"base_model_name_or_path": ["../evil"]}, "base_model_name_or_path"),
-    ({"rank_pattern": "x"}, "rank_pattern"),
-], ids=lambda v: json.dumps(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"r": "4"}, "'r' must be"),
+        ({"r": 4.0}, "'r' must be"),
+        ({"r": True}, "'r' must be"),
+        ({"r": -4}, "'r' must be"),
+        ({"lora_alpha": "16"}, "lora_alpha"),
+        ({"lora_alpha": None}, "lora_alpha"),
+        ({"target_modules": 5}, "target_modules"),
+        ({"target_modules": [1, 2]}, "target_modules"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+        ({"peft_type": "PICKLE"}, "peft_type"),
+        ({"base_model_name_or_path": ["../evil"]}, "base_model_name_or_path"),
+        ({"rank_pattern": "x"}, "rank_pattern"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
 @SQLITE_ONLY
-def test_config_with_wrong_types(stocked: Library, base_dir: Path, tmp_path: Path, edit: dict,
-                                 match: str) -> None:
+def test_config_with_wrong_types(
+    stocked: Library, base_dir: Path, tmp_path: Path, edit: dict, match: str
+) -> None:
     folder = _good_adapter(base_dir, tmp_path)
     cfg = json.loads((folder / CONFIG).read_text())
     cfg.update(edit)
@@ -367,8 +401,11 @@ def test_config_with_wrong_types(stocked: Library, base_dir: Path, tmp_path: Pat
         _refused(lambda: stocked.add(folder, name="cfg"), ValidationError, match)
 
 
-@pytest.mark.parametrize("raw", [b"[1, 2]", b"\xff\xfe{}", b'{"r": 4, "r": 8}', b"{" * 100_000,
-                                 b'{"r": NaN}'], ids=["list", "utf16", "dupkey", "deep", "nan"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"[1, 2]", b"\xff\xfe{}", b'{"r": 4, "r": 8}', b"{" * 100_000, b'{"r": NaN}'],
+    ids=["list", "utf16", "dupkey", "deep", "nan"],
+)
 @SQLITE_ONLY
 def test_config_that_is_not_a_config(stocked: Library, base_dir: Path, tmp_path: Path, raw: bytes) -> None:
     folder = _good_adapter(base_dir, tmp_path)
@@ -381,8 +418,9 @@ def test_config_that_is_not_a_config(stocked: Library, base_dir: Path, tmp_path:
 
 
 @SQLITE_ONLY
-def test_oversized_files_refused_before_they_are_read(stocked: Library, base_dir: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oversized_files_refused_before_they_are_read(
+    stocked: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = _good_adapter(base_dir, tmp_path / "small")
     sparse = _good_adapter(base_dir, tmp_path / "sparse")
     with open(sparse / WEIGHTS, "r+b") as f:  # 80 GiB, sparse: refused by its size, never read
@@ -402,7 +440,8 @@ def test_oversized_files_refused_before_they_are_read(stocked: Library, base_dir
 
 def _commit(hub: HubServer, files: dict[str, bytes]) -> None:
     HfApi(endpoint=hub.url, token=DEFAULT_TOKEN).create_commit(
-        REPO, [CommitOperationAdd(p, b) for p, b in files.items()], commit_message="tamper")
+        REPO, [CommitOperationAdd(p, b) for p, b in files.items()], commit_message="tamper"
+    )
 
 
 def _pushed(hub: HubServer, base_dir: Path, tmp_path: Path) -> dict:
@@ -446,18 +485,27 @@ def _tamper_base_source(m: dict) -> None:
     b["linear_shapes"]["../../evil"] = [1, 1]
 
 
-@pytest.mark.parametrize("tamper, error, match", [
-    (_tamper_proto_path, ManifestError, "is not"),
-    (_tamper_expert_name, ManifestError, "invalid name"),
-    (_tamper_lookalike, ManifestError, "U\\+0445"),
-    (_tamper_absolute_file, ManifestError, "is not"),
-    (_tamper_missing_file, IntegrityError, "missing from"),
-    (_tamper_base_source, ManifestError, "module name"),
-], ids=["proto-path", "expert-name", "lookalike", "absolute", "missing-file", "base-module"])
+@pytest.mark.parametrize(
+    "tamper, error, match",
+    [
+        (_tamper_proto_path, ManifestError, "is not"),
+        (_tamper_expert_name, ManifestError, "invalid name"),
+        (_tamper_lookalike, ManifestError, "U\\+0445"),
+        (_tamper_absolute_file, ManifestError, "is not"),
+        (_tamper_missing_file, IntegrityError, "missing from"),
+        (_tamper_base_source, ManifestError, "module name"),
+    ],
+    ids=["proto-path", "expert-name", "lookalike", "absolute", "missing-file", "base-module"],
+)
 @SQLITE_ONLY
 def test_manifest_pointing_outside_or_at_nothing(
-    stocked: Library, hub: HubServer, base_dir: Path, tmp_path: Path, tamper: Callable[[dict], None],
-    error: type[Exception], match: str,
+    stocked: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+    tamper: Callable[[dict], None],
+    error: type[Exception],
+    match: str,
 ) -> None:
     manifest = _pushed(hub, base_dir, tmp_path)
     tamper(manifest)
@@ -493,8 +541,9 @@ def test_server_sending_wrong_bytes(stocked: Library, hub: HubServer, base_dir: 
 
 
 @SQLITE_ONLY
-def test_hub_refusals_reach_the_cli_as_errors(stocked: Library, hub: HubServer, base_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_hub_refusals_reach_the_cli_as_errors(
+    stocked: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     manifest = _pushed(hub, base_dir, tmp_path)
     _tamper_expert_name(manifest)
     _commit(hub, {MANIFEST_FILE: json.dumps(manifest).encode()})

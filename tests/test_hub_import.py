@@ -38,12 +38,16 @@ def _api(hub: HubServer) -> HfApi:
 # --- import-hub ------------------------------------------------------------------------------------
 
 
-def test_import_hub_from_a_subfolder(library: Library, hub: HubServer, base_dir: Path, tmp_path: Path) -> None:
+def test_import_hub_from_a_subfolder(
+    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     src = make_adapter(base_dir, tmp_path / "arc", seed=4)
     api = _api(hub)
     api.create_repo("libstore-org/adapters")
     api.upload_folder(repo_id="libstore-org/adapters", folder_path=src, path_in_repo="tasks/arc_easy")
-    e = library.import_hub("libstore-org/adapters", subfolder="tasks/arc_easy", kind="task", tasks=["arc_easy"])
+    e = library.import_hub(
+        "libstore-org/adapters", subfolder="tasks/arc_easy", kind="task", tasks=["arc_easy"]
+    )
     assert e.name == "arc_easy" and e.tasks == ("arc_easy",)
     assert e.sha256 == sha256_file(src / "adapter_model.safetensors")
     assert e.source.startswith("hf://libstore-org/adapters/tasks/arc_easy@")
@@ -54,20 +58,26 @@ def test_import_hub_from_a_subfolder(library: Library, hub: HubServer, base_dir:
     assert not list((library.path / ".tmp").glob("*"))
 
 
-def test_import_hub_refuses_pickles_and_invalid_adapters(library: Library, hub: HubServer, base_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_import_hub_refuses_pickles_and_invalid_adapters(
+    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     src = make_adapter(base_dir, tmp_path / "a", seed=1)
     api = _api(hub)
     api.create_repo("libstore-org/pickled")
-    api.create_commit("libstore-org/pickled", [
-        CommitOperationAdd("adapter_config.json", (src / "adapter_config.json").read_bytes()),
-        CommitOperationAdd("adapter_model.bin", b"\x80\x04K\x01."),
-    ], commit_message="pickle")
+    api.create_commit(
+        "libstore-org/pickled",
+        [
+            CommitOperationAdd("adapter_config.json", (src / "adapter_config.json").read_bytes()),
+            CommitOperationAdd("adapter_model.bin", b"\x80\x04K\x01."),
+        ],
+        commit_message="pickle",
+    )
     before = snapshot(library)
     with pytest.raises(UnsafeFileError, match="never unpickles"):
         library.import_hub("libstore-org/pickled")
-    other_base = make_adapter(base_dir, tmp_path / "wide", seed=2, targets=("q_proj",),
-                              config_overrides={"r": 8})  # config says r=8, weights have rank 4
+    other_base = make_adapter(
+        base_dir, tmp_path / "wide", seed=2, targets=("q_proj",), config_overrides={"r": 8}
+    )  # config says r=8, weights have rank 4
     api.create_repo("libstore-org/broken")
     api.upload_folder(repo_id="libstore-org/broken", folder_path=other_base)
     with pytest.raises(ValidationError, match="rank"):
@@ -81,8 +91,9 @@ def test_import_hub_refuses_pickles_and_invalid_adapters(library: Library, hub: 
 MODULES = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
 
 
-def _write_mttl_library(folder: Path, names: dict[str, str], *, rank: int = 4, alpha: float = 16.0,
-                        seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def _write_mttl_library(
+    folder: Path, names: dict[str, str], *, rank: int = 4, alpha: float = 16.0, seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
     """What mttl's ExpertLibrary writes: <name>.ckpt (weights dict) and <name>.meta (metadata dict)."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -93,19 +104,27 @@ def _write_mttl_library(folder: Path, names: dict[str, str], *, rank: int = 4, a
             weights[f"{m}.lora_a"] = torch.randn(32, rank, generator=gen)  # (in, r)
             weights[f"{m}.lora_b"] = torch.randn(rank, 32, generator=gen)  # (r, out)
         torch.save(weights, folder / f"{name}.ckpt")
-        torch.save({
-            "expert_name": name,
-            "expert_task_name": task,
-            "parent_node": None,
-            "expert_model": "tiny-llama",
-            "expert_deleted": False,
-            "expert_config": {
-                "modify_modules": ".*", "modify_layers": "q_proj|v_proj", "tie_params": None,
-                "lora_rank": rank, "lora_alpha": alpha, "lora_dropout": 0.05, "lora_init_b_random": False,
-                "class_name": "mttl.models.modifiers.lora.LoRAConfig",
+        torch.save(
+            {
+                "expert_name": name,
+                "expert_task_name": task,
+                "parent_node": None,
+                "expert_model": "tiny-llama",
+                "expert_deleted": False,
+                "expert_config": {
+                    "modify_modules": ".*",
+                    "modify_layers": "q_proj|v_proj",
+                    "tie_params": None,
+                    "lora_rank": rank,
+                    "lora_alpha": alpha,
+                    "lora_dropout": 0.05,
+                    "lora_init_b_random": False,
+                    "class_name": "mttl.models.modifiers.lora.LoRAConfig",
+                },
+                "training_config": {"model": "tiny-llama", "finetune_task_name": task, "learning_rate": 1e-3},
             },
-            "training_config": {"model": "tiny-llama", "finetune_task_name": task, "learning_rate": 1e-3},
-        }, folder / f"{name}.meta")
+            folder / f"{name}.meta",
+        )
         torch.save({"config": {"name": "arrow"}, "data": {"x": torch.ones(2)}}, folder / f"{name}.arrow.bin")
         out[name] = weights
     return out
@@ -130,7 +149,10 @@ def test_import_mttl_folder_keeps_every_delta_w(library: Library, tmp_path: Path
             a, b = t[f"base_model.model.{m}.lora_A.weight"], t[f"base_model.model.{m}.lora_B.weight"]
             torch.testing.assert_close(ex.scale * b @ a, _delta_w(weights, m, 16.0 / 4), rtol=1e-6, atol=1e-6)
     # running it again is harmless; the exported expert is a PEFT folder PEFT can load
-    assert library.import_mttl(tmp_path / "mttl", allow_base_mismatch=True).skipped == ("cluster_3", "niv2_qa")
+    assert library.import_mttl(tmp_path / "mttl", allow_base_mismatch=True).skipped == (
+        "cluster_3",
+        "niv2_qa",
+    )
 
 
 def test_import_mttl_refuses_pickled_objects_without_running_them(library: Library, tmp_path: Path) -> None:
@@ -166,7 +188,9 @@ def test_import_mttl_checks_modifier_base_and_names(library: Library, tmp_path: 
     _write_mttl_library(folder, {"a": "bad task/name"})
     with pytest.raises(InvalidNameError):
         library.import_mttl(folder, allow_base_mismatch=True)
-    wide = {f"{m}.lora_a": torch.zeros(64, 4) for m in MODULES} | {f"{m}.lora_b": torch.zeros(4, 32) for m in MODULES}
+    wide = {f"{m}.lora_a": torch.zeros(64, 4) for m in MODULES} | {
+        f"{m}.lora_b": torch.zeros(4, 32) for m in MODULES
+    }
     _write_mttl_library(folder, {"a": "a"})
     torch.save(wide, folder / "a.ckpt")
     with pytest.raises(BaseModelMismatchError, match=r"\(in, r\)"):
@@ -174,7 +198,9 @@ def test_import_mttl_checks_modifier_base_and_names(library: Library, tmp_path: 
     assert library.experts() == []
 
 
-def test_import_mttl_from_the_hub_skips_deleted_experts(library: Library, hub: HubServer, tmp_path: Path) -> None:
+def test_import_mttl_from_the_hub_skips_deleted_experts(
+    library: Library, hub: HubServer, tmp_path: Path
+) -> None:
     folder = tmp_path / "mttl"
     src = _write_mttl_library(folder, {"keep": "keep", "gone": "gone"})
     meta = torch.load(folder / "gone.meta", weights_only=True)
@@ -189,5 +215,9 @@ def test_import_mttl_from_the_hub_skips_deleted_experts(library: Library, hub: H
     assert e.source.startswith("hf://libstore-org/mttl-lib@") and e.tasks == ("keep",)
     t = load_file(library.context.blobs.path(e.file("adapter_model.safetensors").sha256))
     m = MODULES[0]
-    torch.testing.assert_close(e.scale * t[f"base_model.model.{m}.lora_B.weight"] @ t[f"base_model.model.{m}.lora_A.weight"],
-                               _delta_w(src["keep"], m, 4.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        e.scale * t[f"base_model.model.{m}.lora_B.weight"] @ t[f"base_model.model.{m}.lora_A.weight"],
+        _delta_w(src["keep"], m, 4.0),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -26,28 +26,74 @@ from libstore.ops.query import parse_query
 H = [f"{i:x}" * 64 for i in range(10)]
 
 
-def _expert(name: str, *, sha: str = H[1], tags: tuple[str, ...] = ("v1",), cluster: str | None = None,
-            kind: str = "task") -> ExpertEntry:
+def _expert(
+    name: str,
+    *,
+    sha: str = H[1],
+    tags: tuple[str, ...] = ("v1",),
+    cluster: str | None = None,
+    kind: str = "task",
+) -> ExpertEntry:
     return ExpertEntry(
-        name=name, kind=kind, base_model="tiny", rank=4, alpha=8.0, use_rslora=False,
-        target_modules=("q_proj",), modules={"model.layers.0.self_attn.q_proj": (32, 32, 4)}, dtype="float32",
-        files={"adapter_config.json": FileEntry(H[0], 500), "adapter_model.safetensors": FileEntry(sha, 5000)},
-        tasks=(name,), tags=tags, metadata={"note": "x"}, cluster=cluster,
+        name=name,
+        kind=kind,
+        base_model="tiny",
+        rank=4,
+        alpha=8.0,
+        use_rslora=False,
+        target_modules=("q_proj",),
+        modules={"model.layers.0.self_attn.q_proj": (32, 32, 4)},
+        dtype="float32",
+        files={
+            "adapter_config.json": FileEntry(H[0], 500),
+            "adapter_model.safetensors": FileEntry(sha, 5000),
+        },
+        tasks=(name,),
+        tags=tags,
+        metadata={"note": "x"},
+        cluster=cluster,
     )
 
 
 def _manifest() -> Manifest:
-    base = BaseEntry("tiny", "org/tiny-llama", None, "LlamaForCausalLM", "llama", H[9],
-                     {"model.layers.0.self_attn.q_proj": (32, 32)})
-    res = ExpertEntry(**{**_expert("arc_res", sha=H[3], kind="residual").__dict__,
-                         "derivation": DerivationEntry("gks", 1, {"mode": "param"}, H[4],
-                                                       (("expert", "arc", H[1]), ("general", "wiki", H[2])))})
-    clustering = ClusteringEntry("mbc", "tiny", "mbc", "cosine", 2, 0, {}, {}, "kind=task",
-                                 (("arc", H[1]),), (ClusterEntry(0, "c0", {}, ("arc",), ("arc",)),))
+    base = BaseEntry(
+        "tiny",
+        "org/tiny-llama",
+        None,
+        "LlamaForCausalLM",
+        "llama",
+        H[9],
+        {"model.layers.0.self_attn.q_proj": (32, 32)},
+    )
+    res = ExpertEntry(
+        **{
+            **_expert("arc_res", sha=H[3], kind="residual").__dict__,
+            "derivation": DerivationEntry(
+                "gks", 1, {"mode": "param"}, H[4], (("expert", "arc", H[1]), ("general", "wiki", H[2]))
+            ),
+        }
+    )
+    clustering = ClusteringEntry(
+        "mbc",
+        "tiny",
+        "mbc",
+        "cosine",
+        2,
+        0,
+        {},
+        {},
+        "kind=task",
+        (("arc", H[1]),),
+        (ClusterEntry(0, "c0", {}, ("arc",), ("arc",)),),
+    )
     return Manifest(
         base_models={"tiny": base},
-        experts={"arc": _expert("arc"), "wiki": _expert("wiki", sha=H[2], kind="general"), "arc_res": res,
-                 "c0": _expert("c0", sha=H[5], kind="cluster", cluster="mbc:0")},
+        experts={
+            "arc": _expert("arc"),
+            "wiki": _expert("wiki", sha=H[2], kind="general"),
+            "arc_res": res,
+            "c0": _expert("c0", sha=H[5], kind="cluster", cluster="mbc:0"),
+        },
         clusterings={"mbc": clustering},
         prototypes=(PrototypeEntry("arc", H[1], "exact", 1, H[6], {"top_n": 1}, H[7], 700),),
         generator="libstore test",
@@ -61,12 +107,16 @@ def test_round_trip_is_exact_and_deterministic() -> None:
     assert again == m and again.to_bytes() == data
     assert json.loads(data)["format"] == FORMAT
     assert set(m.files()) == {
-        *(f"experts/{n}/{f}" for n in m.experts for f in ("adapter_config.json", "adapter_model.safetensors")),
+        *(
+            f"experts/{n}/{f}"
+            for n in m.experts
+            for f in ("adapter_config.json", "adapter_model.safetensors")
+        ),
         f"prototypes/arc/exact-v1-{H[6][:16]}.safetensors",
     }
     assert _expert("a").digest() == _expert("a").digest() != _expert("a", tags=("v2",)).digest()
     card = render(m, "org/lib")
-    assert "subfolder='experts/arc'" in card and "base_model:\n- \"org/tiny-llama\"" in card
+    assert "subfolder='experts/arc'" in card and 'base_model:\n- "org/tiny-llama"' in card
 
 
 def _tampered(edit) -> bytes:
@@ -75,27 +125,36 @@ def _tampered(edit) -> bytes:
     return json.dumps(raw).encode()
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m["experts"].__setitem__("..", m["experts"]["arc"]), "invalid name"),
-    (lambda m: m["experts"].__setitem__("/abs", m["experts"]["arc"]), "path separator"),
-    (lambda m: m["experts"]["arc"]["files"].pop("adapter_config.json"), "missing"),
-    (lambda m: m["experts"]["arc"]["files"].__setitem__("run.sh", {"sha256": H[0], "size": 1}), "unknown file"),
-    (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("path", "../x"), "is not"),
-    (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("size", -1), "integer"),
-    (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("size", True), "integer"),
-    (lambda m: m["experts"]["arc"].__setitem__("base_model", "other"), "not defined"),
-    (lambda m: m["experts"]["arc"].__setitem__("alpha", "8"), "finite number"),
-    (lambda m: m["experts"]["arc"].__setitem__("tags", ["ok", "no way"]), "invalid name"),
-    (lambda m: m["experts"]["arc"]["modules"].__setitem__("a..b", [1, 1, 4]), "module name"),
-    (lambda m: m["experts"]["c0"].__setitem__("cluster", "mbc:7"), "no cluster 7"),
-    (lambda m: m["experts"]["arc_res"]["derivation"]["parents"][0].__setitem__("name", "../up"), "invalid name"),
-    (lambda m: m["prototypes"][0].__setitem__("path", "prototypes/../../evil.safetensors"), "is not"),
-    (lambda m: m["prototypes"][0].__setitem__("expert_sha256", H[8]), "does not match"),
-    (lambda m: m["prototypes"][0].__setitem__("method", "../x"), "lowercase"),
-    (lambda m: m.__setitem__("format", "something-else"), "expected"),
-    (lambda m: m.__setitem__("format_version", 2), "upgrade libstore"),
-    (lambda m: m.pop("experts"), "missing key"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["experts"].__setitem__("..", m["experts"]["arc"]), "invalid name"),
+        (lambda m: m["experts"].__setitem__("/abs", m["experts"]["arc"]), "path separator"),
+        (lambda m: m["experts"]["arc"]["files"].pop("adapter_config.json"), "missing"),
+        (
+            lambda m: m["experts"]["arc"]["files"].__setitem__("run.sh", {"sha256": H[0], "size": 1}),
+            "unknown file",
+        ),
+        (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("path", "../x"), "is not"),
+        (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("size", -1), "integer"),
+        (lambda m: m["experts"]["arc"]["files"]["adapter_config.json"].__setitem__("size", True), "integer"),
+        (lambda m: m["experts"]["arc"].__setitem__("base_model", "other"), "not defined"),
+        (lambda m: m["experts"]["arc"].__setitem__("alpha", "8"), "finite number"),
+        (lambda m: m["experts"]["arc"].__setitem__("tags", ["ok", "no way"]), "invalid name"),
+        (lambda m: m["experts"]["arc"]["modules"].__setitem__("a..b", [1, 1, 4]), "module name"),
+        (lambda m: m["experts"]["c0"].__setitem__("cluster", "mbc:7"), "no cluster 7"),
+        (
+            lambda m: m["experts"]["arc_res"]["derivation"]["parents"][0].__setitem__("name", "../up"),
+            "invalid name",
+        ),
+        (lambda m: m["prototypes"][0].__setitem__("path", "prototypes/../../evil.safetensors"), "is not"),
+        (lambda m: m["prototypes"][0].__setitem__("expert_sha256", H[8]), "does not match"),
+        (lambda m: m["prototypes"][0].__setitem__("method", "../x"), "lowercase"),
+        (lambda m: m.__setitem__("format", "something-else"), "expected"),
+        (lambda m: m.__setitem__("format_version", 2), "upgrade libstore"),
+        (lambda m: m.pop("experts"), "missing key"),
+    ],
+)
 def test_hostile_or_broken_manifests_are_refused(edit, match) -> None:
     with pytest.raises(ManifestError, match=match):
         parse_manifest(_tampered(edit))
@@ -115,20 +174,23 @@ def test_json_level_tricks_are_refused() -> None:
         parse_manifest(b"[]")
 
 
-@pytest.mark.parametrize("local, remote, synced, state", [
-    ("a", "a", None, "in_sync"),
-    ("a", None, None, "local_only"),
-    (None, "a", None, "remote_only"),
-    ("b", "a", "a", "local_changed"),
-    ("a", "b", "a", "remote_changed"),
-    ("b", "c", "a", "conflict"),
-    ("b", "c", None, "conflict"),
-    (None, "a", "a", "deleted_local"),
-    ("a", None, "a", "deleted_remote"),
-    (None, "b", "a", "conflict"),
-    ("b", None, "a", "conflict"),
-    (None, None, "a", None),
-])
+@pytest.mark.parametrize(
+    "local, remote, synced, state",
+    [
+        ("a", "a", None, "in_sync"),
+        ("a", None, None, "local_only"),
+        (None, "a", None, "remote_only"),
+        ("b", "a", "a", "local_changed"),
+        ("a", "b", "a", "remote_changed"),
+        ("b", "c", "a", "conflict"),
+        ("b", "c", None, "conflict"),
+        (None, "a", "a", "deleted_local"),
+        ("a", None, "a", "deleted_remote"),
+        (None, "b", "a", "conflict"),
+        ("b", None, "a", "conflict"),
+        (None, None, "a", None),
+    ],
+)
 def test_three_way_states(local, remote, synced, state) -> None:
     assert classify(local, remote, synced) == state
 
@@ -140,10 +202,14 @@ def test_actions_force_prune_and_selection() -> None:
     local["rchg"] = "y"
     p = {e.name: (e.state, e.push, e.pull) for e in plan(local, remote, synced)}
     assert p == {
-        "new": ("local_only", "upload", "none"), "chg": ("local_changed", "upload", "none"),
-        "same": ("in_sync", "none", "none"), "conf": ("conflict", "conflict", "conflict"),
-        "gone_r": ("deleted_remote", "none", "none"), "theirs": ("remote_only", "none", "download"),
-        "gone_l": ("deleted_local", "none", "none"), "rchg": ("remote_changed", "none", "download"),
+        "new": ("local_only", "upload", "none"),
+        "chg": ("local_changed", "upload", "none"),
+        "same": ("in_sync", "none", "none"),
+        "conf": ("conflict", "conflict", "conflict"),
+        "gone_r": ("deleted_remote", "none", "none"),
+        "theirs": ("remote_only", "none", "download"),
+        "gone_l": ("deleted_local", "none", "none"),
+        "rchg": ("remote_changed", "none", "download"),
     }
     forced = {e.name: (e.push, e.pull) for e in plan(local, remote, synced, force=True, prune=True)}
     assert forced["conf"] == ("upload", "download") and forced["gone_l"] == ("delete", "download")
@@ -154,6 +220,7 @@ def test_actions_force_prune_and_selection() -> None:
 
 def test_query_matching_on_manifest_entries() -> None:
     m = _manifest()
+
     def names(q: str) -> list[str]:
         return sorted(n for n, e in m.experts.items() if matches(e, parse_query(q)))
 

@@ -59,8 +59,9 @@ def other(tmp_path: Path, db_url: str | None, base_dir: Path) -> Iterator[Librar
                 next(gen)
 
 
-def add_experts(lib: Library, base_dir: Path, tmp: Path, names: list[str], *, seed0: int = 0,
-                **kw: object) -> None:
+def add_experts(
+    lib: Library, base_dir: Path, tmp: Path, names: list[str], *, seed0: int = 0, **kw: object
+) -> None:
     """Add rank-4 task experts named ``names`` (each its own seed), tagged v1, task = name."""
     for i, name in enumerate(names):
         folder = make_adapter(base_dir, tmp / "src" / f"{name}-{seed0 + i}", seed=seed0 + i, **kw)  # type: ignore[arg-type]
@@ -76,5 +77,7 @@ def snapshot(lib: Library) -> tuple[list[tuple], list, list]:
 
         from libstore.catalog.models import RemoteExpertRow
 
-        records = sorted(s.execute(select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_sha256)).tuples())
+        records = sorted(
+            s.execute(select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_sha256)).tuples()
+        )
     return experts, remotes, records

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from libstore import Library
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog.remotes import ClusterData, ClusteringData
-from libstore.errors import HubError, IntegrityError, RemoteMovedError
+from libstore.errors import HubError, IntegrityError, RemoteMovedError, SyncConflictError
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
-from libstore.errors import SyncConflictError
 from libstore.ops import pull, push
 from libstore.store.blobs import sha256_file
 from tests import test_hub_support as support
@@ -40,19 +39,32 @@ def _lineage(lib: Library, name: str) -> tuple:
 def _records(lib: Library) -> dict:
     """Everything that should travel, comparable between two libraries."""
     experts = {
-        e.name: (e.kind, e.sha256, e.tasks, e.tags, e.cluster, e.rank, e.alpha, e.metadata,
-                 tuple(sorted((f.path, f.sha256) for f in e.files)), _lineage(lib, e.name))
+        e.name: (
+            e.kind,
+            e.sha256,
+            e.tasks,
+            e.tags,
+            e.cluster,
+            e.rank,
+            e.alpha,
+            e.metadata,
+            tuple(sorted((f.path, f.sha256) for f in e.files)),
+            _lineage(lib, e.name),
+        )
         for e in lib.experts()
     }
-    protos = sorted((p.expert_sha256, p.method, p.method_version, p.params_key, p.blob_sha256)
-                    for p in lib.prototype_cache())
+    protos = sorted(
+        (p.expert_sha256, p.method, p.method_version, p.params_key, p.blob_sha256)
+        for p in lib.prototype_cache()
+    )
     with lib.context.catalog.read() as s:
         clusterings = remote_repo.clusterings(s)
     return {"experts": experts, "prototypes": protos, "clusterings": clusterings}
 
 
-def test_round_trip_between_two_libraries(library: Library, other: Library, hub: HubServer,
-                                          base_dir: Path, tmp_path: Path) -> None:
+def test_round_trip_between_two_libraries(
+    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     """Experts, tags, tasks, metadata, derivations, clusterings and prototypes travel; a pulled
     expert loads with plain PEFT straight from the server."""
     add_experts(library, base_dir, tmp_path, ["arc", "boolq"])
@@ -62,15 +74,31 @@ def test_round_trip_between_two_libraries(library: Library, other: Library, hub:
     library.tag("arc", "v2")
     library.subtract_general(general=["wiki_en", "wiki_fr"], experts=["arc"])
     with library.context.catalog.write() as s:
-        remote_repo.insert_clustering(s, ClusteringData(
-            name="mbc-k2", base_model="tiny", method="mbc", metric="cosine", k=2, seed=0,
-            params={"top": 0.2}, criterion={"silhouette": 0.5}, query="kind=task",
-            inputs=(("arc", library.get("arc").sha256), ("boolq", library.get("boolq").sha256)),
-            clusters=(ClusterData(0, "c0", {"n": 1}, ("arc",), ("arc",)),
-                      ClusterData(1, None, {}, ("boolq",), ("boolq",))),
-        ))
-    library.add(make_adapter(base_dir, tmp_path / "src" / "c0", seed=70), name="cluster0", kind="cluster",
-                cluster="mbc-k2:0")
+        remote_repo.insert_clustering(
+            s,
+            ClusteringData(
+                name="mbc-k2",
+                base_model="tiny",
+                method="mbc",
+                metric="cosine",
+                k=2,
+                seed=0,
+                params={"top": 0.2},
+                criterion={"silhouette": 0.5},
+                query="kind=task",
+                inputs=(("arc", library.get("arc").sha256), ("boolq", library.get("boolq").sha256)),
+                clusters=(
+                    ClusterData(0, "c0", {"n": 1}, ("arc",), ("arc",)),
+                    ClusterData(1, None, {}, ("boolq",), ("boolq",)),
+                ),
+            ),
+        )
+    library.add(
+        make_adapter(base_dir, tmp_path / "src" / "c0", seed=70),
+        name="cluster0",
+        kind="cluster",
+        cluster="mbc-k2:0",
+    )
     library.compute_prototypes("kind=task,residual")
     want = _records(library)
     assert want["prototypes"] and any(v[9] for v in want["experts"].values())
@@ -110,7 +138,11 @@ def test_round_trip_between_two_libraries(library: Library, other: Library, hub:
 
 
 def test_incremental_push_and_pull_move_only_the_changed_expert(
-    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     names = [f"e{i}" for i in range(6)]
     add_experts(library, base_dir, tmp_path, names)
@@ -129,7 +161,8 @@ def test_incremental_push_and_pull_move_only_the_changed_expert(
     add_experts(library, base_dir, tmp_path, ["e3"], seed0=99)
     st = library.status()
     assert [(p.name, p.state, p.push) for p in st.experts if p.state != "in_sync"] == [
-        ("e3", "local_changed", "upload")]
+        ("e3", "local_changed", "upload")
+    ]
     hub.reset_stats()
     r = library.push()
     assert r.uploaded == ("e3",) and r.commits == 1
@@ -160,8 +193,9 @@ def test_incremental_push_and_pull_move_only_the_changed_expert(
 
 
 @SQLITE_ONLY
-def test_pull_by_tag_branch_and_commit(library: Library, other: Library, hub: HubServer,
-                                       base_dir: Path, tmp_path: Path) -> None:
+def test_pull_by_tag_branch_and_commit(
+    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     add_experts(library, base_dir, tmp_path, ["a", "b"])
     library.add_remote("origin", REPO)
     v1 = library.push(tag="v1").commit
@@ -187,7 +221,11 @@ def test_pull_by_tag_branch_and_commit(library: Library, other: Library, hub: Hu
 
 
 def test_remote_moved_refuses_push_and_conflicts_are_reported(
-    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     add_experts(library, base_dir, tmp_path, ["a", "b", "c"])
     library.add_remote("origin", REPO)
@@ -206,7 +244,9 @@ def test_remote_moved_refuses_push_and_conflicts_are_reported(
     # the remote moved on other experts: pull merges cleanly, then push works
     st = library.status()
     assert st.remote_moved and {p.name: p.state for p in st.experts if p.state != "in_sync"} == {
-        "a": "remote_changed", "b": "local_changed"}
+        "a": "remote_changed",
+        "b": "local_changed",
+    }
     assert library.pull().updated == ("a",)
     assert "ours" in library.get("b").tags and "theirs" in library.get("a").tags
     library.push()
@@ -227,8 +267,9 @@ def test_remote_moved_refuses_push_and_conflicts_are_reported(
 
 
 @SQLITE_ONLY
-def test_deletions_travel_only_with_prune(library: Library, other: Library, hub: HubServer,
-                                          base_dir: Path, tmp_path: Path) -> None:
+def test_deletions_travel_only_with_prune(
+    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     add_experts(library, base_dir, tmp_path, ["a", "b"])
     library.add_remote("origin", REPO)
     library.push()
@@ -274,7 +315,11 @@ def _setup_pushed(library: Library, base_dir: Path, tmp_path: Path, names: list[
 
 @SQLITE_ONLY
 def test_failed_lfs_upload_leaves_remote_and_library_unchanged(
-    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    library: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(push.time, "sleep", lambda s: None)
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
@@ -290,7 +335,11 @@ def test_failed_lfs_upload_leaves_remote_and_library_unchanged(
 
 @SQLITE_ONLY
 def test_5xx_on_commit_leaves_remote_at_previous_commit(
-    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    library: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(push.time, "sleep", lambda s: None)
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
@@ -309,7 +358,10 @@ def test_5xx_on_commit_leaves_remote_at_previous_commit(
 
 @SQLITE_ONLY
 def test_commit_applied_but_answer_lost_counts_as_pushed(
-    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    library: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
     add_experts(library, base_dir, tmp_path, ["b"], seed0=5)
@@ -324,7 +376,11 @@ def test_commit_applied_but_answer_lost_counts_as_pushed(
 
 @SQLITE_ONLY
 def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
-    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    library: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     head = _setup_pushed(library, base_dir, tmp_path, ["a"])
     old_manifest = hub.read_file(REPO, MANIFEST_FILE)
@@ -354,12 +410,19 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
 
 @SQLITE_ONLY
 def test_cut_download_leaves_library_unchanged_and_next_pull_resumes(
-    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     _setup_pushed(library, base_dir, tmp_path, ["a", "b", "c"])
     blobs = sorted({f.sha256 for e in library.experts() for f in e.files})  # download order, 1 worker
-    last = next(e.name for e in library.experts() if e.file("adapter_model.safetensors").sha256 == blobs[-1]) \
-        if any(e.file("adapter_model.safetensors").sha256 == blobs[-1] for e in library.experts()) else None
+    last = (
+        next(e.name for e in library.experts() if e.file("adapter_model.safetensors").sha256 == blobs[-1])
+        if any(e.file("adapter_model.safetensors").sha256 == blobs[-1] for e in library.experts())
+        else None
+    )
     assert last is not None or len(blobs) == 4
     cut = last or "a"
     other.add_remote("origin", REPO)
@@ -380,7 +443,11 @@ def test_cut_download_leaves_library_unchanged_and_next_pull_resumes(
 
 @SQLITE_ONLY
 def test_wrong_bytes_are_refused_before_they_enter_the_store(
-    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path,
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     _setup_pushed(library, base_dir, tmp_path, ["a"])
     weights = library.get("a").file("adapter_model.safetensors").sha256
@@ -404,26 +471,65 @@ def _commit_manifest(hub: HubServer, manifest: dict, extra: dict[str, bytes] | N
     HfApi(endpoint=hub.url, token=DEFAULT_TOKEN).create_commit(REPO, ops, commit_message="tamper")
 
 
-@pytest.mark.parametrize("tamper, error, match", [
-    (lambda m: m["experts"].__setitem__("../evil", m["experts"]["a"]), ManifestError, "invalid name"),
-    (lambda m: m["experts"]["a"]["files"].__setitem__("../../x.py", {"sha256": "0" * 64, "size": 1}),
-     ManifestError, "unknown file"),
-    (lambda m: m["experts"]["a"]["files"]["adapter_model.safetensors"].__setitem__("path", "../../etc/x"),
-     ManifestError, "is not"),
-    (lambda m: m["experts"]["a"]["files"]["adapter_config.json"].__setitem__("sha256", "ABC"),
-     ManifestError, "sha256"),
-    (lambda m: m["experts"]["a"].__setitem__("kind", "rootkit"), ManifestError, "kind"),
-    (lambda m: m.__setitem__("format_version", 99), ManifestError, "upgrade libstore"),
-    (lambda m: m["experts"].__setitem__("ghost", {**m["experts"]["a"], "files": {
-        "adapter_config.json": m["experts"]["a"]["files"]["adapter_config.json"],
-        "adapter_model.safetensors": {"sha256": "1" * 64, "size": 10}}}), IntegrityError, "missing"),
-    (lambda m: m["experts"]["a"].__setitem__("rank", 8) or m["experts"]["a"].__setitem__(
-        "modules", {k: [v[0], v[1], 8] for k, v in m["experts"]["a"]["modules"].items()}),
-     IntegrityError, "manifest says rank"),
-])
+@pytest.mark.parametrize(
+    "tamper, error, match",
+    [
+        (lambda m: m["experts"].__setitem__("../evil", m["experts"]["a"]), ManifestError, "invalid name"),
+        (
+            lambda m: m["experts"]["a"]["files"].__setitem__("../../x.py", {"sha256": "0" * 64, "size": 1}),
+            ManifestError,
+            "unknown file",
+        ),
+        (
+            lambda m: m["experts"]["a"]["files"]["adapter_model.safetensors"].__setitem__(
+                "path", "../../etc/x"
+            ),
+            ManifestError,
+            "is not",
+        ),
+        (
+            lambda m: m["experts"]["a"]["files"]["adapter_config.json"].__setitem__("sha256", "ABC"),
+            ManifestError,
+            "sha256",
+        ),
+        (lambda m: m["experts"]["a"].__setitem__("kind", "rootkit"), ManifestError, "kind"),
+        (lambda m: m.__setitem__("format_version", 99), ManifestError, "upgrade libstore"),
+        (
+            lambda m: m["experts"].__setitem__(
+                "ghost",
+                {
+                    **m["experts"]["a"],
+                    "files": {
+                        "adapter_config.json": m["experts"]["a"]["files"]["adapter_config.json"],
+                        "adapter_model.safetensors": {"sha256": "1" * 64, "size": 10},
+                    },
+                },
+            ),
+            IntegrityError,
+            "missing",
+        ),
+        (
+            lambda m: (
+                m["experts"]["a"].__setitem__("rank", 8)
+                or m["experts"]["a"].__setitem__(
+                    "modules", {k: [v[0], v[1], 8] for k, v in m["experts"]["a"]["modules"].items()}
+                )
+            ),
+            IntegrityError,
+            "manifest says rank",
+        ),
+    ],
+)
 @SQLITE_ONLY
 def test_hostile_manifest_is_refused_and_nothing_changes(
-    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path, tamper, error, match,
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+    tamper,
+    error,
+    match,
 ) -> None:
     _setup_pushed(library, base_dir, tmp_path, ["a"])
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
@@ -452,8 +558,9 @@ def test_repo_without_manifest_is_not_a_library(other: Library, hub: HubServer) 
 SECRET = "hf_TopSecretToken_0123456789abcdef"
 
 
-def test_token_never_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_dir: Path,
-                           caplog: pytest.LogCaptureFixture) -> None:
+def test_token_never_leaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
     import traceback
 
@@ -502,8 +609,9 @@ def test_token_never_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base
 
 
 @SQLITE_ONLY
-def test_sha256_of_pulled_files_matches_the_original(library: Library, other: Library, hub: HubServer,
-                                                     base_dir: Path, tmp_path: Path) -> None:
+def test_sha256_of_pulled_files_matches_the_original(
+    library: Library, other: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
     src = make_adapter(base_dir, tmp_path / "x", seed=7)
     library.add(src, name="x")
     library.add_remote("origin", REPO)

@@ -94,7 +94,11 @@ def test_commit_regular_and_lfs_files_then_read_them_back(api: HfApi, hub: HubSe
     info = api.model_info(REPO, files_metadata=True)
     assert info.sha == pushed == hub.head(REPO)
     siblings = {s.rfilename: s for s in info.siblings}
-    assert set(siblings) == {".gitattributes", "experts/a/adapter_config.json", "experts/a/adapter_model.safetensors"}
+    assert set(siblings) == {
+        ".gitattributes",
+        "experts/a/adapter_config.json",
+        "experts/a/adapter_model.safetensors",
+    }
     assert siblings["experts/a/adapter_model.safetensors"].lfs.sha256 == sha
     assert siblings["experts/a/adapter_config.json"].lfs is None
     assert siblings["experts/a/adapter_config.json"].size == len(CONFIG)
@@ -108,13 +112,17 @@ def test_commit_regular_and_lfs_files_then_read_them_back(api: HfApi, hub: HubSe
         "experts/a/adapter_config.json",
         "experts/a/adapter_model.safetensors",
     ]
-    paths = api.get_paths_info(REPO, ["experts/a/adapter_model.safetensors", "experts", "missing"], expand=True)
+    paths = api.get_paths_info(
+        REPO, ["experts/a/adapter_model.safetensors", "experts", "missing"], expand=True
+    )
     assert [type(p) for p in paths] == [RepoFile, RepoFolder]
     assert paths[0].lfs.sha256 == sha and paths[0].last_commit.oid == pushed
 
     assert _download(hub, "experts/a/adapter_model.safetensors") == WEIGHTS
     assert _download(hub, "adapter_config.json", subfolder="experts/a") == CONFIG
-    assert file_exists(REPO, "experts/a/adapter_config.json")  # module-level function: patched default endpoint
+    assert file_exists(
+        REPO, "experts/a/adapter_config.json"
+    )  # module-level function: patched default endpoint
     folder = Path(snapshot_download(REPO, endpoint=hub.url, allow_patterns=["experts/*"]))
     assert (folder / "experts/a/adapter_model.safetensors").read_bytes() == WEIGHTS
     assert folder.name == pushed
@@ -241,7 +249,10 @@ def test_lfs_batch_download_action(hub: HubServer, pushed: str) -> None:
     oid = hashlib.sha256(WEIGHTS).hexdigest()
     batch = httpx2.post(
         f"{hub.url}/{REPO}.git/info/lfs/objects/batch",
-        json={"operation": "download", "objects": [{"oid": oid, "size": len(WEIGHTS)}, {"oid": "0" * 64, "size": 1}]},
+        json={
+            "operation": "download",
+            "objects": [{"oid": oid, "size": len(WEIGHTS)}, {"oid": "0" * 64, "size": 1}],
+        },
         headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"},
     ).json()
     found, missing = batch["objects"]
@@ -305,7 +316,9 @@ def test_fault_wrong_bytes_are_served_with_the_right_headers(api: HfApi, hub: Hu
     assert _download(hub, path, force_download=True) == WEIGHTS
 
 
-def test_fault_cut_download_is_resumed_or_fails(hub: HubServer, pushed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fault_cut_download_is_resumed_or_fails(
+    hub: HubServer, pushed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     skip_client_backoff(monkeypatch)
     # The client only keeps whole chunks (10 MiB by default) of a broken download, then resumes with a Range.
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1000)
@@ -353,7 +366,9 @@ def test_peft_loads_an_adapter_from_a_subfolder(api: HfApi, hub: HubServer, tmp_
     )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path / "adapter")
     expected = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     api.create_repo(REPO)

@@ -47,7 +47,9 @@ def _planted(
 def _check_sign_and_norm(p: Prototypes) -> None:
     v = p.vectors
     assert v.dtype == torch.float32
-    torch.testing.assert_close(torch.linalg.vector_norm(v, dim=-1), torch.ones(v.shape[:-1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(v, dim=-1), torch.ones(v.shape[:-1]), atol=1e-6, rtol=0
+    )
     idx = v.abs().argmax(dim=-1, keepdim=True)
     assert bool((torch.gather(v, -1, idx) > 0).all())
 
@@ -87,7 +89,10 @@ def test_exact_is_deterministic_and_sign_rule_holds() -> None:
 def test_gauge_invariance() -> None:
     """ΔW = B·A = (B·G⁻¹)·(G·A): the prototype depends on ΔW only."""
     g = torch.Generator().manual_seed(2)
-    A, B = torch.randn(6, 80, generator=g, dtype=torch.float64), torch.randn(70, 6, generator=g, dtype=torch.float64)
+    A, B = (
+        torch.randn(6, 80, generator=g, dtype=torch.float64),
+        torch.randn(70, 6, generator=g, dtype=torch.float64),
+    )
     G = torch.randn(6, 6, generator=g, dtype=torch.float64) + 4 * torch.eye(6, dtype=torch.float64)
     p1 = exact_prototypes(A.float(), B.float(), top_n=2)
     p2 = exact_prototypes((G @ A).float(), (B @ torch.linalg.inv(G)).float(), top_n=2)
@@ -135,7 +140,9 @@ def test_rank_deficient_B_and_vectors_past_the_rank() -> None:
     # past the rank: still orthonormal, inside A's row space
     torch.testing.assert_close(p.vectors @ p.vectors.mT, torch.eye(4), atol=1e-5, rtol=0)
     qa = torch.linalg.qr(A.mT)[0]
-    torch.testing.assert_close(torch.linalg.vector_norm(p.vectors @ qa, dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(p.vectors @ qa, dim=-1), torch.ones(4), atol=1e-5, rtol=0
+    )
 
 
 def test_zero_B_gives_top_singular_vector_of_A_and_value_zero() -> None:

@@ -32,7 +32,9 @@ def _experts(n: int, ranks: list[int], shapes: list[tuple[int, int]], seed: int,
 
 
 def _dense_cosine(experts) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    flat = torch.stack([torch.cat([(s * B.double() @ A.double()).flatten() for A, B, s in e]) for e in experts])
+    flat = torch.stack(
+        [torch.cat([(s * B.double() @ A.double()).flatten() for A, B, s in e]) for e in experts]
+    )
     norms = flat.norm(dim=1)
     return (flat @ flat.T) / torch.outer(norms, norms)
 
@@ -53,7 +55,9 @@ def test_frobenius_inner_batched_with_scale_tensors() -> None:
     s1, s2 = torch.rand(5, generator=g), torch.rand(5, generator=g)
     got = frobenius_inner(A1, B1, s1, A2, B2, s2)
     assert got.shape == (5,) and got.dtype == torch.float32
-    want = ((B1.double() @ A1.double()) * (B2.double() @ A2.double())).sum((-2, -1)) * s1.double() * s2.double()
+    want = (
+        ((B1.double() @ A1.double()) * (B2.double() @ A2.double())).sum((-2, -1)) * s1.double() * s2.double()
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(IncompatibleExpertsError):
         frobenius_inner(A1, B1, 1.0, A2[..., :29], B2, 1.0)
@@ -91,7 +95,9 @@ def test_delta_cosine_is_gauge_invariant() -> None:
     G = torch.randn(4, 4, generator=g, dtype=F64) + 3 * torch.eye(4, dtype=F64)
     A, B, s = experts[1][0]
     regauged = [experts[0], [(G @ A, B @ torch.linalg.inv(G), s)], experts[2]]
-    torch.testing.assert_close(delta_cosine_matrix(regauged), delta_cosine_matrix(experts), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        delta_cosine_matrix(regauged), delta_cosine_matrix(experts), rtol=0, atol=1e-12
+    )
     # the flattened-parameter cosine is not: that is why the exact one is the default
     flat = flat_cosine_matrix(torch.stack([flatten_lora([(A, B) for A, B, _ in e]) for e in regauged]))
     flat0 = flat_cosine_matrix(torch.stack([flatten_lora([(A, B) for A, B, _ in e]) for e in experts]))
@@ -105,7 +111,9 @@ def test_zero_norm_experts() -> None:
     assert torch.equal(got[2], torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64))
     assert torch.equal(got[:, 2], got[2])
     keep = [0, 1, 3]
-    torch.testing.assert_close(got[keep][:, keep], _dense_cosine([experts[i] for i in keep]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        got[keep][:, keep], _dense_cosine([experts[i] for i in keep]), rtol=0, atol=1e-12
+    )
     flat = torch.randn(3, 10, dtype=F64)
     flat[1] = 0
     fc = flat_cosine_matrix(flat)

@@ -74,9 +74,7 @@ def _add_planted(lib: Library, planted: dict[str, Path]) -> None:
 
 def _same_partition(c: ops.Clustering) -> bool:
     got = {m: cl.index for cl in c.clusters for m in cl.members}
-    return all(
-        (got[a] == got[b]) == (planted_label(a) == planted_label(b)) for a in got for b in got
-    )
+    return all((got[a] == got[b]) == (planted_label(a) == planted_label(b)) for a in got for b in got)
 
 
 # --- the main path, on SQLite and PostgreSQL -----------------------------------------------------
@@ -105,9 +103,7 @@ def test_planted_clusters_recovered_and_recorded(library: Library, planted: dict
             assert c.params["keep"] == 0.2 and c.params["dim"] == 64
             assert c.params["features_dim"] == N  # min(dim, n)
         assert c.criterion["name"] == "given"
-        assert [(i.name, i.sha256, i.status) for i in c.inputs] == [
-            (n, shas[n], "ok") for n in NAMES
-        ]
+        assert [(i.name, i.sha256, i.status) for i in c.inputs] == [(n, shas[n], "ok") for n in NAMES]
         assert not c.stale and c.stale_reasons == () and c.base_model == "tiny"
         assert library.clustering(c.name) == c
     assert [c.name for c in library.clusterings()] == ["mbc-delta-k3", "mbc-k3"]
@@ -132,9 +128,7 @@ def test_auto_k_and_determinism(library: Library, planted: dict[str, Path]) -> N
     assert d.k == K_PLANTED and d.criterion["k_range"] == [2, 3, 4, 5] and _same_partition(d)
 
 
-def test_stale_on_added_changed_and_removed_experts(
-    library: Library, planted: dict[str, Path]
-) -> None:
+def test_stale_on_added_changed_and_removed_experts(library: Library, planted: dict[str, Path]) -> None:
     _add_planted(library, planted)
     library.cluster(k=3, name="run")
     assert not library.clustering("run").stale
@@ -275,8 +269,7 @@ def test_streamed_similarity_equals_in_memory(sqlite_lib: Library) -> None:
         got, fdim = ops.similarity_matrix(ctx, experts, metric="flat", budget_bytes=budget)
         assert fdim == N
         torch.testing.assert_close(got, want_flat, atol=1e-6, rtol=0)  # float32 block products
-        got, fdim = ops.similarity_matrix(ctx, experts, metric="delta", budget_bytes=budget,
-                                          device="cpu")
+        got, fdim = ops.similarity_matrix(ctx, experts, metric="delta", budget_bytes=budget, device="cpu")
         assert fdim is None
         torch.testing.assert_close(got, want_delta, atol=1e-5, rtol=0)
     assert ops._module_groups({m: 256 for m in modules}, N, one_module) == [[m] for m in modules]

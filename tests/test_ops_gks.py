@@ -70,19 +70,24 @@ def test_param_mode_stores_peft_equal_residuals_with_lineage(gkslib: Library) ->
     ]
     assert not lin.is_stale and res.lineage is not None and res.lineage.method == "gks-param"
     assert [(c.name, c.method, c.role) for c in gkslib.lineage("g1").children] == [
-        ("a_res", "gks-param", "general"), ("b_res", "gks-param", "general")]
+        ("a_res", "gks-param", "general"),
+        ("b_res", "gks-param", "general"),
+    ]
     assert gkslib.stale().empty
 
 
 @sqlite_only
-def test_param_residual_equals_peft_create_arrow_model(gkslib: Library, base_dir: Path,
-                                                       tmp_path: Path) -> None:
+def test_param_residual_equals_peft_create_arrow_model(
+    gkslib: Library, base_dir: Path, tmp_path: Path
+) -> None:
     from peft import ArrowConfig, create_arrow_model
 
     gkslib.subtract_general(general="g1 g2", experts="a b")
     paths = {n: str(gkslib.export(n, tmp_path / "x" / n)) for n in ("a", "b", "g1", "g2")}
     model = create_arrow_model(
-        load_base(base_dir), [paths["a"], paths["b"]], ArrowConfig(top_k=1, use_gks=True, rng_seed=0),
+        load_base(base_dir),
+        [paths["a"], paths["b"]],
+        ArrowConfig(top_k=1, use_gks=True, rng_seed=0),
         general_adapter_paths=[paths["g1"], paths["g2"]],
     )
     with torch.no_grad():
@@ -100,8 +105,9 @@ def test_param_residual_equals_peft_create_arrow_model(gkslib: Library, base_dir
 
 
 @sqlite_only
-def test_exported_residual_loads_with_peft_and_matches_dense(gkslib: Library, base_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_exported_residual_loads_with_peft_and_matches_dense(
+    gkslib: Library, base_dir: Path, tmp_path: Path
+) -> None:
     from peft import PeftModel
 
     gkslib.subtract_general(general="kind=general", experts="a", mode="delta", rank=3, suffix="_d")
@@ -118,11 +124,11 @@ def test_exported_residual_loads_with_peft_and_matches_dense(gkslib: Library, ba
 
 
 @sqlite_only
-def test_delta_mode_is_exact_and_truncation_reports_energy(gkslib: Library, base_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_delta_mode_is_exact_and_truncation_reports_energy(
+    gkslib: Library, base_dir: Path, tmp_path: Path
+) -> None:
     # delta mode accepts other ranks: a rank-8 general expert
-    gkslib.add(make_adapter(base_dir, tmp_path / "g8", r=8, alpha=4, seed=20), name="g8",
-               kind="general")
+    gkslib.add(make_adapter(base_dir, tmp_path / "g8", r=8, alpha=4, seed=20), name="g8", kind="general")
     exact = gkslib.subtract_general(general="kind=general", experts="a", mode="delta", suffix="_x")
     assert exact.created == ("a_x",) and exact.method == "gks-delta"
     res = gkslib.get("a_x")
@@ -134,8 +140,7 @@ def test_delta_mode_is_exact_and_truncation_reports_energy(gkslib: Library, base
         torch.testing.assert_close(d, want[m], atol=1e-5, rtol=1e-5)
     assert gkslib.lineage("a_x").derivation.params["energy_kept"] == 1.0
 
-    trunc = gkslib.subtract_general(general="kind=general", experts="a", mode="delta", rank=2,
-                                    suffix="_t")
+    trunc = gkslib.subtract_general(general="kind=general", experts="a", mode="delta", rank=2, suffix="_t")
     assert gkslib.get("a_t").rank == 2
     kept = total = 0.0
     for m, d in _dense(gkslib, "a_t").items():
@@ -206,8 +211,7 @@ def test_errors(gkslib: Library, base_dir: Path, tmp_path: Path) -> None:
     gkslib.add(make_adapter(base_dir, tmp_path / "r8", r=8, seed=5), name="r8")
     with pytest.raises(IncompatibleExpertsError, match="rank 4 but 'r8' rank 8.*--mode delta"):
         gkslib.subtract_general(general="kind=general", experts="kind=task")
-    gkslib.add(make_adapter(base_dir, tmp_path / "qk", targets=("q_proj", "k_proj"), seed=6),
-               name="qk")
+    gkslib.add(make_adapter(base_dir, tmp_path / "qk", targets=("q_proj", "k_proj"), seed=6), name="qk")
     with pytest.raises(IncompatibleExpertsError, match="adapt different modules"):
         gkslib.subtract_general(general="kind=general", experts="qk", mode="delta")
     with pytest.raises(ValidationError, match="--mode delta --rank"):

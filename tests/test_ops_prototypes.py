@@ -39,8 +39,7 @@ def test_compute_caches_and_second_call_computes_nothing(lib3: Library) -> None:
     assert first.computed == ("a", "b", "c") and first.cached == ()
     # every module of a and b is (4, 32) x (32, 4) and stacks into one call; c's rank 8 is another
     assert first.batched_calls == 2
-    assert (first.method, first.method_version, first.params) == ("exact", EXACT_METHOD_VERSION,
-                                                                   {"top_n": 1})
+    assert (first.method, first.method_version, first.params) == ("exact", EXACT_METHOD_VERSION, {"top_n": 1})
     blobs = _blobs(lib3)
     second = lib3.compute_prototypes()
     assert second.computed == () and second.cached == ("a", "b", "c") and second.batched_calls == 0
@@ -180,7 +179,13 @@ def test_memory_batches_and_double_record(lib3: Library) -> None:
     assert report.computed == ("a", "b") and report.batched_calls == 2 and report.device == "cpu"
     (entry,) = [c for c in lib3.prototype_cache() if c.experts == ("a",)]
     with lib3.context.catalog.write() as s:
-        again = cache.record(s, expert_sha256=entry.expert_sha256, method="exact",
-                             method_version=entry.method_version, params=entry.params,
-                             blob_sha256=entry.blob_sha256, blob_size=1)
+        again = cache.record(
+            s,
+            expert_sha256=entry.expert_sha256,
+            method="exact",
+            method_version=entry.method_version,
+            params=entry.params,
+            blob_sha256=entry.blob_sha256,
+            blob_size=1,
+        )
     assert again is False and len(lib3.prototype_cache()) == 2

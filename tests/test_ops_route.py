@@ -20,11 +20,19 @@ SEED = 0
 @pytest.fixture
 def routed_lib(library: Library, base_dir: Path, tmp_path: Path) -> Library:
     for i in range(4):
-        library.add(make_adapter(base_dir, tmp_path / f"task{i}", seed=i, targets=("q_proj", "v_proj", "up_proj")),
-                    name=f"task{i}", kind="task")
+        library.add(
+            make_adapter(base_dir, tmp_path / f"task{i}", seed=i, targets=("q_proj", "v_proj", "up_proj")),
+            name=f"task{i}",
+            kind="task",
+        )
     for i in range(2):
-        library.add(make_adapter(base_dir, tmp_path / f"gen{i}", seed=50 + i, targets=("q_proj", "v_proj", "up_proj")),
-                    name=f"gen{i}", kind="general")
+        library.add(
+            make_adapter(
+                base_dir, tmp_path / f"gen{i}", seed=50 + i, targets=("q_proj", "v_proj", "up_proj")
+            ),
+            name=f"gen{i}",
+            kind="general",
+        )
     return library
 
 
@@ -34,8 +42,12 @@ def _peft_arrow(base_dir: Path, lib: Library, tmp_path: Path, *, top_k: int, gks
     tasks = [str(lib.export(e.name, tmp_path / "peft" / e.name)) for e in lib.experts("kind=task")]
     general = [str(lib.export(e.name, tmp_path / "peft" / e.name)) for e in lib.experts("kind=general")]
     cfg = ArrowConfig(top_k=top_k, router_temperature=1.0, use_gks=gks, rng_seed=SEED)
-    return create_arrow_model(load_base(base_dir), task_specific_adapter_paths=tasks,
-                              general_adapter_paths=general if gks else None, arrow_config=cfg).eval()
+    return create_arrow_model(
+        load_base(base_dir),
+        task_specific_adapter_paths=tasks,
+        general_adapter_paths=general if gks else None,
+        arrow_config=cfg,
+    ).eval()
 
 
 @pytest.mark.parametrize(("top_k", "gks"), [(1, False), (2, True), (4, False)])
@@ -43,8 +55,13 @@ def test_routed_model_from_catalog_matches_peft(
     routed_lib: Library, base_dir: Path, tmp_path: Path, top_k: int, gks: bool
 ) -> None:
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    ours = routed_lib.routed_model(load_base(base_dir), experts="kind=task", top_k=top_k, method="peft",
-                                   general="kind=general" if gks else None)
+    ours = routed_lib.routed_model(
+        load_base(base_dir),
+        experts="kind=task",
+        top_k=top_k,
+        method="peft",
+        general="kind=general" if gks else None,
+    )
     ref = _peft_arrow(base_dir, routed_lib, tmp_path, top_k=top_k, gks=gks)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
@@ -95,8 +112,22 @@ def test_cli_route_generates_and_explains(routed_lib: Library, base_dir: Path, t
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(base_dir)
     png = tmp_path / "routing.png"
     db = [] if routed_lib.context.catalog.is_sqlite else ["--db", routed_lib.context.catalog.url]
-    args = ["-L", str(routed_lib.path), *db, "route", "--base", str(base_dir), "--prompt", "w1 w2 w3",
-            "--top-k", "2", "--max-new-tokens", "4", "--explain", str(png)]
+    args = [
+        "-L",
+        str(routed_lib.path),
+        *db,
+        "route",
+        "--base",
+        str(base_dir),
+        "--prompt",
+        "w1 w2 w3",
+        "--top-k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--explain",
+        str(png),
+    ]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 4 and png.stat().st_size > 1000

@@ -33,8 +33,9 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
 def trio(library: Library, base_dir: Path, tmp_path: Path) -> Library:
     """a (r4), b (r4, rsLoRA), c (r8): same modules, different ranks and scales."""
     library.add(make_adapter(base_dir, tmp_path / "a", r=4, alpha=8, seed=1), name="a", tasks=["ta"])
-    library.add(make_adapter(base_dir, tmp_path / "b", r=4, alpha=8, use_rslora=True, seed=2),
-                name="b", tasks=["tb"])
+    library.add(
+        make_adapter(base_dir, tmp_path / "b", r=4, alpha=8, use_rslora=True, seed=2), name="b", tasks=["tb"]
+    )
     library.add(make_adapter(base_dir, tmp_path / "c", r=8, alpha=4, seed=3), name="c")
     return library
 
@@ -64,8 +65,7 @@ def test_similarity_matches_dense_cosines(trio: Library, tmp_path: Path) -> None
 
 
 @sqlite_only
-def test_similarity_is_gauge_invariant_flat_is_not(library: Library, base_dir: Path,
-                                                   tmp_path: Path) -> None:
+def test_similarity_is_gauge_invariant_flat_is_not(library: Library, base_dir: Path, tmp_path: Path) -> None:
     import json
 
     from safetensors.torch import load_file, save_file
@@ -137,8 +137,9 @@ def test_merged_expert_loads_with_peft(trio: Library, base_dir: Path, tmp_path: 
     with torch.no_grad():
         for m, d in _dense(trio, "ab").items():
             dense.get_submodule(m).weight += d.float()
-        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_merge_reuse_conflicts_and_refresh(trio: Library, base_dir: Path, tmp_path: Path) -> None:

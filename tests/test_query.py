@@ -33,8 +33,11 @@ def test_round_trip() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("colour=red", "unknown query field 'colour'"), ("kind=", "empty value"),
-     ("kind=lora", "unknown kind 'lora'")],
+    [
+        ("colour=red", "unknown query field 'colour'"),
+        ("kind=", "empty value"),
+        ("kind=lora", "unknown kind 'lora'"),
+    ],
 )
 def test_errors(text: str, message: str) -> None:
     with pytest.raises(QueryError, match=message):

@@ -46,27 +46,17 @@ class Library:
 
     def __init__(self, base: nn.Module, root: Path, modules: list[str]) -> None:
         self.base = base
-        self.tasks = [
-            make_adapter(base, root / f"task{i}", seed=i, target_modules=modules)
-            for i in range(E)
-        ]
+        self.tasks = [make_adapter(base, root / f"task{i}", seed=i, target_modules=modules) for i in range(E)]
         self.general = [
-            make_adapter(
-                base, root / f"general{i}", seed=100 + i, target_modules=modules
-            )
-            for i in range(2)
+            make_adapter(base, root / f"general{i}", seed=100 + i, target_modules=modules) for i in range(2)
         ]
         self.task_tensors = [load_peft_folder(p) for p in self.tasks]
         self.general_tensors = [load_peft_folder(p) for p in self.general]
-        self.ids = torch.randint(
-            0, 128, (2, 12), generator=torch.Generator().manual_seed(0)
-        )
+        self.ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module", params=["llama", "phi3"])
-def lib(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Library:
+def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Library:
     root = tmp_path_factory.mktemp(request.param)
     if request.param == "llama":
         return Library(tiny_llama(), root, LLAMA_MODULES)
@@ -91,9 +81,7 @@ def arrow_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 @pytest.mark.parametrize("gks", [False, True], ids=["plain", "genknowsub"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("top_k", [1, 2, E])
-def test_logits_match_peft(
-    lib: Library, top_k: int, temperature: float, gks: bool
-) -> None:
+def test_logits_match_peft(lib: Library, top_k: int, temperature: float, gks: bool) -> None:
     general = lib.general if gks else []
     pm = peft_arrow(
         lib.base,
@@ -119,9 +107,7 @@ def test_logits_match_peft(
     for strategy in ("dense", "gather", "grouped"):
         rm.configure(strategy=strategy)
         got = rm(lib.ids).logits
-        torch.testing.assert_close(
-            got, expected, atol=ATOL, rtol=0, msg=lambda m, s=strategy: f"{s}: {m}"
-        )
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m, s=strategy: f"{s}: {m}")
 
 
 @torch.no_grad()
@@ -140,16 +126,12 @@ def test_experts_on_different_layers_match_peft(tmp_path: Path) -> None:
         for i, ls in enumerate(layers)
     ]
     general = [
-        make_adapter(
-            base, tmp_path / f"g{i}", seed=30 + i, target_modules=["q_proj", "v_proj"]
-        )
+        make_adapter(base, tmp_path / f"g{i}", seed=30 + i, target_modules=["q_proj", "v_proj"])
         for i in range(2)
     ]
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     for top_k, gks in ((2, False), (3, False), (2, True)):
-        pm = peft_arrow(
-            base, tasks, top_k=top_k, seed=SEED, general=general if gks else ()
-        )
+        pm = peft_arrow(base, tasks, top_k=top_k, seed=SEED, general=general if gks else ())
         expected = pm(ids).logits
         rm = ours(
             base,
@@ -186,9 +168,7 @@ def _peft_choices(pm: nn.Module, ids: Tensor) -> dict[str, Tensor]:
                 h = args[0].reshape(-1, args[0].shape[-1]).float()
                 arrow = layers[key]
                 seen[key] = (
-                    torch.topk((h @ arrow.prototypes.T).abs(), arrow.top_k, dim=1)
-                    .indices.sort(1)
-                    .values
+                    torch.topk((h @ arrow.prototypes.T).abs(), arrow.top_k, dim=1).indices.sort(1).values
                 )
 
             hooks.append(mod.register_forward_pre_hook(hook))
@@ -199,9 +179,7 @@ def _peft_choices(pm: nn.Module, ids: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(
-    "make_base,modules", [(tiny_llama, LLAMA_MODULES), (tiny_phi3, PHI3_MODULES)]
-)
+@pytest.mark.parametrize("make_base,modules", [(tiny_llama, LLAMA_MODULES), (tiny_phi3, PHI3_MODULES)])
 def test_exact_prototypes_match_peft_where_power_iteration_converged(
     tmp_path: Path, make_base: Any, modules: list[str]
 ) -> None:
@@ -243,10 +221,7 @@ def test_bf16_close_to_peft(tmp_path: Path) -> None:
     """bf16 base: both score and mix in fp32 (PEFT upcasts adapters), base matmuls in bf16."""
     base = tiny_llama()
     tasks = [
-        make_adapter(
-            base, tmp_path / f"t{i}", seed=60 + i, target_modules=LLAMA_MODULES
-        )
-        for i in range(4)
+        make_adapter(base, tmp_path / f"t{i}", seed=60 + i, target_modules=LLAMA_MODULES) for i in range(4)
     ]
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     base16 = copy.deepcopy(base).to(torch.bfloat16)
@@ -254,9 +229,7 @@ def test_bf16_close_to_peft(tmp_path: Path) -> None:
     expected = pm(ids).logits
     rm = ours(base16, [load_peft_folder(p) for p in tasks], top_k=2)
     layer = next(iter(rm.layers.values()))
-    assert (
-        layer.lora_A.dtype == torch.float32 and layer.prototypes.dtype == torch.float32
-    )
+    assert layer.lora_A.dtype == torch.float32 and layer.prototypes.dtype == torch.float32
     got = rm(ids).logits
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.02)

@@ -32,11 +32,7 @@ STRATEGIES = ("dense", "gather", "grouped")
 
 
 def linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not n.endswith("lm_head")
-    }
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")}
 
 
 def random_experts(
@@ -56,9 +52,7 @@ def random_experts(
     out = []
     for i in range(n):
         r = ranks[i % len(ranks)]
-        chosen = [
-            m for j, m in enumerate(names) if not subsets or i == 0 or (i + j) % 3 != 0
-        ]
+        chosen = [m for j, m in enumerate(names) if not subsets or i == 0 or (i + j) % 3 != 0]
         mods = {
             m: (
                 torch.randn(r, lins[m].in_features, generator=gen) * scale,
@@ -80,9 +74,7 @@ def check_layers_against_dense_loop(
     """Every routed layer's delta equals the float64 per-token loop, for every strategy allowed."""
     inputs: dict[str, Tensor] = {}
     hooks = [
-        layer.register_forward_pre_hook(
-            lambda _m, args, name=name: inputs.__setitem__(name, args[0])
-        )
+        layer.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
         for name, layer in routed.layers.items()
     ]
     with torch.no_grad():
@@ -122,16 +114,12 @@ def check_layers_against_dense_loop(
 
 
 @pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (3, 0.5), (9, 2.0)])
-def test_mixed_ranks_and_module_subsets_match_dense_loop(
-    top_k: int, temperature: float
-) -> None:
+def test_mixed_ranks_and_module_subsets_match_dense_loop(top_k: int, temperature: float) -> None:
     model = tiny_llama()
     experts = random_experts(model, 7, ranks=(2, 4, 8), subsets=True)
     routed = build_router(model, experts, top_k=top_k, temperature=temperature)
     q0 = routed.layers["model.layers.0.self_attn.q_proj"]
-    assert (
-        len(set(q0.ranks)) > 1 and q0.num_experts < 7
-    )  # really mixed ranks, really a subset
+    assert len(set(q0.ranks)) > 1 and q0.num_experts < 7  # really mixed ranks, really a subset
     check_layers_against_dense_loop(routed, experts, ids_for(1))
 
 
@@ -145,9 +133,7 @@ def test_parameter_mixing_matches_dense_loop(top_k: int) -> None:
     if top_k > 1:  # and it is a different function from output mixing
         out_mix = build_router(tiny_llama(), experts, top_k=top_k)
         with torch.no_grad():
-            assert not torch.allclose(
-                routed(ids_for(2)).logits, out_mix(ids_for(2)).logits, atol=1e-4
-            )
+            assert not torch.allclose(routed(ids_for(2)).logits, out_mix(ids_for(2)).logits, atol=1e-4)
 
 
 def test_parameter_mixing_refuses_mixed_ranks() -> None:
@@ -194,30 +180,14 @@ def test_cost_rule() -> None:
         "uniform_rank": True,
     }
     # few experts: dense rank space is cheapest at any length
-    assert (
-        choose_strategy(
-            tokens=1024, experts=4, total_rank=32, device_type="cpu", **common
-        )
-        == "dense"
-    )
-    assert (
-        choose_strategy(tokens=1, experts=4, total_rank=32, device_type="cpu", **common)
-        == "dense"
-    )
+    assert choose_strategy(tokens=1024, experts=4, total_rank=32, device_type="cpu", **common) == "dense"
+    assert choose_strategy(tokens=1, experts=4, total_rank=32, device_type="cpu", **common) == "dense"
     # many experts, long input on CPU: one segment per expert
     assert (
-        choose_strategy(
-            tokens=1024, experts=256, total_rank=2048, device_type="cpu", **common
-        )
-        == "grouped"
+        choose_strategy(tokens=1024, experts=256, total_rank=2048, device_type="cpu", **common) == "grouped"
     )
     # many experts, one decoding step: gather the chosen factors
-    assert (
-        choose_strategy(
-            tokens=2, experts=256, total_rank=2048, device_type="cpu", **common
-        )
-        == "gather"
-    )
+    assert choose_strategy(tokens=2, experts=256, total_rank=2048, device_type="cpu", **common) == "gather"
     # never the data-dependent path under torch.compile
     assert (
         choose_strategy(
@@ -232,12 +202,7 @@ def test_cost_rule() -> None:
     )
     # mixed ranks cannot gather
     mixed = dict(common, uniform_rank=False)
-    assert (
-        choose_strategy(
-            tokens=2, experts=256, total_rank=2048, device_type="cpu", **mixed
-        )
-        != "gather"
-    )
+    assert choose_strategy(tokens=2, experts=256, total_rank=2048, device_type="cpu", **mixed) != "gather"
 
 
 # -- generation, dtypes, compile ----------------------------------------------------------------------
@@ -261,9 +226,7 @@ def test_generate_with_kv_cache_equals_without(make: object) -> None:
             out = routed(cached[:, i : i + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
             steps.append(out.logits[:, -1])
-    torch.testing.assert_close(
-        torch.stack(steps, 1), full[:, 6:-1], atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:-1], atol=1e-4, rtol=1e-4)
     # decoding steps (2 tokens) took a cheaper path than the prefill
     assert {layer._last_strategy for layer in routed.layers.values()} <= {
         "dense",
@@ -280,14 +243,9 @@ def test_bf16_model_and_bf16_factors() -> None:
     with torch.no_grad():
         ref = build_router(copy.deepcopy(model32), experts, top_k=6)(ids).logits
         model16 = copy.deepcopy(model32).to(torch.bfloat16)
-        routed = build_router(
-            model16, experts, top_k=6
-        )  # factors fp32 by default (PEFT's autocast)
+        routed = build_router(model16, experts, top_k=6)  # factors fp32 by default (PEFT's autocast)
         layer = next(iter(routed.layers.values()))
-        assert (
-            layer.lora_A.dtype == torch.float32
-            and layer.prototypes.dtype == torch.float32
-        )
+        assert layer.lora_A.dtype == torch.float32 and layer.prototypes.dtype == torch.float32
         out = routed(ids).logits
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
@@ -302,9 +260,7 @@ def test_bf16_model_and_bf16_factors() -> None:
         half = build_router(model16, experts, top_k=6, dtype=torch.bfloat16)
         assert next(iter(half.layers.values())).lora_A.dtype == torch.bfloat16
         torch.testing.assert_close(half(ids).logits.float(), ref, atol=0.1, rtol=0.05)
-        assert half.generate(
-            ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0
-        ).shape == (2, 7)
+        assert half.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
 
 
 def test_compiles_without_graph_breaks() -> None:
@@ -340,10 +296,7 @@ def test_compiles_with_inductor() -> None:
 def test_trace_records_the_expected_experts(tmp_path: Path) -> None:
     """One-hot prototypes on a one-Linear model: each token's experts and weights are known."""
     model = nn.Sequential(nn.Linear(8, 8))
-    experts = [
-        ExpertTensors(f"e{i}", 1.0, {"0": (torch.randn(2, 8), torch.randn(8, 2))})
-        for i in range(4)
-    ]
+    experts = [ExpertTensors(f"e{i}", 1.0, {"0": (torch.randn(2, 8), torch.randn(8, 2))}) for i in range(4)]
     protos = {"0": torch.eye(8)[:4]}  # expert e scores |h_e|
     routed = build_router(model, experts, prototypes=protos, top_k=2, temperature=0.5)
     h = torch.zeros(3, 8)
@@ -391,9 +344,7 @@ def test_trace_on_a_transformer_counts_every_token() -> None:
     for name, c in counts.items():
         assert int(c.sum()) == (12 + 2 * 2) * 2, name
         never = set(range(5)) - set(routed.layers[name].expert_ids.tolist())
-        assert all(
-            int(c[e]) == 0 for e in never
-        )  # experts without the module are never chosen
+        assert all(int(c[e]) == 0 for e in never)  # experts without the module are never chosen
     rows, mat = trace.usage(by="layer")
     assert rows == ["layer 0", "layer 1"] and torch.allclose(mat.sum(1), torch.ones(2))
 
@@ -421,16 +372,11 @@ def test_base_parameters_untouched_and_unpatch_restores_the_model() -> None:
     ids = ids_for(10)
     with torch.no_grad():
         before = model(ids).logits
-    params = {
-        n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()
-    }
+    params = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
     routed = build_router(model, random_experts(model, 4, seed=11), top_k=2)
     assert isinstance(model.model.layers[0].self_attn.q_proj, RoutedLinear)
-    assert (
-        model.model.layers[0].self_attn.q_proj.base_layer
-        is modules["model.layers.0.self_attn.q_proj"]
-    )
+    assert model.model.layers[0].self_attn.q_proj.base_layer is modules["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
         routed_logits = routed(ids).logits
     assert not torch.allclose(routed_logits, before)
@@ -470,13 +416,8 @@ def test_build_walks_the_module_tree_once_and_is_fast(
     elapsed = time.perf_counter() - t0
     monkeypatch.undo()
     assert len(walks) == 1
-    assert elapsed < 10.0, (
-        elapsed
-    )  # ~0.2 s on an idle 2-core CPU; generous for a loaded machine
-    assert (
-        len(routed.layers) == 14
-        and routed.layers["model.layers.1.mlp.down_proj"].num_experts == 256
-    )
+    assert elapsed < 10.0, elapsed  # ~0.2 s on an idle 2-core CPU; generous for a loaded machine
+    assert len(routed.layers) == 14 and routed.layers["model.layers.1.mlp.down_proj"].num_experts == 256
 
 
 def test_peft_prototypes_are_batched_like_peft_per_module() -> None:
@@ -484,13 +425,9 @@ def test_peft_prototypes_are_batched_like_peft_per_module() -> None:
     model = tiny_llama()
     experts = random_experts(model, 3, seed=13)
     routed = build_router(model, experts, prototype_fn=peft_prototype_fn(seed=4))
-    alone = build_router(
-        tiny_llama(), experts[1:2], prototype_fn=peft_prototype_fn(seed=4)
-    )
+    alone = build_router(tiny_llama(), experts[1:2], prototype_fn=peft_prototype_fn(seed=4))
     name = "model.layers.1.mlp.up_proj"
-    assert torch.equal(
-        routed.layers[name].prototypes[1], alone.layers[name].prototypes[0]
-    )
+    assert torch.equal(routed.layers[name].prototypes[1], alone.layers[name].prototypes[0])
 
 
 def test_given_prototypes_are_used_and_checked() -> None:
@@ -525,9 +462,7 @@ def test_build_errors_leave_the_model_untouched() -> None:
             {
                 "experts": [
                     *good,
-                    expert(
-                        "x", {"model.missing": (torch.zeros(2, 64), torch.zeros(64, 2))}
-                    ),
+                    expert("x", {"model.missing": (torch.zeros(2, 64), torch.zeros(64, 2))}),
                 ]
             },
             "no module",
@@ -590,10 +525,7 @@ def test_build_errors_leave_the_model_untouched() -> None:
     with pytest.raises(RouterError):
         routed.configure(top_k=0)
     routed.configure(top_k=1, temperature=2.0)
-    assert all(
-        layer.top_k == 1 and layer.temperature == 2.0
-        for layer in routed.layers.values()
-    )
+    assert all(layer.top_k == 1 and layer.temperature == 2.0 for layer in routed.layers.values())
 
 
 def test_factor_dtype_narrower_than_model_and_half_after_build() -> None:
@@ -615,9 +547,7 @@ def test_factor_dtype_narrower_than_model_and_half_after_build() -> None:
             assert out.dtype == torch.float32
             torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
         routed = build_router(copy.deepcopy(model), experts, top_k=5)
-        routed.model.to(
-            torch.bfloat16
-        )  # buffers follow the model, prototypes are re-widened to score
+        routed.model.to(torch.bfloat16)  # buffers follow the model, prototypes are re-widened to score
         out = routed(ids).logits
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)

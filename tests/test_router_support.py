@@ -85,8 +85,7 @@ def make_adapter(
     r: int = 4,
     alpha: float = 8,
     layers: Sequence[int] | None = None,
-    edit: Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
-    | None = None,
+    edit: Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
 ) -> Path:
     """Save a PEFT LoRA adapter of ``base`` (random A and B, seeded) to ``folder``; returns it.
 
@@ -121,9 +120,7 @@ def dominant(
 ) -> Callable[[str, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]:
     """An ``edit`` giving ΔW one dominant direction: σ1/σ2 ≈ scale² (power iteration converges)."""
 
-    def edit(
-        _name: str, A: Tensor, B: Tensor, gen: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def edit(_name: str, A: Tensor, B: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         A = torch.randn(A.shape, generator=gen) * 0.05
         B = torch.randn(B.shape, generator=gen) * 0.05
         A[0] = torch.randn(A.shape[1], generator=gen) * 0.05 * scale
@@ -189,9 +186,7 @@ class ShapeRecorder(TorchDispatchMode):
         self.largest = 0
         self.shapes: list[tuple[int, ...]] = []
 
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {
             a.untyped_storage().data_ptr()
@@ -200,10 +195,7 @@ class ShapeRecorder(TorchDispatchMode):
         }
         for t in out if isinstance(out, (tuple, list)) else (out,):
             # views and in-place results share an input's storage: they allocate nothing
-            if (
-                isinstance(t, torch.Tensor)
-                and t.untyped_storage().data_ptr() not in inputs
-            ):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.shapes.append(tuple(t.shape))
                 self.largest = max(self.largest, t.numel())
         return out
@@ -232,9 +224,7 @@ def test_load_peft_folder_matches_peft_weights(tmp_path: Path) -> None:
     ex = load_peft_folder(folder)
     assert ex.scale == 2.0
     assert sorted(ex.modules) == sorted(
-        f"model.layers.{i}.{m}"
-        for i in range(2)
-        for m in ("self_attn.q_proj", "mlp.down_proj")
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
     )
     A, B = ex.modules["model.layers.0.mlp.down_proj"]
     assert A.shape == (4, 128) and B.shape == (64, 4)
@@ -246,10 +236,7 @@ def test_shape_recorder_sees_peft_materialise_tokens_x_experts_x_out(
     """The detector works: PEFT's Arrow forward does build a (tokens x E x out) tensor."""
     base = tiny_llama()
     E = 6
-    tasks = [
-        make_adapter(base, tmp_path / f"t{i}", seed=i, target_modules=["q_proj"])
-        for i in range(E)
-    ]
+    tasks = [make_adapter(base, tmp_path / f"t{i}", seed=i, target_modules=["q_proj"]) for i in range(E)]
     pm = peft_arrow(base, tasks, top_k=2)
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():

@@ -87,8 +87,13 @@ def _server_text(server: HubServer) -> str:
 
 
 def test_token_stays_secret_through_failures(
-    locked_hub: HubServer, library: Library, other: Library, base_dir: Path, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    locked_hub: HubServer,
+    library: Library,
+    other: Library,
+    base_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger: libstore, huggingface_hub, httpx, urllib3
     lib = library
@@ -118,7 +123,7 @@ def test_token_stays_secret_through_failures(
     token_file.write_text(SECRET)
     from huggingface_hub import constants
 
-    assert constants.HF_TOKEN_PATH == str(token_file)
+    assert str(token_file) == constants.HF_TOKEN_PATH
     locked_hub.faults.fail_next("download", 500, count=None)
     other.add_remote("origin", REPO)
     fails(other.pull)
@@ -155,7 +160,11 @@ def test_token_stays_secret_through_failures(
 def _libstore(lib: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from libstore.cli import main; main()", "-L", str(lib), *args],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

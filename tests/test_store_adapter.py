@@ -69,12 +69,8 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 def test_real_peft_adapter_passes(adapter: Path, llama: Path) -> None:
     a = read_adapter(adapter)
-    assert set(a.modules) == {
-        f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")
-    }
-    assert all(
-        s == ModuleShape(in_features=32, out_features=32, rank=4) for s in a.modules.values()
-    )
+    assert set(a.modules) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    assert all(s == ModuleShape(in_features=32, out_features=32, rank=4) for s in a.modules.values())
     assert (a.rank, a.alpha, a.use_rslora, a.dtype) == (4, 8.0, False, "float32")
     assert a.target_modules == ("q_proj", "v_proj")
     w = adapter / WEIGHTS
@@ -152,9 +148,7 @@ def test_adapter_module_does_not_import_torch() -> None:
         "bad = [m for m in heavy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -165,9 +159,7 @@ def test_reading_an_adapter_does_not_import_torch(adapter: Path) -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -229,9 +221,7 @@ def test_pickle_disguised_as_safetensors(adapter: Path) -> None:
 
 
 def test_lfs_pointer_weights(adapter: Path) -> None:
-    (adapter / WEIGHTS).write_bytes(
-        b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n"
-    )
+    (adapter / WEIGHTS).write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     with pytest.raises(ValidationError, match="git-LFS pointer"):
         read_adapter(adapter)
 
@@ -494,9 +484,7 @@ def test_good_names(name: str) -> None:
 def test_bad_names(name: str, why: str) -> None:
     with pytest.raises(InvalidNameError, match=why) as e:
         validate_name(name)
-    assert "allowed are 1-96 characters from ASCII letters, digits, '.', '_' and '-'" in str(
-        e.value
-    )
+    assert "allowed are 1-96 characters from ASCII letters, digits, '.', '_' and '-'" in str(e.value)
 
 
 def test_name_must_be_a_string() -> None:

@@ -66,9 +66,7 @@ def test_linear_shapes_match_a_real_model(
     assert base.fingerprint == fingerprint_config(real.config)
 
 
-def test_relative_source_is_recorded_absolute(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_source_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_base_model(tmp_path / "m")
     monkeypatch.chdir(tmp_path)
     assert inspect_base_model("m", name="m").source == str((tmp_path / "m").resolve())
@@ -142,9 +140,7 @@ def test_fingerprint_differs_between_architectures() -> None:
 
 def test_hidden_size_change_via_folder(tmp_path: Path) -> None:
     a = inspect_base_model(str(make_base_model(tmp_path / "a")), name="a")
-    b = inspect_base_model(
-        str(make_base_model(tmp_path / "b", hidden_size=64, head_dim=16)), name="b"
-    )
+    b = inspect_base_model(str(make_base_model(tmp_path / "b", hidden_size=64, head_dim=16)), name="b")
     assert a.fingerprint != b.fingerprint
     assert b.linear_shapes["model.layers.0.self_attn.q_proj"] == LinearShape(64, 64)
 

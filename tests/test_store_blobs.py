@@ -161,9 +161,7 @@ def test_source_changing_during_copy_stores_nothing(
     assert list(store) == [] and store.temp_files() == []
 
 
-def test_crash_before_rename_leaves_no_blob(
-    store: BlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_crash_before_rename_leaves_no_blob(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(src: object, dst: object) -> None:
         raise OSError("disk gone")
 
@@ -241,7 +239,7 @@ def test_concurrent_puts_of_the_same_bytes(store: BlobStore) -> None:
     def put() -> None:
         try:
             results.append(store.put_bytes(data))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=put) for _ in range(8)]

@@ -26,9 +26,7 @@ from libstore.store.safetensors_io import (
 )
 
 
-def raw_file(
-    header: dict[str, Any], data: bytes, *, length: int | None = None, pad: int = 0
-) -> bytes:
+def raw_file(header: dict[str, Any], data: bytes, *, length: int | None = None, pad: int = 0) -> bytes:
     """A safetensors file built by hand, so broken ones can be made on purpose."""
     text = json.dumps(header, separators=(",", ":")).encode() + b" " * pad
     n = len(text) if length is None else length

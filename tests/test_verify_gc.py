@@ -116,8 +116,9 @@ def test_cli_verify_and_gc_json_and_exit_codes(library: Library, base_dir: Path,
     assert result.exit_code == 2 and "not a duration" in result.output
 
 
-def test_corrupt_expert_blob_is_quarantined_never_deleted(library: Library, base_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_corrupt_expert_blob_is_quarantined_never_deleted(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
     src = _stock(library, base_dir, tmp_path)
     sha = _blob(library, "a")
     _corrupt(library.context.blobs.path(sha))
@@ -140,7 +141,9 @@ def test_corrupt_expert_blob_is_quarantined_never_deleted(library: Library, base
 
 
 def test_missing_blobs_and_record_mismatches_are_errors_repair_leaves_alone(
-    library: Library, base_dir: Path, tmp_path: Path,
+    library: Library,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     _stock(library, base_dir, tmp_path)
     weights = _blob(library, "b")
@@ -154,26 +157,38 @@ def test_missing_blobs_and_record_mismatches_are_errors_repair_leaves_alone(
     (missing,) = [p for p in report.errors if isinstance(p, MissingBlob)]
     assert missing.sha256 == weights and missing.referenced_by == ("expert 'b' (adapter_model.safetensors)",)
     mism = {(p.expert, p.what) for p in report.errors if isinstance(p, ExpertMismatch)}
-    assert {("g1", "rank"), ("g1", "dtype"), ("g1", "rank (config r)"), ("g2", "alpha (config lora_alpha)"),
-            ("a_res", "modules"), ("a_res", "base model fit of model.layers.9.mlp.up_proj")} <= mism
+    assert {
+        ("g1", "rank"),
+        ("g1", "dtype"),
+        ("g1", "rank (config r)"),
+        ("g2", "alpha (config lora_alpha)"),
+        ("a_res", "modules"),
+        ("a_res", "base model fit of model.layers.9.mlp.up_proj"),
+    } <= mism
     before = [e.name for e in library.experts()]
     after = library.verify(repair=True)
     assert not after.ok and [e.name for e in library.experts()] == before
 
 
-def test_bad_prototype_caches_are_dropped_and_recomputed(library: Library, base_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_bad_prototype_caches_are_dropped_and_recomputed(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
     _stock(library, base_dir, tmp_path)
     entries = {c.experts[0]: c for c in library.prototype_cache()}
     library.context.blobs.delete(entries["a"].blob_sha256)  # missing
     _corrupt(library.context.blobs.path(entries["b"].blob_sha256))  # corrupt
     with library.context.catalog.write() as s:  # g1's entry points at g2's prototype file
-        s.execute(update(PrototypeCacheRow)
-                  .where(PrototypeCacheRow.expert_sha256 == entries["g1"].expert_sha256)
-                  .values(blob_sha256=entries["g2"].blob_sha256))
+        s.execute(
+            update(PrototypeCacheRow)
+            .where(PrototypeCacheRow.expert_sha256 == entries["g1"].expert_sha256)
+            .values(blob_sha256=entries["g2"].blob_sha256)
+        )
     report = library.verify()
     assert sorted(type(p).__name__ for p in report.errors) == [
-        "BadPrototypeCache", "CorruptBlob", "MissingBlob"]
+        "BadPrototypeCache",
+        "CorruptBlob",
+        "MissingBlob",
+    ]
     (bad,) = [p for p in report.errors if isinstance(p, BadPrototypeCache)]
     assert "made for weights" in bad.reason
 
@@ -188,7 +203,9 @@ def test_bad_prototype_caches_are_dropped_and_recomputed(library: Library, base_
 
 @SQLITE_ONLY
 def test_rows_pointing_at_nothing_are_repaired_as_on_delete_would(
-    library: Library, base_dir: Path, tmp_path: Path,
+    library: Library,
+    base_dir: Path,
+    tmp_path: Path,
 ) -> None:
     _stock(library, base_dir, tmp_path)
     weights = _blob(library, "b")
@@ -202,9 +219,13 @@ def test_rows_pointing_at_nothing_are_repaired_as_on_delete_would(
     codes = _codes(report)
     assert "unrecorded_blob" in codes and "blob_size_mismatch" in codes
     dangling = {(p.table, p.column, p.on_delete) for p in report.problems if isinstance(p, DanglingReference)}
-    assert {("expert_files", "expert_id", "CASCADE"), ("expert_tags", "expert_id", "CASCADE"),
-            ("expert_tasks", "expert_id", "CASCADE"), ("derivations", "child_id", "CASCADE"),
-            ("derivation_parents", "parent_id", "SET NULL")} <= dangling
+    assert {
+        ("expert_files", "expert_id", "CASCADE"),
+        ("expert_tags", "expert_id", "CASCADE"),
+        ("expert_tasks", "expert_id", "CASCADE"),
+        ("derivations", "child_id", "CASCADE"),
+        ("derivation_parents", "parent_id", "SET NULL"),
+    } <= dangling
     assert not report.ok
 
     repaired = library.verify(repair=True)
@@ -261,7 +282,9 @@ def test_harmless_leftovers_are_warnings(library: Library, base_dir: Path, tmp_p
     assert [type(p) for p in report.problems] == [StrayFile]
 
 
-def test_blob_row_without_file_is_a_warning_repair_deletes_it(library: Library, base_dir: Path, tmp_path: Path) -> None:
+def test_blob_row_without_file_is_a_warning_repair_deletes_it(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
     _stock(library, base_dir, tmp_path)
     sha = _blob(library, "a")
     library.remove("a_res")
@@ -277,8 +300,7 @@ def test_blob_row_without_file_is_a_warning_repair_deletes_it(library: Library, 
 # --- gc ------------------------------------------------------------------------------------------
 
 
-def test_gc_removes_exactly_what_nothing_references(library: Library, base_dir: Path,
-                                                    tmp_path: Path) -> None:
+def test_gc_removes_exactly_what_nothing_references(library: Library, base_dir: Path, tmp_path: Path) -> None:
     _stock(library, base_dir, tmp_path)
     blobs = library.context.blobs
     weights, config = _blob(library, "b"), _blob(library, "b", "adapter_config.json")
@@ -324,8 +346,9 @@ def test_gc_keeps_blobs_of_imports_in_flight(library: Library) -> None:
 
 
 @SQLITE_ONLY
-def test_gc_never_deletes_a_blob_claimed_while_it_deletes(library: Library,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gc_never_deletes_a_blob_claimed_while_it_deletes(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The last race: a writer re-uses the blob between gc's age check and its deletion."""
     blobs = library.context.blobs
     data = b"an old unreferenced blob"

@@ -220,11 +220,15 @@ def to_clustering(session: Session, row: ClusteringRow, *, added: Sequence[str] 
     )
     reasons = [
         f"{i.name!r} changed (was {i.sha256[:12]}, now {(i.current_sha256 or '')[:12]})"
-        if i.status == "changed" else f"{i.name!r} is gone"
-        for i in inputs if i.status != "ok"
+        if i.status == "changed"
+        else f"{i.name!r} is gone"
+        for i in inputs
+        if i.status != "ok"
     ]
     if added:
-        shown = ", ".join(repr(a) for a in added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        shown = ", ".join(repr(a) for a in added[:5]) + (
+            f" and {len(added) - 5} more" if len(added) > 5 else ""
+        )
         reasons.append(f"{len(added)} expert(s) matching {row.query!r} added since: {shown}")
     base = session.get(BaseModelRow, row.base_model_id)
     criterion = dict(row.criterion or {})
@@ -293,8 +297,15 @@ def insert_clustering(
             f"expert {missing[0]!r} was removed or renamed while the clustering ran; run it again"
         )
     row = ClusteringRow(
-        name=name, base_model_id=base.id, method=method, metric=metric, k=k, seed=seed,
-        params=dict(params), criterion=dict(criterion), query=query,
+        name=name,
+        base_model_id=base.id,
+        method=method,
+        metric=metric,
+        k=k,
+        seed=seed,
+        params=dict(params),
+        criterion=dict(criterion),
+        query=query,
     )
     row.inputs = [
         ClusteringInputRow(position=p, expert_id=ids[n], expert_name=n, expert_sha256=sha)

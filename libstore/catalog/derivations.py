@@ -127,9 +127,7 @@ def record_derivation(
         inputs_key=inputs_key,
     )
     row.parents = [
-        DerivationParentRow(
-            position=i, role=role, parent_id=p.id, parent_name=p.name, parent_sha256=p.sha256
-        )
+        DerivationParentRow(position=i, role=role, parent_id=p.id, parent_name=p.name, parent_sha256=p.sha256)
         for i, (role, p) in enumerate(parents)
     ]
     session.add(row)

@@ -11,7 +11,7 @@ dataclasses of ``libstore.types``.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -62,7 +62,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class BaseModelRow(Base):
@@ -115,13 +115,9 @@ class ExpertRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     source: Mapped[str | None] = mapped_column(String(1024))
     extra: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    cluster_id: Mapped[int | None] = mapped_column(
-        ForeignKey("clusters.id", ondelete="SET NULL"), index=True
-    )
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        UTCDateTime(), default=_now, onupdate=_now
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
     base_model: Mapped[BaseModelRow] = relationship(lazy="joined")
     files: Mapped[list[ExpertFileRow]] = relationship(
@@ -141,13 +137,9 @@ class ExpertFileRow(Base):
 
     __tablename__ = "expert_files"
 
-    expert_id: Mapped[int] = mapped_column(
-        ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True
-    )
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(String(255), primary_key=True)
-    blob_sha256: Mapped[str] = mapped_column(
-        ForeignKey("blobs.sha256", ondelete="RESTRICT"), index=True
-    )
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256", ondelete="RESTRICT"), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -161,9 +153,7 @@ class TagRow(Base):
 class ExpertTagRow(Base):
     __tablename__ = "expert_tags"
 
-    expert_id: Mapped[int] = mapped_column(
-        ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True
-    )
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True)
     tag_id: Mapped[int] = mapped_column(
         ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True, index=True
     )
@@ -180,9 +170,7 @@ class TaskRow(Base):
 class ExpertTaskRow(Base):
     __tablename__ = "expert_tasks"
 
-    expert_id: Mapped[int] = mapped_column(
-        ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True
-    )
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True)
     task_id: Mapped[int] = mapped_column(
         ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, index=True
     )
@@ -206,7 +194,9 @@ class ClusteringRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
     clusters: Mapped[list[ClusterRow]] = relationship(
-        cascade="all, delete-orphan", order_by="ClusterRow.index", lazy="selectin",
+        cascade="all, delete-orphan",
+        order_by="ClusterRow.index",
+        lazy="selectin",
         foreign_keys="ClusterRow.clustering_id",
     )
     inputs: Mapped[list[ClusteringInputRow]] = relationship(
@@ -223,9 +213,7 @@ class ClusteringInputRow(Base):
         ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    expert_id: Mapped[int | None] = mapped_column(
-        ForeignKey("experts.id", ondelete="SET NULL"), index=True
-    )
+    expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="SET NULL"), index=True)
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN))
     expert_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
 
@@ -251,22 +239,16 @@ class ClusterRow(Base):
 class ClusterMemberRow(Base):
     __tablename__ = "cluster_members"
 
-    cluster_id: Mapped[int] = mapped_column(
-        ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True
-    )
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    expert_id: Mapped[int | None] = mapped_column(
-        ForeignKey("experts.id", ondelete="SET NULL"), index=True
-    )
+    expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="SET NULL"), index=True)
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN))
 
 
 class ClusterTaskRow(Base):
     __tablename__ = "cluster_tasks"
 
-    cluster_id: Mapped[int] = mapped_column(
-        ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True
-    )
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True)
     task_id: Mapped[int] = mapped_column(
         ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, index=True
     )
@@ -278,9 +260,7 @@ class DerivationRow(Base):
     __tablename__ = "derivations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    child_id: Mapped[int] = mapped_column(
-        ForeignKey("experts.id", ondelete="CASCADE"), unique=True
-    )
+    child_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), unique=True)
     method: Mapped[str] = mapped_column(String(64), index=True)
     method_version: Mapped[int] = mapped_column(Integer, default=1)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -302,9 +282,7 @@ class DerivationParentRow(Base):
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     role: Mapped[str] = mapped_column(String(32))
-    parent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("experts.id", ondelete="SET NULL"), index=True
-    )
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="SET NULL"), index=True)
     parent_name: Mapped[str] = mapped_column(String(NAME_LEN))
     parent_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
 
@@ -313,9 +291,7 @@ class PrototypeCacheRow(Base):
     """Cached Arrow prototypes of one expert, keyed by content hash, method, version and parameters."""
 
     __tablename__ = "prototype_cache"
-    __table_args__ = (
-        UniqueConstraint("expert_sha256", "method", "method_version", "params_key"),
-    )
+    __table_args__ = (UniqueConstraint("expert_sha256", "method", "method_version", "params_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     expert_sha256: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
@@ -323,9 +299,7 @@ class PrototypeCacheRow(Base):
     method_version: Mapped[int] = mapped_column(Integer)
     params_key: Mapped[str] = mapped_column(String(SHA_LEN))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    blob_sha256: Mapped[str] = mapped_column(
-        ForeignKey("blobs.sha256", ondelete="RESTRICT"), index=True
-    )
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256", ondelete="RESTRICT"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
@@ -350,9 +324,7 @@ class RemoteExpertRow(Base):
 
     __tablename__ = "remote_experts"
 
-    remote_id: Mapped[int] = mapped_column(
-        ForeignKey("remotes.id", ondelete="CASCADE"), primary_key=True
-    )
+    remote_id: Mapped[int] = mapped_column(ForeignKey("remotes.id", ondelete="CASCADE"), primary_key=True)
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     synced_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
     remote_commit: Mapped[str | None] = mapped_column(String(64))

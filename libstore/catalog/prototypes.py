@@ -152,9 +152,7 @@ def delete_orphaned(session: Session) -> list[CacheEntry]:
     """Delete the orphaned entries (their blobs go at the next ``gc``); returns what was deleted."""
     gone = orphaned(session)
     live = select(ExpertRow.sha256)
-    for row in session.scalars(
-        select(PrototypeCacheRow).where(PrototypeCacheRow.expert_sha256.not_in(live))
-    ):
+    for row in session.scalars(select(PrototypeCacheRow).where(PrototypeCacheRow.expert_sha256.not_in(live))):
         session.delete(row)
     session.flush()
     return gone

@@ -70,10 +70,17 @@ def _now() -> dt.datetime:
 
 
 def to_remote(session: Session, row: RemoteRow) -> Remote:
-    n = len(session.scalars(select(RemoteExpertRow.expert_name).where(RemoteExpertRow.remote_id == row.id)).all())
+    n = len(
+        session.scalars(select(RemoteExpertRow.expert_name).where(RemoteExpertRow.remote_id == row.id)).all()
+    )
     return Remote(
-        name=row.name, repo_id=row.repo_id, revision=row.revision, private=row.private,
-        last_commit=row.last_commit, last_synced_at=row.last_synced_at, created_at=row.created_at,
+        name=row.name,
+        repo_id=row.repo_id,
+        revision=row.revision,
+        private=row.private,
+        last_commit=row.last_commit,
+        last_synced_at=row.last_synced_at,
+        created_at=row.created_at,
         synced=n,
     )
 
@@ -83,8 +90,7 @@ def remote_row(session: Session, name: str) -> RemoteRow:
     if row is None:
         known = ", ".join(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name))) or "none yet"
         raise NotFoundError(
-            f"no remote named {name!r} (remotes: {known}); add one with: "
-            f"libstore remote add {name} ORG/REPO"
+            f"no remote named {name!r} (remotes: {known}); add one with: libstore remote add {name} ORG/REPO"
         )
     return row
 
@@ -99,7 +105,9 @@ def only_remote_name(session: Session) -> str | None:
 
 def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> RemoteRow:
     if session.scalar(select(RemoteRow.id).where(RemoteRow.name == name)) is not None:
-        raise AlreadyExistsError(f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})")
+        raise AlreadyExistsError(
+            f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})"
+        )
     row = RemoteRow(name=name, repo_id=repo_id, revision=revision, private=private)
     session.add(row)
     session.flush()
@@ -136,18 +144,28 @@ def record_sync(
     forget = sorted(set(forget))
     if forget:
         for i in range(0, len(forget), 500):
-            session.execute(delete(RemoteExpertRow).where(
-                RemoteExpertRow.remote_id == row.id, RemoteExpertRow.expert_name.in_(forget[i:i + 500])
-            ))
-    existing = {r.expert_name: r for r in session.scalars(
-        select(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id)
-    )}
+            session.execute(
+                delete(RemoteExpertRow).where(
+                    RemoteExpertRow.remote_id == row.id, RemoteExpertRow.expert_name.in_(forget[i : i + 500])
+                )
+            )
+    existing = {
+        r.expert_name: r
+        for r in session.scalars(select(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id))
+    }
     now = _now()
     for name, digest in digests.items():
         rec = existing.get(name)
         if rec is None:
-            session.add(RemoteExpertRow(remote_id=row.id, expert_name=name, synced_sha256=digest,
-                                        remote_commit=commit, synced_at=now))
+            session.add(
+                RemoteExpertRow(
+                    remote_id=row.id,
+                    expert_name=name,
+                    synced_sha256=digest,
+                    remote_commit=commit,
+                    synced_at=now,
+                )
+            )
         elif rec.synced_sha256 != digest or rec.remote_commit != commit:
             rec.synced_sha256, rec.remote_commit, rec.synced_at = digest, commit, now
     if last_commit:
@@ -193,9 +211,11 @@ def derivations_of(session: Session, expert_ids: Sequence[int]) -> dict[int, Der
     out: dict[int, DerivationData] = {}
     ids = list(expert_ids)
     for i in range(0, len(ids), 500):
-        for d in session.scalars(select(DerivationRow).where(DerivationRow.child_id.in_(ids[i:i + 500]))):
+        for d in session.scalars(select(DerivationRow).where(DerivationRow.child_id.in_(ids[i : i + 500]))):
             out[d.child_id] = DerivationData(
-                method=d.method, method_version=d.method_version, params=dict(d.params or {}),
+                method=d.method,
+                method_version=d.method_version,
+                params=dict(d.params or {}),
                 inputs_key=d.inputs_key,
                 parents=tuple((p.role, p.parent_name, p.parent_sha256) for p in d.parents),
             )
@@ -210,13 +230,19 @@ def set_derivation(session: Session, child: ExpertRow, d: DerivationData | None)
         session.flush()
     if d is None:
         return
-    row = DerivationRow(child_id=child.id, method=d.method, method_version=d.method_version,
-                        params=dict(d.params), inputs_key=d.inputs_key)
+    row = DerivationRow(
+        child_id=child.id,
+        method=d.method,
+        method_version=d.method_version,
+        params=dict(d.params),
+        inputs_key=d.inputs_key,
+    )
     parents = []
     for i, (role, name, sha) in enumerate(d.parents):
         pid = session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
-        parents.append(DerivationParentRow(position=i, role=role, parent_id=pid, parent_name=name,
-                                           parent_sha256=sha))
+        parents.append(
+            DerivationParentRow(position=i, role=role, parent_id=pid, parent_name=name, parent_sha256=sha)
+        )
     row.parents = parents
     session.add(row)
     session.flush()
@@ -252,21 +278,34 @@ class ClusteringData:
 def _clustering_data(session: Session, row: ClusteringRow) -> ClusteringData:
     base = session.get(BaseModelRow, row.base_model_id)
     return ClusteringData(
-        name=row.name, base_model=base.name if base else "", method=row.method, metric=row.metric,
-        k=row.k, seed=row.seed, params=dict(row.params or {}), criterion=dict(row.criterion or {}),
+        name=row.name,
+        base_model=base.name if base else "",
+        method=row.method,
+        metric=row.metric,
+        k=row.k,
+        seed=row.seed,
+        params=dict(row.params or {}),
+        criterion=dict(row.criterion or {}),
         query=row.query or "",
         inputs=tuple((i.expert_name, i.expert_sha256) for i in row.inputs),
         clusters=tuple(
-            ClusterData(index=c.index, label=c.label, stats=dict(c.stats or {}),
-                        members=tuple(m.expert_name for m in c.members),
-                        tasks=tuple(t.name for t in c.tasks))
+            ClusterData(
+                index=c.index,
+                label=c.label,
+                stats=dict(c.stats or {}),
+                members=tuple(m.expert_name for m in c.members),
+                tasks=tuple(t.name for t in c.tasks),
+            )
             for c in row.clusters
         ),
     )
 
 
 def clusterings(session: Session) -> list[ClusteringData]:
-    return [_clustering_data(session, r) for r in session.scalars(select(ClusteringRow).order_by(ClusteringRow.name))]
+    return [
+        _clustering_data(session, r)
+        for r in session.scalars(select(ClusteringRow).order_by(ClusteringRow.name))
+    ]
 
 
 def clustering(session: Session, name: str) -> ClusteringData | None:
@@ -281,15 +320,28 @@ def insert_clustering(session: Session, c: ClusteringData) -> ClusteringRow:
     def expert_id(name: str) -> int | None:
         return session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
 
-    row = ClusteringRow(name=c.name, base_model_id=base.id, method=c.method, metric=c.metric, k=c.k,
-                        seed=c.seed, params=dict(c.params), criterion=dict(c.criterion), query=c.query)
-    row.inputs = [ClusteringInputRow(position=i, expert_id=expert_id(n), expert_name=n, expert_sha256=s)
-                  for i, (n, s) in enumerate(c.inputs)]
+    row = ClusteringRow(
+        name=c.name,
+        base_model_id=base.id,
+        method=c.method,
+        metric=c.metric,
+        k=c.k,
+        seed=c.seed,
+        params=dict(c.params),
+        criterion=dict(c.criterion),
+        query=c.query,
+    )
+    row.inputs = [
+        ClusteringInputRow(position=i, expert_id=expert_id(n), expert_name=n, expert_sha256=s)
+        for i, (n, s) in enumerate(c.inputs)
+    ]
     clusters = []
     for k in c.clusters:
         cr = ClusterRow(index=k.index, label=k.label, stats=dict(k.stats))
-        cr.members = [ClusterMemberRow(position=i, expert_id=expert_id(n), expert_name=n)
-                      for i, n in enumerate(k.members)]
+        cr.members = [
+            ClusterMemberRow(position=i, expert_id=expert_id(n), expert_name=n)
+            for i, n in enumerate(k.members)
+        ]
         cr.tasks = [repo.task_row(session, t) for t in k.tasks]
         clusters.append(cr)
     row.clusters = clusters
@@ -304,7 +356,8 @@ def cluster_id(session: Session, ref: str | None) -> int | None:
         return None
     name, _, index = ref.rpartition(":")
     cid = session.scalar(
-        select(ClusterRow.id).join(ClusteringRow, ClusterRow.clustering_id == ClusteringRow.id)
+        select(ClusterRow.id)
+        .join(ClusteringRow, ClusterRow.clustering_id == ClusteringRow.id)
         .where(ClusteringRow.name == name, ClusterRow.index == int(index))
     )
     if cid is None:
@@ -316,18 +369,27 @@ def link_experts(session: Session, names: Iterable[str]) -> None:
     """Point clustering inputs/members and derivation parents recorded by name at these experts."""
     names = sorted(set(names))
     for i in range(0, len(names), 500):
-        chunk = names[i:i + 500]
-        ids = {n: x for n, x in session.execute(select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk)))}
-        for inp in session.scalars(select(ClusteringInputRow).where(
-            ClusteringInputRow.expert_name.in_(chunk), ClusteringInputRow.expert_id.is_(None)
-        )):
+        chunk = names[i : i + 500]
+        ids = {
+            n: x
+            for n, x in session.execute(select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk)))
+        }
+        for inp in session.scalars(
+            select(ClusteringInputRow).where(
+                ClusteringInputRow.expert_name.in_(chunk), ClusteringInputRow.expert_id.is_(None)
+            )
+        ):
             inp.expert_id = ids.get(inp.expert_name)
-        for member in session.scalars(select(ClusterMemberRow).where(
-            ClusterMemberRow.expert_name.in_(chunk), ClusterMemberRow.expert_id.is_(None)
-        )):
+        for member in session.scalars(
+            select(ClusterMemberRow).where(
+                ClusterMemberRow.expert_name.in_(chunk), ClusterMemberRow.expert_id.is_(None)
+            )
+        ):
             member.expert_id = ids.get(member.expert_name)
-        for p in session.scalars(select(DerivationParentRow).where(
-            DerivationParentRow.parent_name.in_(chunk), DerivationParentRow.parent_id.is_(None)
-        )):
+        for p in session.scalars(
+            select(DerivationParentRow).where(
+                DerivationParentRow.parent_name.in_(chunk), DerivationParentRow.parent_id.is_(None)
+            )
+        ):
             p.parent_id = ids.get(p.parent_name)
     session.flush()

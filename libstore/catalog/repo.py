@@ -110,9 +110,7 @@ def cluster_row(session: Session, clustering: str, index: int) -> ClusterRow:
         select(ClusterRow).where(ClusterRow.clustering_id == run.id, ClusterRow.index == index)
     )
     if row is None:
-        raise NotFoundError(
-            f"clustering {clustering!r} has clusters 0..{len(run.clusters) - 1}, not {index}"
-        )
+        raise NotFoundError(f"clustering {clustering!r} has clusters 0..{len(run.clusters) - 1}, not {index}")
     return row
 
 
@@ -333,8 +331,9 @@ def insert_expert(
     return row
 
 
-def replace_files(session: Session, row: ExpertRow, files: Sequence[StoredFile], weights_file: str,
-                  **fields: Any) -> None:
+def replace_files(
+    session: Session, row: ExpertRow, files: Sequence[StoredFile], weights_file: str, **fields: Any
+) -> None:
     """Point an existing expert at new content (used by derivations refreshed in place and pull)."""
     for f in files:
         ensure_blob(session, f.sha256, f.size)
@@ -361,4 +360,3 @@ def derived_children(session: Session, row: ExpertRow) -> list[str]:
         .where(DerivationParentRow.parent_id == row.id)
     )
     return sorted(set(session.scalars(stmt)))
-

@@ -44,11 +44,18 @@ class State:
 
 @click.group(cls=LibstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "-L", "--library", "library", metavar="PATH", envvar="LIBSTORE_HOME",
+    "-L",
+    "--library",
+    "library",
+    metavar="PATH",
+    envvar="LIBSTORE_HOME",
     help="Library folder (default: $LIBSTORE_HOME, else ~/.libstore).",
 )
 @click.option(
-    "--db", "db_url", metavar="URL", envvar="LIBSTORE_DB_URL",
+    "--db",
+    "db_url",
+    metavar="URL",
+    envvar="LIBSTORE_DB_URL",
     help="Catalog database URL (default: $LIBSTORE_DB_URL, else the SQLite file in the library).",
 )
 @click.version_option(package_name="libstore")

@@ -15,8 +15,13 @@ def base() -> None:
 
 @base.command("add")
 @click.argument("name")
-@click.option("--from", "source", required=True, metavar="PATH_OR_HUB_ID",
-              help="A local model folder or a Hub id (only its config is read).")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    metavar="PATH_OR_HUB_ID",
+    help="A local model folder or a Hub id (only its config is read).",
+)
 @click.option("--revision", help="Hub revision.")
 @json_option
 @click.pass_obj
@@ -44,9 +49,10 @@ def ls(state: State, as_json: bool) -> None:
     if as_json:
         echo_json(bases)
         return
-    echo_table(["name", "architecture", "linear modules", "source", "fingerprint"],
-               [[b.name, b.architecture, len(b.linear_shapes), b.source, b.fingerprint[:12]]
-                for b in bases])
+    echo_table(
+        ["name", "architecture", "linear modules", "source", "fingerprint"],
+        [[b.name, b.architecture, len(b.linear_shapes), b.source, b.fingerprint[:12]] for b in bases],
+    )
 
 
 @base.command("show")
@@ -59,8 +65,10 @@ def show(state: State, name: str, as_json: bool) -> None:
     if as_json:
         echo_json(b)
         return
-    click.echo(f"{b.name}: {b.architecture} ({b.model_type}) from {b.source}"
-               f"{'@' + b.revision if b.revision else ''}\nfingerprint {b.fingerprint}")
+    click.echo(
+        f"{b.name}: {b.architecture} ({b.model_type}) from {b.source}"
+        f"{'@' + b.revision if b.revision else ''}\nfingerprint {b.fingerprint}"
+    )
     for m, s in sorted(b.linear_shapes.items()):
         click.echo(f"  {m}: {s.in_features} -> {s.out_features}")
 

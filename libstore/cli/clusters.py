@@ -37,32 +37,48 @@ def _k_range(text: str | None) -> list[int] | None:
 
 
 def _show(c: Any, *, members: bool = True) -> None:
-    click.echo(f"{c.name}: {c.method} ({c.metric} metric), k={c.k}, {len(c.inputs)} experts of "
-               f"base {c.base_model}, query {c.query!r}, seed {c.seed}")
+    click.echo(
+        f"{c.name}: {c.method} ({c.metric} metric), k={c.k}, {len(c.inputs)} experts of "
+        f"base {c.base_model}, query {c.query!r}, seed {c.seed}"
+    )
     crit = c.criterion
     if crit.get("name") == "silhouette":
         scores = ", ".join(f"{k}: {_num(v)}" for k, v in crit.get("scores", {}).items())
-        click.echo(f"k chosen by silhouette over {crit['k_range'][0]}..{crit['k_range'][-1]}: "
-                   f"{scores}")
+        click.echo(f"k chosen by silhouette over {crit['k_range'][0]}..{crit['k_range'][-1]}: {scores}")
     elif crit.get("name") != "given":
         click.echo(f"k: {crit.get('name')} ({crit.get('note', '')})")
     if crit.get("note") and crit.get("name") == "silhouette":
         click.echo(f"note: {crit['note']}")
     p = c.params
     if c.metric == "flat":
-        click.echo(f"params: keep {p.get('keep')}, dim {p.get('dim')} (used {p.get('features_dim')}), "
-                   f"n_init {p.get('n_init')}")
+        click.echo(
+            f"params: keep {p.get('keep')}, dim {p.get('dim')} (used {p.get('features_dim')}), "
+            f"n_init {p.get('n_init')}"
+        )
     else:
         click.echo(f"params: n_init {p.get('n_init')}")
-    click.echo(f"silhouette {_num(c.silhouette)}; created {c.created_at:%Y-%m-%d %H:%M:%S} UTC"
-               if c.created_at else f"silhouette {_num(c.silhouette)}")
+    click.echo(
+        f"silhouette {_num(c.silhouette)}; created {c.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        if c.created_at
+        else f"silhouette {_num(c.silhouette)}"
+    )
     if c.stale:
         click.echo("STALE: " + "; ".join(c.stale_reasons))
     click.echo()
     echo_table(
         ["cluster", "size", "within", "between", "silhouette", "cluster experts", "tasks"],
-        [[cl.index, cl.size, _num(cl.within), _num(cl.between), _num(cl.silhouette),
-          _short_list(cl.experts, 3) or "-", _short_list(cl.tasks)] for cl in c.clusters],
+        [
+            [
+                cl.index,
+                cl.size,
+                _num(cl.within),
+                _num(cl.between),
+                _num(cl.silhouette),
+                _short_list(cl.experts, 3) or "-",
+                _short_list(cl.tasks),
+            ]
+            for cl in c.clusters
+        ],
     )
     if members:
         click.echo()
@@ -71,25 +87,52 @@ def _show(c: Any, *, members: bool = True) -> None:
 
 
 @click.command("cluster")
-@click.option("--experts", "query", default="kind=task", show_default=True, metavar="QUERY",
-              help="Which experts to cluster (catalog query).")
+@click.option(
+    "--experts",
+    "query",
+    default="kind=task",
+    show_default=True,
+    metavar="QUERY",
+    help="Which experts to cluster (catalog query).",
+)
 @click.option("--k", "k", type=int, help="Number of clusters (default: chosen by silhouette).")
 @click.option("--k-range", metavar="LO:HI", help="Without --k: the k to try (default 2:min(20, n-1)).")
-@click.option("--metric", type=click.Choice(["flat", "delta"]), default="flat", show_default=True,
-              help="flat: mttl's MBC (flattened parameters, top --keep, SVD to --dim, cosine); "
-                   "delta: exact cosine of ΔW.")
+@click.option(
+    "--metric",
+    type=click.Choice(["flat", "delta"]),
+    default="flat",
+    show_default=True,
+    help="flat: mttl's MBC (flattened parameters, top --keep, SVD to --dim, cosine); "
+    "delta: exact cosine of ΔW.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
 @click.option("--name", help="Name of the clustering (default mbc-k<k>, mbc-delta-k<k>).")
-@click.option("--keep", type=float, default=0.2, show_default=True,
-              help="flat: fraction of each expert's parameters kept by magnitude.")
+@click.option(
+    "--keep",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="flat: fraction of each expert's parameters kept by magnitude.",
+)
 @click.option("--dim", type=int, default=64, show_default=True, help="flat: SVD dimensions.")
 @click.option("--n-init", type=int, default=10, show_default=True, help="k-means restarts.")
 @click.option("--device", help="delta: where ΔW inner products run (default cuda if available).")
 @json_option
 @click.pass_obj
-def cluster(state: State, query: str, k: int | None, k_range: str | None, metric: str, seed: int,
-            name: str | None, keep: float, dim: int, n_init: int, device: str | None,
-            as_json: bool) -> None:
+def cluster(
+    state: State,
+    query: str,
+    k: int | None,
+    k_range: str | None,
+    metric: str,
+    seed: int,
+    name: str | None,
+    keep: float,
+    dim: int,
+    n_init: int,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Cluster experts by the similarity of their parameters (MBC) and record the run.
 
     The run is recorded with every parameter and the hash of every expert it saw: a changed or added
@@ -102,8 +145,18 @@ def cluster(state: State, query: str, k: int | None, k_range: str | None, metric
       libstore cluster --experts 'kind=task tag=v2' --k-range 2:30 --metric delta
       libstore clusters export mbc-k10 --format csv
     """
-    c = state.lib.cluster(query, k=k, metric=metric, seed=seed, name=name, keep=keep, dim=dim,
-                          k_range=_k_range(k_range), n_init=n_init, device=device)
+    c = state.lib.cluster(
+        query,
+        k=k,
+        metric=metric,
+        seed=seed,
+        name=name,
+        keep=keep,
+        dim=dim,
+        k_range=_k_range(k_range),
+        n_init=n_init,
+        device=device,
+    )
     if as_json:
         echo_json(c)
         return
@@ -142,9 +195,20 @@ def ls(state: State, as_json: bool) -> None:
         return
     echo_table(
         ["name", "base", "metric", "k", "experts", "silhouette", "stale", "query", "created"],
-        [[c.name, c.base_model, c.metric, c.k, len(c.inputs), _num(c.silhouette),
-          "STALE" if c.stale else "-", c.query,
-          f"{c.created_at:%Y-%m-%d %H:%M}" if c.created_at else "-"] for c in items],
+        [
+            [
+                c.name,
+                c.base_model,
+                c.metric,
+                c.k,
+                len(c.inputs),
+                _num(c.silhouette),
+                "STALE" if c.stale else "-",
+                c.query,
+                f"{c.created_at:%Y-%m-%d %H:%M}" if c.created_at else "-",
+            ]
+            for c in items
+        ],
     )
 
 
@@ -170,10 +234,10 @@ def show(state: State, name: str, as_json: bool) -> None:
 
 @clusters.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json",
-              show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout."
+)
 @click.pass_obj
 def export(state: State, name: str, fmt: str, out: Path | None) -> None:
     """Print the task list of every cluster, ready to train one cluster expert per cluster.
@@ -197,8 +261,9 @@ def export(state: State, name: str, fmt: str, out: Path | None) -> None:
 
 @clusters.command("plot")
 @click.argument("name")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG file to write.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write."
+)
 @click.pass_obj
 def plot(state: State, name: str, out: Path) -> None:
     """Write a PNG: the similarity matrix ordered by cluster, and a 2-D embedding of the experts.
@@ -226,8 +291,10 @@ def rm(state: State, name: str, force: bool) -> None:
       libstore clusters rm mbc-k10
     """
     unlinked = state.lib.remove_clustering(name, force=force)
-    click.echo(f"Removed clustering {name}"
-               + (f"; unlinked cluster experts: {', '.join(unlinked)}" if unlinked else ""))
+    click.echo(
+        f"Removed clustering {name}"
+        + (f"; unlinked cluster experts: {', '.join(unlinked)}" if unlinked else "")
+    )
 
 
 COMMANDS = [cluster, clusters]

@@ -39,8 +39,11 @@ def init(state: State, path: str | None) -> None:
 @click.option("--task", "tasks", multiple=True, help="Task the expert was trained on (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
 @click.option("--cluster", help="For --kind cluster: the cluster it was trained on, CLUSTERING:INDEX.")
-@click.option("--allow-base-mismatch", is_flag=True,
-              help="Accept an adapter whose config names another base model (shapes must still fit).")
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Accept an adapter whose config names another base model (shapes must still fit).",
+)
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
 @json_option
 @click.pass_obj
@@ -55,8 +58,10 @@ def add(state: State, folder: str, as_json: bool, **kw: Any) -> None:
     if as_json:
         echo_json(expert)
     else:
-        click.echo(f"Added {expert.name} ({expert.kind}, rank {expert.rank}, "
-                   f"{len(expert.modules)} modules, {human_bytes(expert.bytes)})")
+        click.echo(
+            f"Added {expert.name} ({expert.kind}, rank {expert.rank}, "
+            f"{len(expert.modules)} modules, {human_bytes(expert.bytes)})"
+        )
 
 
 @click.command("import-dir")
@@ -101,8 +106,15 @@ def _query(query: tuple[str, ...], **fields: tuple[str, ...]) -> str:
 @click.option("--task", "tasks", multiple=True)
 @json_option
 @click.pass_obj
-def ls(state: State, query: tuple[str, ...], kinds: tuple[str, ...], bases: tuple[str, ...],
-       tags: tuple[str, ...], tasks: tuple[str, ...], as_json: bool) -> None:
+def ls(
+    state: State,
+    query: tuple[str, ...],
+    kinds: tuple[str, ...],
+    bases: tuple[str, ...],
+    tags: tuple[str, ...],
+    tasks: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """List experts, optionally filtered by a QUERY such as 'kind=task tag=v1' or 'arc_*'.
 
     \b
@@ -117,8 +129,20 @@ def ls(state: State, query: tuple[str, ...], kinds: tuple[str, ...], bases: tupl
         return
     echo_table(
         ["name", "kind", "base", "rank", "modules", "tasks", "tags", "size", "sha256"],
-        [[e.name, e.kind, e.base_model, e.rank, len(e.modules), ",".join(e.tasks),
-          ",".join(e.tags), human_bytes(e.bytes), e.sha256[:12]] for e in experts],
+        [
+            [
+                e.name,
+                e.kind,
+                e.base_model,
+                e.rank,
+                len(e.modules),
+                ",".join(e.tasks),
+                ",".join(e.tags),
+                human_bytes(e.bytes),
+                e.sha256[:12],
+            ]
+            for e in experts
+        ],
     )
 
 
@@ -133,17 +157,26 @@ def show(state: State, name: str, as_json: bool) -> None:
         echo_json(e)
         return
     rows: list[tuple[str, Any]] = [
-        ("name", e.name), ("kind", e.kind), ("base model", e.base_model), ("rank", e.rank),
-        ("alpha", e.alpha), ("rslora", e.use_rslora), ("scale", f"{e.scale:g}"),
-        ("dtype", e.dtype), ("target modules", ", ".join(e.target_modules)),
-        ("LoRA modules", len(e.modules)), ("sha256", e.sha256), ("size", human_bytes(e.bytes)),
-        ("tasks", ", ".join(e.tasks) or "-"), ("tags", ", ".join(e.tags) or "-"),
-        ("cluster", e.cluster or "-"), ("source", e.source or "-"),
+        ("name", e.name),
+        ("kind", e.kind),
+        ("base model", e.base_model),
+        ("rank", e.rank),
+        ("alpha", e.alpha),
+        ("rslora", e.use_rslora),
+        ("scale", f"{e.scale:g}"),
+        ("dtype", e.dtype),
+        ("target modules", ", ".join(e.target_modules)),
+        ("LoRA modules", len(e.modules)),
+        ("sha256", e.sha256),
+        ("size", human_bytes(e.bytes)),
+        ("tasks", ", ".join(e.tasks) or "-"),
+        ("tags", ", ".join(e.tags) or "-"),
+        ("cluster", e.cluster or "-"),
+        ("source", e.source or "-"),
         ("created", e.created_at.isoformat() if e.created_at else "-"),
     ]
     if e.lineage is not None:
-        rows.append(("derived by", f"{e.lineage.method} v{e.lineage.method_version} "
-                                   f"{e.lineage.params}"))
+        rows.append(("derived by", f"{e.lineage.method} v{e.lineage.method_version} {e.lineage.params}"))
         rows += [(f"  {role}", f"{p} ({sha[:12]})") for role, p, sha in e.lineage.parents]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

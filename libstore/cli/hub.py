@@ -72,8 +72,18 @@ def remote_ls(state: State, as_json: bool) -> None:
         return
     echo_table(
         ["name", "repo", "branch", "private", "last commit", "synced experts", "last sync"],
-        [[r.name, r.repo_id, r.revision, "yes" if r.private else "no", _short(r.last_commit), r.synced,
-          r.last_synced_at.isoformat(timespec="seconds") if r.last_synced_at else "never"] for r in rows],
+        [
+            [
+                r.name,
+                r.repo_id,
+                r.revision,
+                "yes" if r.private else "no",
+                _short(r.last_commit),
+                r.synced,
+                r.last_synced_at.isoformat(timespec="seconds") if r.last_synced_at else "never",
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -96,16 +106,29 @@ def remote_rm(state: State, name: str) -> None:
 
 @click.command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
-@click.option("--experts", "query", metavar="QUERY", help="Push only the experts matching QUERY (e.g. 'tag=v1').")
+@click.option(
+    "--experts", "query", metavar="QUERY", help="Push only the experts matching QUERY (e.g. 'tag=v1')."
+)
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--force", is_flag=True, help="Upload this library's version of experts that conflict.")
-@click.option("--prune", is_flag=True, help="Delete on the remote the experts deleted here since the last sync.")
+@click.option(
+    "--prune", is_flag=True, help="Delete on the remote the experts deleted here since the last sync."
+)
 @_token_option
 @json_option
 @click.pass_obj
-def push(state: State, remote_name: str | None, query: str | None, message: str | None, tag: str | None,
-         force: bool, prune: bool, token: str | None, as_json: bool) -> None:
+def push(
+    state: State,
+    remote_name: str | None,
+    query: str | None,
+    message: str | None,
+    tag: str | None,
+    force: bool,
+    prune: bool,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Upload what changed since the last sync to REMOTE (default: origin).
 
     Only changed experts' files and the manifest travel; one commit (bounded batches, manifest last,
@@ -116,8 +139,9 @@ def push(state: State, remote_name: str | None, query: str | None, message: str 
       libstore push origin -m "add arc experts" --tag v1
       libstore push --experts 'tag=v2'
     """
-    r = state.lib.push(remote_name, experts=query, message=message, tag=tag, token=token, force=force,
-                       prune=prune)
+    r = state.lib.push(
+        remote_name, experts=query, message=message, tag=tag, token=token, force=force, prune=prune
+    )
     if as_json:
         echo_json(r)
         return
@@ -125,13 +149,17 @@ def push(state: State, remote_name: str | None, query: str | None, message: str 
         click.echo(f"Nothing to push: {r.repo_id}@{r.branch} is up to date (at {_short(r.commit)})")
     else:
         what = f"{len(r.uploaded)} expert(s) uploaded" + (f", {len(r.deleted)} deleted" if r.deleted else "")
-        click.echo(f"Pushed to {r.repo_id}@{r.branch}: {what}; {r.files_uploaded} file(s), "
-                   f"{human_bytes(r.bytes_uploaded)} in {r.commits} commit(s) -> {_short(r.commit)}")
+        click.echo(
+            f"Pushed to {r.repo_id}@{r.branch}: {what}; {r.files_uploaded} file(s), "
+            f"{human_bytes(r.bytes_uploaded)} in {r.commits} commit(s) -> {_short(r.commit)}"
+        )
     if r.tag:
         click.echo(f"Tagged {_short(r.commit)} as {r.tag}")
     waiting = [p.name for p in r.experts if p.state == "remote_changed"]
     if waiting:
-        click.echo(f"{len(waiting)} expert(s) changed on the remote are not here yet: libstore pull", err=True)
+        click.echo(
+            f"{len(waiting)} expert(s) changed on the remote are not here yet: libstore pull", err=True
+        )
 
 
 @click.command()
@@ -139,12 +167,22 @@ def push(state: State, remote_name: str | None, query: str | None, message: str 
 @click.option("--revision", help="Branch, tag or commit id to pull (default: the remote's branch).")
 @click.option("--experts", "query", metavar="QUERY", help="Pull only the remote experts matching QUERY.")
 @click.option("--force", is_flag=True, help="Take the remote's version of experts that conflict.")
-@click.option("--prune", is_flag=True, help="Remove here the experts deleted on the remote since the last sync.")
+@click.option(
+    "--prune", is_flag=True, help="Remove here the experts deleted on the remote since the last sync."
+)
 @_token_option
 @json_option
 @click.pass_obj
-def pull(state: State, remote_name: str | None, revision: str | None, query: str | None, force: bool,
-         prune: bool, token: str | None, as_json: bool) -> None:
+def pull(
+    state: State,
+    remote_name: str | None,
+    revision: str | None,
+    query: str | None,
+    force: bool,
+    prune: bool,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Download what is missing or changed from REMOTE (default: origin), hash-checked, applied at once.
 
     \b
@@ -159,17 +197,23 @@ def pull(state: State, remote_name: str | None, revision: str | None, query: str
     parts = [f"{len(r.added)} added", f"{len(r.updated)} updated"]
     if r.removed:
         parts.append(f"{len(r.removed)} removed")
-    click.echo(f"Pulled {r.repo_id}@{r.revision} ({_short(r.commit)}): {', '.join(parts)}; "
-               f"{r.files_downloaded} file(s) downloaded ({human_bytes(r.bytes_downloaded)}), "
-               f"{r.files_reused} already here"
-               + (f"; {r.prototypes} prototype set(s)" if r.prototypes else ""))
+    click.echo(
+        f"Pulled {r.repo_id}@{r.revision} ({_short(r.commit)}): {', '.join(parts)}; "
+        f"{r.files_downloaded} file(s) downloaded ({human_bytes(r.bytes_downloaded)}), "
+        f"{r.files_reused} already here" + (f"; {r.prototypes} prototype set(s)" if r.prototypes else "")
+    )
     if r.clusterings_skipped:
-        click.echo(f"Kept local clusterings that differ from the remote's: {', '.join(r.clusterings_skipped)}",
-                   err=True)
+        click.echo(
+            f"Kept local clusterings that differ from the remote's: {', '.join(r.clusterings_skipped)}",
+            err=True,
+        )
     if r.conflicts:
-        click.echo(f"CONFLICT: {len(r.conflicts)} expert(s) changed both here and on the remote were left "
-                   f"alone: {', '.join(r.conflicts)}. Take theirs with --force, or push --force to keep "
-                   f"yours.", err=True)
+        click.echo(
+            f"CONFLICT: {len(r.conflicts)} expert(s) changed both here and on the remote were left "
+            f"alone: {', '.join(r.conflicts)}. Take theirs with --force, or push --force to keep "
+            f"yours.",
+            err=True,
+        )
 
 
 @click.command("status")
@@ -178,7 +222,9 @@ def pull(state: State, remote_name: str | None, revision: str | None, query: str
 @_token_option
 @json_option
 @click.pass_obj
-def status_cmd(state: State, remote_name: str | None, show_all: bool, token: str | None, as_json: bool) -> None:
+def status_cmd(
+    state: State, remote_name: str | None, show_all: bool, token: str | None, as_json: bool
+) -> None:
     """Per expert: local only, remote only, in sync, changed, conflict; and what push/pull would do.
 
     \b
@@ -191,14 +237,17 @@ def status_cmd(state: State, remote_name: str | None, show_all: bool, token: str
         echo_json(r)
         return
     rem = r.remote
-    click.echo(f"remote {rem.name}: {rem.repo_id}@{rem.revision}, head {_short(r.head)}, "
-               f"last synced {_short(rem.last_commit)}")
+    click.echo(
+        f"remote {rem.name}: {rem.repo_id}@{rem.revision}, head {_short(r.head)}, "
+        f"last synced {_short(rem.last_commit)}"
+    )
     if r.remote_moved:
         click.echo("The remote moved since the last sync: push is refused until you pull.")
     rows = [p for p in r.experts if show_all or p.state != "in_sync"]
     if rows:
-        echo_table(["expert", "state", "push would", "pull would"],
-                   [[p.name, p.text, p.push, p.pull] for p in rows])
+        echo_table(
+            ["expert", "state", "push would", "pull would"], [[p.name, p.text, p.push, p.pull] for p in rows]
+        )
     text = {p.state: p.text for p in r.experts}
     summary = ", ".join(f"{n} {text.get(k, k)}" for k, n in sorted(r.counts.items())) or "no experts"
     click.echo(summary)
@@ -216,8 +265,11 @@ def status_cmd(state: State, remote_name: str | None, show_all: bool, token: str
 @click.option("--base", help="Base model name (default: the only registered one).")
 @click.option("--task", "tasks", multiple=True, help="Task the expert was trained on (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
-@click.option("--allow-base-mismatch", is_flag=True,
-              help="Accept an adapter whose config names another base model (shapes must still fit).")
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Accept an adapter whose config names another base model (shapes must still fit).",
+)
 @_token_option
 @json_option
 @click.pass_obj
@@ -233,8 +285,10 @@ def import_hub(state: State, repo_id: str, as_json: bool, **kw: Any) -> None:
     if as_json:
         echo_json(e)
     else:
-        click.echo(f"Imported {e.name} ({e.kind}, rank {e.rank}, {len(e.modules)} modules, "
-                   f"{human_bytes(e.bytes)}) from {e.source}")
+        click.echo(
+            f"Imported {e.name} ({e.kind}, rank {e.rank}, {len(e.modules)} modules, "
+            f"{human_bytes(e.bytes)}) from {e.source}"
+        )
 
 
 @click.command("import-mttl")
@@ -242,11 +296,19 @@ def import_hub(state: State, repo_id: str, as_json: bool, **kw: Any) -> None:
 @click.option("--kind", type=click.Choice(EXPERT_KINDS), default="task", show_default=True)
 @click.option("--base", help="Base model name (default: the only registered one).")
 @click.option("--tag", "tags", multiple=True, help="Tag every imported expert (repeatable).")
-@click.option("--expert", "experts", multiple=True, metavar="NAME",
-              help="Import only these experts (repeatable; globs allowed).")
+@click.option(
+    "--expert",
+    "experts",
+    multiple=True,
+    metavar="NAME",
+    help="Import only these experts (repeatable; globs allowed).",
+)
 @click.option("--revision", help="For a Hub repo: branch, tag or commit id.")
-@click.option("--allow-base-mismatch", is_flag=True,
-              help="Accept experts whose metadata names another base model (shapes must still fit).")
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Accept experts whose metadata names another base model (shapes must still fit).",
+)
 @_token_option
 @json_option
 @click.pass_obj

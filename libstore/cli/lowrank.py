@@ -41,14 +41,30 @@ def prototypes() -> None:
 
 def _method_options(fn: Any) -> Any:
     fn = click.option("--device", help="Where to compute (default: cuda if available, else cpu).")(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True,
-                      help="peft method: seed of the start vector (PEFT's rng_seed).")(fn)
-    fn = click.option("--iters", type=int, default=15, show_default=True,
-                      help="peft method: power-iteration steps.")(fn)
-    fn = click.option("--top-n", type=int, default=1, show_default=True,
-                      help="exact method: prototypes per module (top singular vectors).")(fn)
-    fn = click.option("--method", type=METHOD, default="exact", show_default=True,
-                      help="exact SVD, or PEFT's power iteration (bit-identical to create_arrow_model).")(fn)
+    fn = click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="peft method: seed of the start vector (PEFT's rng_seed).",
+    )(fn)
+    fn = click.option(
+        "--iters", type=int, default=15, show_default=True, help="peft method: power-iteration steps."
+    )(fn)
+    fn = click.option(
+        "--top-n",
+        type=int,
+        default=1,
+        show_default=True,
+        help="exact method: prototypes per module (top singular vectors).",
+    )(fn)
+    fn = click.option(
+        "--method",
+        type=METHOD,
+        default="exact",
+        show_default=True,
+        help="exact SVD, or PEFT's power iteration (bit-identical to create_arrow_model).",
+    )(fn)
     return fn
 
 
@@ -80,13 +96,17 @@ def prototypes_compute(state: State, query: tuple[str, ...], as_json: bool, **kw
 
 @prototypes.command("show")
 @click.argument("name")
-@click.option("--module", "modules", multiple=True, metavar="NAME",
-              help="Only this LoRA module (repeatable); prints its full vectors.")
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    metavar="NAME",
+    help="Only this LoRA module (repeatable); prints its full vectors.",
+)
 @_method_options
 @json_option
 @click.pass_obj
-def prototypes_show(state: State, name: str, modules: tuple[str, ...], as_json: bool,
-                    **kw: Any) -> None:
+def prototypes_show(state: State, name: str, modules: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Show the prototypes of expert NAME (computed and cached first if missing).
 
     \b
@@ -97,17 +117,28 @@ def prototypes_show(state: State, name: str, modules: tuple[str, ...], as_json: 
     found = state.lib.prototypes([name], modules=list(modules) or None, **kw)
     p = found[name]
     if as_json:
-        echo_json({
-            "expert": p.expert, "sha256": p.expert_sha256, "method": p.method,
-            "method_version": p.method_version, "params": p.params,
-            "modules": {m: {"values": pr.values.tolist(), "vectors": pr.vectors.tolist()}
-                        for m, pr in p.modules.items()},
-        })
+        echo_json(
+            {
+                "expert": p.expert,
+                "sha256": p.expert_sha256,
+                "method": p.method,
+                "method_version": p.method_version,
+                "params": p.params,
+                "modules": {
+                    m: {"values": pr.values.tolist(), "vectors": pr.vectors.tolist()}
+                    for m, pr in p.modules.items()
+                },
+            }
+        )
         return
     click.echo(f"{p.expert} ({_short(p.expert_sha256)}): {p.method} v{p.method_version} {p.params}")
-    echo_table(["module", "in", "values"],
-               [[m, pr.vectors.shape[-1], ", ".join(f"{v:.6g}" for v in pr.values.tolist())]
-                for m, pr in p.modules.items()])
+    echo_table(
+        ["module", "in", "values"],
+        [
+            [m, pr.vectors.shape[-1], ", ".join(f"{v:.6g}" for v in pr.values.tolist())]
+            for m, pr in p.modules.items()
+        ],
+    )
     if modules:
         for m, pr in p.modules.items():
             for i, v in enumerate(pr.vectors.tolist()):
@@ -128,27 +159,41 @@ def prototypes_ls(state: State, as_json: bool) -> None:
     if as_json:
         echo_json(entries)
         return
-    echo_table(["experts", "expert sha256", "method", "params", "blob"],
-               [[",".join(e.experts) or "(orphaned)", _short(e.expert_sha256),
-                 f"{e.method} v{e.method_version}", e.params, _short(e.blob_sha256)]
-                for e in entries])
+    echo_table(
+        ["experts", "expert sha256", "method", "params", "blob"],
+        [
+            [
+                ",".join(e.experts) or "(orphaned)",
+                _short(e.expert_sha256),
+                f"{e.method} v{e.method_version}",
+                e.params,
+                _short(e.blob_sha256),
+            ]
+            for e in entries
+        ],
+    )
 
 
 # --- gks ---------------------------------------------------------------------------------------
 
 
 @click.command("gks")
-@click.option("--general", required=True, metavar="QUERY",
-              help="The general-knowledge experts, e.g. 'kind=general'.")
-@click.option("--experts", required=True, metavar="QUERY",
-              help="The experts to purify, e.g. 'kind=task'.")
-@click.option("--mode", type=click.Choice(["param", "delta"]), default="param", show_default=True,
-              help="param: A−mean(A_g), B−mean(B_g) as PEFT (equal ranks); "
-                   "delta: ΔW−mean(ΔW_g) exactly (any ranks).")
+@click.option(
+    "--general", required=True, metavar="QUERY", help="The general-knowledge experts, e.g. 'kind=general'."
+)
+@click.option("--experts", required=True, metavar="QUERY", help="The experts to purify, e.g. 'kind=task'.")
+@click.option(
+    "--mode",
+    type=click.Choice(["param", "delta"]),
+    default="param",
+    show_default=True,
+    help="param: A−mean(A_g), B−mean(B_g) as PEFT (equal ranks); delta: ΔW−mean(ΔW_g) exactly (any ranks).",
+)
 @click.option("--rank", type=int, help="delta mode: truncate residuals to this rank (SVD).")
 @click.option("--suffix", default="_res", show_default=True, help="Residual name = expert name + suffix.")
-@click.option("--refresh", is_flag=True,
-              help="Recompute in place residuals whose inputs changed (see libstore stale).")
+@click.option(
+    "--refresh", is_flag=True, help="Recompute in place residuals whose inputs changed (see libstore stale)."
+)
 @click.option("--device", help="Where to compute (default: cpu, so results do not depend on the machine).")
 @json_option
 @click.pass_obj
@@ -164,15 +209,22 @@ def gks(state: State, general: str, experts: str, as_json: bool, **kw: Any) -> N
     """
     report = state.lib.subtract_general(general=general, experts=experts, **kw)
     if as_json:
-        echo_json({**to_jsonable(report), "created": report.created, "reused": report.reused,
-                   "refreshed": report.refreshed})
+        echo_json(
+            {
+                **to_jsonable(report),
+                "created": report.created,
+                "reused": report.reused,
+                "refreshed": report.refreshed,
+            }
+        )
         return
     click.echo(f"{report.method} with general experts {', '.join(report.general)}")
     for item in report.items:
         energy = f" (energy kept {item.energy_kept:.4f})" if item.energy_kept is not None else ""
         click.echo(f"{item.status:9}  {item.residual}  <- {item.expert}{energy}")
-    click.echo(f"{len(report.created)} created, {len(report.refreshed)} refreshed, "
-               f"{len(report.reused)} reused")
+    click.echo(
+        f"{len(report.created)} created, {len(report.refreshed)} refreshed, {len(report.reused)} reused"
+    )
 
 
 # --- similarity --------------------------------------------------------------------------------
@@ -180,15 +232,31 @@ def gks(state: State, general: str, experts: str, as_json: bool, **kw: Any) -> N
 
 @click.command("similarity")
 @click.argument("query", nargs=-1)
-@click.option("--metric", type=click.Choice(["delta", "flat"]), default="delta", show_default=True,
-              help="delta: cosine of ΔW (exact, trace formula); flat: cosine of flattened parameters.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="PNG",
-              help="Also write a heatmap to this PNG file.")
+@click.option(
+    "--metric",
+    type=click.Choice(["delta", "flat"]),
+    default="delta",
+    show_default=True,
+    help="delta: cosine of ΔW (exact, trace formula); flat: cosine of flattened parameters.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    metavar="PNG",
+    help="Also write a heatmap to this PNG file.",
+)
 @click.option("--device", help="Where to compute (default: cuda if available, else cpu).")
 @json_option
 @click.pass_obj
-def similarity(state: State, query: tuple[str, ...], metric: str, plot_path: str | None,
-               device: str | None, as_json: bool) -> None:
+def similarity(
+    state: State,
+    query: tuple[str, ...],
+    metric: str,
+    plot_path: str | None,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Cosine-similarity matrix of the experts matching QUERY (default: all).
 
     \b
@@ -202,8 +270,10 @@ def similarity(state: State, query: tuple[str, ...], metric: str, plot_path: str
     if as_json:
         echo_json(m)
     else:
-        echo_table(["", *m.names], [[n, *(f"{v:.3f}" for v in row)]
-                                    for n, row in zip(m.names, m.values, strict=True)])
+        echo_table(
+            ["", *m.names],
+            [[n, *(f"{v:.3f}" for v in row)] for n, row in zip(m.names, m.values, strict=True)],
+        )
     if plot_path:
         click.echo(f"Wrote {plot_path}", err=as_json)
 
@@ -224,8 +294,9 @@ def _weights(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.argument("names", nargs=-1, required=True)
 @click.option("--name", required=True, help="Name of the merged expert.")
 @click.option("--rank", type=int, help="Truncate to this rank by SVD (default: exact, rank Σ r_i).")
-@click.option("--weights", callback=_weights, metavar="W1,W2,...",
-              help="One weight per expert (default: uniform 1/n).")
+@click.option(
+    "--weights", callback=_weights, metavar="W1,W2,...", help="One weight per expert (default: uniform 1/n)."
+)
 @click.option("--refresh", is_flag=True, help="Recompute an existing merge NAME whose inputs changed.")
 @click.option("--device", help="Where to compute (default: cpu, so results do not depend on the machine).")
 @json_option
@@ -243,8 +314,10 @@ def merge(state: State, names: tuple[str, ...], as_json: bool, **kw: Any) -> Non
         echo_json(e)
         return
     params = e.lineage.params if e.lineage is not None else {}
-    click.echo(f"Merged {', '.join(names)} into {e.name} (rank {e.rank}, "
-               f"energy kept {params.get('energy_kept', 1.0):.4f}, sha256 {_short(e.sha256)})")
+    click.echo(
+        f"Merged {', '.join(names)} into {e.name} (rank {e.rank}, "
+        f"energy kept {params.get('energy_kept', 1.0):.4f}, sha256 {_short(e.sha256)})"
+    )
 
 
 # --- lineage and stale -------------------------------------------------------------------------
@@ -275,8 +348,9 @@ def lineage(state: State, name: str, as_json: bool) -> None:
         click.echo(f"  created {d.created_at.isoformat() if d.created_at else '-'}")
         click.echo("  parents:")
         for p in d.parents:
-            note = {"ok": "", "changed": f"  CHANGED, now {_short(p.current_sha256)}",
-                    "gone": "  GONE"}[p.status]
+            note = {"ok": "", "changed": f"  CHANGED, now {_short(p.current_sha256)}", "gone": "  GONE"}[
+                p.status
+            ]
             click.echo(f"    {p.role:8} {p.name} ({_short(p.sha256)}){note}")
         if d.is_stale:
             click.echo("  stale: a parent changed; recompute with --refresh")
@@ -306,19 +380,27 @@ def stale(state: State, as_json: bool) -> None:
         click.echo("Nothing is stale.")
         return
     if report.experts:
-        echo_table(["expert", "kind", "method", "why"],
-                   [[e.name, e.kind, e.method, "; ".join(e.reasons)] for e in report.experts])
+        echo_table(
+            ["expert", "kind", "method", "why"],
+            [[e.name, e.kind, e.method, "; ".join(e.reasons)] for e in report.experts],
+        )
     if report.caches:
         if report.experts:
             click.echo()
-        echo_table(["orphaned prototype cache", "method", "params", "blob"],
-                   [[_short(c.expert_sha256), f"{c.method} v{c.method_version}", c.params,
-                     _short(c.blob_sha256)] for c in report.caches])
+        echo_table(
+            ["orphaned prototype cache", "method", "params", "blob"],
+            [
+                [_short(c.expert_sha256), f"{c.method} v{c.method_version}", c.params, _short(c.blob_sha256)]
+                for c in report.caches
+            ],
+        )
     if report.clusterings:
         if report.experts or report.caches:
             click.echo()
-        echo_table(["clustering", "metric", "k", "why"],
-                   [[c.name, c.metric, c.k, "; ".join(c.reasons)] for c in report.clusterings])
+        echo_table(
+            ["clustering", "metric", "k", "why"],
+            [[c.name, c.metric, c.k, "; ".join(c.reasons)] for c in report.clusterings],
+        )
 
 
 COMMANDS = [prototypes, gks, similarity, merge, lineage, stale]

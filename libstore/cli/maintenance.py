@@ -39,18 +39,25 @@ class Duration(click.ParamType):
 
 def _grace_option(fn: Any) -> Any:
     return click.option(
-        "--grace", "grace_s", type=Duration(), default="1h", show_default=True,
+        "--grace",
+        "grace_s",
+        type=Duration(),
+        default="1h",
+        show_default=True,
         help="Keep unreferenced blobs and temp files written or re-used more recently than this: "
-             "an import in flight stores its blobs before it commits. 0 only when nothing else "
-             "writes to the library.",
+        "an import in flight stores its blobs before it commits. 0 only when nothing else "
+        "writes to the library.",
     )(fn)
 
 
 @click.command("verify")
-@click.option("--repair", is_flag=True,
-              help="Fix what is safe: re-record blob rows, drop bad prototype caches (recomputed on "
-                   "demand), quarantine corrupt blobs, drop rows pointing at deleted rows, remove "
-                   "old temp files. Never deletes an expert.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what is safe: re-record blob rows, drop bad prototype caches (recomputed on "
+    "demand), quarantine corrupt blobs, drop rows pointing at deleted rows, remove "
+    "old temp files. Never deletes an expert.",
+)
 @_grace_option
 @json_option
 @click.pass_obj
@@ -72,23 +79,37 @@ def verify(state: State, repair: bool, grace_s: float, as_json: bool) -> None:
 
     report = state.lib.verify(repair=repair, grace_s=grace_s)
     if as_json:
-        echo_json({
-            "ok": report.ok, "experts": report.experts, "blobs": report.blobs,
-            "bytes_hashed": report.bytes_hashed, "errors": len(report.errors),
-            "warnings": len(report.warnings), "problems": list(iter_problem_dicts(report)),
-        })
+        echo_json(
+            {
+                "ok": report.ok,
+                "experts": report.experts,
+                "blobs": report.blobs,
+                "bytes_hashed": report.bytes_hashed,
+                "errors": len(report.errors),
+                "warnings": len(report.warnings),
+                "problems": list(iter_problem_dicts(report)),
+            }
+        )
     else:
         rows = []
         for d in iter_problem_dicts(report):
             fix = d["repair"]
-            rows.append([d["severity"], d["code"], d["message"],
-                         "" if fix is None else ("fixed: " if fix["fixed"] else "") + fix["action"]])
+            rows.append(
+                [
+                    d["severity"],
+                    d["code"],
+                    d["message"],
+                    "" if fix is None else ("fixed: " if fix["fixed"] else "") + fix["action"],
+                ]
+            )
         if rows:
             echo_table(["severity", "problem", "detail", "repair"], rows)
         verdict = "ok" if report.ok else f"{len(report.errors)} error(s)"
-        click.echo(f"Verified {report.experts} experts and {report.blobs} blobs "
-                   f"({human_bytes(report.bytes_hashed)} hashed): {verdict}, "
-                   f"{len(report.warnings)} warning(s)")
+        click.echo(
+            f"Verified {report.experts} experts and {report.blobs} blobs "
+            f"({human_bytes(report.bytes_hashed)} hashed): {verdict}, "
+            f"{len(report.warnings)} warning(s)"
+        )
         if not report.ok and not repair:
             click.echo("Run libstore verify --repair to fix what can be fixed safely.", err=True)
     if not report.ok:
@@ -117,8 +138,12 @@ def gc(state: State, dry_run: bool, grace_s: float, as_json: bool) -> None:
         echo_json(to_jsonable(report))
         return
     verb = "Would remove" if dry_run else "Removed"
-    click.echo(f"{verb} {len(report.blobs)} blob(s) ({human_bytes(report.bytes_freed)}), "
-               f"{len(report.caches)} prototype cache(s), {len(report.temp)} temp file(s)")
+    click.echo(
+        f"{verb} {len(report.blobs)} blob(s) ({human_bytes(report.bytes_freed)}), "
+        f"{len(report.caches)} prototype cache(s), {len(report.temp)} temp file(s)"
+    )
     if report.kept:
         click.echo(f"Kept {len(report.kept)} unreferenced blob(s) claimed within the grace period")
+
+
 COMMANDS = [verify, gc]

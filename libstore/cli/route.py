@@ -14,16 +14,35 @@ from libstore.cli.app import State
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--method", type=click.Choice(["exact", "peft"]), default="exact", show_default=True,
-              help="Prototype method.")
+@click.option(
+    "--method",
+    type=click.Choice(["exact", "peft"]),
+    default="exact",
+    show_default=True,
+    help="Prototype method.",
+)
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
-@click.option("--explain", "explain_png", type=click.Path(dir_okay=False),
-              help="Write a PNG of which experts each layer chose, and print a summary.")
+@click.option(
+    "--explain",
+    "explain_png",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG of which experts each layer chose, and print a summary.",
+)
 @click.pass_obj
-def route(state: State, base: str | None, experts: str, general: str | None, prompt: str, top_k: int,
-          temperature: float, method: str, max_new_tokens: int, device: str | None,
-          explain_png: str | None) -> None:
+def route(
+    state: State,
+    base: str | None,
+    experts: str,
+    general: str | None,
+    prompt: str,
+    top_k: int,
+    temperature: float,
+    method: str,
+    max_new_tokens: int,
+    device: str | None,
+    explain_png: str | None,
+) -> None:
     """Route PROMPT through the experts selected by --experts and print the continuation.
 
     \b
@@ -35,15 +54,21 @@ def route(state: State, base: str | None, experts: str, general: str | None, pro
     from transformers import AutoTokenizer
 
     lib = state.lib
-    model = lib.routed_model(base, experts=experts, top_k=top_k, temperature=temperature,
-                             general=general, method=method, device=device)
+    model = lib.routed_model(
+        base,
+        experts=experts,
+        top_k=top_k,
+        temperature=temperature,
+        general=general,
+        method=method,
+        device=device,
+    )
     source = base or lib.base(lib.get(model.experts[0]).base_model).source
     tokenizer = AutoTokenizer.from_pretrained(source)
     batch = tokenizer(prompt, return_tensors="pt").to(device or "cpu")
-    with torch.inference_mode():
-        with model.explain() as trace:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    click.echo(tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    with torch.inference_mode(), model.explain() as trace:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    click.echo(tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     if explain_png:
         trace.plot(explain_png)
         click.echo(trace.format(), err=True)

@@ -66,8 +66,9 @@ class HubClient:
 
         self._token = config.hub_token(token)
         self.endpoint = (endpoint or config.hub_endpoint() or "").rstrip("/") or None
-        self._api = HfApi(endpoint=self.endpoint, token=self._token,
-                          library_name="libstore", library_version=_version())
+        self._api = HfApi(
+            endpoint=self.endpoint, token=self._token, library_name="libstore", library_version=_version()
+        )
 
     def __repr__(self) -> str:  # never the token
         return f"HubClient(endpoint={self.endpoint or 'default'!r})"
@@ -82,7 +83,7 @@ class HubClient:
             from huggingface_hub import get_token
 
             stored = get_token()
-        except Exception:  # noqa: BLE001 - a broken token file must not mask the real error
+        except Exception:
             stored = None
         if stored:
             text = text.replace(stored, "***")
@@ -104,30 +105,36 @@ class HubClient:
         except LibstoreError:
             raise
         except RepositoryNotFoundError as e:
-            raise HubError(self._scrub(
-                f"{what}: repo {repo_id!r} not found on {self.endpoint or 'the Hub'}, or it is "
-                f"private and the token cannot see it (log in with `hf auth login`, set HF_TOKEN "
-                f"or pass --token)"
-            )) from e
+            raise HubError(
+                self._scrub(
+                    f"{what}: repo {repo_id!r} not found on {self.endpoint or 'the Hub'}, or it is "
+                    f"private and the token cannot see it (log in with `hf auth login`, set HF_TOKEN "
+                    f"or pass --token)"
+                )
+            ) from e
         except RevisionNotFoundError as e:
-            raise HubError(self._scrub(
-                f"{what}: {repo_id!r} has no branch, tag or commit {revision!r}"
-            )) from e
+            raise HubError(
+                self._scrub(f"{what}: {repo_id!r} has no branch, tag or commit {revision!r}")
+            ) from e
         except EntryNotFoundError as e:
             raise HubError(self._scrub(f"{what}: a file is missing from {where}: {_first_line(e)}")) from e
         except HfHubHTTPError as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
             detail = e.server_message or _first_line(e)
             if status == 412 or (status == 409 and "commit" in what):
-                raise RemoteMovedError(self._scrub(
-                    f"{what}: {where} moved while this push was running (someone else pushed); "
-                    f"run `libstore pull` and push again"
-                )) from e
+                raise RemoteMovedError(
+                    self._scrub(
+                        f"{what}: {where} moved while this push was running (someone else pushed); "
+                        f"run `libstore pull` and push again"
+                    )
+                ) from e
             if status in (401, 403):
-                raise HubError(self._scrub(
-                    f"{what}: not allowed on {where} (HTTP {status}: {detail}); log in with "
-                    f"`hf auth login`, set HF_TOKEN or pass --token with write access"
-                )) from e
+                raise HubError(
+                    self._scrub(
+                        f"{what}: not allowed on {where} (HTTP {status}: {detail}); log in with "
+                        f"`hf auth login`, set HF_TOKEN or pass --token with write access"
+                    )
+                ) from e
             err = HubError(self._scrub(f"{what} failed on {where}: HTTP {status}: {detail}"))
             err.transient = status is None or status >= 500 or status in (408, 429)  # type: ignore[attr-defined]
             raise err from e
@@ -169,7 +176,9 @@ class HubClient:
             for item in self._api.list_repo_tree(repo_id, recursive=True, revision=commit, repo_type="model"):
                 if isinstance(item, RepoFile):
                     out[item.path] = RemoteFile(
-                        item.path, int(item.size), item.blob_id,
+                        item.path,
+                        int(item.size),
+                        item.blob_id,
                         item.lfs.sha256 if item.lfs is not None else None,
                     )
         return out
@@ -182,8 +191,9 @@ class HubClient:
             infos = self._api.get_paths_info(repo_id, [path], revision=commit, repo_type="model")
         for item in infos:
             if isinstance(item, RepoFile) and item.path == path:
-                return RemoteFile(item.path, int(item.size), item.blob_id,
-                                  item.lfs.sha256 if item.lfs is not None else None)
+                return RemoteFile(
+                    item.path, int(item.size), item.blob_id, item.lfs.sha256 if item.lfs is not None else None
+                )
         return None
 
     def create_tag(self, repo_id: str, tag: str, commit: str) -> None:
@@ -216,9 +226,15 @@ class HubClient:
 
         with self._errors(f"downloading {path}", repo_id, commit):
             out = hf_hub_download(
-                repo_id, path, revision=commit, repo_type="model", local_dir=dest,
-                token=self._token, endpoint=self.endpoint,
-                library_name="libstore", library_version=_version(),
+                repo_id,
+                path,
+                revision=commit,
+                repo_type="model",
+                local_dir=dest,
+                token=self._token,
+                endpoint=self.endpoint,
+                library_name="libstore",
+                library_version=_version(),
             )
         return Path(out)
 
@@ -227,7 +243,9 @@ class HubClient:
         p = self.download(repo_id, path, commit, dest)
         size = p.stat().st_size
         if size > max_bytes:
-            raise HubError(f"{repo_id}@{commit[:12]}: {path} is {size} bytes, over the {max_bytes}-byte limit")
+            raise HubError(
+                f"{repo_id}@{commit[:12]}: {path} is {size} bytes, over the {max_bytes}-byte limit"
+            )
         data = p.read_bytes()
         with contextlib.suppress(OSError):
             os.unlink(p)
@@ -249,7 +267,8 @@ class HubClient:
         """One commit on ``branch`` that must sit on ``parent_commit``; returns its id.
 
         ``adds`` are ``(path in repo, file or bytes, expected sha256 or None)``; a file whose bytes
-        no longer hash as expected is refused before anything is sent. 412 (the branch moved) raises :class:`RemoteMovedError`. Any other failure raises
+        no longer hash as expected is refused before anything is sent. 412 (the branch moved) raises
+        :class:`RemoteMovedError`. Any other failure raises
         :class:`HubError`: the commit may still have been applied (the answer can be lost after
         the server applied it), so callers check the head before retrying.
         """
@@ -257,20 +276,30 @@ class HubClient:
 
         ops: list[Any] = []
         for path, src, expected in adds:
-            op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(src) if isinstance(src, Path) else src)
+            op = CommitOperationAdd(
+                path_in_repo=path, path_or_fileobj=str(src) if isinstance(src, Path) else src
+            )
             if expected is not None and op.upload_info.sha256.hex() != expected:
                 raise IntegrityError(
-                    f"{path}: the local copy ({src if isinstance(src, Path) else 'in memory'}) no longer hashes to {expected}; the store is "
+                    f"{path}: the local copy ({src if isinstance(src, Path) else 'in memory'}) no "
+                    f"longer hashes to {expected}; the store is "
                     f"damaged — run `libstore verify`; nothing was pushed"
                 )
             ops.append(op)
         ops += [CommitOperationDelete(path_in_repo=p, is_folder=False) for p in deletes]
         if len(ops) > MAX_FILES_PER_COMMIT:
-            raise ValueError(f"{len(ops)} operations in one commit; split into batches of {MAX_FILES_PER_COMMIT}")
+            raise ValueError(
+                f"{len(ops)} operations in one commit; split into batches of {MAX_FILES_PER_COMMIT}"
+            )
         with self._errors("committing", repo_id, branch):
             info = self._api.create_commit(
-                repo_id, operations=ops, commit_message=message, commit_description=description,
-                repo_type="model", revision=branch, parent_commit=parent_commit,
+                repo_id,
+                operations=ops,
+                commit_message=message,
+                commit_description=description,
+                repo_type="model",
+                revision=branch,
+                parent_commit=parent_commit,
             )
         return str(info.oid)
 
@@ -285,7 +314,9 @@ def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise ValidationError(f"{repo_id!r} is not a Hub repo id; use NAMESPACE/NAME, e.g. my-org/phi3-experts")
+        raise ValidationError(
+            f"{repo_id!r} is not a Hub repo id; use NAMESPACE/NAME, e.g. my-org/phi3-experts"
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:

@@ -169,7 +169,9 @@ class ExpertEntry:
             "tasks": sorted(self.tasks),
             "tags": sorted(self.tags),
             "metadata": self.metadata,
-            "derivation": None if d is None else {
+            "derivation": None
+            if d is None
+            else {
                 "method": d.method,
                 "method_version": d.method_version,
                 "params": d.params,
@@ -221,8 +223,13 @@ class ClusteringEntry:
             "query": self.query,
             "inputs": [{"name": n, "sha256": s} for n, s in self.inputs],
             "clusters": [
-                {"index": c.index, "label": c.label, "stats": c.stats, "members": list(c.members),
-                 "tasks": list(c.tasks)}
+                {
+                    "index": c.index,
+                    "label": c.label,
+                    "stats": c.stats,
+                    "members": list(c.members),
+                    "tasks": list(c.tasks),
+                }
                 for c in self.clusters
             ],
         }
@@ -307,8 +314,9 @@ class Manifest:
     def to_bytes(self) -> bytes:
         """Deterministic UTF-8 JSON (sorted keys, one-space indent, trailing newline)."""
         validate_manifest(self)
-        return (json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False,
-                           allow_nan=False) + "\n").encode()
+        return (
+            json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+        ).encode()
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
@@ -493,8 +501,12 @@ def parse_manifest(data: bytes, *, source: str = MANIFEST_FILE) -> Manifest:
         prototypes.append(entry)
 
     return Manifest(
-        base_models=bases, experts=experts, clusterings=clusterings,
-        prototypes=tuple(prototypes), generator=generator, format_version=version,
+        base_models=bases,
+        experts=experts,
+        clusterings=clusterings,
+        prototypes=tuple(prototypes),
+        generator=generator,
+        format_version=version,
     )
 
 
@@ -504,7 +516,10 @@ def _json_obj(r: _Reader, v: Any, where: str) -> dict[str, Any]:
 
 
 def _parse_expert(
-    r: _Reader, name: str, e: Any, bases: Mapping[str, BaseEntry],
+    r: _Reader,
+    name: str,
+    e: Any,
+    bases: Mapping[str, BaseEntry],
     clusterings: Mapping[str, ClusteringEntry],
 ) -> ExpertEntry:
     w = f"experts.{name}"
@@ -536,7 +551,9 @@ def _parse_expert(
     files_raw = r.obj(r.key(e, "files", w), f"{w}.files")
     if set(files_raw) != set(EXPERT_FILES):
         odd = sorted(set(files_raw) - set(EXPERT_FILES))
-        what = f"unknown file {odd[0]!r:.80}" if odd else f"missing {sorted(set(EXPERT_FILES) - set(files_raw))}"
+        what = (
+            f"unknown file {odd[0]!r:.80}" if odd else f"missing {sorted(set(EXPERT_FILES) - set(files_raw))}"
+        )
         raise r.fail(f"{w}.files", f"{what}; an expert folder holds exactly {', '.join(EXPERT_FILES)}")
     files: dict[str, FileEntry] = {}
     for fname in EXPERT_FILES:
@@ -560,11 +577,13 @@ def _parse_expert(
         for i, p in enumerate(parents_raw):
             pw = f"{dw}.parents[{i}]"
             p = r.obj(p, pw)
-            parents.append((
-                r.method(r.key(p, "role", pw), f"{pw}.role", _ROLE),
-                r.name(r.key(p, "name", pw), f"{pw}.name"),
-                r.hex64(r.key(p, "sha256", pw), f"{pw}.sha256"),
-            ))
+            parents.append(
+                (
+                    r.method(r.key(p, "role", pw), f"{pw}.role", _ROLE),
+                    r.name(r.key(p, "name", pw), f"{pw}.name"),
+                    r.hex64(r.key(p, "sha256", pw), f"{pw}.sha256"),
+                )
+            )
         derivation = DerivationEntry(
             method=r.method(r.key(d, "method", dw), f"{dw}.method"),
             method_version=r.int_(r.key(d, "method_version", dw), f"{dw}.method_version", lo=0, hi=1 << 30),
@@ -576,7 +595,9 @@ def _parse_expert(
     if cluster is not None:
         cname, sep, idx = str(cluster).rpartition(":") if isinstance(cluster, str) else ("", "", "")
         if not sep or not idx.isdigit() or cname not in clusterings:
-            raise r.fail(f"{w}.cluster", f"{cluster!r:.80} is not CLUSTERING:INDEX of a clustering in this manifest")
+            raise r.fail(
+                f"{w}.cluster", f"{cluster!r:.80} is not CLUSTERING:INDEX of a clustering in this manifest"
+            )
         if int(idx) not in {c.index for c in clusterings[cname].clusters}:
             raise r.fail(f"{w}.cluster", f"clustering {cname!r} has no cluster {idx}")
     return ExpertEntry(
@@ -612,7 +633,9 @@ def _parse_clustering(r: _Reader, name: str, c: Any, bases: Mapping[str, BaseEnt
     for i, x in enumerate(inputs_raw):
         xw = f"{w}.inputs[{i}]"
         x = r.obj(x, xw)
-        inputs.append((r.name(r.key(x, "name", xw), f"{xw}.name"), r.hex64(r.key(x, "sha256", xw), f"{xw}.sha256")))
+        inputs.append(
+            (r.name(r.key(x, "name", xw), f"{xw}.name"), r.hex64(r.key(x, "sha256", xw), f"{xw}.sha256"))
+        )
     clusters_raw = r.key(c, "clusters", w)
     if not isinstance(clusters_raw, list):
         raise r.fail(f"{w}.clusters", "expected a list")
@@ -621,13 +644,15 @@ def _parse_clustering(r: _Reader, name: str, c: Any, bases: Mapping[str, BaseEnt
         kw = f"{w}.clusters[{i}]"
         k = r.obj(k, kw)
         label = k.get("label")
-        clusters.append(ClusterEntry(
-            index=r.int_(r.key(k, "index", kw), f"{kw}.index", hi=1 << 20),
-            label=None if label is None else r.str_(label, f"{kw}.label", max_len=96),
-            stats=_json_obj(r, k.get("stats", {}), f"{kw}.stats"),
-            members=r.names(r.key(k, "members", kw), f"{kw}.members"),
-            tasks=r.names(k.get("tasks", []), f"{kw}.tasks"),
-        ))
+        clusters.append(
+            ClusterEntry(
+                index=r.int_(r.key(k, "index", kw), f"{kw}.index", hi=1 << 20),
+                label=None if label is None else r.str_(label, f"{kw}.label", max_len=96),
+                stats=_json_obj(r, k.get("stats", {}), f"{kw}.stats"),
+                members=r.names(r.key(k, "members", kw), f"{kw}.members"),
+                tasks=r.names(k.get("tasks", []), f"{kw}.tasks"),
+            )
+        )
     if len({c.index for c in clusters}) != len(clusters):
         raise r.fail(f"{w}.clusters", "cluster indices repeat")
     return ClusteringEntry(

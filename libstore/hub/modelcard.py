@@ -47,20 +47,28 @@ def render(manifest: Manifest, repo_id: str) -> str:
     lines += ["---", "", f"# {_cell(repo_id)}", ""]
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no experts yet"
     lines += [
-        (f"A library of LoRA experts managed with libstore: {len(experts)} experts ({summary}). "
-         f"`{MANIFEST_FILE}` describes every expert (kind, tasks, tags, rank, modules, file hashes, "
-         f"derivations, clusterings and cached Arrow prototypes); each expert is a PEFT folder "
-         f"under `experts/<name>/`."),
+        (
+            f"A library of LoRA experts managed with libstore: {len(experts)} experts ({summary}). "
+            f"`{MANIFEST_FILE}` describes every expert (kind, tasks, tags, rank, modules, file hashes, "
+            f"derivations, clusterings and cached Arrow prototypes); each expert is a PEFT folder "
+            f"under `experts/<name>/`."
+        ),
         "",
     ]
     if manifest.base_models:
         lines += ["## Base models", "", "| name | source | architecture | fingerprint |", "|---|---|---|---|"]
         for b in sorted(manifest.base_models.values(), key=lambda b: b.name):
             src = b.source + (f"@{b.revision}" if b.revision else "")
-            lines.append(f"| {_cell(b.name)} | {_cell(src)} | {_cell(b.architecture)} | {b.fingerprint[:12]} |")
+            lines.append(
+                f"| {_cell(b.name)} | {_cell(src)} | {_cell(b.architecture)} | {b.fingerprint[:12]} |"
+            )
         lines.append("")
-    lines += ["## Experts", "", "| name | kind | base | rank | tasks | tags | derived by | sha256 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Experts",
+        "",
+        "| name | kind | base | rank | tasks | tags | derived by | sha256 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in experts[:MAX_ROWS]:
         derived = e.derivation.method if e.derivation else ""
         lines.append(
@@ -73,8 +81,10 @@ def render(manifest: Manifest, repo_id: str) -> str:
     if manifest.clusterings:
         lines += ["## Clusterings", ""]
         for c in sorted(manifest.clusterings.values(), key=lambda c: c.name):
-            lines.append(f"- `{c.name}`: {_cell(c.method)}, k={c.k}, {_cell(c.metric)} similarity, "
-                         f"{len(c.inputs)} experts")
+            lines.append(
+                f"- `{c.name}`: {_cell(c.method)}, k={c.k}, {_cell(c.metric)} similarity, "
+                f"{len(c.inputs)} experts"
+            )
         lines.append("")
     example = experts[0].name if experts else "<name>"
     base_src = next(iter(sorted(manifest.base_models.values(), key=lambda b: b.name)), None)
@@ -88,7 +98,8 @@ def render(manifest: Manifest, repo_id: str) -> str:
         "",
         f"base = AutoModelForCausalLM.from_pretrained({base_id!r})",
         f"model = PeftModel.from_pretrained(base, {repo_id!r}, subfolder={expert_folder(example)!r})"
-        if experts else f"model = PeftModel.from_pretrained(base, {repo_id!r}, subfolder='experts/<name>')",
+        if experts
+        else f"model = PeftModel.from_pretrained(base, {repo_id!r}, subfolder='experts/<name>')",
         "```",
         "",
         "## Use the whole library with libstore",
@@ -100,8 +111,10 @@ def render(manifest: Manifest, repo_id: str) -> str:
         "libstore ls 'kind=task'",
         "```",
         "",
-        ("Then build an Arrow-routed model over a catalog query with libstore's router "
-         "(for example all task experts, top-k 3), on CPU or GPU."),
+        (
+            "Then build an Arrow-routed model over a catalog query with libstore's router "
+            "(for example all task experts, top-k 3), on CPU or GPU."
+        ),
         "",
     ]
     return "\n".join(lines)

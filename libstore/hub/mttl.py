@@ -77,15 +77,18 @@ def scan(folder: Path) -> list[MttlFiles]:
         ckpt = folder / f"{name}{CKPT_SUFFIX}"
         if not ckpt.is_file():
             raise ValidationError(f"{meta} has no weights file {ckpt.name}; the mttl library is incomplete")
-        aux = tuple(sorted(
-            p.name[len(name) + 1: -len(AUX_SUFFIX)]
-            for p in folder.glob(f"{name}.*{AUX_SUFFIX}")
-            if p.name.count(".") == 2
-        ))
+        aux = tuple(
+            sorted(
+                p.name[len(name) + 1 : -len(AUX_SUFFIX)]
+                for p in folder.glob(f"{name}.*{AUX_SUFFIX}")
+                if p.name.count(".") == 2
+            )
+        )
         out.append(MttlFiles(name=name, meta=meta, ckpt=ckpt, aux=aux))
     if not out:
         raise ValidationError(
-            f"{folder} holds no mttl experts (<expert>.meta with <expert>.ckpt); is it an mttl expert library?"
+            f"{folder} holds no mttl experts (<expert>.meta with <expert>.ckpt); is it an mttl expert "
+            f"library?"
         )
     return out
 
@@ -96,20 +99,24 @@ def safe_load(path: Path) -> Any:
 
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ValidationError(f"{path} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for an mttl file")
+        raise ValidationError(
+            f"{path} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for an mttl file"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else "")
+        why = next(
+            (ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else ""
+        )
         first = why.split(". ")[0][:300] or type(e).__name__
         raise UnsafeFileError(
             f"{path} needs more than plain tensors and containers to load (torch.load with "
             f"weights_only=True refused it: {first}); libstore never unpickles arbitrary objects. "
             f"Re-save it in a trusted environment as a dict of tensors / a dict of plain values."
         ) from None
-    except Exception as e:  # noqa: BLE001 - corrupt archives raise many types
+    except Exception as e:
         raise ValidationError(f"{path} is not a readable torch.save file: {type(e).__name__}: {e}") from None
 
 
@@ -129,7 +136,9 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     training = meta.get("training_config") or {}
     if not isinstance(cfg, dict) or not isinstance(training, dict):
         raise ValidationError(f"{files.meta}: expert_config / training_config must be dicts")
-    cls = str(cfg.get("class_name") or cfg.get("__model_modifier__") or training.get("model_modifier") or "lora")
+    cls = str(
+        cfg.get("class_name") or cfg.get("__model_modifier__") or training.get("model_modifier") or "lora"
+    )
     if cls.rsplit(".", 1)[-1] not in ("LoRAConfig", "lora"):
         raise ValidationError(
             f"{files.meta}: expert {files.name!r} uses the mttl modifier {cls!r}; libstore imports "
@@ -164,8 +173,12 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     if files.aux:
         record["aux_data_not_imported"] = list(files.aux)
     return MttlExpert(
-        name=files.name, tasks=tasks, base_model=model if isinstance(model, str) else None,
-        rank=rank, alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0),
+        name=files.name,
+        tasks=tasks,
+        base_model=model if isinstance(model, str) else None,
+        rank=rank,
+        alpha=float(alpha),
+        dropout=float(cfg.get("lora_dropout") or 0.0),
         deleted=bool(meta.get("expert_deleted", False)),
         metadata={k: v for k, v in record.items() if v is not None},
     )
@@ -178,8 +191,10 @@ def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
     obj = safe_load(files.ckpt)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {str(k).replace("model.", "", 1): v for k, v in obj["state_dict"].items()}
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise ValidationError(f"{files.ckpt} must hold a non-empty dict of name -> tensor")
     return obj
@@ -216,8 +231,13 @@ def to_peft(expert: MttlExpert, weights: Mapping[str, torch.Tensor], base: BaseM
             )
         a, b = ab["lora_a"], ab["lora_b"]
         lin = base.linear_shapes[module]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or tuple(a.shape) != (lin.in_features, a.shape[1]) \
-                or tuple(b.shape) != (b.shape[0], lin.out_features):
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[1] != b.shape[0]
+            or tuple(a.shape) != (lin.in_features, a.shape[1])
+            or tuple(b.shape) != (b.shape[0], lin.out_features)
+        ):
             raise BaseModelMismatchError(
                 f"expert {expert.name!r}: module {stem!r} has lora_a {list(a.shape)} and lora_b "
                 f"{list(b.shape)}; mttl stores lora_a as (in, r) and lora_b as (r, out) and base "

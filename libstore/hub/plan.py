@@ -38,8 +38,14 @@ from libstore.hub.manifest import ExpertEntry
 from libstore.types import ExpertQuery
 
 State = Literal[
-    "in_sync", "local_only", "remote_only", "local_changed", "remote_changed", "conflict",
-    "deleted_local", "deleted_remote",
+    "in_sync",
+    "local_only",
+    "remote_only",
+    "local_changed",
+    "remote_changed",
+    "conflict",
+    "deleted_local",
+    "deleted_remote",
 ]
 PushAction = Literal["none", "upload", "delete", "conflict"]
 PullAction = Literal["none", "download", "remove", "conflict"]
@@ -154,25 +160,29 @@ def plan(
     chosen = None if selected is None else set(selected)
     out: list[ExpertPlan] = []
     for name in sorted(set(local) | set(remote) | set(synced)):
-        l, r, s = local.get(name), remote.get(name), synced.get(name)
-        state = classify(l, r, s)
+        loc, r, s = local.get(name), remote.get(name), synced.get(name)
+        state = classify(loc, r, s)
         if state is None:
             continue
         sel = chosen is None or name in chosen
-        out.append(ExpertPlan(
-            name=name,
-            state=state,
-            push=_push_action(state, l, force=force, prune=prune) if sel else "none",
-            pull=_pull_action(state, r, force=force, prune=prune) if sel else "none",
-            local=l,
-            remote=r,
-            synced=s,
-            selected=sel,
-        ))
+        out.append(
+            ExpertPlan(
+                name=name,
+                state=state,
+                push=_push_action(state, loc, force=force, prune=prune) if sel else "none",
+                pull=_pull_action(state, r, force=force, prune=prune) if sel else "none",
+                local=loc,
+                remote=r,
+                synced=s,
+                selected=sel,
+            )
+        )
     return out
 
 
-def stale_sync_records(local: Mapping[str, str], remote: Mapping[str, str], synced: Mapping[str, str]) -> list[str]:
+def stale_sync_records(
+    local: Mapping[str, str], remote: Mapping[str, str], synced: Mapping[str, str]
+) -> list[str]:
     """Sync records of experts that exist on neither side any more (safe to forget)."""
     return sorted(n for n in synced if n not in local and n not in remote)
 
@@ -180,8 +190,7 @@ def stale_sync_records(local: Mapping[str, str], remote: Mapping[str, str], sync
 def matches(entry: ExpertEntry, query: ExpertQuery) -> bool:
     """Does a manifest entry match a catalog query (same semantics as ``libstore ls``)?"""
     if query.names and not any(
-        fnmatch.fnmatchcase(entry.name, n) if ("*" in n or "?" in n) else entry.name == n
-        for n in query.names
+        fnmatch.fnmatchcase(entry.name, n) if ("*" in n or "?" in n) else entry.name == n for n in query.names
     ):
         return False
     if query.kinds and entry.kind not in query.kinds:
@@ -199,5 +208,3 @@ def matches(entry: ExpertEntry, query: ExpertQuery) -> bool:
         if not any(c in (cname, entry.cluster) for c in query.clusters):
             return False
     return True
-
-

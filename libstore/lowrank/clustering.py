@@ -519,7 +519,7 @@ def silhouette_samples(S_or_D: Tensor, labels: Tensor, *, metric: Metric = "simi
     n = dist.shape[0]
     uniq, inv = torch.unique(_labels(labels, n), return_inverse=True)
     L = uniq.shape[0]
-    if L < 2 or L > n - 1:
+    if L < 2 or n - 1 < L:
         return None
     dist.fill_diagonal_(0.0)
     onehot = torch.nn.functional.one_hot(inv, L).to(torch.float64)

@@ -113,7 +113,9 @@ def work_dtype(*tensors: Tensor) -> torch.dtype:
 def check_module(A: Tensor, B: Tensor, what: str = "module") -> tuple[int, int, int, torch.Size]:
     """Validate one (possibly batched) LoRA module; return (rank, in, out, batch shape)."""
     if A.ndim < 2 or B.ndim < 2:
-        raise ValidationError(f"{what}: A and B must be at least 2-D, got shapes {tuple(A.shape)}, {tuple(B.shape)}")
+        raise ValidationError(
+            f"{what}: A and B must be at least 2-D, got shapes {tuple(A.shape)}, {tuple(B.shape)}"
+        )
     r, n_in = A.shape[-2], A.shape[-1]
     n_out, r_b = B.shape[-2], B.shape[-1]
     if r != r_b:
@@ -134,7 +136,9 @@ def as_scale(scale: Scale, batch: torch.Size, dtype: torch.dtype, device: torch.
     """The scale as a tensor of shape (..., 1, 1), broadcastable against (..., rows, cols)."""
     s = torch.as_tensor(scale, dtype=dtype, device=device)
     if s.ndim > 0 and s.shape != batch:
-        raise ValidationError(f"scale has shape {tuple(s.shape)}; expected a float or a tensor of shape {tuple(batch)}")
+        raise ValidationError(
+            f"scale has shape {tuple(s.shape)}; expected a float or a tensor of shape {tuple(batch)}"
+        )
     if not bool(torch.isfinite(s).all()):
         raise ValidationError(f"scale must be finite, got {scale!r}")
     return s[..., None, None]
@@ -154,7 +158,9 @@ def factor_svd(A: Tensor, B: Tensor, scale: Scale = 1.0) -> FactorSVD:
     core = (rb @ ra.mT) * s  # (..., kb, ka)
     # A non-finite entry anywhere in A or B reaches the small core: checking it is cheap.
     if not bool(torch.isfinite(core).all()):
-        raise ValidationError("LoRA factors hold non-finite values (inf or nan); refusing to compute with them")
+        raise ValidationError(
+            "LoRA factors hold non-finite values (inf or nan); refusing to compute with them"
+        )
     u, sv, vh = torch.linalg.svd(core, full_matrices=False)
     return FactorSVD(qa, ra, qb, u, sv, vh)
 
@@ -199,7 +205,9 @@ def truncate(A: Tensor, B: Tensor, rank: int) -> LowRankDelta:
     return LowRankDelta(A2, B2, 1.0, kept / total if total > 0 else 1.0)
 
 
-def concat_factors(terms: Sequence[tuple[Tensor, Tensor, Scale]], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+def concat_factors(
+    terms: Sequence[tuple[Tensor, Tensor, Scale]], weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
     """Σ_i w_i·s_i·B_i·A_i exactly, as one pair of factors of rank Σ r_i: [A_1; A_2; …], [w_1 s_1 B_1, …].
 
     The weights and scales are folded into the B blocks; the A blocks are the inputs, upcast.

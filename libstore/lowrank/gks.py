@@ -41,7 +41,8 @@ def subtract_general_param(
     """
     if len(general_As) == 0 or len(general_As) != len(general_Bs):
         raise ValidationError(
-            f"need one or more general adapters with A and B each, got {len(general_As)} A and {len(general_Bs)} B"
+            f"need one or more general adapters with A and B each, got {len(general_As)} A and "
+            f"{len(general_Bs)} B"
         )
     r, n_in, n_out, batch = check_module(A, B, "task adapter")
     for g, (Ag, Bg) in enumerate(zip(general_As, general_Bs, strict=True)):
@@ -54,7 +55,8 @@ def subtract_general_param(
             )
         if (g_in, g_out, g_batch) != (n_in, n_out, batch):
             raise IncompatibleExpertsError(
-                f"general adapter {g} has in={g_in}, out={g_out}, batch {tuple(g_batch)}; the task adapter has "
+                f"general adapter {g} has in={g_in}, out={g_out}, batch {tuple(g_batch)}; the task "
+                f"adapter has "
                 f"in={n_in}, out={n_out}, batch {tuple(batch)}: they do not adapt the same layer"
             )
     dtype = work_dtype(A, B, *general_As, *general_Bs)

@@ -144,5 +144,7 @@ def peft_prototypes(
     B32 = B.to(torch.float32)
     values = torch.linalg.vector_norm(B32 @ (A32 @ vectors.mT), dim=-2) * s.abs()
     if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(values).all())):
-        raise ValidationError("LoRA factors hold non-finite values (inf or nan); refusing to compute with them")
+        raise ValidationError(
+            "LoRA factors hold non-finite values (inf or nan); refusing to compute with them"
+        )
     return Prototypes(vectors, values)

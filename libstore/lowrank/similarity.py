@@ -38,12 +38,15 @@ def frobenius_inner(A1: Tensor, B1: Tensor, s1: Scale, A2: Tensor, B2: Tensor, s
     A1, B1, A2, B2 = (t.to(dtype) for t in (A1, B1, A2, B2))
     if A1.shape[-1] != A2.shape[-1] or B1.shape[-2] != B2.shape[-2]:
         raise IncompatibleExpertsError(
-            f"modules of different shapes: ΔW₁ is {B1.shape[-2]}×{A1.shape[-1]}, ΔW₂ {B2.shape[-2]}×{A2.shape[-1]}"
+            f"modules of different shapes: ΔW₁ is {B1.shape[-2]}×{A1.shape[-1]}, ΔW₂ "
+            f"{B2.shape[-2]}×{A2.shape[-1]}"
         )
     gb = B1.mT @ B2  # (..., r1, r2)
     ga = A1 @ A2.mT  # (..., r1, r2) = (A2 A1ᵀ)ᵀ
     inner = (gb * ga).sum(dim=(-2, -1))
-    s = torch.as_tensor(s1, dtype=dtype, device=inner.device) * torch.as_tensor(s2, dtype=dtype, device=inner.device)
+    s = torch.as_tensor(s1, dtype=dtype, device=inner.device) * torch.as_tensor(
+        s2, dtype=dtype, device=inner.device
+    )
     return inner * s
 
 
@@ -68,7 +71,8 @@ def delta_cosine_matrix(experts: Sequence[Sequence[tuple[Tensor, Tensor, Scale]]
     for i, e in enumerate(experts):
         if len(e) != n_mod:
             raise IncompatibleExpertsError(
-                f"expert {i} has {len(e)} modules but expert 0 has {n_mod}: experts must cover the same modules"
+                f"expert {i} has {len(e)} modules but expert 0 has {n_mod}: experts must cover the same "
+                f"modules"
             )
     first = experts[0][0][0]
     device = first.device

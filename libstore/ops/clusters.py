@@ -162,8 +162,7 @@ def cluster(
     n = len(chosen)
     ks = _k_choices(k, k_range, n, query_text)
     with torch.no_grad():
-        S, features_dim = similarity_matrix(ctx, chosen, metric=metric, keep=keep, dim=dim,
-                                            device=device)
+        S, features_dim = similarity_matrix(ctx, chosen, metric=metric, keep=keep, dim=dim, device=device)
     part = partition(S, k=k, k_range=ks, seed=seed, n_init=n_init)
     name = name if name is not None else default_name(metric, part.k)
     params: dict[str, Any] = {
@@ -190,9 +189,18 @@ def cluster(
     ]
     with ctx.catalog.write() as s:
         row = cat.insert_clustering(
-            s, name=name, base=repo.base_row(s, chosen[0].base_model), method=METHOD, metric=metric,
-            k=part.k, seed=seed, params=params, criterion=part.criterion, query=query_text,
-            inputs=[(e.name, e.sha256) for e in chosen], clusters=new,
+            s,
+            name=name,
+            base=repo.base_row(s, chosen[0].base_model),
+            method=METHOD,
+            metric=metric,
+            k=part.k,
+            seed=seed,
+            params=params,
+            criterion=part.criterion,
+            query=query_text,
+            inputs=[(e.name, e.sha256) for e in chosen],
+            clusters=new,
         )
         return cat.to_clustering(s, row, added=cat.added_experts(s, row, query))
 
@@ -238,13 +246,12 @@ def _check_experts(experts: Sequence[Expert], metric: str) -> None:
 
 def _k_choices(k: int | None, k_range: Iterable[int] | None, n: int, query: str) -> list[int]:
     """The k values to try: ``[k]`` when given, else ``k_range`` or 2..min(20, n − 1); all validated."""
+
     def check(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValidationError(f"k must be a positive integer, got {value!r}")
         if value > n:
-            raise ValidationError(
-                f"k={value} but only {n} expert(s) match {query!r}; k can be at most {n}"
-            )
+            raise ValidationError(f"k={value} but only {n} expert(s) match {query!r}; k can be at most {n}")
         return value
 
     if k is not None:
@@ -354,9 +361,7 @@ def _flat_similarity(
     return cosine_matrix(features), int(features.shape[1])
 
 
-def _delta_similarity(
-    ctx: Context, experts: Sequence[Expert], *, device: str, budget: int
-) -> torch.Tensor:
+def _delta_similarity(ctx: Context, experts: Sequence[Expert], *, device: str, budget: int) -> torch.Tensor:
     import torch
 
     from libstore.lowrank.similarity import delta_cosine_matrix, frobenius_inner
@@ -396,8 +401,9 @@ def _delta_similarity(
                 s = torch.tensor([sc for _, _, sc in mods], dtype=A.dtype, device=A.device)
                 sq += frobenius_inner(A, B, s, A, B, s).to("cpu", torch.float64)
             else:
-                sq += torch.tensor([float(frobenius_inner(a, b, sc, a, b, sc)) for a, b, sc in mods],
-                                   dtype=torch.float64)
+                sq += torch.tensor(
+                    [float(frobenius_inner(a, b, sc, a, b, sc)) for a, b, sc in mods], dtype=torch.float64
+                )
         norm = sq.clamp_min(0).sqrt()
         gram += cos * norm[:, None] * norm[None, :]
         del factors
@@ -453,8 +459,10 @@ def partition(
         ks = sorted(set(k_range)) if k_range is not None else list(range(2, min(DEFAULT_K_MAX, n - 1) + 1))
         if not ks:
             k = 1
-            criterion = {"name": "too few experts",
-                         "note": f"{n} expert(s): a silhouette needs at least 3, so all are one cluster"}
+            criterion = {
+                "name": "too few experts",
+                "note": f"{n} expert(s): a silhouette needs at least 3, so all are one cluster",
+            }
             km = run(k)
         else:
             runs = {kk: run(kk) for kk in ks}
@@ -462,8 +470,11 @@ def partition(
             defined = {kk: v for kk, v in scores.items() if v is not None}
             k = max(defined, key=lambda kk: (defined[kk], -kk)) if defined else ks[0]
             km = runs[k]
-            criterion = {"name": "silhouette", "k_range": ks,
-                         "scores": {str(kk): v for kk, v in scores.items()}}
+            criterion = {
+                "name": "silhouette",
+                "k_range": ks,
+                "scores": {str(kk): v for kk, v in scores.items()},
+            }
             if not defined:
                 criterion["note"] = "no k in the range has a defined silhouette; took the smallest"
             elif defined[k] <= 0:
@@ -478,8 +489,12 @@ def partition(
     criterion["silhouette"] = overall
     criterion["inertia"] = float(km.inertia)
     return Partition(
-        k=int(k), labels=tuple(int(x) for x in labels.tolist()), criterion=criterion,
-        silhouette=overall, stats=tuple(stats), inertia=float(km.inertia),
+        k=int(k),
+        labels=tuple(int(x) for x in labels.tolist()),
+        criterion=criterion,
+        silhouette=overall,
+        stats=tuple(stats),
+        inertia=float(km.inertia),
     )
 
 
@@ -553,8 +568,12 @@ def export(ctx: Context, name: str, format: str = "json") -> str:
         "query": c.query,
         "stale": c.stale,
         "clusters": [
-            {"index": cl.index, "cluster": f"{c.name}:{cl.index}", "tasks": list(cl.tasks),
-             "members": list(cl.members)}
+            {
+                "index": cl.index,
+                "cluster": f"{c.name}:{cl.index}",
+                "tasks": list(cl.tasks),
+                "members": list(cl.members),
+            }
             for cl in c.clusters
         ],
     }
@@ -605,12 +624,21 @@ def plot(ctx: Context, name: str, path: str | os.PathLike[str], *, device: str |
         raise ValidationError(f"every expert clustering {name!r} saw has been removed; nothing to plot")
     label_of = {m: cl.index for cl in c.clusters for m in cl.members}
     with ctx.catalog.read() as s:
-        experts = [repo.to_expert(s, repo.expert_row(s, i.current_name), with_lineage=False)
-                   for i in present if i.current_name is not None]
+        experts = [
+            repo.to_expert(s, repo.expert_row(s, i.current_name), with_lineage=False)
+            for i in present
+            if i.current_name is not None
+        ]
     labels = [label_of[i.name] for i in present]
     with torch.no_grad():
-        S, _ = similarity_matrix(ctx, experts, metric=c.metric, keep=c.params.get("keep") or 0.2,
-                                 dim=c.params.get("dim") or 64, device=device)
+        S, _ = similarity_matrix(
+            ctx,
+            experts,
+            metric=c.metric,
+            keep=c.params.get("keep") or 0.2,
+            dim=c.params.get("dim") or 64,
+            device=device,
+        )
     order = sorted(range(len(present)), key=lambda i: (labels[i], i))
     idx = torch.tensor(order)
     ordered = S[idx][:, idx].numpy()

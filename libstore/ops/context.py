@@ -44,9 +44,7 @@ def open_library(path: Path, db_url: str | None = None) -> Context:
     """Open an existing library, upgrading its catalog schema if an older libstore created it."""
     path = Path(path)
     if not (path / MARKER).exists():
-        raise LibraryNotFoundError(
-            f"no libstore library at {path}; create one with: libstore init {path}"
-        )
+        raise LibraryNotFoundError(f"no libstore library at {path}; create one with: libstore init {path}")
     return _connect(path, db_url)
 
 

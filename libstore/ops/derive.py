@@ -210,13 +210,15 @@ def subtract_general(
     gen_names = {g.name for g in gen}
     targets = [e for e in resolve_experts(ctx, experts) if e.name not in gen_names]
     if not targets:
-        raise ValidationError(
-            "the --experts query matches only general experts; nothing to subtract from"
-        )
+        raise ValidationError("the --experts query matches only general experts; nothing to subtract from")
     check_compatible(
-        [*gen, *targets], operation="GenKnowSub", same_rank=(mode == "param"),
-        rank_hint=(" (parameter mode averages A and B entrywise); use --mode delta, which is exact "
-                   "in function space for any ranks"),
+        [*gen, *targets],
+        operation="GenKnowSub",
+        same_rank=(mode == "param"),
+        rank_hint=(
+            " (parameter mode averages A and B entrywise); use --mode delta, which is exact "
+            "in function space for any ranks"
+        ),
     )
     gen_key = sorted(("general", g.sha256) for g in gen)
 
@@ -271,13 +273,23 @@ def subtract_general(
                         f"run the command again"
                     )
                 row = write_expert(
-                    ctx, s, name=p.residual, kind="residual", base_row=parent.base_model,
-                    staged=p.staged, tasks=[t.name for t in parent.tasks],
-                    metadata=_energy_meta(p.energy_kept), source=f"{method}:{p.expert.name}",
+                    ctx,
+                    s,
+                    name=p.residual,
+                    kind="residual",
+                    base_row=parent.base_model,
+                    staged=p.staged,
+                    tasks=[t.name for t in parent.tasks],
+                    metadata=_energy_meta(p.energy_kept),
+                    source=f"{method}:{p.expert.name}",
                     replace=replace,
                 )
                 deriv.record_derivation(
-                    s, row, method=method, method_version=GKS_METHOD_VERSION, params=p.params,
+                    s,
+                    row,
+                    method=method,
+                    method_version=GKS_METHOD_VERSION,
+                    params=p.params,
                     inputs_key=p.key,
                     parents=[("expert", parent), *(("general", g) for g in gen_rows)],
                 )
@@ -287,9 +299,15 @@ def subtract_general(
         rank=rank,
         general=tuple(g.name for g in gen),
         items=tuple(
-            GksItem(p.expert.name, p.residual, p.status,
-                    p.staged.sha256 if p.staged is not None and p.status != "reused"
-                    else _sha_of(ctx, p.residual), p.energy_kept)
+            GksItem(
+                p.expert.name,
+                p.residual,
+                p.status,
+                p.staged.sha256
+                if p.staged is not None and p.status != "reused"
+                else _sha_of(ctx, p.residual),
+                p.energy_kept,
+            )
             for p in plans
         ),
     )
@@ -344,13 +362,18 @@ def _compute_residuals(
                     for m, (a, b) in t.items()
                 }
                 p.staged = stage_expert(
-                    ctx, modules=out, rank=e.rank, alpha=e.alpha, use_rslora=e.use_rslora,
+                    ctx,
+                    modules=out,
+                    rank=e.rank,
+                    alpha=e.alpha,
+                    use_rslora=e.use_rslora,
                     template_config=read_config(ctx, e),
                 )
                 p.params = dict(params)
                 continue
-            general = [[(g[m][0], g[m][1], ge.scale) for g, ge in zip(gen_t, gen, strict=True)]
-                       for m in sorted(t)]
+            general = [
+                [(g[m][0], g[m][1], ge.scale) for g, ge in zip(gen_t, gen, strict=True)] for m in sorted(t)
+            ]
             deltas = {
                 m: subtract_general_delta(a, b, e.scale, general[i], rank=None)
                 for i, (m, (a, b)) in enumerate(sorted(t.items()))
@@ -358,7 +381,11 @@ def _compute_residuals(
             out, energy = _truncated(deltas, rank)
             r_out = next(iter(out.values()))[0].shape[0]
             p.staged = stage_expert(
-                ctx, modules=out, rank=r_out, alpha=r_out, use_rslora=False,
+                ctx,
+                modules=out,
+                rank=r_out,
+                alpha=r_out,
+                use_rslora=False,
                 template_config=read_config(ctx, e),
             )
             p.energy_kept = energy[0]
@@ -468,14 +495,25 @@ def merge(
                 )
             replace = repo.expert_row(s, name)
         row = write_expert(
-            ctx, s, name=name, kind="merged", base_row=parents[0].base_model, staged=staged,
+            ctx,
+            s,
+            name=name,
+            kind="merged",
+            base_row=parents[0].base_model,
+            staged=staged,
             tasks=sorted({t.name for p in parents for t in p.tasks}),
             metadata=_energy_meta(energy[0] if rank is not None else None),
-            source="merge:" + ",".join(names), replace=replace,
+            source="merge:" + ",".join(names),
+            replace=replace,
         )
         deriv.record_derivation(
-            s, row, method="merge", method_version=MERGE_METHOD_VERSION, params=recorded,
-            inputs_key=key, parents=[("expert", p) for p in parents],
+            s,
+            row,
+            method="merge",
+            method_version=MERGE_METHOD_VERSION,
+            params=recorded,
+            inputs_key=key,
+            parents=[("expert", p) for p in parents],
         )
         s.flush()
         return repo.to_expert(s, row)
@@ -493,14 +531,23 @@ def _compute_merge(
     modules = sorted(experts[0].modules)
     with torch.no_grad():
         deltas = {
-            m: merge_delta([(t[m][0], t[m][1], e.scale) for t, e in zip(tensors, experts, strict=True)],
-                           weights=weights, rank=None)
+            m: merge_delta(
+                [(t[m][0], t[m][1], e.scale) for t, e in zip(tensors, experts, strict=True)],
+                weights=weights,
+                rank=None,
+            )
             for m in modules
         }
         out, energy = _truncated(deltas, rank)
     r_out = next(iter(out.values()))[0].shape[0]
-    staged = stage_expert(ctx, modules=out, rank=r_out, alpha=r_out, use_rslora=False,
-                          template_config=read_config(ctx, experts[0]))
+    staged = stage_expert(
+        ctx,
+        modules=out,
+        rank=r_out,
+        alpha=r_out,
+        use_rslora=False,
+        template_config=read_config(ctx, experts[0]),
+    )
     return staged, energy
 
 
@@ -532,8 +579,7 @@ def stale(ctx: Context) -> StaleReport:
         for p in r.parents:
             if p.status == "changed":
                 reasons.setdefault(r.child, []).append(
-                    f"{p.role} {p.name!r} changed (was {p.sha256[:12]}, now "
-                    f"{(p.current_sha256 or '')[:12]})"
+                    f"{p.role} {p.name!r} changed (was {p.sha256[:12]}, now {(p.current_sha256 or '')[:12]})"
                 )
             elif p.status == "gone":
                 reasons.setdefault(r.child, []).append(f"{p.role} {p.name!r} is gone")
@@ -553,7 +599,6 @@ def stale(ctx: Context) -> StaleReport:
     from libstore.ops import clusters as _clusters
 
     clusterings = tuple(
-        StaleClustering(c.name, c.metric, c.k, c.stale_reasons)
-        for c in _clusters.stale_clusterings(ctx)
+        StaleClustering(c.name, c.metric, c.k, c.stale_reasons) for c in _clusters.stale_clusterings(ctx)
     )
     return StaleReport(experts=experts, caches=tuple(orphans), clusterings=clusterings)

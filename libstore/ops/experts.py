@@ -99,8 +99,17 @@ def add(
     adapter = read_adapter(folder, allow_nonfinite=allow_nonfinite)
     with ctx.catalog.write() as s:
         row = insert_adapter(
-            ctx, s, adapter, name=name, kind=kind, base=base, tasks=tasks, tags=tags,
-            metadata=metadata, cluster=cluster, source=source or str(folder.resolve()),
+            ctx,
+            s,
+            adapter,
+            name=name,
+            kind=kind,
+            base=base,
+            tasks=tasks,
+            tags=tags,
+            metadata=metadata,
+            cluster=cluster,
+            source=source or str(folder.resolve()),
             allow_base_mismatch=allow_base_mismatch,
         )
         return repo.to_expert(s, row)
@@ -227,14 +236,22 @@ def import_dir(
     skipped: list[str] = []
     with ctx.catalog.write() as s:
         for name, adapter in adapters:
-            if repo.expert_exists(s, name):
-                if repo.expert_row(s, name).sha256 == adapter.weights_sha256:
-                    skipped.append(name)
-                    continue
+            if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                skipped.append(name)
+                continue
             row = insert_adapter(
-                ctx, s, adapter, name=name, kind=kind, base=base,
-                tasks=[name] if task_from_name else [], tags=tags, metadata=None, cluster=None,
-                source=str(Path(adapter.folder).resolve()), allow_base_mismatch=allow_base_mismatch,
+                ctx,
+                s,
+                adapter,
+                name=name,
+                kind=kind,
+                base=base,
+                tasks=[name] if task_from_name else [],
+                tags=tags,
+                metadata=None,
+                cluster=None,
+                source=str(Path(adapter.folder).resolve()),
+                allow_base_mismatch=allow_base_mismatch,
             )
             added.append(row)
         experts = tuple(repo.to_expert(s, r) for r in added)
@@ -273,9 +290,7 @@ def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:
     try:
         shutil.copyfile(ctx.blobs.path(f.sha256), tmp)
         if sha256_file(tmp) != f.sha256:
-            raise IntegrityError(
-                f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify"
-            )
+            raise IntegrityError(f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:

@@ -48,11 +48,15 @@ def _check_subfolder(subfolder: str | None) -> str:
     return "/".join(parts)
 
 
-def _fetch_checked(client: HubClient, repo_id: str, path: str, commit: str, rf: RemoteFile, dest: Path) -> Path:
+def _fetch_checked(
+    client: HubClient, repo_id: str, path: str, commit: str, rf: RemoteFile, dest: Path
+) -> Path:
     local = client.download(repo_id, path, commit, dest)
     size = local.stat().st_size
     if size != rf.size:
-        raise IntegrityError(f"{repo_id}@{commit[:12]}:{path} arrived with {size} bytes, expected {rf.size}; try again")
+        raise IntegrityError(
+            f"{repo_id}@{commit[:12]}:{path} arrived with {size} bytes, expected {rf.size}; try again"
+        )
     if rf.sha256 is not None and sha256_file(local) != rf.sha256:
         raise IntegrityError(
             f"{repo_id}@{commit[:12]}:{path} does not match the sha256 the Hub lists for it; the download "
@@ -107,7 +111,14 @@ def import_hub(
             os.replace(local, folder / fname)
         source = f"hf://{repo_id}" + (f"/{sub}" if sub else "") + f"@{commit}"
         return experts_ops.add(
-            ctx, folder, name=name, kind=kind, base=base, tasks=tasks, tags=tags, source=source,
+            ctx,
+            folder,
+            name=name,
+            kind=kind,
+            base=base,
+            tasks=tasks,
+            tags=tags,
+            source=source,
             allow_base_mismatch=allow_base_mismatch,
         )
 
@@ -172,13 +183,25 @@ def import_mttl(
         added, skipped = [], []
         with ctx.catalog.write() as s:
             for info, adapter in prepared:
-                if repo.expert_exists(s, info.name) and repo.expert_row(s, info.name).sha256 == adapter.weights_sha256:
+                if (
+                    repo.expert_exists(s, info.name)
+                    and repo.expert_row(s, info.name).sha256 == adapter.weights_sha256
+                ):
                     skipped.append(info.name)
                     continue
                 row = experts_ops.insert_adapter(
-                    ctx, s, adapter, name=info.name, kind=kind, base=base_model.name, tasks=list(info.tasks),
-                    tags=tags, metadata={"mttl": info.metadata}, cluster=None,
-                    source=f"{label}/{info.name}.ckpt", allow_base_mismatch=True,
+                    ctx,
+                    s,
+                    adapter,
+                    name=info.name,
+                    kind=kind,
+                    base=base_model.name,
+                    tasks=list(info.tasks),
+                    tags=tags,
+                    metadata={"mttl": info.metadata},
+                    cluster=None,
+                    source=f"{label}/{info.name}.ckpt",
+                    allow_base_mismatch=True,
                 )
                 added.append(row)
             report = tuple(repo.to_expert(s, r) for r in added)
@@ -191,7 +214,9 @@ def _check_trained_on(info: mttl.MttlExpert, base: BaseModel) -> None:
     if not said:
         return
     names = {base.name, base.source, Path(base.source).name}
-    if said in names or said.rsplit("/", 1)[-1].casefold() in {n.rsplit("/", 1)[-1].casefold() for n in names}:
+    if said in names or said.rsplit("/", 1)[-1].casefold() in {
+        n.rsplit("/", 1)[-1].casefold() for n in names
+    }:
         return
     raise BaseModelMismatchError(
         f"mttl expert {info.name!r} was trained on {said!r}, but base model {base.name!r} was registered "
@@ -201,7 +226,11 @@ def _check_trained_on(info: mttl.MttlExpert, base: BaseModel) -> None:
 
 
 def _download_mttl(
-    repo_id: str, revision: str | None, token: str | None, tmp: Path, patterns: list[str] | None,
+    repo_id: str,
+    revision: str | None,
+    token: str | None,
+    tmp: Path,
+    patterns: list[str] | None,
 ) -> tuple[Path, str]:
     check_repo_id(repo_id)
     client = HubClient(token=token)

@@ -130,8 +130,10 @@ class MissingBlob(Problem):
 
     @property
     def message(self) -> str:
-        return (f"blob {self.sha256} is missing from the store but {_refs(self.referenced_by)} "
-                f"needs it; re-add or pull that expert (prototype caches are recomputed)")
+        return (
+            f"blob {self.sha256} is missing from the store but {_refs(self.referenced_by)} "
+            f"needs it; re-add or pull that expert (prototype caches are recomputed)"
+        )
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,7 @@ class CorruptBlob(Problem):
     @property
     def message(self) -> str:
         who = f"used by {_refs(self.referenced_by)}" if self.referenced_by else "unreferenced"
-        return (f"blob {self.sha256} is corrupt: its {self.size} bytes hash to "
-                f"{self.actual_sha256} ({who})")
+        return f"blob {self.sha256} is corrupt: its {self.size} bytes hash to {self.actual_sha256} ({who})"
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,10 @@ class UntrackedBlob(Problem):
 
     @property
     def message(self) -> str:
-        return (f"blob {self.sha256} ({self.size} bytes, {self.age_s:.0f} s old) is not recorded; "
-                f"an import in flight or a leftover of a crash — gc removes it after the grace period")
+        return (
+            f"blob {self.sha256} ({self.size} bytes, {self.age_s:.0f} s old) is not recorded; "
+            f"an import in flight or a leftover of a crash — gc removes it after the grace period"
+        )
 
 
 @dataclass(frozen=True)
@@ -250,8 +253,10 @@ class ExpertMismatch(Problem):
 
     @property
     def message(self) -> str:
-        return (f"expert {self.expert!r}: {self.what} is recorded as {self.recorded} but the stored "
-                f"files say {self.found}")
+        return (
+            f"expert {self.expert!r}: {self.what} is recorded as {self.recorded} but the stored "
+            f"files say {self.found}"
+        )
 
 
 @dataclass(frozen=True)
@@ -287,8 +292,10 @@ class BadPrototypeCache(Problem):
 
     @property
     def message(self) -> str:
-        return (f"prototype cache {self.method} of weights {self.expert_sha256[:12]} (blob "
-                f"{self.blob_sha256[:12]}): {self.reason}; repair drops it so it is recomputed")
+        return (
+            f"prototype cache {self.method} of weights {self.expert_sha256[:12]} (blob "
+            f"{self.blob_sha256[:12]}): {self.reason}; repair drops it so it is recomputed"
+        )
 
 
 @dataclass(frozen=True)
@@ -303,8 +310,10 @@ class OrphanedPrototypeCache(Problem):
 
     @property
     def message(self) -> str:
-        return (f"prototype cache {self.method} of weights {self.expert_sha256[:12]}: no expert has "
-                f"these weights any more (gc removes it)")
+        return (
+            f"prototype cache {self.method} of weights {self.expert_sha256[:12]}: no expert has "
+            f"these weights any more (gc removes it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -491,19 +500,29 @@ def _read_catalog(s: Session) -> _Catalog:
         files = {f.path: (f.blob_sha256, f.size) for f in row.files}
         for path, (sha, _size) in files.items():
             refs.setdefault(sha, []).append(f"expert {row.name!r} ({path})")
-        experts.append({
-            "name": row.name, "rank": row.rank, "alpha": row.alpha, "use_rslora": row.use_rslora,
-            "modules": {k: tuple(v) for k, v in row.module_shapes.items()}, "dtype": row.dtype,
-            "sha256": row.sha256, "bytes": row.bytes, "files": files,
-            "base": row.base_model.name if row.base_model is not None else None,
-            "linear": dict(row.base_model.linear_shapes) if row.base_model is not None else {},
-        })
+        experts.append(
+            {
+                "name": row.name,
+                "rank": row.rank,
+                "alpha": row.alpha,
+                "use_rslora": row.use_rslora,
+                "modules": {k: tuple(v) for k, v in row.module_shapes.items()},
+                "dtype": row.dtype,
+                "sha256": row.sha256,
+                "bytes": row.bytes,
+                "files": files,
+                "base": row.base_model.name if row.base_model is not None else None,
+                "linear": dict(row.base_model.linear_shapes) if row.base_model is not None else {},
+            }
+        )
     proto_refs: dict[str, list[tuple[str, str, int, str]]] = {}
     for p in s.scalars(select(PrototypeCacheRow)):
         refs.setdefault(p.blob_sha256, []).append(
-            f"prototype cache {p.method} of weights {p.expert_sha256[:12]}")
+            f"prototype cache {p.method} of weights {p.expert_sha256[:12]}"
+        )
         proto_refs.setdefault(p.blob_sha256, []).append(
-            (p.expert_sha256, p.method, p.method_version, p.params_key))
+            (p.expert_sha256, p.method, p.method_version, p.params_key)
+        )
     rows = {sha: int(size) for sha, size in s.execute(select(BlobRow.sha256, BlobRow.size))}
     return _Catalog(refs, proto_refs, rows, experts, cache.entries(s), _dangling(s))
 
@@ -518,18 +537,20 @@ def _dangling(s: Session) -> list[DanglingReference]:
                 continue  # blob references are checked (and repaired) as unrecorded blobs
             pk = list(table.primary_key.columns)
             stmt = (
-                select(*pk, col)
-                .where(col.is_not(None))
-                .where(~select(target).where(target == col).exists())
+                select(*pk, col).where(col.is_not(None)).where(~select(target).where(target == col).exists())
             )
             for r in s.execute(stmt):
                 *keys, value = r
-                found.append(DanglingReference(
-                    table=table.name, column=col.name, value=value,
-                    target=f"{target.table.name}.{target.name}",
-                    key=tuple((c.name, k) for c, k in zip(pk, keys, strict=True)),
-                    on_delete=fk.ondelete.upper() if fk.ondelete else None,
-                ))
+                found.append(
+                    DanglingReference(
+                        table=table.name,
+                        column=col.name,
+                        value=value,
+                        target=f"{target.table.name}.{target.name}",
+                        key=tuple((c.name, k) for c, k in zip(pk, keys, strict=True)),
+                        on_delete=fk.ondelete.upper() if fk.ondelete else None,
+                    )
+                )
     return found
 
 
@@ -564,8 +585,11 @@ def _check_expert(ctx: Context, e: Mapping[str, Any], good: set[str]) -> list[Pr
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             config = f"unreadable ({err})"
         if not isinstance(config, dict):
-            bad("adapter_config.json", "a JSON object", config if isinstance(config, str) else
-                type(config).__name__)
+            bad(
+                "adapter_config.json",
+                "a JSON object",
+                config if isinstance(config, str) else type(config).__name__,
+            )
         else:
             if config.get("r") != e["rank"]:
                 bad("rank (config r)", e["rank"], config.get("r"))
@@ -588,7 +612,7 @@ def _check_weights(ctx: Context, e: Mapping[str, Any], sha: str) -> list[Problem
 
     try:
         header = read_header(ctx.blobs.path(sha))
-    except Exception as err:  # noqa: BLE001 - any refusal is a mismatch with the record
+    except Exception as err:
         bad("weights", "a valid safetensors file", f"unreadable ({err})")
         return out
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -625,8 +649,11 @@ def _check_weights(ctx: Context, e: Mapping[str, Any], sha: str) -> list[Problem
     for module, shape in sorted(recorded.items()):
         lin = linear.get(module)
         if lin is None or (lin[0], lin[1]) != (shape[0], shape[1]):
-            bad(f"base model fit of {module}", f"Linear of base {e['base']!r}",
-                "absent" if lin is None else f"Linear({lin[0]}, {lin[1]})")
+            bad(
+                f"base model fit of {module}",
+                f"Linear of base {e['base']!r}",
+                "absent" if lin is None else f"Linear({lin[0]}, {lin[1]})",
+            )
             break
     return out
 
@@ -638,9 +665,10 @@ def _check_prototypes(ctx: Context, entries: Iterable[cache.CacheEntry], good: s
             continue  # reported as a missing or corrupt blob
         try:
             meta = read_header(ctx.blobs.path(c.blob_sha256)).metadata
-        except Exception as err:  # noqa: BLE001
-            out.append(BadPrototypeCache(c.expert_sha256, c.method, c.blob_sha256,
-                                         f"unreadable ({str(err)[:120]})"))
+        except Exception as err:
+            out.append(
+                BadPrototypeCache(c.expert_sha256, c.method, c.blob_sha256, f"unreadable ({str(err)[:120]})")
+            )
             continue
         if meta.get("format") != PROTOTYPE_FORMAT:
             reason = f"format {meta.get('format')!r}, not {PROTOTYPE_FORMAT!r}"
@@ -654,8 +682,9 @@ def _check_prototypes(ctx: Context, entries: Iterable[cache.CacheEntry], good: s
     return out
 
 
-def verify(ctx: Context, *, repair: bool = False, grace_s: float = DEFAULT_GRACE_S,
-           workers: int = HASH_WORKERS) -> VerifyReport:
+def verify(
+    ctx: Context, *, repair: bool = False, grace_s: float = DEFAULT_GRACE_S, workers: int = HASH_WORKERS
+) -> VerifyReport:
     """Check that catalog and blob store agree and every stored byte is what its record says.
 
     With ``repair`` fix what is safe to fix (see the module docstring); never deletes an expert.
@@ -674,10 +703,8 @@ def verify(ctx: Context, *, repair: bool = False, grace_s: float = DEFAULT_GRACE
     with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
         futures = {pool.submit(_hash, ctx.blobs.path(sha)): sha for sha in to_hash}
         for fut, sha in futures.items():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # removed since the scan: missing below
                 hashes[sha] = fut.result()
-            except FileNotFoundError:
-                pass  # removed since the scan (a concurrent gc): treated as missing below
     good = {sha for sha, h in hashes.items() if h == sha}
     bytes_hashed = sum(scan.blobs[sha].st_size for sha in hashes)
 
@@ -707,8 +734,9 @@ def verify(ctx: Context, *, repair: bool = False, grace_s: float = DEFAULT_GRACE
     for e in cat.experts:
         problems.extend(_check_expert(ctx, e, good))
     problems.extend(_check_prototypes(ctx, cat.caches, good))
-    problems.extend(OrphanedPrototypeCache(c.expert_sha256, c.method, c.blob_sha256)
-                    for c in cat.caches if not c.experts)
+    problems.extend(
+        OrphanedPrototypeCache(c.expert_sha256, c.method, c.blob_sha256) for c in cat.caches if not c.experts
+    )
     problems.extend(cat.dangling)
     problems.extend(StrayFile(_rel(ctx, p)) for p in scan.stray)
     for p in [*scan.temps, *scan.tombs, *_root_temps(ctx)]:
@@ -716,8 +744,11 @@ def verify(ctx: Context, *, repair: bool = False, grace_s: float = DEFAULT_GRACE
 
     repairs = _repair(ctx, problems, cat, grace_s) if repair else []
     return VerifyReport(
-        problems=tuple(problems), repairs=tuple(repairs), experts=len(cat.experts),
-        blobs=len(set(scan.blobs) | set(cat.refs)), bytes_hashed=bytes_hashed,
+        problems=tuple(problems),
+        repairs=tuple(repairs),
+        experts=len(cat.experts),
+        blobs=len(set(scan.blobs) | set(cat.refs)),
+        bytes_hashed=bytes_hashed,
     )
 
 
@@ -753,10 +784,13 @@ def _repair(ctx: Context, problems: list[Problem], cat: _Catalog, grace_s: float
                     s.execute(delete(BlobRow).where(BlobRow.sha256 == p.sha256))
                     done.append(Repair(p, "deleted the row", True))
             elif isinstance(p, BadPrototypeCache):
-                s.execute(delete(PrototypeCacheRow).where(
-                    PrototypeCacheRow.expert_sha256 == p.expert_sha256,
-                    PrototypeCacheRow.blob_sha256 == p.blob_sha256,
-                    PrototypeCacheRow.method == p.method))
+                s.execute(
+                    delete(PrototypeCacheRow).where(
+                        PrototypeCacheRow.expert_sha256 == p.expert_sha256,
+                        PrototypeCacheRow.blob_sha256 == p.blob_sha256,
+                        PrototypeCacheRow.method == p.method,
+                    )
+                )
                 done.append(Repair(p, "dropped the cache row (recomputed on demand)", True))
             elif isinstance(p, DanglingReference):
                 r = _repair_dangling(s, tables[p.table], p)
@@ -868,8 +902,15 @@ def gc(ctx: Context, *, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S)
     for p in scan.tombs:
         if dry_run or _settle_tomb(ctx, p, grace_s, now):
             temp.append(_rel(ctx, p))
-    return GcReport(dry_run=dry_run, grace_s=grace_s, blobs=tuple(removed), bytes_freed=freed,
-                    caches=tuple(caches), temp=tuple(sorted(temp)), kept=tuple(sorted(kept)))
+    return GcReport(
+        dry_run=dry_run,
+        grace_s=grace_s,
+        blobs=tuple(removed),
+        bytes_freed=freed,
+        caches=tuple(caches),
+        temp=tuple(sorted(temp)),
+        kept=tuple(sorted(kept)),
+    )
 
 
 def _live_references(s: Session) -> set[str]:
@@ -877,8 +918,9 @@ def _live_references(s: Session) -> set[str]:
     are orphaned caches, which gc drops first)."""
     files = set(s.scalars(select(ExpertFileRow.blob_sha256)))
     live = select(ExpertRow.sha256)
-    protos = set(s.scalars(
-        select(PrototypeCacheRow.blob_sha256).where(PrototypeCacheRow.expert_sha256.in_(live))))
+    protos = set(
+        s.scalars(select(PrototypeCacheRow.blob_sha256).where(PrototypeCacheRow.expert_sha256.in_(live)))
+    )
     return files | protos
 
 
@@ -924,7 +966,7 @@ def _restore(tomb: Path, final: Path) -> None:
 
 def _settle_tomb(ctx: Context, tomb: Path, grace_s: float, now: float) -> str | None:
     """A tombstone left by a crashed gc: put back if claimed within the grace period, else delete."""
-    name = tomb.name[len(TOMB_PREFIX):]
+    name = tomb.name[len(TOMB_PREFIX) :]
     sha = name.split("-", 1)[0]
     try:
         st = tomb.stat()

@@ -181,8 +181,13 @@ def ensure(
 ) -> PrototypeReport:
     """Compute and cache what of ``experts`` is missing; ``preloaded`` spares re-reading blobs."""
     with ctx.catalog.read() as s:
-        have = cache.find_cached(s, (e.sha256 for e in experts), method=spec.method,
-                                 method_version=spec.method_version, key=spec.params_key)
+        have = cache.find_cached(
+            s,
+            (e.sha256 for e in experts),
+            method=spec.method,
+            method_version=spec.method_version,
+            key=spec.params_key,
+        )
     todo: dict[str, Expert] = {}
     for e in experts:
         if e.sha256 not in have:
@@ -194,9 +199,15 @@ def ensure(
         calls += n_calls
         with ctx.catalog.write() as s:
             for sha, ref in blobs.items():
-                cache.record(s, expert_sha256=sha, method=spec.method,
-                             method_version=spec.method_version, params=spec.params,
-                             blob_sha256=ref.sha256, blob_size=ref.size)
+                cache.record(
+                    s,
+                    expert_sha256=sha,
+                    method=spec.method,
+                    method_version=spec.method_version,
+                    params=spec.params,
+                    blob_sha256=ref.sha256,
+                    blob_size=ref.size,
+                )
     return PrototypeReport(
         method=spec.method,
         method_version=spec.method_version,
@@ -272,8 +283,9 @@ def _compute_chunk(
             if spec.method == "exact":
                 p = exact_prototypes(A, B, scale, top_n=spec.params["top_n"])
             else:
-                p = peft_prototypes(A, B, scale, iters=spec.params["iters"],
-                                    eps=spec.params["eps"], seed=spec.params["seed"])
+                p = peft_prototypes(
+                    A, B, scale, iters=spec.params["iters"], eps=spec.params["eps"], seed=spec.params["seed"]
+                )
             calls += 1
             vectors = p.vectors.to("cpu", torch.float32)
             values = p.values.to("cpu", torch.float32)
@@ -328,8 +340,13 @@ def load(
     if compute_missing:
         ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
     with ctx.catalog.read() as s:
-        blobs = cache.find_cached(s, (e.sha256 for e in experts), method=spec.method,
-                                  method_version=spec.method_version, key=spec.params_key)
+        blobs = cache.find_cached(
+            s,
+            (e.sha256 for e in experts),
+            method=spec.method,
+            method_version=spec.method_version,
+            key=spec.params_key,
+        )
     wanted = None if modules is None else list(modules)
     out: dict[str, ExpertPrototypes] = {}
     for e in experts:
@@ -389,8 +406,7 @@ def stacked(
     """
     import torch
 
-    loaded = load(ctx, list(experts), method=method, top_n=top_n, iters=iters, seed=seed,
-                  device=device)
+    loaded = load(ctx, list(experts), method=method, top_n=top_n, iters=iters, seed=seed, device=device)
     rows: dict[str, list[torch.Tensor]] = {}
     for e in experts:
         for m, p in loaded[e.name].modules.items():

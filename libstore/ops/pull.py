@@ -42,17 +42,6 @@ from libstore.hub.plan import (
     stale_sync_records,
 )
 from libstore.ops.context import Context
-from libstore.store.adapter import check_against_base, read_adapter
-from libstore.types import (
-    ADAPTER_WEIGHTS,
-    ExpertQuery,
-    ModuleShape,
-    StoredFile,
-)
-
-log = logging.getLogger(__name__)
-
-
 from libstore.ops.sync import (
     DOWNLOAD_WORKERS,
     PullReport,
@@ -64,6 +53,15 @@ from libstore.ops.sync import (
     _select,
     temp_dir,
 )
+from libstore.store.adapter import check_against_base, read_adapter
+from libstore.types import (
+    ADAPTER_WEIGHTS,
+    ExpertQuery,
+    ModuleShape,
+    StoredFile,
+)
+
+log = logging.getLogger(__name__)
 
 
 def pull(
@@ -114,16 +112,20 @@ def pull(
             rb = manifest.base_models[base]
             if lb is not None and lb.fingerprint != rb.fingerprint:
                 raise BaseModelMismatchError(
-                    f"the remote's base model {base!r} ({rb.architecture}, fingerprint {rb.fingerprint[:12]}) "
+                    f"the remote's base model {base!r} ({rb.architecture}, fingerprint "
+                    f"{rb.fingerprint[:12]}) "
                     f"is not this library's {base!r} ({lb.fingerprint[:12]}); nothing was pulled"
                 )
         # prototypes for experts whose weights will equal the manifest's after this pull
         in_scope = set(fetch) | {p.name for p in plans if p.state == "in_sync" and p.selected}
         with ctx.catalog.read() as s:
             protos = [
-                p for p in manifest.prototypes
-                if p.expert in in_scope and not proto_repo.find_cached(
-                    s, [p.expert_sha256], method=p.method, method_version=p.method_version, key=p.params_key)
+                p
+                for p in manifest.prototypes
+                if p.expert in in_scope
+                and not proto_repo.find_cached(
+                    s, [p.expert_sha256], method=p.method, method_version=p.method_version, key=p.params_key
+                )
             ]
         for p in protos:
             if proto_repo.params_key(p.params) != p.params_key:
@@ -142,19 +144,35 @@ def pull(
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
             added, updated, new_clusterings, skipped_clusterings = _apply(
-                s, manifest, entries, removes, protos, source,
+                s,
+                manifest,
+                entries,
+                removes,
+                protos,
+                source,
             )
             row = remote_repo.remote_row(s, rem.name)
             in_sync = [p.name for p in plans if p.state == "in_sync"]
             digests = {n: remote_d[n] for n in [*fetch, *in_sync]}
             forget = [*removes, *stale_sync_records(local_d, remote_d, synced)]
-            remote_repo.record_sync(s, row, commit=commit, digests=digests, forget=forget, last_commit=at_head)
+            remote_repo.record_sync(
+                s, row, commit=commit, digests=digests, forget=forget, last_commit=at_head
+            )
     return PullReport(
-        remote=rem.name, repo_id=rem.repo_id, revision=rev, commit=commit,
-        files_downloaded=len(missing), bytes_downloaded=sum(size for _, size in missing.values()),
-        files_reused=len(needed) - len(missing), added=tuple(added), updated=tuple(updated),
-        removed=tuple(removes), conflicts=tuple(conflicts), prototypes=len(protos),
-        clusterings=tuple(new_clusterings), clusterings_skipped=tuple(skipped_clusterings),
+        remote=rem.name,
+        repo_id=rem.repo_id,
+        revision=rev,
+        commit=commit,
+        files_downloaded=len(missing),
+        bytes_downloaded=sum(size for _, size in missing.values()),
+        files_reused=len(needed) - len(missing),
+        added=tuple(added),
+        updated=tuple(updated),
+        removed=tuple(removes),
+        conflicts=tuple(conflicts),
+        prototypes=len(protos),
+        clusterings=tuple(new_clusterings),
+        clusterings_skipped=tuple(skipped_clusterings),
         experts=tuple(plans),
     )
 
@@ -178,8 +196,13 @@ def _check_remote_files(repo_id: str, commit: str, m: Manifest, files: Mapping[s
 
 
 def _download(
-    ctx: Context, client: HubClient, repo_id: str, commit: str, missing: Mapping[str, tuple[str, int]],
-    tmp: Path, workers: int,
+    ctx: Context,
+    client: HubClient,
+    repo_id: str,
+    commit: str,
+    missing: Mapping[str, tuple[str, int]],
+    tmp: Path,
+    workers: int,
 ) -> None:
     """Fetch blobs into the store, each checked against its sha256 and size; parallel, fail fast."""
     if not missing:
@@ -233,11 +256,15 @@ def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest,
         except LibstoreError as err:
             raise type(err)(f"expert {e.name!r} from the remote: {err}") from None
         claims = {
-            "rank": (e.rank, adapter.rank), "alpha": (e.alpha, adapter.alpha),
-            "use_rslora": (e.use_rslora, adapter.use_rslora), "dtype": (e.dtype, adapter.dtype),
+            "rank": (e.rank, adapter.rank),
+            "alpha": (e.alpha, adapter.alpha),
+            "use_rslora": (e.use_rslora, adapter.use_rslora),
+            "dtype": (e.dtype, adapter.dtype),
             "target_modules": (tuple(e.target_modules), tuple(adapter.target_modules)),
-            "modules": ({k: tuple(v) for k, v in e.modules.items()},
-                        {k: (s.in_features, s.out_features, s.rank) for k, s in adapter.modules.items()}),
+            "modules": (
+                {k: tuple(v) for k, v in e.modules.items()},
+                {k: (s.in_features, s.out_features, s.rank) for k, s in adapter.modules.items()},
+            ),
         }
         for what, (said, real) in claims.items():
             if said != real:
@@ -292,36 +319,74 @@ def _apply(
         if repo.expert_exists(s, e.name):
             row = repo.expert_row(s, e.name)
             repo.replace_files(
-                s, row, files, ADAPTER_WEIGHTS, kind=e.kind, base_model=base_row, rank=e.rank,
-                alpha=e.alpha, use_rslora=e.use_rslora, target_modules=list(e.target_modules),
+                s,
+                row,
+                files,
+                ADAPTER_WEIGHTS,
+                kind=e.kind,
+                base_model=base_row,
+                rank=e.rank,
+                alpha=e.alpha,
+                use_rslora=e.use_rslora,
+                target_modules=list(e.target_modules),
                 module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in modules.items()},
-                dtype=e.dtype, extra=dict(e.metadata), cluster_id=cid, source=source,
+                dtype=e.dtype,
+                extra=dict(e.metadata),
+                cluster_id=cid,
+                source=source,
             )
             row.tasks = [repo.task_row(s, t) for t in e.tasks]
             row.tags = [repo.tag_row(s, t) for t in e.tags]
             updated.append(e.name)
         else:
             row = repo.insert_expert(
-                s, name=e.name, kind=e.kind, base=base_row, rank=e.rank, alpha=e.alpha,
-                use_rslora=e.use_rslora, target_modules=e.target_modules, modules=modules, dtype=e.dtype,
-                files=files, weights_file=ADAPTER_WEIGHTS, source=source, metadata=dict(e.metadata),
-                tasks=e.tasks, tags=e.tags, cluster_id=cid,
+                s,
+                name=e.name,
+                kind=e.kind,
+                base=base_row,
+                rank=e.rank,
+                alpha=e.alpha,
+                use_rslora=e.use_rslora,
+                target_modules=e.target_modules,
+                modules=modules,
+                dtype=e.dtype,
+                files=files,
+                weights_file=ADAPTER_WEIGHTS,
+                source=source,
+                metadata=dict(e.metadata),
+                tasks=e.tasks,
+                tags=e.tags,
+                cluster_id=cid,
             )
             added.append(e.name)
         s.flush()
     for e in entries:
         d = e.derivation
-        remote_repo.set_derivation(s, repo.expert_row(s, e.name), None if d is None else DerivationData(
-            method=d.method, method_version=d.method_version, params=dict(d.params),
-            inputs_key=d.inputs_key, parents=tuple(d.parents),
-        ))
+        remote_repo.set_derivation(
+            s,
+            repo.expert_row(s, e.name),
+            None
+            if d is None
+            else DerivationData(
+                method=d.method,
+                method_version=d.method_version,
+                params=dict(d.params),
+                inputs_key=d.inputs_key,
+                parents=tuple(d.parents),
+            ),
+        )
     for name in removes:
         if repo.expert_exists(s, name):
             repo.delete_expert(s, repo.expert_row(s, name))
     remote_repo.link_experts(s, [e.name for e in entries])
     for p in protos:
         proto_repo.record(
-            s, expert_sha256=p.expert_sha256, method=p.method, method_version=p.method_version,
-            params=dict(p.params), blob_sha256=p.sha256, blob_size=p.size,
+            s,
+            expert_sha256=p.expert_sha256,
+            method=p.method,
+            method_version=p.method_version,
+            params=dict(p.params),
+            blob_sha256=p.sha256,
+            blob_size=p.size,
         )
     return added, updated, new_clusterings, skipped

@@ -40,14 +40,6 @@ from libstore.hub.plan import (
     stale_sync_records,
 )
 from libstore.ops.context import Context
-from libstore.store.adapter import validate_name
-from libstore.types import (
-    ExpertQuery,
-)
-
-log = logging.getLogger(__name__)
-
-
 from libstore.ops.sync import (
     COMMIT_RETRIES,
     PushReport,
@@ -59,6 +51,12 @@ from libstore.ops.sync import (
     _select,
     temp_dir,
 )
+from libstore.store.adapter import validate_name
+from libstore.types import (
+    ExpertQuery,
+)
+
+log = logging.getLogger(__name__)
 
 
 def push(
@@ -89,7 +87,9 @@ def push(
         synced = remote_repo.sync_state(s, row)
         local = _local_state(s)
     # prototypes are a cache: one whose blob is gone (gc, damage) is simply not pushed
-    local.prototypes = {k: [c for c in v if ctx.blobs.exists(c.blob_sha256)] for k, v in local.prototypes.items()}
+    local.prototypes = {
+        k: [c for c in v if ctx.blobs.exists(c.blob_sha256)] for k, v in local.prototypes.items()
+    }
     client = HubClient(token=token)
     if not client.repo_exists(rem.repo_id):
         if rem.last_commit is not None:
@@ -150,7 +150,15 @@ def push(
         n_commits = 0
         if adds or dels or final:
             commit, n_commits = _commit_all(
-                client, rem, head, adds, final, dels, summary, retries, max_files_per_commit,
+                client,
+                rem,
+                head,
+                adds,
+                final,
+                dels,
+                summary,
+                retries,
+                max_files_per_commit,
             )
 
     in_sync = [p.name for p in plans if p.state == "in_sync"]
@@ -163,14 +171,25 @@ def push(
         try:
             client.create_tag(rem.repo_id, tag, commit)
         except HubError as e:
-            raise HubError(f"pushed {commit[:12]} to {rem.repo_id}, but tagging it failed: {e}; "
-                           f"tag it later by pushing again with --tag {tag}") from e
+            raise HubError(
+                f"pushed {commit[:12]} to {rem.repo_id}, but tagging it failed: {e}; "
+                f"tag it later by pushing again with --tag {tag}"
+            ) from e
     return PushReport(
-        remote=rem.name, repo_id=rem.repo_id, branch=rem.revision, commit=commit, previous_commit=head,
-        commits=n_commits, files_uploaded=len(adds) + len(final),
+        remote=rem.name,
+        repo_id=rem.repo_id,
+        branch=rem.revision,
+        commit=commit,
+        previous_commit=head,
+        commits=n_commits,
+        files_uploaded=len(adds) + len(final),
         bytes_uploaded=sum(_size(src) for _, src, _ in [*adds, *final]),
-        files_deleted=len(dels), uploaded=tuple(uploads), deleted=tuple(deletes), prototypes=n_protos,
-        tag=tag, experts=tuple(plans),
+        files_deleted=len(dels),
+        uploaded=tuple(uploads),
+        deleted=tuple(deletes),
+        prototypes=n_protos,
+        tag=tag,
+        experts=tuple(plans),
     )
 
 
@@ -190,7 +209,11 @@ def _summary(uploads: Sequence[str], deletes: Sequence[str], n_protos: int) -> s
 
 
 def _new_manifest(
-    old: Manifest, local: _Local, uploads: Sequence[str], deletes: Sequence[str], selection: set[str] | None,
+    old: Manifest,
+    local: _Local,
+    uploads: Sequence[str],
+    deletes: Sequence[str],
+    selection: set[str] | None,
 ) -> Manifest:
     experts = dict(old.experts)
     for n in uploads:
@@ -209,7 +232,9 @@ def _new_manifest(
             )
         chosen = lb or rb
         if chosen is None:
-            raise ValidationError(f"base model {name!r} is neither in this library nor in the remote's manifest")
+            raise ValidationError(
+                f"base model {name!r} is neither in this library nor in the remote's manifest"
+            )
         bases[name] = chosen
     # prototypes: the remote's for experts whose weights did not change, plus this library's
     # cached sets for every expert in scope whose weights equal the new manifest's
@@ -220,14 +245,24 @@ def _new_manifest(
         if le is None or le.sha256 != e.sha256 or (selection is not None and n not in selection):
             continue
         for c in local.prototypes.get(e.sha256, []):
-            ours.append(PrototypeEntry(
-                expert=n, expert_sha256=c.expert_sha256, method=c.method, method_version=c.method_version,
-                params_key=c.params_key, params=dict(c.params), sha256=c.blob_sha256,
-                size=local.blob_sizes[c.blob_sha256],
-            ))
+            ours.append(
+                PrototypeEntry(
+                    expert=n,
+                    expert_sha256=c.expert_sha256,
+                    method=c.method,
+                    method_version=c.method_version,
+                    params_key=c.params_key,
+                    params=dict(c.params),
+                    sha256=c.blob_sha256,
+                    size=local.blob_sizes[c.blob_sha256],
+                )
+            )
     return Manifest(
-        base_models=bases, experts=experts, clusterings=clusterings,
-        prototypes=merge_prototypes(keep, ours), generator=_generator(),
+        base_models=bases,
+        experts=experts,
+        clusterings=clusterings,
+        prototypes=merge_prototypes(keep, ours),
+        generator=_generator(),
     )
 
 
@@ -238,7 +273,9 @@ def _generator() -> str:
 
 
 def _uploads(
-    ctx: Context, new: Manifest, remote_files: Mapping[str, RemoteFile],
+    ctx: Context,
+    new: Manifest,
+    remote_files: Mapping[str, RemoteFile],
 ) -> tuple[list[tuple[str, Path | bytes, str | None]], int]:
     """Files of the new manifest whose content the remote head lacks, as (path, blob, sha256)."""
     adds: list[tuple[str, Path | bytes, str | None]] = []
@@ -248,7 +285,11 @@ def _uploads(
         if rf is not None and rf.size == f.size:
             if rf.sha256 is not None and rf.sha256 == f.sha256:
                 continue
-            if rf.sha256 is None and rf.size <= (1 << 20) and rf.blob_id == git_blob_id(ctx.blobs.read_bytes(f.sha256)):
+            if (
+                rf.sha256 is None
+                and rf.size <= (1 << 20)
+                and rf.blob_id == git_blob_id(ctx.blobs.read_bytes(f.sha256))
+            ):
                 continue
         if not ctx.blobs.exists(f.sha256):
             raise IntegrityError(
@@ -280,7 +321,7 @@ def _commit_all(
         batches: list[list[tuple[str, Path | bytes, str | None]]] = []
         last_adds, last_dels, rest_dels = [*adds, *final], dels, []
     else:
-        batches = [adds[i:i + per_commit] for i in range(0, len(adds), per_commit)]
+        batches = [adds[i : i + per_commit] for i in range(0, len(adds), per_commit)]
         last_adds, last_dels, rest_dels = final, dels[:final_room], dels[final_room:]
     total = len(batches) + 1 + (len(rest_dels) + per_commit - 1) // per_commit
 
@@ -288,21 +329,35 @@ def _commit_all(
         return lambda h: _has_commit_content(client, rem.repo_id, h, adds, dels)
 
     for i, batch in enumerate(batches):
-        parent = _commit_once(client, rem, parent, batch, [], f"{summary} (files, part {i + 1}/{total})",
-                              retries, landed(batch, []))
+        parent = _commit_once(
+            client,
+            rem,
+            parent,
+            batch,
+            [],
+            f"{summary} (files, part {i + 1}/{total})",
+            retries,
+            landed(batch, []),
+        )
         n += 1
-    parent = _commit_once(client, rem, parent, last_adds, last_dels, summary, retries,
-                          landed(last_adds, last_dels))
+    parent = _commit_once(
+        client, rem, parent, last_adds, last_dels, summary, retries, landed(last_adds, last_dels)
+    )
     n += 1
     for i in range(0, len(rest_dels), per_commit):
-        chunk = rest_dels[i:i + per_commit]
-        parent = _commit_once(client, rem, parent, [], chunk, f"{summary} (cleanup)", retries, landed([], chunk))
+        chunk = rest_dels[i : i + per_commit]
+        parent = _commit_once(
+            client, rem, parent, [], chunk, f"{summary} (cleanup)", retries, landed([], chunk)
+        )
         n += 1
     return parent, n
 
 
 def _has_commit_content(
-    client: HubClient, repo_id: str, commit: str, adds: Sequence[tuple[str, Path | bytes, str | None]],
+    client: HubClient,
+    repo_id: str,
+    commit: str,
+    adds: Sequence[tuple[str, Path | bytes, str | None]],
     dels: Sequence[str],
 ) -> bool:
     """Does ``commit`` hold exactly what our (possibly lost) commit wrote? (Then it landed.)"""
@@ -333,8 +388,14 @@ def _commit_once(
     attempt = 0
     while True:
         try:
-            return client.commit(rem.repo_id, adds=adds, deletes=dels, message=message,
-                                 branch=rem.revision, parent_commit=parent)
+            return client.commit(
+                rem.repo_id,
+                adds=adds,
+                deletes=dels,
+                message=message,
+                branch=rem.revision,
+                parent_commit=parent,
+            )
         except RemoteMovedError:
             if attempt == 0:
                 raise

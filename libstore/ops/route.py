@@ -162,7 +162,8 @@ def _cached_prototypes(
     import torch
 
     spec = protos.method_spec(method)
-    protos.ensure(ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES,
-                  preloaded=loaded)
+    protos.ensure(
+        ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES, preloaded=loaded
+    )
     stacked = protos.stacked(ctx, chosen, method=method)
     return {m: v[:, 0, :].to(torch.float32) for m, v in stacked.items()}

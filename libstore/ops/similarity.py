@@ -79,9 +79,7 @@ def similarity(
                 per_expert.append([(t[m][0], t[m][1], e.scale) for m in modules])
             cos = delta_cosine_matrix(per_expert)
         else:
-            vectors = torch.stack(
-                [flatten_lora(load_expert_tensors(ctx, e, device=dev)) for e in experts]
-            )
+            vectors = torch.stack([flatten_lora(load_expert_tensors(ctx, e, device=dev)) for e in experts])
             cos = flat_cosine_matrix(vectors)
     values = cos.to("cpu", torch.float64).tolist()
     return SimilarityMatrix(

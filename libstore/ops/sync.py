@@ -182,7 +182,9 @@ class StatusReport:
 # --- remotes -------------------------------------------------------------------------------------
 
 
-def add_remote(ctx: Context, name: str, repo_id: str, *, revision: str = "main", private: bool = False) -> Remote:
+def add_remote(
+    ctx: Context, name: str, repo_id: str, *, revision: str = "main", private: bool = False
+) -> Remote:
     """Record a remote (no network): ``name`` -> Hub model repo ``repo_id`` on branch ``revision``."""
     validate_name(name)
     check_repo_id(repo_id)
@@ -249,9 +251,14 @@ def _expert_entry(e: Expert, d: DerivationData | None) -> ExpertEntry:
         tasks=tuple(sorted(e.tasks)),
         tags=tuple(sorted(e.tags)),
         metadata=dict(e.metadata),
-        derivation=None if d is None else DerivationEntry(
-            method=d.method, method_version=d.method_version, params=dict(d.params),
-            inputs_key=d.inputs_key, parents=tuple(d.parents),
+        derivation=None
+        if d is None
+        else DerivationEntry(
+            method=d.method,
+            method_version=d.method_version,
+            params=dict(d.params),
+            inputs_key=d.inputs_key,
+            parents=tuple(d.parents),
         ),
         cluster=e.cluster,
     )
@@ -259,35 +266,75 @@ def _expert_entry(e: Expert, d: DerivationData | None) -> ExpertEntry:
 
 def _base_entry(b: BaseModel) -> BaseEntry:
     return BaseEntry(
-        name=b.name, source=b.source, revision=b.revision, architecture=b.architecture,
-        model_type=b.model_type, fingerprint=b.fingerprint,
+        name=b.name,
+        source=b.source,
+        revision=b.revision,
+        architecture=b.architecture,
+        model_type=b.model_type,
+        fingerprint=b.fingerprint,
         linear_shapes={m: (s.in_features, s.out_features) for m, s in b.linear_shapes.items()},
     )
 
 
 def _base_model(b: BaseEntry) -> BaseModel:
     return BaseModel(
-        name=b.name, source=b.source, revision=b.revision, architecture=b.architecture,
-        model_type=b.model_type, fingerprint=b.fingerprint,
+        name=b.name,
+        source=b.source,
+        revision=b.revision,
+        architecture=b.architecture,
+        model_type=b.model_type,
+        fingerprint=b.fingerprint,
         linear_shapes={m: LinearShape(*s) for m, s in b.linear_shapes.items()},
     )
 
 
 def _clustering_entry(c: ClusteringData) -> ClusteringEntry:
     return ClusteringEntry(
-        name=c.name, base_model=c.base_model, method=c.method, metric=c.metric, k=c.k, seed=c.seed,
-        params=dict(c.params), criterion=dict(c.criterion), query=c.query, inputs=tuple(c.inputs),
-        clusters=tuple(ClusterEntry(index=k.index, label=k.label, stats=dict(k.stats),
-                                    members=tuple(k.members), tasks=tuple(k.tasks)) for k in c.clusters),
+        name=c.name,
+        base_model=c.base_model,
+        method=c.method,
+        metric=c.metric,
+        k=c.k,
+        seed=c.seed,
+        params=dict(c.params),
+        criterion=dict(c.criterion),
+        query=c.query,
+        inputs=tuple(c.inputs),
+        clusters=tuple(
+            ClusterEntry(
+                index=k.index,
+                label=k.label,
+                stats=dict(k.stats),
+                members=tuple(k.members),
+                tasks=tuple(k.tasks),
+            )
+            for k in c.clusters
+        ),
     )
 
 
 def _clustering_data(c: ClusteringEntry) -> ClusteringData:
     return ClusteringData(
-        name=c.name, base_model=c.base_model, method=c.method, metric=c.metric, k=c.k, seed=c.seed,
-        params=dict(c.params), criterion=dict(c.criterion), query=c.query, inputs=tuple(c.inputs),
-        clusters=tuple(ClusterData(index=k.index, label=k.label, stats=dict(k.stats),
-                                   members=tuple(k.members), tasks=tuple(k.tasks)) for k in c.clusters),
+        name=c.name,
+        base_model=c.base_model,
+        method=c.method,
+        metric=c.metric,
+        k=c.k,
+        seed=c.seed,
+        params=dict(c.params),
+        criterion=dict(c.criterion),
+        query=c.query,
+        inputs=tuple(c.inputs),
+        clusters=tuple(
+            ClusterData(
+                index=k.index,
+                label=k.label,
+                stats=dict(k.stats),
+                members=tuple(k.members),
+                tasks=tuple(k.tasks),
+            )
+            for k in c.clusters
+        ),
     )
 
 
@@ -316,7 +363,12 @@ def _local_state(s: Session) -> _Local:
     shas = sorted({p.blob_sha256 for ps in protos.values() for p in ps})
     sizes: dict[str, int] = {}
     for i in range(0, len(shas), 500):
-        sizes.update((h, n) for h, n in s.execute(select(BlobRow.sha256, BlobRow.size).where(BlobRow.sha256.in_(shas[i:i + 500]))))
+        sizes.update(
+            (h, n)
+            for h, n in s.execute(
+                select(BlobRow.sha256, BlobRow.size).where(BlobRow.sha256.in_(shas[i : i + 500]))
+            )
+        )
     return _Local(
         experts=experts,
         bases={b.name: _base_entry(b) for b in repo.list_bases(s)},
@@ -410,7 +462,10 @@ def _remote_moved(client: HubClient, remote: Remote, view: _RemoteView) -> str |
             f"that this library has never pulled; run `libstore pull {remote.name}` first, then push"
         )
     if view.head is None:
-        return f"{remote.repo_id} has no branch {remote.revision!r} any more (last synced at {remote.last_commit[:12]})"
+        return (
+            f"{remote.repo_id} has no branch {remote.revision!r} any more "
+            f"(last synced at {remote.last_commit[:12]})"
+        )
     try:
         before = client.path_info(remote.repo_id, MANIFEST_FILE, remote.last_commit)
     except HubError as e:

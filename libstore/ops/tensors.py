@@ -171,8 +171,7 @@ def stage_expert(
         a, b = _pad_rank(*modules[m], rank, m)
         tensors[peft_key(m, "A")] = a.detach().to("cpu", torch_dtype).contiguous()
         tensors[peft_key(m, "B")] = b.detach().to("cpu", torch_dtype).contiguous()
-    cfg = derived_config(template_config, rank=rank, alpha=alpha, use_rslora=use_rslora,
-                         modules=modules)
+    cfg = derived_config(template_config, rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules)
     with tempfile.TemporaryDirectory(prefix=".derive-", dir=ctx.path) as tmp:
         folder = Path(tmp)
         (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -217,23 +216,50 @@ def write_expert(
     if staged is None:
         if modules is None or rank is None or alpha is None or template_config is None:
             raise TypeError("write_expert needs staged=, or modules=, rank=, alpha= and template_config=")
-        staged = stage_expert(ctx, modules=modules, rank=rank, alpha=alpha, use_rslora=use_rslora,
-                              template_config=template_config, dtype=dtype)
+        staged = stage_expert(
+            ctx,
+            modules=modules,
+            rank=rank,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            template_config=template_config,
+            dtype=dtype,
+        )
     a = staged.adapter
     shapes = {k: [v.in_features, v.out_features, v.rank] for k, v in a.modules.items()}
     if replace is not None:
         repo.replace_files(
-            session, replace, staged.files, ADAPTER_WEIGHTS,
-            rank=a.rank, alpha=a.alpha, use_rslora=a.use_rslora,
-            target_modules=list(a.target_modules), module_shapes=shapes, dtype=a.dtype,
-            extra=dict(metadata or {}), kind=kind,
+            session,
+            replace,
+            staged.files,
+            ADAPTER_WEIGHTS,
+            rank=a.rank,
+            alpha=a.alpha,
+            use_rslora=a.use_rslora,
+            target_modules=list(a.target_modules),
+            module_shapes=shapes,
+            dtype=a.dtype,
+            extra=dict(metadata or {}),
+            kind=kind,
         )
         return replace
     return repo.insert_expert(
-        session, name=name, kind=kind, base=base_row, rank=a.rank, alpha=a.alpha,
-        use_rslora=a.use_rslora, target_modules=a.target_modules, modules=a.modules, dtype=a.dtype,
-        files=staged.files, weights_file=ADAPTER_WEIGHTS, source=source, metadata=metadata,
-        tasks=tasks, tags=tags,
+        session,
+        name=name,
+        kind=kind,
+        base=base_row,
+        rank=a.rank,
+        alpha=a.alpha,
+        use_rslora=a.use_rslora,
+        target_modules=a.target_modules,
+        modules=a.modules,
+        dtype=a.dtype,
+        files=staged.files,
+        weights_file=ADAPTER_WEIGHTS,
+        source=source,
+        metadata=metadata,
+        tasks=tasks,
+        tags=tags,
     )
 
 
@@ -262,7 +288,8 @@ def check_compatible(
             only_first = sorted(set(first.modules) - set(e.modules))
             only_e = sorted(set(e.modules) - set(first.modules))
             diff = (
-                f"{first.name!r} has {only_first[0]!r} which {e.name!r} lacks" if only_first
+                f"{first.name!r} has {only_first[0]!r} which {e.name!r} lacks"
+                if only_first
                 else f"{e.name!r} has {only_e[0]!r} which {first.name!r} lacks"
             )
             raise IncompatibleExpertsError(

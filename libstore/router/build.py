@@ -17,7 +17,8 @@ API::
 
     build_router(
         model, experts, *,
-        general=(),                  # GenKnowSub: general experts, subtracted from each task expert (PEFT's use_gks)
+        general=(),                  # GenKnowSub: general experts, subtracted from each task expert
+                                     # (PEFT's use_gks)
         prototypes=None,             # {module: (E_m, in)} precomputed, rows in order of the experts having it
         prototype_fn=exact_prototype_fn,   # or peft_prototype_fn(seed=...), or any (A, B) -> (N, in)
         top_k=3, temperature=1.0,
@@ -146,9 +147,7 @@ def build_router(
     given = dict(prototypes or {})
     unknown = sorted(set(given) - set(per_module))
     if unknown:
-        raise RouterError(
-            f"prototypes given for modules no expert targets: {unknown[:5]}"
-        )
+        raise RouterError(f"prototypes given for modules no expert targets: {unknown[:5]}")
 
     layers: dict[str, RoutedLinear] = {}
     for m, entries in per_module.items():
@@ -157,17 +156,13 @@ def build_router(
         # one copy of each factor: A rows (R, in), B^T rows (R, out) in >= fp32 (scale folded below)
         wide = torch.float32
         for en in entries:
-            wide = torch.promote_types(
-                wide, torch.promote_types(en.A.dtype, en.B.dtype)
-            )
+            wide = torch.promote_types(wide, torch.promote_types(en.A.dtype, en.B.dtype))
         src = entries[0].A.device
         A_cat = torch.cat([en.A.to(src) for en in entries]).to(wide)
         Bt_cat = torch.cat([en.B.T.to(src) for en in entries]).to(wide)
         protos = _module_prototypes(m, ranks, A_cat, Bt_cat, given.get(m), prototype_fn)
         row_scale = [en.scale for en in entries for _ in range(en.A.shape[0])]
-        Bt_cat.mul_(
-            torch.tensor(row_scale, dtype=wide, device=Bt_cat.device).unsqueeze(1)
-        )
+        Bt_cat.mul_(torch.tensor(row_scale, dtype=wide, device=Bt_cat.device).unsqueeze(1))
         dev = torch.device(device) if device is not None else lin.weight.device
         dt = dtype or torch.float32
         layers[m] = RoutedLinear(
@@ -204,9 +199,7 @@ def _check_settings(
         raise RouterError("a router needs at least one expert")
     dupes = sorted(n for n, c in Counter(e.name for e in experts).items() if c > 1)
     if dupes:
-        raise RouterError(
-            f"expert names must be unique within a router; repeated: {dupes}"
-        )
+        raise RouterError(f"expert names must be unique within a router; repeated: {dupes}")
     if not isinstance(top_k, int) or top_k < 1:
         raise RouterError(f"top_k must be a positive integer, got {top_k!r}")
     if not temperature > 0:
@@ -226,9 +219,7 @@ def _collect(experts: Sequence[ExpertTensors]) -> dict[str, list[_Entry]]:
         if not ex.modules:
             raise RouterError(f"expert {ex.name!r} has no modules")
         for m, (A, B) in ex.modules.items():
-            per_module.setdefault(m, []).append(
-                _Entry(i, A.detach(), B.detach(), float(ex.scale))
-            )
+            per_module.setdefault(m, []).append(_Entry(i, A.detach(), B.detach(), float(ex.scale)))
     return per_module
 
 
@@ -239,13 +230,9 @@ def _resolve_linear(named: Mapping[str, nn.Module], m: str) -> nn.Linear:
             f"the model has no module {m!r}; experts must target this base model's Linear layers"
         )
     if isinstance(mod, RoutedLinear):
-        raise RouterError(
-            f"module {m!r} is already routed; unpatch() the existing router first"
-        )
+        raise RouterError(f"module {m!r} is already routed; unpatch() the existing router first")
     if not isinstance(mod, nn.Linear):
-        raise RouterError(
-            f"module {m!r} is a {type(mod).__name__}; only nn.Linear layers can be routed"
-        )
+        raise RouterError(f"module {m!r} is a {type(mod).__name__}; only nn.Linear layers can be routed")
     return mod
 
 
@@ -261,9 +248,7 @@ def _check_shapes(m: str, expert: str, A: Tensor, B: Tensor, lin: nn.Linear) -> 
             f"the model's Linear is ({lin.out_features} x {lin.in_features}); wrong base model?"
         )
     if not (A.dtype.is_floating_point and B.dtype.is_floating_point):
-        raise RouterError(
-            f"expert {expert!r}, module {m!r}: factors must be floating point"
-        )
+        raise RouterError(f"expert {expert!r}, module {m!r}: factors must be floating point")
 
 
 def _gen_know_sub(
@@ -284,9 +269,7 @@ def _gen_know_sub(
         by_rank: dict[int, list[_Entry]] = {}
         for en in entries:
             by_rank.setdefault(en.A.shape[0], []).append(en)
-        for group in (
-            by_rank.values()
-        ):  # one batched call per rank: the generals broadcast as views
+        for group in by_rank.values():  # one batched call per rank: the generals broadcast as views
             n = len(group)
             A = torch.stack([en.A for en in group])
             B = torch.stack([en.B for en in group])
@@ -299,9 +282,7 @@ def _gen_know_sub(
                 )
             except LibstoreError as e:
                 names = [task_names[en.expert] for en in group]
-                raise RouterError(
-                    f"GenKnowSub on module {m!r} (experts {names}): {e}"
-                ) from e
+                raise RouterError(f"GenKnowSub on module {m!r} (experts {names}): {e}") from e
             for j, en in enumerate(group):
                 en.A, en.B = A2[j], B2[j]
 

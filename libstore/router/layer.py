@@ -156,9 +156,7 @@ def choose_strategy(
     k = min(top_k, experts)
     lowrank = t * k * max_rank * io
     best: Strategy = "dense"
-    best_cost = (
-        c.dense_fixed + t * total_rank * io / c.gemm + total_rank * io * c.weight_read
-    )
+    best_cost = c.dense_fixed + t * total_rank * io / c.gemm + total_rank * io * c.weight_read
     if uniform_rank and lowrank <= c.gather_max:
         cost = c.gather_fixed + lowrank * c.gather
         if cost < best_cost:
@@ -224,15 +222,11 @@ class RoutedLinear(nn.Module):
                 f"{name}: prototypes have shape {tuple(prototypes.shape)}, "
                 f"expected ({E}, {base_layer.in_features})"
             )
-        if tuple(lora_A.shape) != (R, base_layer.in_features) or tuple(
-            lora_Bt.shape
-        ) != (
+        if tuple(lora_A.shape) != (R, base_layer.in_features) or tuple(lora_Bt.shape) != (
             R,
             base_layer.out_features,
         ):
-            raise RouterError(
-                f"{name}: stacked factors do not match ranks {list(ranks)}"
-            )
+            raise RouterError(f"{name}: stacked factors do not match ranks {list(ranks)}")
         if mixing not in MIXINGS:
             raise RouterError(f"unknown mixing {mixing!r}; use one of {MIXINGS}")
         if mixing == "parameter" and len(set(ranks)) > 1:
@@ -301,9 +295,7 @@ class RoutedLinear(nn.Module):
         """Top-k experts (t, k) long and their softmax weights (t, k) float32 for tokens h (t, in)."""
         h32 = h if h.dtype == torch.float32 else h.float()
         P = (
-            self.prototypes
-            if self.prototypes.dtype == torch.float32
-            else self.prototypes.float()
+            self.prototypes if self.prototypes.dtype == torch.float32 else self.prototypes.float()
         )  # after .half()
         scores = torch.abs(h32 @ P.T)  # (t, E), as PEFT: |<h, p_e>| in fp32
         k = min(self.top_k, self.num_experts)
@@ -333,9 +325,7 @@ class RoutedLinear(nn.Module):
             result.requires_grad or hc.requires_grad or self.lora_A.requires_grad
         )
         inplace = not tracking and not self.base_layer._forward_hooks
-        if (
-            wide == hc.dtype
-        ):  # the usual case: accumulate straight into (a widened copy of) the output
+        if wide == hc.dtype:  # the usual case: accumulate straight into (a widened copy of) the output
             acc = result.reshape(t, self.out_features)
             if acc.dtype != wide:
                 acc = acc.to(wide)
@@ -355,17 +345,11 @@ class RoutedLinear(nn.Module):
 
     # dense: rank space over all experts ---------------------------------------------------------
 
-    def _dense(
-        self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool
-    ) -> Tensor:
+    def _dense(self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool) -> Tensor:
         t, E = h.shape[0], self.num_experts
-        w = torch.zeros(t, E, dtype=c.dtype, device=c.device).scatter_(
-            1, idx, c
-        )  # (t, E)
+        w = torch.zeros(t, E, dtype=c.dtype, device=c.device).scatter_(1, idx, c)  # (t, E)
         z = h @ self.lora_A.T  # (t, R)
-        if (
-            self.mixing == "parameter"
-        ):  # uniform rank r: v = sum_e c_e A_e h, then sum_e c_e B_e v
+        if self.mixing == "parameter":  # uniform rank r: v = sum_e c_e A_e h, then sum_e c_e B_e v
             r = self.max_rank
             v = torch.bmm(w.unsqueeze(1), z.view(t, E, r)).squeeze(1)  # (t, r)
             z = (w.unsqueeze(2) * v.unsqueeze(1)).view(t, E * r)
@@ -373,24 +357,16 @@ class RoutedLinear(nn.Module):
             z = (z.view(t, E, self.max_rank) * w.unsqueeze(2)).view(t, -1)
         else:
             z = z * w.index_select(1, self.rank_owner)
-        return (
-            acc.addmm_(z, self.lora_Bt)
-            if inplace
-            else torch.addmm(acc, z, self.lora_Bt)
-        )
+        return acc.addmm_(z, self.lora_Bt) if inplace else torch.addmm(acc, z, self.lora_Bt)
 
     # gather: per-token factors of the chosen experts (uniform rank) -----------------------------
 
-    def _gather(
-        self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool
-    ) -> Tensor:
+    def _gather(self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool) -> Tensor:
         t, k = idx.shape
         r, E = self.max_rank, self.num_experts
         A3 = self.lora_A.view(E, r, self.in_features)
         B3 = self.lora_Bt.view(E, r, self.out_features)
-        u = torch.bmm(A3[idx].view(t, k * r, self.in_features), h.unsqueeze(2)).view(
-            t, k, r
-        )
+        u = torch.bmm(A3[idx].view(t, k * r, self.in_features), h.unsqueeze(2)).view(t, k, r)
         if self.mixing == "parameter":
             v = torch.bmm(c.unsqueeze(1), u).squeeze(1)  # (t, r)
             z = c.unsqueeze(2) * v.unsqueeze(1)  # (t, k, r)
@@ -415,17 +391,13 @@ class RoutedLinear(nn.Module):
             self._segment_cache = cached
         return cached[1], cached[2]
 
-    def _grouped(
-        self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool
-    ) -> Tensor:
+    def _grouped(self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool) -> Tensor:
         t, k = idx.shape
         A_t, B = self._segments()
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # host sync
-        spans: list[
-            tuple[int, int, int]
-        ] = []  # (expert, start, end) in sorted pair order
+        spans: list[tuple[int, int, int]] = []  # (expert, start, end) in sorted pair order
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -435,43 +407,28 @@ class RoutedLinear(nn.Module):
         cs = c.reshape(-1).index_select(0, order).unsqueeze(1)  # (t*k, 1)
         hs = h.index_select(0, pair_tok)  # (t*k, in)
 
-        def segment_mm(
-            rows: Tensor | list[Tensor], weights: list[Tensor], width: int
-        ) -> Tensor:
+        def segment_mm(rows: Tensor | list[Tensor], weights: list[Tensor], width: int) -> Tensor:
             """rows of each span @ that expert's weight, stacked in pair order: (t*k, width)."""
             parts = rows if isinstance(rows, list) else [rows[a:b] for _, a, b in spans]
             if not inplace:  # autograd must see every product
-                return torch.cat(
-                    [
-                        torch.mm(p, weights[e])
-                        for p, (e, _, _) in zip(parts, spans, strict=True)
-                    ]
-                )
+                return torch.cat([torch.mm(p, weights[e]) for p, (e, _, _) in zip(parts, spans, strict=True)])
             out = h.new_empty(t * k, width)
             for p, (e, a, b) in zip(parts, spans, strict=True):
                 torch.mm(p, weights[e], out=out[a:b])
             return out
 
         if self.uniform_rank:
-            zs = (
-                segment_mm(hs, A_t, self.max_rank) * cs
-            )  # (t*k, r), coefficients in rank space
-            if (
-                self.mixing == "parameter"
-            ):  # v_tok = sum_j c_j A_j h; each pair then carries c_j v_tok
-                v = torch.zeros(
-                    t, self.max_rank, dtype=zs.dtype, device=zs.device
-                ).index_add_(0, pair_tok, zs)
+            zs = segment_mm(hs, A_t, self.max_rank) * cs  # (t*k, r), coefficients in rank space
+            if self.mixing == "parameter":  # v_tok = sum_j c_j A_j h; each pair then carries c_j v_tok
+                v = torch.zeros(t, self.max_rank, dtype=zs.dtype, device=zs.device).index_add_(
+                    0, pair_tok, zs
+                )
                 zs = v.index_select(0, pair_tok) * cs
             z: Tensor | list[Tensor] = zs
         else:
             z = [torch.mm(hs[a:b], A_t[e]) * cs[a:b] for e, a, b in spans]
         ys = segment_mm(z, B, self.out_features)  # (t*k, out)
-        return (
-            acc.index_add_(0, pair_tok, ys)
-            if inplace
-            else acc.index_add(0, pair_tok, ys)
-        )
+        return acc.index_add_(0, pair_tok, ys) if inplace else acc.index_add(0, pair_tok, ys)
 
 
 def dense_reference(
@@ -490,9 +447,7 @@ def dense_reference(
     h (t, in); prototypes (E, in); As[e] (r_e, in); Bs[e] (out, r_e). Returns (t, out) in float64.
     """
     h64 = h.double()
-    scores = (
-        h.float() @ prototypes.float().T
-    ).abs()  # selection as the layer does it, in fp32
+    scores = (h.float() @ prototypes.float().T).abs()  # selection as the layer does it, in fp32
     k = min(top_k, len(As))
     out = torch.zeros(h.shape[0], Bs[0].shape[0], dtype=torch.float64)
     for i in range(h.shape[0]):
@@ -500,14 +455,10 @@ def dense_reference(
         c = torch.softmax(top / temperature, dim=0)
         if mixing == "output":
             for j, e in enumerate(idx.tolist()):
-                out[i] += (
-                    c[j] * scales[e] * (Bs[e].double() @ (As[e].double() @ h64[i]))
-                )
+                out[i] += c[j] * scales[e] * (Bs[e].double() @ (As[e].double() @ h64[i]))
         else:
             A = sum(c[j] * As[e].double() for j, e in enumerate(idx.tolist()))
-            B = sum(
-                c[j] * scales[e] * Bs[e].double() for j, e in enumerate(idx.tolist())
-            )
+            B = sum(c[j] * scales[e] * Bs[e].double() for j, e in enumerate(idx.tolist()))
             out[i] = B @ (A @ h64[i])
     return out
 

@@ -120,9 +120,7 @@ class RoutedModel:
         """
         self._check_patched()
         if self._tracing:
-            raise RouterError(
-                "explain() is already active on this model; nested traces are not supported"
-            )
+            raise RouterError("explain() is already active on this model; nested traces are not supported")
         trace = RoutingTrace(self.experts, tuple(self.layers))
         self._tracing = True
         for layer in self.layers.values():
@@ -142,9 +140,7 @@ class RoutedModel:
         named = dict(self.model.named_modules())
         for name, layer in self.layers.items():
             if named.get(name) is not layer:
-                raise RouterError(
-                    f"module {name!r} was replaced after routing; cannot unpatch it safely"
-                )
+                raise RouterError(f"module {name!r} was replaced after routing; cannot unpatch it safely")
         for name, layer in self.layers.items():
             parent, _, attr = name.rpartition(".")
             setattr(named[parent] if parent else self.model, attr, layer.base_layer)
@@ -153,6 +149,4 @@ class RoutedModel:
 
     def _check_patched(self) -> None:
         if not self._patched:
-            raise RouterError(
-                "this RoutedModel was unpatched; build a new router to route again"
-            )
+            raise RouterError("this RoutedModel was unpatched; build a new router to route again")

@@ -83,7 +83,10 @@ class RoutingTrace:
         return len(self.records)
 
     def __repr__(self) -> str:
-        return f"RoutingTrace({len(self.records)} calls, {len(self.experts)} experts, {len(self.modules)} modules)"
+        return (
+            f"RoutingTrace({len(self.records)} calls, {len(self.experts)} experts, "
+            f"{len(self.modules)} modules)"
+        )
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -94,15 +97,9 @@ class RoutingTrace:
             known = module in self.modules
             raise RouterError(
                 f"no routed calls recorded for {module!r}"
-                + (
-                    ""
-                    if known
-                    else f"; routed modules are e.g. {list(self.modules[:3])}"
-                )
+                + ("" if known else f"; routed modules are e.g. {list(self.modules[:3])}")
             )
-        return torch.cat([r.experts for r in recs]), torch.cat(
-            [r.weights for r in recs]
-        )
+        return torch.cat([r.experts for r in recs]), torch.cat([r.weights for r in recs])
 
     def counts(self, module: str | None = None) -> dict[str, Tensor] | Tensor:
         """How often each expert was in a token's top-k: (E,) long for one module, else a dict."""
@@ -128,9 +125,7 @@ class RoutingTrace:
             acc.index_add_(0, r.experts.reshape(-1), r.weights.reshape(-1))
         return out
 
-    def usage(
-        self, by: Literal["module", "layer"] = "module"
-    ) -> tuple[list[str], Tensor]:
+    def usage(self, by: Literal["module", "layer"] = "module") -> tuple[list[str], Tensor]:
         """Share of routing weight per expert, one row per module (or per block): rows sum to 1."""
         per_module = self.weights()
         assert isinstance(per_module, dict)
@@ -139,13 +134,9 @@ class RoutingTrace:
             m for m in per_module if m not in self.modules
         ]:
             key = m if by == "module" else _layer_label(m)
-            rows[key] = (
-                rows[key] + per_module[m] if key in rows else per_module[m].clone()
-            )
+            rows[key] = rows[key] + per_module[m] if key in rows else per_module[m].clone()
         if not rows:
-            raise RouterError(
-                "the trace is empty: run the model inside `with routed.explain() as trace:`"
-            )
+            raise RouterError("the trace is empty: run the model inside `with routed.explain() as trace:`")
         names = list(rows)
         mat = torch.stack([rows[n] for n in names])
         return names, mat / mat.sum(1, keepdim=True).clamp_min(1e-12)
@@ -208,9 +199,7 @@ class RoutingTrace:
             rows, mat = self.usage(by)
             title, ylabel = f"share of routing weight per {by}", by
         else:
-            raise RouterError(
-                f"unknown plot kind {by!r}; use 'module', 'layer' or 'token'"
-            )
+            raise RouterError(f"unknown plot kind {by!r}; use 'module', 'layer' or 'token'")
         n_rows, n_cols = mat.shape
         fig = Figure(
             figsize=(

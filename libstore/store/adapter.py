@@ -55,9 +55,7 @@ PICKLE_WEIGHTS = (
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 _MODULE = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
-_LORA_KEY = re.compile(
-    rf"{re.escape(KEY_PREFIX)}(?P<module>{_MODULE})\.lora_(?P<part>[AB])\.weight"
-)
+_LORA_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}(?P<module>{_MODULE})\.lora_(?P<part>[AB])\.weight")
 _NAMED_ADAPTER_KEY = re.compile(r".*\.lora_[AB]\.(?P<adapter>[^.]+)\.weight")
 
 #: Config fields that switch on a LoRA variant or feature whose math libstore does not implement.
@@ -225,9 +223,7 @@ def _check_weights_present(folder: Path, weights_path: Path) -> None:
         return
     pickled = [folder / n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
     if not pickled:
-        pickled = sorted(
-            p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file()
-        )
+        pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
     if pickled:
         p = pickled[0]
         with open(p, "rb") as f:  # the magic bytes only: never unpickled
@@ -258,9 +254,7 @@ def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
         config = strict_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # Recursion: absurd nesting
-        raise ValidationError(
-            f"{path} is not valid UTF-8 JSON ({e}); re-save the adapter with PEFT"
-        ) from e
+        raise ValidationError(f"{path} is not valid UTF-8 JSON ({e}); re-save the adapter with PEFT") from e
     if not isinstance(config, dict):
         raise ValidationError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return raw, config
@@ -287,8 +281,7 @@ def _check_config(path: Path, c: Mapping[str, Any]) -> tuple[int, float, bool]:
                 f'{path} has no \'peft_type\'; a LoRA adapter config says "peft_type": "LORA"'
             )
         raise ValidationError(
-            f"{path}: peft_type is {peft_type!r}; libstore stores LoRA adapters only "
-            f"(peft_type LORA)"
+            f"{path}: peft_type is {peft_type!r}; libstore stores LoRA adapters only (peft_type LORA)"
         )
     r = c.get("r")
     if not _is_int(r) or r <= 0:
@@ -362,9 +355,7 @@ def _modules_from_header(
         dtypes.setdefault(info.dtype, []).append(key)
     if len(dtypes) > 1:
         summary = ", ".join(f"{d}: {len(ks)} (e.g. {ks[0]})" for d, ks in sorted(dtypes.items()))
-        raise ValidationError(
-            f"{path} mixes dtypes ({summary}); save every LoRA tensor in one dtype"
-        )
+        raise ValidationError(f"{path} mixes dtypes ({summary}); save every LoRA tensor in one dtype")
     (st_dtype,) = dtypes
     if st_dtype not in FLOAT_DTYPE_NAMES:
         raise ValidationError(
@@ -400,8 +391,7 @@ def _modules_from_header(
             )
         if n_in == 0 or n_out == 0:
             raise ValidationError(
-                f"{path}: module {module!r} has an empty dimension: A {list(a.shape)}, "
-                f"B {list(b.shape)}"
+                f"{path}: module {module!r} has an empty dimension: A {list(a.shape)}, B {list(b.shape)}"
             )
         modules[module] = ModuleShape(in_features=n_in, out_features=n_out, rank=ra)
     return modules, FLOAT_DTYPE_NAMES[st_dtype]
@@ -508,9 +498,7 @@ def _same_source(a: str, b: str) -> bool:
     return bool(_HUB_ID.fullmatch(a) and _HUB_ID.fullmatch(b)) and a.casefold() == b.casefold()
 
 
-def check_against_base(
-    adapter: AdapterFile, base: BaseModel, *, allow_base_mismatch: bool = False
-) -> None:
+def check_against_base(adapter: AdapterFile, base: BaseModel, *, allow_base_mismatch: bool = False) -> None:
     """Refuse an adapter that does not fit ``base``.
 
     Shapes are never overridable: every LoRA module must be an ``nn.Linear`` of the base with

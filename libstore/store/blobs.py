@@ -101,11 +101,7 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def __contains__(self, sha256: object) -> bool:
-        return (
-            isinstance(sha256, str)
-            and _DIGEST.fullmatch(sha256) is not None
-            and self.exists(sha256)
-        )
+        return isinstance(sha256, str) and _DIGEST.fullmatch(sha256) is not None and self.exists(sha256)
 
     def size(self, sha256: str) -> int:
         """Size in bytes of a stored blob."""
@@ -128,9 +124,7 @@ class BlobStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def put_file(
-        self, path: str | os.PathLike[str], *, expected_sha256: str | None = None
-    ) -> BlobRef:
+    def put_file(self, path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> BlobRef:
         """Store a file's bytes; returns the existing blob when the content is already stored.
 
         With ``expected_sha256`` (e.g. the hash a Hub pull promised) bytes that hash differently

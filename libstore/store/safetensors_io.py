@@ -191,8 +191,7 @@ def read_header(
                     f"file is truncated or not safetensors (download it again)"
                 )
             raise ValidationError(
-                f"{path}: the header does not start with '{{' (a JSON object); "
-                f"not a safetensors file"
+                f"{path}: the header does not start with '{{' (a JSON object); not a safetensors file"
             )
         f.seek(8)
         raw = f.read(n)
@@ -201,9 +200,7 @@ def read_header(
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValidationError(
-            f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})"
-        ) from e
+        raise ValidationError(f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     try:
         obj = strict_loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
@@ -246,18 +243,10 @@ def _entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
         )
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise ValidationError(
-            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_BITS))})"
-        )
+        raise ValidationError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_BITS))})")
     shape = entry["shape"]
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(_is_int(d) and d >= 0 for d in shape)
-    ):
-        raise ValidationError(
-            f"{where}: shape must be a list of non-negative integers, got {shape!r}"
-        )
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValidationError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -339,9 +328,7 @@ def _has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
     return False  # not a scanned dtype
 
 
-def nonfinite_tensors(
-    path: str | os.PathLike[str], header: SafetensorsHeader | None = None
-) -> list[str]:
+def nonfinite_tensors(path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> list[str]:
     """Names of floating tensors holding NaN or Inf, via a read-only memory map (no torch).
 
     Scans in chunks so a multi-GB file needs little memory. Integer tensors are skipped.
@@ -380,9 +367,7 @@ def nonfinite_tensors(
 # --- torch (imported lazily) -------------------------------------------------------------------
 
 
-def load_tensors(
-    path: str | os.PathLike[str], names: Iterable[str] | None = None
-) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike[str], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Validate the header, then load all tensors (or only ``names``, in that order) on CPU."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
