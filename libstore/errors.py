@@ -1,17 +1,44 @@
 """The one error hierarchy of libstore.
 
 Every error a user can cause derives from :class:`LibstoreError`; each also inherits the built-in it
-resembles so callers can catch either. Messages say what went wrong *and* what to do about it. The CLI
-maps each class to an exit code (see ``exit_code``), documented in the README.
+resembles so callers can catch either. Messages say what went wrong *and* what to do about it; the
+fields say it to programs (``NotFoundError.name``, ``HubError.repo_id``), so callers and tests check
+fields, not message text. The CLI maps each class to one exit code (``exit_code``, documented in the
+README): one meaning, one code.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+#: What a name refers to, for errors about names.
+Entity = Literal[
+    "expert",
+    "base model",
+    "clustering",
+    "cluster",
+    "remote",
+    "tag",
+    "task",
+    "blob",
+    "prototype set",
+    "evaluation",
+    "file",
+    "library",
+]
+
 
 class LibstoreError(Exception):
-    """Base of every libstore error."""
+    """Base of every libstore error. ``message`` is the text shown to users."""
 
     exit_code: int = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class LibraryNotFoundError(LibstoreError, FileNotFoundError):
@@ -19,51 +46,124 @@ class LibraryNotFoundError(LibstoreError, FileNotFoundError):
 
     exit_code = 3
 
+    def __init__(self, message: str = "", *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
 
 class LibraryExistsError(LibstoreError, FileExistsError):
     """``init`` on a folder that already holds a library."""
 
     exit_code = 3
 
+    def __init__(self, message: str = "", *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
 
 class NotFoundError(LibstoreError, LookupError):
-    """An expert, base model, clustering, remote or cache entry with that name does not exist."""
+    """An expert, base model, clustering, remote or cache entry with that name does not exist.
+
+    Attributes:
+        what: the kind of thing looked for (``"expert"``, ``"base model"``, ...), if known.
+        name: the name (or query) looked for, if known.
+    """
 
     exit_code = 4
 
+    def __init__(self, message: str = "", *, what: Entity | None = None, name: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
+        self.name = name
+
 
 class AlreadyExistsError(LibstoreError, ValueError):
-    """A name is already taken."""
+    """A name is already taken (or a destination is not empty).
+
+    Attributes:
+        what: the kind of thing whose name is taken, if known.
+        name: the name, if known.
+    """
 
     exit_code = 5
 
+    def __init__(self, message: str = "", *, what: Entity | None = None, name: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
+        self.name = name
+
+
+class InUseError(LibstoreError, ValueError):
+    """Something cannot be removed because other records still use it (a base model with experts,
+    a clustering with linked cluster experts); remove those first or pass ``--force`` where offered.
+
+    Attributes:
+        what, name: the thing that is still in use.
+        used_by: names of (some of) the records that use it.
+    """
+
+    exit_code = 12
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        what: Entity | None = None,
+        name: str | None = None,
+        used_by: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.what = what
+        self.name = name
+        self.used_by = used_by
+
 
 class InvalidNameError(LibstoreError, ValueError):
-    """A name that is not safe as a file or Hub path."""
+    """A name that is not safe as a file or Hub path.
+
+    Attributes:
+        name: the refused name (``repr``-safe; may hold any character).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, name: object = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class QueryError(LibstoreError, ValueError):
-    """A catalog query string that cannot be parsed."""
+    """A catalog query string that cannot be parsed.
+
+    Attributes:
+        query: the query text.
+    """
 
     exit_code = 2
 
+    def __init__(self, message: str = "", *, query: str | None = None) -> None:
+        super().__init__(message)
+        self.query = query
+
 
 class ValidationError(LibstoreError, ValueError):
-    """Input refused before anything was written: a bad adapter, file, config or tensor."""
+    """Input refused before anything was written: a bad adapter, file, config or tensor.
+
+    Attributes:
+        path: the file or folder at fault, if any.
+        field: the config field or tensor name at fault, if any.
+    """
 
     exit_code = 6
+
+    def __init__(self, message: str = "", *, path: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
 
 
 class UnsafeFileError(ValidationError):
     """A file that could run code (pickle) or escape the library; never loaded."""
-
-
-class IntegrityError(LibstoreError):
-    """Stored or downloaded bytes that do not match their recorded hash or record."""
-
-    exit_code = 7
 
 
 class BaseModelMismatchError(ValidationError):
@@ -74,10 +174,35 @@ class IncompatibleExpertsError(ValidationError):
     """Experts that one operation cannot combine (different ranks, modules or base models)."""
 
 
+class IntegrityError(LibstoreError):
+    """Stored or downloaded bytes that do not match their recorded hash or record.
+
+    Attributes:
+        sha256: the digest that was expected, if any.
+        path: the file or repo path at fault, if any.
+    """
+
+    exit_code = 7
+
+    def __init__(self, message: str = "", *, sha256: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
+        self.path = path
+
+
 class SchemaError(LibstoreError):
-    """The catalog database has a schema this version cannot use (e.g. created by a newer libstore)."""
+    """The catalog database (or the library folder's ``library.json``) has a format this version
+    cannot use, e.g. written by a newer libstore.
+
+    Attributes:
+        revision: the schema revision or format version found, if known.
+    """
 
     exit_code = 8
+
+    def __init__(self, message: str = "", *, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.revision = revision
 
 
 class CatalogBusyError(LibstoreError, TimeoutError):
@@ -86,10 +211,35 @@ class CatalogBusyError(LibstoreError, TimeoutError):
     exit_code = 9
 
 
+class StorageError(LibstoreError, OSError):
+    """The library folder, the catalog database or the blob store cannot be used: read-only, full,
+    unreachable, or refused the credentials. Nothing was changed.
+
+    Attributes:
+        location: the folder, database (password removed) or bucket at fault, if known.
+    """
+
+    exit_code = 13
+
+    def __init__(self, message: str = "", *, location: str | None = None) -> None:
+        super().__init__(message)
+        self.location = location
+
+
 class HubError(LibstoreError, ConnectionError):
-    """Talking to the Hub failed; nothing local was changed."""
+    """Talking to the Hub failed; nothing local was changed.
+
+    Attributes:
+        repo_id: the repo, if known.
+        status: the HTTP status, if there was an answer.
+    """
 
     exit_code = 10
+
+    def __init__(self, message: str = "", *, repo_id: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.status = status
 
 
 class RemoteMovedError(HubError):

@@ -63,14 +63,119 @@ class StoredFile:
     size: int
 
 
+# --- records shared by catalog, manifest and API (one type per record) ------------------------------
+#
+# These are what is *stored*: the catalog writes and returns them, the Hub manifest serialises them,
+# the public API hands them out. Views that add the current state of the library (staleness, the
+# parents' current hashes, linked experts) wrap a record instead of copying its fields.
+
+ParentStatus = Literal["ok", "changed", "gone"]
+
+
 @dataclass(frozen=True)
-class Lineage:
-    """How a derived expert was computed."""
+class DerivationParent:
+    """A parent of a derived expert: its role in the method (``expert``, ``general``), its name and
+    its weights sha256 when the child was computed."""
+
+    role: str
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a derived expert was computed.
+
+    Attributes:
+        method: ``gks-param``, ``gks-delta``, ``merge``, ...
+        method_version: bumped when the method's output changes for the same inputs.
+        params: the method's parameters as recorded.
+        inputs_key: sha256 over method, version, params and everything that defines each parent's
+            ΔW; an operation asked twice for the same thing finds the first result by it.
+        parents: in the method's order.
+    """
 
     method: str
     method_version: int
     params: dict[str, Any]
-    parents: tuple[tuple[str, str, str], ...]  # (role, parent name, parent sha256 at derivation)
+    inputs_key: str
+    parents: tuple[DerivationParent, ...]
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class ClusteringInput:
+    """An expert a clustering saw: its name and weights sha256 at clustering time."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """One cluster of a recorded clustering.
+
+    Attributes:
+        index: 0..k−1, numbered by first member in name order (the same partition, the same numbers).
+        members: expert names at clustering time, in name order.
+        tasks: what a cluster expert for it should be trained on (union of the members' tasks).
+        label: an optional human label.
+        stats: ``within``, ``between``, ``silhouette`` (``None`` where undefined).
+    """
+
+    index: int
+    members: tuple[str, ...]
+    tasks: tuple[str, ...]
+    label: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusteringRecord:
+    """One recorded MBC run, as stored and as pushed.
+
+    Attributes:
+        name: ``mbc-k10``; its clusters are referred to as ``NAME:INDEX``.
+        base_model: the base model of every expert clustered.
+        method: ``mbc``; metric: ``flat`` or ``delta``; k, seed: as run.
+        query: the canonical query the experts were selected by.
+        params: every other parameter; criterion: how k was chosen.
+        inputs: every expert the run saw, in row order of its similarity matrix.
+        clusters: by index.
+    """
+
+    name: str
+    base_model: str
+    method: str
+    metric: str
+    k: int
+    seed: int
+    query: str
+    params: dict[str, Any]
+    criterion: dict[str, Any]
+    inputs: tuple[ClusteringInput, ...]
+    clusters: tuple[ClusterRecord, ...]
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class PrototypeSet:
+    """One cached set of Arrow prototypes (every LoRA module) of the experts with these weights.
+
+    Attributes:
+        expert_sha256: the weights sha256 it was computed from.
+        method, method_version, params, params_key: how it was computed (``params_key`` = sha256
+            of the canonical JSON of ``params``).
+        blob_sha256, size: the safetensors blob holding it.
+    """
+
+    expert_sha256: str
+    method: str
+    method_version: int
+    params: dict[str, Any]
+    params_key: str
+    blob_sha256: str
+    size: int
     created_at: dt.datetime | None = None
 
 
@@ -99,7 +204,7 @@ class Expert:
     tags: tuple[str, ...] = ()
     cluster: str | None = None  # "clustering:index" for cluster experts
     metadata: dict[str, Any] = field(default_factory=dict)
-    lineage: Lineage | None = None
+    lineage: Derivation | None = None
     created_at: dt.datetime | None = None
 
     @property

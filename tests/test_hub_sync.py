@@ -33,7 +33,7 @@ SQLITE_ONLY = pytest.mark.parametrize("db_url", [None], ids=["sqlite"])
 def _lineage(lib: Library, name: str) -> tuple:
     e = lib.get(name)
     lin = e.lineage
-    return (lin.method, lin.method_version, lin.params, lin.parents) if lin else None
+    return (lin.method, lin.method_version, lin.params, lin.inputs_key, lin.parents) if lin else None
 
 
 def _records(lib: Library) -> dict:

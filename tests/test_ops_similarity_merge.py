@@ -104,7 +104,7 @@ def test_exact_merge_is_the_average_of_updates(trio: Library) -> None:
         torch.testing.assert_close(d, sum(p[m] for p in parts) / 3, atol=1e-5, rtol=1e-5)
     lin = e.lineage
     assert lin is not None and lin.method == "merge"
-    assert [(r, n) for r, n, _ in lin.parents] == [("expert", "a"), ("expert", "b"), ("expert", "c")]
+    assert [(p.role, p.name) for p in lin.parents] == [("expert", "a"), ("expert", "b"), ("expert", "c")]
     assert lin.params["weights"] == pytest.approx([1 / 3] * 3) and lin.params["rank"] is None
     assert lin.params["energy_kept"] == 1.0
 

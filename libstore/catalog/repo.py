@@ -34,9 +34,10 @@ from libstore.errors import (
 )
 from libstore.types import (
     BaseModel,
+    Derivation,
+    DerivationParent,
     Expert,
     ExpertQuery,
-    Lineage,
     LinearShape,
     ModuleShape,
     StoredFile,
@@ -238,15 +239,16 @@ def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
     return list(session.scalars(_query_statement(query)).unique())
 
 
-def lineage_of(session: Session, expert_id: int) -> Lineage | None:
+def lineage_of(session: Session, expert_id: int) -> Derivation | None:
     d = session.scalar(select(DerivationRow).where(DerivationRow.child_id == expert_id))
     if d is None:
         return None
-    return Lineage(
+    return Derivation(
         method=d.method,
         method_version=d.method_version,
         params=dict(d.params),
-        parents=tuple((p.role, p.parent_name, p.parent_sha256) for p in d.parents),
+        inputs_key=d.inputs_key,
+        parents=tuple(DerivationParent(p.role, p.parent_name, p.parent_sha256) for p in d.parents),
         created_at=d.created_at,
     )
 
