@@ -11,13 +11,13 @@ PKG = Path(__file__).resolve().parents[1] / "libstore"
 
 # layer -> libstore sub-packages it may import (besides itself)
 ALLOWED: dict[str, set[str]] = {
-    "lowrank": {"types", "errors"},
-    "router": {"types", "errors", "lowrank"},
-    "store": {"types", "errors", "config"},
-    "catalog": {"types", "errors", "config"},
-    "hub": {"types", "errors", "config", "store"},
-    "ops": {"types", "errors", "config", "catalog", "store", "hub", "lowrank", "router"},
-    "cli": {"types", "errors", "config", "library", "cli", "ops", "catalog"},
+    "lowrank": {"types", "errors", "canonical"},
+    "router": {"types", "errors", "canonical", "lowrank"},
+    "store": {"types", "errors", "canonical", "config"},
+    "catalog": {"types", "errors", "canonical", "config"},
+    "hub": {"types", "errors", "canonical", "config", "store"},
+    "ops": {"types", "errors", "canonical", "config", "catalog", "store", "hub", "lowrank", "router"},
+    "cli": {"types", "errors", "canonical", "config", "library", "cli", "ops", "catalog"},
 }
 
 

@@ -13,8 +13,6 @@ catalog and ops layers; ``to_record`` turns a row into the plain :class:`Derivat
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from libstore.canonical import canonical_sha256
 from libstore.catalog.models import DerivationParentRow, DerivationRow, ExpertRow
 
 ParentStatus = Literal["ok", "changed", "gone"]
@@ -67,11 +66,6 @@ class DerivationRecord:
         return any(p.status != "ok" for p in self.parents)
 
 
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace: the form hashed into keys (stable across processes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 def inputs_key(
     method: str, method_version: int, params: dict[str, Any], parents: Sequence[tuple[str, str]]
 ) -> str:
@@ -85,7 +79,7 @@ def inputs_key(
         "params": params,
         "parents": [[role, sha] for role, sha in parents],
     }
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return canonical_sha256(payload)
 
 
 def derivation_row(session: Session, child: ExpertRow) -> DerivationRow | None:

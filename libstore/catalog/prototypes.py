@@ -11,8 +11,6 @@ Every function takes an open ``Session``; the caller owns the transaction.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
+from libstore.canonical import canonical_sha256
 from libstore.catalog.models import ExpertRow, PrototypeCacheRow
 from libstore.catalog.repo import ensure_blob
 
@@ -49,8 +48,7 @@ class CacheEntry:
 
 def params_key(params: dict[str, Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no whitespace) of ``params``."""
-    text = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return canonical_sha256(params)
 
 
 def _entry(row: PrototypeCacheRow, experts: Iterable[str] = ()) -> CacheEntry:

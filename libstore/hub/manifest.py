@@ -56,6 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libstore.canonical import canonical_json
 from libstore.errors import LibstoreError, ValidationError
 from libstore.store.adapter import validate_name
 from libstore.store.strict_json import strict_loads
@@ -348,11 +349,6 @@ def prototype_path(expert: str, method: str, method_version: int, params_key: st
 
 
 # --- writing helpers -----------------------------------------------------------------------------
-
-
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace, ASCII: the form digests are computed over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def validate_manifest(m: Manifest) -> None:

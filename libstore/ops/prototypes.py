@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from libstore.canonical import canonical_json
 from libstore.catalog import prototypes as cache
 from libstore.catalog import repo
-from libstore.catalog.derivations import canonical_json
 from libstore.errors import (
     IncompatibleExpertsError,
     IntegrityError,
