@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from huggingface_hub import HfApi
 
 from libstore.cli import cli
-from tests import test_hub_support as support
+from tests import hub_support as support
 from tests.factories import make_adapter
+from tests.hub_support import REPO
 from tests.hubserver import DEFAULT_TOKEN, HubServer, client_env
-from tests.test_hub_support import REPO
 
 hub = support.hub  # fixture
 

@@ -32,10 +32,10 @@ from sqlalchemy.orm import configure_mappers
 
 from libstore import Library
 from libstore.store.blobs import sha256_file
-from tests import test_hub_support as support
+from tests import hub_support as support
 from tests.factories import make_adapter
+from tests.hub_support import REPO
 from tests.hubserver import HubServer
-from tests.test_hub_support import REPO
 
 hub = support.hub  # fixture
 

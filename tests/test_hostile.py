@@ -41,10 +41,10 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
-from tests import test_hub_support as support
+from tests import hub_support as support
 from tests.factories import make_adapter
+from tests.hub_support import REPO
 from tests.hubserver import DEFAULT_TOKEN, HubServer
-from tests.test_hub_support import REPO
 
 hub = support.hub  # fixture
 

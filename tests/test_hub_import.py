@@ -18,10 +18,10 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.store.blobs import sha256_file
-from tests import test_hub_support as support
+from tests import hub_support as support
 from tests.factories import make_adapter
+from tests.hub_support import snapshot
 from tests.hubserver import DEFAULT_TOKEN, HubServer
-from tests.test_hub_support import snapshot
 
 hub = support.hub  # fixture
 

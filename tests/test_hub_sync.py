@@ -18,10 +18,10 @@ from libstore.errors import HubError, IntegrityError, RemoteMovedError, SyncConf
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
 from libstore.ops import pull, push
 from libstore.store.blobs import sha256_file
-from tests import test_hub_support as support
+from tests import hub_support as support
 from tests.factories import load_base, make_adapter
+from tests.hub_support import REPO, add_experts, snapshot
 from tests.hubserver import DEFAULT_TOKEN, HubServer
-from tests.test_hub_support import REPO, add_experts, snapshot
 
 hub, other = support.hub, support.other  # fixtures
 

@@ -24,7 +24,7 @@ from libstore.router.build import (
     peft_prototype_fn,
 )
 from libstore.router.model import RoutedModel
-from tests.test_router_support import (  # noqa: F401 - one_torch_thread is an autouse fixture
+from tests.router_support import (  # noqa: F401 - one_torch_thread is an autouse fixture
     LLAMA_MODULES,
     PHI3_MODULES,
     dominant,

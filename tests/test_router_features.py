@@ -21,7 +21,7 @@ from libstore.errors import RouterError
 from libstore.router.build import ExpertTensors, build_router, peft_prototype_fn
 from libstore.router.layer import RoutedLinear, choose_strategy, dense_reference
 from libstore.router.model import RoutedModel
-from tests.test_router_support import (  # noqa: F401 - one_torch_thread is an autouse fixture
+from tests.router_support import (  # noqa: F401 - one_torch_thread is an autouse fixture
     one_torch_thread,
     recording_shapes,
     tiny_llama,

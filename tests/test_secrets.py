@@ -24,9 +24,9 @@ from libstore import Library
 from libstore.catalog.models import Base
 from libstore.errors import HubError, LibstoreError
 from libstore.ops import push
-from tests import test_hub_support as support
+from tests import hub_support as support
+from tests.hub_support import REPO
 from tests.hubserver import HubServer, client_env, patch_hf_client, skip_client_backoff
-from tests.test_hub_support import REPO
 
 other = support.other  # fixture: a second library on the same kind of catalog
 
