@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING, Any
 from libstore import config
 from libstore.ops import experts as _experts
 from libstore.ops.context import Context, init_library, open_library
-from libstore.types import BaseModel, Expert, ExpertQuery
+from libstore.types import BaseModel, EvalRecord, Expert, ExpertQuery, RouterSpec
 
 if TYPE_CHECKING:  # the low-rank operations import torch: loaded only when called
     from libstore.catalog.clusterings import Clustering
+    from libstore.catalog.evals import Evaluation
     from libstore.catalog.prototypes import CacheEntry
     from libstore.ops.derive import GksReport, LineageInfo, StaleReport
+    from libstore.ops.evaluate import Comparison
+    from libstore.ops.export_routed import RoutedExport
     from libstore.ops.maintenance import GcReport, VerifyReport
     from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
     from libstore.ops.similarity import SimilarityMatrix
@@ -554,11 +557,17 @@ class Library:
         device: Any = None,
         dtype: Any = None,
         allow_base_mismatch: bool = False,
+        router: str = "arrow",
+        top_n: int = 1,
+        granularity: str = "token",
     ) -> Any:
-        """An Arrow-routed model over the experts a query selects (see ``libstore.ops.route``).
+        """A routed model over the experts a query selects (see ``libstore.ops.route``).
 
         ``base`` is a folder, a Hub id, a loaded ``PreTrainedModel`` or ``None`` (the registered
-        source). The result forwards ``__call__``/``generate`` and adds ``explain()``.
+        source). ``router``: ``"arrow"`` (default; ``top_n``, ``method``), ``"spectr"`` or
+        ``"uniform"``; ``granularity="sequence"`` routes each sequence once from its prompt. The
+        result forwards ``__call__``/``generate`` and adds ``explain()``, ``sequence_routing()``,
+        ``pinned()``.
         """
         from libstore.ops.route import routed_model
 
@@ -574,4 +583,110 @@ class Library:
             device=device,
             dtype=dtype,
             allow_base_mismatch=allow_base_mismatch,
+            router=router,
+            top_n=top_n,
+            granularity=granularity,
         )
+
+    def export_routed(
+        self,
+        dest: PathLike,
+        *,
+        prompt: str,
+        experts: str | ExpertQuery = "kind=task",
+        base: Any = None,
+        tokenizer: Any = None,
+        router: str = "arrow",
+        top_k: int = 3,
+        temperature: float = 1.0,
+        general: str | ExpertQuery | None = None,
+        top_n: int = 1,
+        method: str = "exact",
+        mixing: str = "output",
+        overwrite: bool = False,
+        allow_base_mismatch: bool = False,
+    ) -> RoutedExport:
+        """Route ``prompt`` once and write that mixture as one exact PEFT adapter at ``dest``
+        (see ``libstore.ops.export_routed``): ``PeftModel.from_pretrained(base, dest)`` serves it."""
+        from libstore.ops.export_routed import export_routed
+
+        return export_routed(
+            self._ctx,
+            dest,
+            prompt=prompt,
+            experts=experts,
+            base=base,
+            tokenizer=tokenizer,
+            router=router,
+            top_k=top_k,
+            temperature=temperature,
+            general=general,
+            top_n=top_n,
+            method=method,
+            mixing=mixing,
+            overwrite=overwrite,
+            allow_base_mismatch=allow_base_mismatch,
+        )
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        data: PathLike,
+        *,
+        experts: str | ExpertQuery = "kind=task",
+        routers: Iterable[str | RouterSpec] = ("arrow",),
+        base: Any = None,
+        tokenizer: Any = None,
+        top_k: int = 3,
+        temperature: float = 1.0,
+        batch_size: int = 32,
+        name: str | None = None,
+        record: bool = True,
+        device: str | None = None,
+    ) -> EvalRecord:
+        """Held-out loss, exact match and routing accuracy of each router on a JSONL file of
+        ``{"input", "target", "task"}`` examples, recorded in the catalog (``libstore.ops.evaluate``)."""
+        from libstore.ops.evaluate import evaluate
+
+        return evaluate(
+            self._ctx,
+            data,
+            experts=experts,
+            routers=list(routers),
+            base=base,
+            tokenizer=tokenizer,
+            top_k=top_k,
+            temperature=temperature,
+            batch_size=batch_size,
+            name=name,
+            record=record,
+            device=device,
+        )
+
+    def evals(self) -> list[Evaluation]:
+        """Every recorded evaluation (oldest first), each with ``.stale`` and ``.stale_reasons``."""
+        from libstore.ops.evaluate import evaluations
+
+        return evaluations(self._ctx)
+
+    def evaluation(self, name: str) -> Evaluation:
+        from libstore.ops.evaluate import evaluation
+
+        return evaluation(self._ctx, name)
+
+    def compare_evals(self, names: Iterable[str], *, metric: str = "exact_match") -> Comparison:
+        from libstore.ops.evaluate import compare
+
+        return compare(self._ctx, list(names), metric=metric)
+
+    def remove_eval(self, name: str) -> None:
+        from libstore.ops.evaluate import remove
+
+        remove(self._ctx, name)
+
+    def plot_eval(self, name: str, path: PathLike, *, metric: str = "exact_match") -> Path:
+        """A heatmap of one metric, routers x tasks (matplotlib)."""
+        from libstore.ops.evaluate import evaluation, plot
+
+        return plot(evaluation(self._ctx, name).record, path, metric=metric)

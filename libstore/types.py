@@ -260,3 +260,82 @@ class AdapterFile:
     dtype: str
     base_model_name_or_path: str | None
     extra_files: tuple[str, ...] = ()
+
+
+# --- routers and evaluations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One routing configuration, by router name and parameters (``libstore.ops.routers`` parses,
+    checks and builds them).
+
+    Attributes:
+        name: ``arrow``, ``spectr``, ``uniform`` or ``oracle`` (the task's own expert; evaluations only).
+        params: ``top_k``, ``temperature``, ``granularity`` (``token`` | ``sequence``), ``general``
+            (a query: GenKnowSub on the fly), and the router's own (Arrow: ``top_n``, ``method``);
+            absent ones take the evaluation's or routed model's defaults.
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The canonical text form, ``name`` or ``name:key=value;key=value`` (keys sorted)."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ";".join(f"{k}={self.params[k]}" for k in sorted(self.params))
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Held-out results of one router on one task (or on all examples).
+
+    Attributes:
+        examples: examples counted; tokens: target tokens counted.
+        loss: mean cross-entropy per target token (teacher forced).
+        exact_match: share of examples whose every target token is the greedy (argmax) choice, i.e.
+            whose greedy continuation is the target.
+        routing_token: share of (token, routed module) pairs whose top-1 expert is the task's own;
+            ``None`` where undefined (no task, no own expert, or a router that does not choose).
+        routing_sequence: share of sequences whose majority top-1 expert (over tokens x modules) is
+            the task's own; ``None`` likewise.
+    """
+
+    examples: int
+    tokens: int
+    loss: float
+    exact_match: float
+    routing_token: float | None = None
+    routing_sequence: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One recorded evaluation: what was run on which data, and the results.
+
+    Attributes:
+        name: the evaluation's name (``eval-3`` unless given).
+        base_model: the experts' base model.
+        query: the canonical query that selected the experts.
+        data_path: the JSONL file as given; data_sha256: sha256 of its bytes.
+        examples: number of examples; tasks: the tasks seen, sorted.
+        routers: router labels (:attr:`RouterSpec.label`), in the order run.
+        params: the evaluation's defaults and settings (top_k, temperature, batch size, ...).
+        experts: every routed expert with its weights sha256 at evaluation time.
+        metrics: router label -> ``"all"`` or task -> :class:`EvalMetrics`.
+    """
+
+    name: str
+    base_model: str
+    query: str
+    data_path: str
+    data_sha256: str
+    examples: int
+    tasks: tuple[str, ...]
+    routers: tuple[str, ...]
+    params: dict[str, Any]
+    experts: tuple[ClusteringInput, ...]
+    metrics: dict[str, dict[str, EvalMetrics]]
+    created_at: dt.datetime | None = None

@@ -23,45 +23,13 @@ from libstore.router.layer import RoutedLinear, choose_strategy, dense_reference
 from libstore.router.model import RoutedModel
 from tests.router_support import (  # noqa: F401 - one_torch_thread is an autouse fixture
     one_torch_thread,
+    random_experts,
     recording_shapes,
     tiny_llama,
     tiny_phi3,
 )
 
 STRATEGIES = ("dense", "gather", "grouped")
-
-
-def linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")}
-
-
-def random_experts(
-    model: nn.Module,
-    n: int,
-    *,
-    ranks: Sequence[int] = (4,),
-    subsets: bool = False,
-    seed: int = 0,
-    scale: float = 0.2,
-) -> list[ExpertTensors]:
-    """n experts with random factors; rank cycles through ``ranks``; with ``subsets`` each expert
-    targets a different selection of modules (every module keeps at least one expert)."""
-    gen = torch.Generator().manual_seed(seed)
-    lins = linears(model)
-    names = list(lins)
-    out = []
-    for i in range(n):
-        r = ranks[i % len(ranks)]
-        chosen = [m for j, m in enumerate(names) if not subsets or i == 0 or (i + j) % 3 != 0]
-        mods = {
-            m: (
-                torch.randn(r, lins[m].in_features, generator=gen) * scale,
-                torch.randn(lins[m].out_features, r, generator=gen) * scale,
-            )
-            for m in chosen
-        }
-        out.append(ExpertTensors(f"expert{i}", 8.0 / r, mods))
-    return out
 
 
 def ids_for(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> Tensor:

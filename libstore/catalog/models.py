@@ -329,3 +329,41 @@ class RemoteExpertRow(Base):
     synced_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
     remote_commit: Mapped[str | None] = mapped_column(String(64))
     synced_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+
+
+class EvaluationRow(Base):
+    """One recorded evaluation of routers on held-out data (``libstore eval``): what ran, on which
+    data (by sha256), and the metrics per router and task."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    base_model: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    query: Mapped[str] = mapped_column(Text, default="")
+    data_path: Mapped[str] = mapped_column(Text)
+    data_sha256: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
+    examples: Mapped[int] = mapped_column(Integer)
+    tasks: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    routers: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, index=True)
+
+    experts: Mapped[list[EvaluationExpertRow]] = relationship(
+        cascade="all, delete-orphan", order_by="EvaluationExpertRow.position", lazy="selectin"
+    )
+
+
+class EvaluationExpertRow(Base):
+    """An expert an evaluation routed over, with its hash then (another hash now: the results are stale)."""
+
+    __tablename__ = "evaluation_experts"
+
+    evaluation_id: Mapped[int] = mapped_column(
+        ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="SET NULL"), index=True)
+    expert_name: Mapped[str] = mapped_column(String(NAME_LEN))
+    expert_sha256: Mapped[str] = mapped_column(String(SHA_LEN))

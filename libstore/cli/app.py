@@ -74,9 +74,9 @@ def cli(ctx: click.Context, library: str | None, db_url: str | None) -> None:
 
 
 def _register() -> None:
-    from libstore.cli import base, clusters, db, experts, hub, lowrank, maintenance, route
+    from libstore.cli import base, clusters, db, eval, experts, hub, lowrank, maintenance, route
 
-    for module in (experts, base, db, lowrank, clusters, hub, maintenance, route):
+    for module in (experts, base, db, lowrank, clusters, hub, maintenance, route, eval):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -13,7 +13,7 @@ import click
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
 
-METHOD = click.Choice(["exact", "peft"])
+METHOD = click.Choice(["exact", "peft", "spectrum"])
 
 
 def _query(words: tuple[str, ...]) -> str | None:

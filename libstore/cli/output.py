@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable, Sequence
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import click
@@ -27,6 +28,8 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, dt.datetime):
         return obj.isoformat()
+    if isinstance(obj, PurePath):
+        return str(obj)
     return obj
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import click
 
 from libstore.cli.app import State
+from libstore.cli.output import echo_json, json_option
+
+_top_n = click.option(
+    "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
+)
 
 
 @click.command()
@@ -12,6 +17,19 @@ from libstore.cli.app import State
 @click.option("--experts", default="kind=task", show_default=True, help="Query selecting the experts.")
 @click.option("--general", help="GenKnowSub on the fly: query selecting general experts to subtract.")
 @click.option("--prompt", required=True, help="Text to continue.")
+@click.option(
+    "--router",
+    type=click.Choice(["arrow", "spectr", "uniform"]),
+    default="arrow",
+    show_default=True,
+    help="How tokens choose experts (arrow: top singular vector; spectr: whole spectrum of ΔW).",
+)
+@_top_n
+@click.option(
+    "--per-sequence",
+    is_flag=True,
+    help="Route each sequence once, from the prompt's tokens, and keep those experts while generating.",
+)
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option(
@@ -36,6 +54,9 @@ def route(
     experts: str,
     general: str | None,
     prompt: str,
+    router: str,
+    top_n: int,
+    per_sequence: bool,
     top_k: int,
     temperature: float,
     method: str,
@@ -49,6 +70,7 @@ def route(
     Example:
       libstore route --base ./phi3 --experts "kind=task" --prompt "Question: ..." --top-k 3 \\
           --explain routing.png
+      libstore route --base ./phi3 --router spectr --per-sequence --prompt "Question: ..."
     """
     import torch
     from transformers import AutoTokenizer
@@ -62,6 +84,9 @@ def route(
         general=general,
         method=method,
         device=device,
+        router=router,
+        top_n=top_n,
+        granularity="sequence" if per_sequence else "token",
     )
     source = base or lib.base(lib.get(model.experts[0]).base_model).source
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -75,4 +100,64 @@ def route(
         click.echo(f"Routing plot written to {explain_png}", err=True)
 
 
-COMMANDS = [route]
+@click.command("export-routed")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--experts", default="kind=task", show_default=True, help="Query selecting the experts.")
+@click.option("--prompt", required=True, help="The prompt whose experts are chosen (once, for it).")
+@click.option("--base", help="Base model folder or Hub id (default: where the base was registered from).")
+@click.option(
+    "--router", type=click.Choice(["arrow", "spectr", "uniform"]), default="arrow", show_default=True
+)
+@click.option("--general", help="GenKnowSub on the fly: query selecting general experts to subtract.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@_top_n
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
+@json_option
+@click.pass_obj
+def export_routed(
+    state: State,
+    dest: str,
+    experts: str,
+    prompt: str,
+    base: str | None,
+    router: str,
+    general: str | None,
+    top_k: int,
+    temperature: float,
+    top_n: int,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Write the experts PROMPT is routed to (per sequence) as one exact PEFT adapter at DEST.
+
+    Each module's mixture of its top-k experts becomes one LoRA (A's stacked, B's weighted), so any
+    engine that loads PEFT adapters (vLLM, LoRAX, TGI) serves exactly the routed model for that
+    prompt: PeftModel.from_pretrained(base, DEST).
+
+    \b
+    Example:
+      libstore export-routed ./served/q17 --experts kind=task --prompt "Question: ..." --top-k 2
+    """
+    report = state.lib.export_routed(
+        dest,
+        prompt=prompt,
+        experts=experts,
+        base=base,
+        router=router,
+        general=general,
+        top_k=top_k,
+        temperature=temperature,
+        top_n=top_n,
+        overwrite=overwrite,
+    )
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(
+        f"Wrote {report.path}: rank {report.rank}, {len(report.modules)} modules, "
+        f"experts {', '.join(report.experts)}"
+    )
+
+
+COMMANDS = [route, export_routed]

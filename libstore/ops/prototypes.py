@@ -6,6 +6,10 @@ with the same weights share one entry. Only what is missing is computed: every m
 tensors are read once, equal-shaped modules of all of them are stacked and go through one batched call
 of the math (``libstore.lowrank.prototypes``), on the GPU when one is available.
 
+Methods: ``exact`` (top ``top_n`` right singular vectors of ΔW, exact), ``peft`` (PEFT's power
+iteration) and ``spectrum`` (every singular pair of ΔW, min(r, in, out) per module: what SpectR
+routes with; exact like ``exact``, whose ``top_n`` cannot vary per module).
+
 Blob format (read by the Hub sync and the router; keep it exactly): one safetensors file per expert
 holding ``vectors::<module>`` (n, in) float32 and ``values::<module>`` (n,) float32, with metadata
 ``{"format": "libstore-prototypes/1", "method", "method_version", "params" (canonical JSON),
@@ -40,8 +44,8 @@ if TYPE_CHECKING:
     from libstore.ops.tensors import ModuleFactors
 
 PROTOTYPE_FORMAT = "libstore-prototypes/1"
-METHODS = ("exact", "peft")
-Method = Literal["exact", "peft"]
+METHODS = ("exact", "peft", "spectrum")
+Method = Literal["exact", "peft", "spectrum"]
 DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
 
 Target = str | ExpertQuery | Expert | Sequence[str | Expert] | None
@@ -63,7 +67,8 @@ class PrototypeSpec:
 def method_spec(
     method: str = "exact", *, top_n: int = 1, iters: int = 15, seed: int = 0, eps: float = 1e-8
 ) -> PrototypeSpec:
-    """The cache key parts of a method. ``exact`` uses ``top_n``; ``peft`` uses iters, eps and seed."""
+    """The cache key parts of a method. ``exact`` uses ``top_n``; ``peft`` uses iters, eps and seed;
+    ``spectrum`` has no parameters (all singular pairs)."""
     from libstore.lowrank.prototypes import EXACT_METHOD_VERSION, PEFT_METHOD_VERSION
 
     if method == "exact":
@@ -79,6 +84,8 @@ def method_spec(
         return PrototypeSpec(
             "peft", PEFT_METHOD_VERSION, {"iters": int(iters), "eps": float(eps), "seed": int(seed)}
         )
+    if method == "spectrum":
+        return PrototypeSpec("spectrum", EXACT_METHOD_VERSION, {})
     raise ValidationError(f"unknown prototype method {method!r}; methods are {', '.join(METHODS)}")
 
 
@@ -282,6 +289,8 @@ def _compute_chunk(
             scale = torch.tensor([it[4] for it in items], dtype=torch.float32, device=A.device)
             if spec.method == "exact":
                 p = exact_prototypes(A, B, scale, top_n=spec.params["top_n"])
+            elif spec.method == "spectrum":
+                p = exact_prototypes(A, B, scale, top_n=min(A.shape[-2], A.shape[-1], B.shape[-2]))
             else:
                 p = peft_prototypes(
                     A, B, scale, iters=spec.params["iters"], eps=spec.params["eps"], seed=spec.params["seed"]

@@ -1,5 +1,5 @@
 """Catalog query in, routed model out: load a base model, check its identity, read each expert blob
-once, take prototypes from the cache (computing only what is missing) and build the Arrow router."""
+once, take the router's keys from the cache (computing only what is missing) and build the router."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from libstore.errors import BaseModelMismatchError, NotFoundError, RouterError
-from libstore.ops import prototypes as protos
+from libstore.ops import routers
 from libstore.ops.context import Context
 from libstore.ops.experts import experts as find_experts
 from libstore.ops.experts import get_base
@@ -34,8 +34,11 @@ def routed_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     allow_base_mismatch: bool = False,
+    router: str = "arrow",
+    top_n: int = 1,
+    granularity: str = "token",
 ) -> RoutedModel:
-    """Build an Arrow-routed model over the experts a query selects.
+    """Build a routed model (Arrow by default) over the experts a query selects.
 
     Args:
         base: a local folder or Hub id (loaded with transformers), a loaded ``PreTrainedModel``
@@ -46,16 +49,15 @@ def routed_model(
             expert (PEFT's ``use_gks``); prototypes are then computed for the residuals at build time.
         method: ``"exact"`` prototypes (default) or ``"peft"`` (PEFT's power iteration, bit for bit).
         mixing: ``"output"`` (PEFT: Σ c_e s_e B_e A_e x) or ``"parameter"`` (mttl: per-token mixed A, B).
+        router: ``"arrow"``, ``"spectr"`` or ``"uniform"`` (:mod:`libstore.router.routers`);
+            ``top_n`` and ``method`` are Arrow's.
+        granularity: ``"token"`` or ``"sequence"`` (each sequence routed once, from its prompt).
     """
     import torch
 
-    from libstore.router.build import (
-        ExpertTensors,
-        build_router,
-        exact_prototype_fn,
-        peft_prototype_fn,
-    )
+    from libstore.router.build import ExpertTensors, build_router
 
+    rt = routers.make(router, top_n=top_n, method=method)
     chosen = _select(ctx, experts)
     base_rec = _common_base(ctx, chosen, general)
     model = _load_base(base, base_rec, device=device, dtype=dtype)
@@ -72,16 +74,17 @@ def routed_model(
             raise NotFoundError(f"no general expert matches {general!r}")
         general_tensors = [ExpertTensors(g.name, g.scale, _factors(ctx, g)) for g in gen]
     else:
-        prototypes = _cached_prototypes(ctx, chosen, loaded, method)
+        prototypes = routers.cached_keys(ctx, chosen, loaded, rt)
     return build_router(
         model,
         tensors,
         general=general_tensors,
+        router=rt,
         prototypes=prototypes,
-        prototype_fn=peft_prototype_fn() if method == "peft" else exact_prototype_fn,
         top_k=top_k,
         temperature=temperature,
-        mixing=mixing,  # type: ignore[arg-type]
+        mixing=mixing,  # type: ignore[arg-type]  # a str; build_router checks it
+        granularity=granularity,  # type: ignore[arg-type]  # a str; RoutedModel checks it
         device=torch.device(target_device),
     )
 
@@ -153,17 +156,3 @@ def _factors(ctx: Context, expert: Expert) -> Any:
     from libstore.ops.tensors import load_expert_tensors
 
     return load_expert_tensors(ctx, expert)
-
-
-def _cached_prototypes(
-    ctx: Context, chosen: list[Expert], loaded: dict[str, Any], method: str
-) -> dict[str, torch.Tensor]:
-    """module -> (E_m, in) cached prototypes; missing ones computed from the tensors in memory."""
-    import torch
-
-    spec = protos.method_spec(method)
-    protos.ensure(
-        ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES, preloaded=loaded
-    )
-    stacked = protos.stacked(ctx, chosen, method=method)
-    return {m: v[:, 0, :].to(torch.float32) for m, v in stacked.items()}

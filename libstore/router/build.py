@@ -1,4 +1,4 @@
-"""Turn a transformers model and in-memory expert tensors into an Arrow-routed model.
+"""Turn a transformers model and in-memory expert tensors into a routed model (Arrow by default).
 
 The input is plain typed data - one :class:`ExpertTensors` per expert - so the caller (the catalog's
 loader, a test, a benchmark) decides where tensors come from. :func:`build_router` reads each expert's
@@ -19,9 +19,12 @@ API::
         model, experts, *,
         general=(),                  # GenKnowSub: general experts, subtracted from each task expert
                                      # (PEFT's use_gks)
-        prototypes=None,             # {module: (E_m, in)} precomputed, rows in order of the experts having it
-        prototype_fn=exact_prototype_fn,   # or peft_prototype_fn(seed=...), or any (A, B) -> (N, in)
+        router="arrow",              # a name of libstore.router.routers.ROUTERS or a Router object
+        prototypes=None,             # {module: (M_m, in)} precomputed router keys (Arrow: (E_m, in)),
+                                     # rows in order of the experts having the module
+        prototype_fn=exact_prototype_fn,   # Arrow's: or peft_prototype_fn(seed=...), or any (A, B) -> (N, in)
         top_k=3, temperature=1.0,
+        granularity="token",         # "token" | "sequence" (route each sequence once, from the prompt)
         mixing="output",             # "output" (PEFT) | "parameter" (mttl)
         strategy="auto",             # "auto" | "dense" | "gather" | "grouped" (see layer.py)
         dtype=None,                  # expert factors' dtype; default float32 (PEFT's autocast_adapter_dtype)
@@ -44,7 +47,7 @@ not converged; ``peft_prototype_fn(seed=...)`` reproduces it bit for bit for com
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +55,16 @@ from torch import Tensor, nn
 
 from libstore.errors import LibstoreError, RouterError
 from libstore.lowrank.gks import subtract_general_param
-from libstore.lowrank.prototypes import exact_prototypes, peft_prototypes
 from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
-from libstore.router.model import RoutedModel
+from libstore.router.model import Granularity, RoutedModel
+from libstore.router.routers import (
+    Arrow,
+    PrototypeFn,
+    Router,
+    exact_prototype_fn,
+    make_router,
+    peft_prototype_fn,
+)
 
 __all__ = [
     "ExpertTensors",
@@ -63,9 +73,6 @@ __all__ = [
     "exact_prototype_fn",
     "peft_prototype_fn",
 ]
-
-PrototypeFn = Callable[[Tensor, Tensor], Tensor]
-"""Prototype vectors of a batch of modules: A (N, r, in), B (N, out, r) -> (N, in), one unit row each."""
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,6 @@ class ExpertTensors:
     modules: Mapping[str, tuple[Tensor, Tensor]]
 
 
-def exact_prototype_fn(A: Tensor, B: Tensor) -> Tensor:
-    """Exact top right singular vector of B·A (thin QR + small SVD, sign fixed); fp32 (fp64 stays)."""
-    return exact_prototypes(A, B).vectors[..., 0, :]
-
-
-def peft_prototype_fn(*, seed: int = 0, iters: int = 15) -> PrototypeFn:
-    """PEFT's power iteration with ``ArrowConfig(rng_seed=seed)``, bit for bit on CPU fp32."""
-
-    def fn(A: Tensor, B: Tensor) -> Tensor:
-        return peft_prototypes(A, B, iters=iters, seed=seed).vectors[..., 0, :]
-
-    fn.__name__ = f"peft_prototypes_seed{seed}"
-    return fn
-
-
 @dataclass
 class _Entry:
     """One (module, expert) pair on its way into a stacked bank."""
@@ -115,12 +107,14 @@ def build_router(
     experts: Sequence[ExpertTensors],
     *,
     general: Sequence[ExpertTensors] = (),
+    router: str | Router = "arrow",
     prototypes: Mapping[str, Tensor] | None = None,
     prototype_fn: PrototypeFn = exact_prototype_fn,
     top_k: int = 3,
     temperature: float = 1.0,
     mixing: Mixing = "output",
     strategy: Strategy = "auto",
+    granularity: Granularity = "token",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> RoutedModel:
@@ -133,9 +127,11 @@ def build_router(
     Raises:
         RouterError: no experts, duplicate names, bad settings, a module that is missing or not an
             ``nn.Linear`` or already routed, factor shapes that do not fit the module, GenKnowSub with
-            general experts that miss a module or have another rank, bad precomputed prototypes.
+            general experts that miss a module or have another rank, bad precomputed keys, an unknown
+            router or a ``prototype_fn`` given with a router that is not Arrow.
     """
     _check_settings(experts, general, top_k, temperature, mixing, strategy)
+    rt = _make(router, prototype_fn)
     per_module = _collect(experts)
     named = dict(model.named_modules())
     linears = {m: _resolve_linear(named, m) for m in per_module}
@@ -160,7 +156,9 @@ def build_router(
         src = entries[0].A.device
         A_cat = torch.cat([en.A.to(src) for en in entries]).to(wide)
         Bt_cat = torch.cat([en.B.T.to(src) for en in entries]).to(wide)
-        protos = _module_prototypes(m, ranks, A_cat, Bt_cat, given.get(m), prototype_fn)
+        scales = [en.scale for en in entries]
+        rows = [rt.key_rows(en.A.shape[0], en.A.shape[1], en.B.shape[0]) for en in entries]
+        keys = _module_keys(m, ranks, rows, scales, A_cat, Bt_cat, given.get(m), rt)
         row_scale = [en.scale for en in entries for _ in range(en.A.shape[0])]
         Bt_cat.mul_(torch.tensor(row_scale, dtype=wide, device=Bt_cat.device).unsqueeze(1))
         dev = torch.device(device) if device is not None else lin.weight.device
@@ -168,7 +166,7 @@ def build_router(
         layers[m] = RoutedLinear(
             lin,
             name=m,
-            prototypes=protos.to(device=dev, dtype=torch.float32).contiguous(),
+            prototypes=keys.to(device=dev, dtype=torch.float32).contiguous(),
             lora_A=A_cat.to(device=dev, dtype=dt).contiguous(),
             lora_Bt=Bt_cat.to(device=dev, dtype=dt).contiguous(),
             ranks=ranks,
@@ -177,11 +175,28 @@ def build_router(
             temperature=temperature,
             mixing=mixing,
             strategy=strategy,
+            router=rt,
+            key_rows=rows,
         )
+    routed = RoutedModel(model, layers, tuple(e.name for e in experts), granularity)
     for m, layer in layers.items():  # nothing below can fail: patch all or nothing
         parent, _, attr = m.rpartition(".")
         setattr(named[parent] if parent else model, attr, layer)
-    return RoutedModel(model, layers, tuple(e.name for e in experts))
+    return routed
+
+
+def _make(router: str | Router, prototype_fn: PrototypeFn) -> Router:
+    """The router object; Arrow by name takes ``prototype_fn`` (any other router must not)."""
+    custom = prototype_fn is not exact_prototype_fn
+    if isinstance(router, str):
+        if router == "arrow":
+            return Arrow(prototype_fn=prototype_fn if custom else None)
+        rt = make_router(router)
+    else:
+        rt = router
+    if custom:
+        raise RouterError(f"prototype_fn applies to the arrow router only, not to {rt.name!r}")
+    return rt
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -287,36 +302,41 @@ def _gen_know_sub(
                 en.A, en.B = A2[j], B2[j]
 
 
-def _module_prototypes(
+def _module_keys(
     m: str,
     ranks: Sequence[int],
+    rows: Sequence[int],
+    scales: Sequence[float],
     A_cat: Tensor,
     Bt_cat: Tensor,
     given: Tensor | None,
-    fn: PrototypeFn,
+    router: Router,
 ) -> Tensor:
-    """(E, in) prototypes of one module: the given ones (checked), else ``fn`` batched over experts.
+    """(M, in) router keys of one module: the given ones (checked), else the router's, batched.
 
-    A_cat (R, in) and Bt_cat (R, out, unscaled) are the stacked factors; equal ranks feed ``fn``
-    views of them (no copy), mixed ranks one batch per rank.
+    A_cat (R, in) and Bt_cat (R, out, unscaled) are the stacked factors; equal ranks feed the router
+    views of them (no copy), mixed ranks one batch per rank. ``rows[j]`` keys per expert j.
     """
-    E, n_in = len(ranks), A_cat.shape[1]
+    E, n_in, M = len(ranks), A_cat.shape[1], sum(rows)
     if given is not None:
-        if tuple(given.shape) != (E, n_in):
+        if tuple(given.shape) != (M, n_in):
             raise RouterError(
-                f"prototypes for {m!r} have shape {tuple(given.shape)}, expected {(E, n_in)} "
-                "(one row per expert having the module, in expert order)"
+                f"prototypes for {m!r} have shape {tuple(given.shape)}, expected {(M, n_in)} "
+                f"({router.name} keys: {list(rows)} rows per expert having the module, in expert order)"
             )
         if not bool(torch.isfinite(given).all()):
             raise RouterError(f"prototypes for {m!r} are not finite")
         return given.detach()
+    out = A_cat.new_empty(M, n_in)
+    if M == 0:
+        return out
     groups: dict[int, list[int]] = {}
     for j, r in enumerate(ranks):
         groups.setdefault(r, []).append(j)
-    out = A_cat.new_empty(E, n_in)
-    offsets = [0]
-    for r in ranks:
+    offsets, key_at = [0], [0]
+    for r, n in zip(ranks, rows, strict=True):
         offsets.append(offsets[-1] + r)
+        key_at.append(key_at[-1] + n)
     for r, members in groups.items():
         if len(groups) == 1:
             A = A_cat.view(E, r, n_in)
@@ -324,13 +344,17 @@ def _module_prototypes(
         else:
             A = torch.stack([A_cat[offsets[j] : offsets[j + 1]] for j in members])
             B = torch.stack([Bt_cat[offsets[j] : offsets[j + 1]].T for j in members])
+        scale = torch.tensor([scales[j] for j in members], dtype=A.dtype, device=A.device)
         try:
-            vecs = fn(A, B)
+            vecs = router.keys(A, B, scale)
         except LibstoreError as e:
-            raise RouterError(f"computing prototypes of {m!r} failed: {e}") from e
-        if tuple(vecs.shape) != (len(members), n_in):
+            raise RouterError(f"computing {router.name} keys of {m!r} failed: {e}") from e
+        n = rows[members[0]]
+        if tuple(vecs.shape) != (len(members), n, n_in):
             raise RouterError(
-                f"prototype_fn returned shape {tuple(vecs.shape)} for {m!r}, expected {(len(members), n_in)}"
+                f"{router.name} keys for {m!r} have shape {tuple(vecs.shape)}, "
+                f"expected {(len(members), n, n_in)}"
             )
-        out[members] = vecs.to(out.dtype)
+        for i, j in enumerate(members):
+            out[key_at[j] : key_at[j + 1]] = vecs[i].to(out.dtype)
     return out

@@ -53,6 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from libstore.errors import RouterError
+from libstore.router.routers import Arrow, Router
+from libstore.router.sequence import SequenceRoutes
 
 Mixing = Literal["output", "parameter"]
 Strategy = Literal["auto", "dense", "gather", "grouped"]
@@ -175,19 +177,21 @@ def choose_strategy(
 
 
 class RoutedLinear(nn.Module):
-    """A base ``nn.Linear`` whose output adds the Arrow-routed sum of its experts' LoRA updates.
+    """A base ``nn.Linear`` whose output adds the routed sum of its experts' LoRA updates.
 
     Built by :func:`libstore.router.build.build_router`; the constructor takes already stacked
-    tensors. Expert weights and prototypes are non-persistent buffers, so ``.to()`` moves them with
+    tensors. Expert weights and router keys are non-persistent buffers, so ``.to()`` moves them with
     the model and ``state_dict()`` holds only the base weights.
 
     Attributes:
         base_layer: the original ``nn.Linear`` (its parameters are never changed).
         name: the module's name in the base model (``model.layers.0.self_attn.q_proj``).
+        router: how tokens are scored (:mod:`libstore.router.routers`; Arrow by default).
         top_k, temperature, mixing, strategy: routing settings; plain attributes, may be changed.
         ranks: rank of each of this module's experts, in order.
+        key_rows: router key rows of each expert, in order (Arrow: 1 each).
         expert_ids: (E,) long buffer, index of each local expert in the router's expert list.
-        prototypes: (E, in) float32 buffer.
+        prototypes: (M, in) float32 buffer, the router's keys stacked by expert (Arrow: (E, in)).
         lora_A: (R, in) buffer. lora_Bt: (R, out) buffer, scale folded in.
     """
 
@@ -196,6 +200,7 @@ class RoutedLinear(nn.Module):
     lora_Bt: Tensor
     expert_ids: Tensor
     rank_owner: Tensor
+    key_owner: Tensor
 
     def __init__(
         self,
@@ -211,16 +216,19 @@ class RoutedLinear(nn.Module):
         temperature: float,
         mixing: Mixing = "output",
         strategy: Strategy = "auto",
+        router: Router | None = None,
+        key_rows: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         E = len(ranks)
         R = sum(ranks)
         if E == 0:
             raise RouterError(f"{name}: a routed module needs at least one expert")
-        if tuple(prototypes.shape) != (E, base_layer.in_features):
+        rows = tuple(int(n) for n in key_rows) if key_rows is not None else (1,) * E
+        if len(rows) != E or tuple(prototypes.shape) != (sum(rows), base_layer.in_features):
             raise RouterError(
-                f"{name}: prototypes have shape {tuple(prototypes.shape)}, "
-                f"expected ({E}, {base_layer.in_features})"
+                f"{name}: router keys have shape {tuple(prototypes.shape)}, "
+                f"expected ({sum(rows)}, {base_layer.in_features}) for key rows {list(rows)}"
             )
         if tuple(lora_A.shape) != (R, base_layer.in_features) or tuple(lora_Bt.shape) != (
             R,
@@ -236,6 +244,9 @@ class RoutedLinear(nn.Module):
             )
         self.base_layer = base_layer
         self.name = name
+        self.router: Router = router if router is not None else Arrow()
+        self.key_rows: tuple[int, ...] = rows
+        self._rows_each: int | None = rows[0] if len(set(rows)) == 1 else None
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.ranks: tuple[int, ...] = tuple(int(r) for r in ranks)
@@ -246,6 +257,7 @@ class RoutedLinear(nn.Module):
         self.mixing: Mixing = mixing
         self.strategy: Strategy = strategy
         self._trace: RouteRecorder | None = None
+        self._seq: SequenceRoutes | None = None
         self._last_strategy: str | None = None
         self.register_buffer("prototypes", prototypes, persistent=False)
         self.register_buffer("lora_A", lora_A, persistent=False)
@@ -257,6 +269,10 @@ class RoutedLinear(nn.Module):
             device=lora_A.device,
         )
         self.register_buffer("rank_owner", owner, persistent=False)
+        key_owner = torch.tensor(
+            [e for e, n in enumerate(rows) for _ in range(n)], dtype=torch.long, device=prototypes.device
+        )
+        self.register_buffer("key_owner", key_owner, persistent=False)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -264,9 +280,15 @@ class RoutedLinear(nn.Module):
     def num_experts(self) -> int:
         return len(self.ranks)
 
+    @property
+    def k(self) -> int:
+        """Experts per token: ``min(top_k, E)``, or E for a router that uses every expert."""
+        return self.num_experts if self.router.all_experts else min(self.top_k, self.num_experts)
+
     def extra_repr(self) -> str:
         return (
-            f"experts={self.num_experts}, ranks={sorted(set(self.ranks))}, top_k={self.top_k}, "
+            f"router={self.router.name}, experts={self.num_experts}, ranks={sorted(set(self.ranks))}, "
+            f"top_k={self.top_k}, "
             f"temperature={self.temperature}, mixing={self.mixing!r}, strategy={self.strategy!r}"
         )
 
@@ -280,7 +302,7 @@ class RoutedLinear(nn.Module):
             tokens=tokens,
             experts=self.num_experts,
             total_rank=self.lora_A.shape[0],
-            top_k=self.top_k,
+            top_k=self.k,
             max_rank=self.max_rank,
             in_features=self.in_features,
             out_features=self.out_features,
@@ -291,17 +313,81 @@ class RoutedLinear(nn.Module):
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def route(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k experts (t, k) long and their softmax weights (t, k) float32 for tokens h (t, in)."""
+    def scores(self, h: Tensor) -> Tensor:
+        """The router's scores (t, E) fp32 for tokens h (t, in)."""
         h32 = h if h.dtype == torch.float32 else h.float()
         P = (
             self.prototypes if self.prototypes.dtype == torch.float32 else self.prototypes.float()
         )  # after .half()
-        scores = torch.abs(h32 @ P.T)  # (t, E), as PEFT: |<h, p_e>| in fp32
-        k = min(self.top_k, self.num_experts)
-        top, idx = torch.topk(scores, k, dim=1)
+        return self.router.score(h32, P, self._rows_each, self.key_owner, self.num_experts)
+
+    def route(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k experts (t, k) long and their softmax weights (t, k) float32 for tokens h (t, in)."""
+        t, E = h.shape[0], self.num_experts
+        if self.router.all_experts:
+            idx = torch.arange(E, device=h.device).expand(t, E)
+            return idx, torch.full((t, E), 1.0 / E, dtype=torch.float32, device=h.device)
+        top, idx = torch.topk(self.scores(h), self.k, dim=1)  # torch.topk: PEFT's order and ties
         coef = torch.softmax(top / self.temperature, dim=1)
         return idx, coef
+
+    # -- per-sequence routing (see libstore.router.sequence) ------------------------------------
+
+    def _sequence_route(
+        self, h: Tensor, lead: tuple[int, ...], state: SequenceRoutes
+    ) -> tuple[Tensor, Tensor]:
+        """Each sequence's experts for every one of its tokens: decided at this module's first call
+        inside the block (or given), then reused; (t, k) local indices and weights."""
+        t = h.shape[0]
+        batch = lead[0] if len(lead) >= 2 else 1
+        if t % batch:
+            raise RouterError(f"{self.name}: {t} tokens do not split into {batch} sequences")
+        per = t // batch
+        local = state.local.get(self.name)
+        if local is None:
+            got = state.routes.get(self.name)
+            if got is None:
+                got = state.every if state.every is not None else self._decide(h, batch, per, state.mask)
+                got = (got[0].to(h.device), got[1].to(device=h.device, dtype=torch.float32))
+                state.routes[self.name] = got
+            local = self.to_local(*got)
+            state.local[self.name] = local
+        idx, weights = local
+        if idx.shape[0] != batch:
+            raise RouterError(
+                f"{self.name}: the sequence routes are for {idx.shape[0]} sequences but this call has "
+                f"{batch}; route each batch in its own block (beam search is not supported)"
+            )
+        return idx.repeat_interleave(per, 0), weights.repeat_interleave(per, 0)
+
+    def _decide(self, h: Tensor, batch: int, per: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per sequence: top-k of the router's scores averaged over its (unmasked) tokens."""
+        E = self.num_experts
+        if self.router.all_experts:
+            ids = self.expert_ids.expand(batch, E)
+            return ids, torch.full((batch, E), 1.0 / E, dtype=torch.float32, device=h.device)
+        s = self.scores(h).view(batch, per, E)
+        if mask is not None:
+            if tuple(mask.shape) != (batch, per):
+                raise RouterError(
+                    f"{self.name}: the attention mask has shape {tuple(mask.shape)} but the call that "
+                    f"decides the routes has {batch} sequences of {per} tokens"
+                )
+            m = mask.to(device=s.device, dtype=s.dtype).unsqueeze(-1)
+            mean = (s * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            mean = s.mean(1)
+        top, idx = torch.topk(mean, self.k, dim=1)
+        return self.expert_ids[idx], torch.softmax(top / self.temperature, dim=1)
+
+    def to_local(self, ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Router-wide expert ids -> this module's local indices; experts it lacks get weight 0."""
+        n = int(max(int(self.expert_ids.max()), int(ids.max()))) + 1
+        lookup = torch.full((n,), -1, dtype=torch.long, device=ids.device)
+        lookup[self.expert_ids.to(ids.device)] = torch.arange(self.num_experts, device=ids.device)
+        local = lookup[ids]
+        weights = torch.where(local >= 0, weights, torch.zeros_like(weights))
+        return local.clamp_min(0), weights
 
     def forward(self, x: Tensor) -> Tensor:
         result: Tensor = self.base_layer(x)
@@ -310,7 +396,10 @@ class RoutedLinear(nn.Module):
         t = h.shape[0]
         if t == 0:
             return result
-        idx, coef = self.route(h)
+        if self._seq is not None:
+            idx, coef = self._sequence_route(h, tuple(lead), self._seq)
+        else:
+            idx, coef = self.route(h)
         if self._trace is not None:
             self._trace.record(self.name, self.expert_ids[idx], coef)
         hc = h.to(self.lora_A.dtype)
@@ -347,7 +436,8 @@ class RoutedLinear(nn.Module):
 
     def _dense(self, h: Tensor, idx: Tensor, c: Tensor, acc: Tensor, inplace: bool) -> Tensor:
         t, E = h.shape[0], self.num_experts
-        w = torch.zeros(t, E, dtype=c.dtype, device=c.device).scatter_(1, idx, c)  # (t, E)
+        # scatter_add_: pinned routes may repeat an index (with weight 0); equal to scatter_ otherwise
+        w = torch.zeros(t, E, dtype=c.dtype, device=c.device).scatter_add_(1, idx, c)  # (t, E)
         z = h @ self.lora_A.T  # (t, R)
         if self.mixing == "parameter":  # uniform rank r: v = sum_e c_e A_e h, then sum_e c_e B_e v
             r = self.max_rank
@@ -441,13 +531,16 @@ def dense_reference(
     top_k: int,
     temperature: float = 1.0,
     mixing: Mixing = "output",
+    scores: Tensor | None = None,
 ) -> Tensor:
     """The routed delta by a plain per-token, per-expert loop (slow; for tests and documentation).
 
     h (t, in); prototypes (E, in); As[e] (r_e, in); Bs[e] (out, r_e). Returns (t, out) in float64.
+    ``scores`` (t, E) replaces Arrow's |<h, prototype>| (another router's scores, computed apart).
     """
     h64 = h.double()
-    scores = (h.float() @ prototypes.float().T).abs()  # selection as the layer does it, in fp32
+    if scores is None:
+        scores = (h.float() @ prototypes.float().T).abs()  # selection as the layer does it, in fp32
     k = min(top_k, len(As))
     out = torch.zeros(h.shape[0], Bs[0].shape[0], dtype=torch.float64)
     for i in range(h.shape[0]):

@@ -3,22 +3,28 @@
 It is not a wrapper module: the patched model *is* the ``nn.Module`` (``routed.model``), so
 ``.to()``, ``.eval()``, ``torch.compile(routed.model)``, ``generate()`` and the KV cache work as they do
 on the plain model. The handle adds what the patch needs: tracing (:meth:`RoutedModel.explain`),
-changing the routing settings of every layer at once, and :meth:`RoutedModel.unpatch`.
+changing the routing settings of every layer at once, per-sequence routing
+(:meth:`RoutedModel.sequence_routing`, :meth:`RoutedModel.pinned`, or ``granularity="sequence"`` for
+every call) and :meth:`RoutedModel.unpatch`.
 
 Attribute look-ups it does not define fall through to the model (``routed.config``, ``routed.device``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from libstore.errors import RouterError
 from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
+from libstore.router.sequence import SequenceRoutes
 from libstore.router.trace import RoutingTrace
+
+Granularity = Literal["token", "sequence"]
+GRANULARITIES: tuple[str, ...] = ("token", "sequence")
 
 __all__ = ["RoutedModel"]
 
@@ -30,6 +36,9 @@ class RoutedModel:
         model: the patched transformers model (call it, compile it, move it).
         layers: module name -> its :class:`~libstore.router.layer.RoutedLinear`, in model order.
         experts: the routed experts' names; traces and ``RoutedLinear.expert_ids`` index into it.
+        granularity: ``"token"`` (route every token) or ``"sequence"`` (every ``__call__`` and
+            ``generate`` of this handle routes each sequence once, from its tokens of the first call:
+            the prompt; see :meth:`sequence_routing`).
     """
 
     def __init__(
@@ -37,27 +46,43 @@ class RoutedModel:
         model: nn.Module,
         layers: Mapping[str, RoutedLinear],
         experts: tuple[str, ...],
+        granularity: Granularity = "token",
     ) -> None:
+        if granularity not in GRANULARITIES:
+            raise RouterError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
         self.model = model
         self.layers: dict[str, RoutedLinear] = dict(layers)
         self.experts = experts
+        self.granularity: Granularity = granularity
         self._patched = True
         self._tracing = False
+        self._routes: SequenceRoutes | None = None
+
+    @property
+    def router(self) -> str:
+        """The name of the router every layer uses."""
+        return next(iter(self.layers.values())).router.name
 
     # -- pass-through ------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_patched()
+        if self.granularity == "sequence" and self._routes is None:
+            with self.sequence_routing(kwargs.get("attention_mask")):
+                return self.model(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     forward = __call__
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self._check_patched()
+        if self.granularity == "sequence" and self._routes is None:
+            with self.sequence_routing(kwargs.get("attention_mask")):
+                return self.model.generate(*args, **kwargs)  # type: ignore[operator]
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("model", "layers", "experts"):
+        if name.startswith("_") or name in ("model", "layers", "experts", "granularity"):
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -77,8 +102,11 @@ class RoutedModel:
         temperature: float | None = None,
         mixing: Mixing | None = None,
         strategy: Strategy | None = None,
+        granularity: Granularity | None = None,
     ) -> None:
         """Change routing settings on every routed layer (None leaves a setting as it is)."""
+        if granularity is not None and granularity not in GRANULARITIES:
+            raise RouterError(f"unknown granularity {granularity!r}; use one of {GRANULARITIES}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise RouterError(f"top_k must be a positive integer, got {top_k!r}")
         if temperature is not None and not temperature > 0:
@@ -93,6 +121,8 @@ class RoutedModel:
                 raise RouterError(
                     f"mixing='parameter' needs equal ranks per module; mixed ranks in {bad[:3]}"
                 )
+        if granularity is not None:
+            self.granularity = granularity
         for layer in self.layers.values():
             if top_k is not None:
                 layer.top_k = top_k
@@ -131,6 +161,60 @@ class RoutedModel:
             for layer in self.layers.values():
                 layer._trace = None
             self._tracing = False
+
+    # -- per-sequence routing ----------------------------------------------------------------------
+
+    @contextmanager
+    def sequence_routing(self, attention_mask: Tensor | None = None) -> Iterator[SequenceRoutes]:
+        """Route each sequence once: every module decides at its first call inside the block.
+
+        The decision uses the router's scores averaged over each sequence's tokens of that call (where
+        ``attention_mask`` is 1; all tokens without one), then top-k and the softmax with temperature;
+        later calls (the decoding steps) reuse it. The yielded :class:`SequenceRoutes` holds the
+        choice per module (``routes.names(module)``); :meth:`pinned` replays it.
+
+        Example::
+
+            with routed.sequence_routing(batch["attention_mask"]) as routes:
+                out = routed.model.generate(**batch, max_new_tokens=32)
+            print(routes.names("model.layers.0.self_attn.q_proj"))
+        """
+        with self._routing(SequenceRoutes(self.experts, mask=attention_mask)) as routes:
+            yield routes
+
+    @contextmanager
+    def pinned(
+        self,
+        routes: SequenceRoutes | Sequence[Sequence[str]],
+        weights: Sequence[Sequence[float]] | None = None,
+    ) -> Iterator[SequenceRoutes]:
+        """Route with given experts per sequence: the routes of a :meth:`sequence_routing` block, or
+        expert names per sequence (``[["arc_easy"], ["boolq", "piqa"]]``) used in every module with
+        ``weights`` (default equal). A module an expert lacks gets no update from it."""
+        if isinstance(routes, SequenceRoutes):
+            if routes.experts != self.experts:
+                raise RouterError("these routes were made by a router over other experts")
+            given = SequenceRoutes(self.experts, every=routes.every)
+            given.routes = dict(routes.routes)
+        else:
+            given = SequenceRoutes.given(self.experts, routes, weights)
+        with self._routing(given) as out:
+            yield out
+
+    @contextmanager
+    def _routing(self, routes: SequenceRoutes) -> Iterator[SequenceRoutes]:
+        self._check_patched()
+        if self._routes is not None:
+            raise RouterError("a sequence-routing block is already active on this model; blocks do not nest")
+        self._routes = routes
+        for layer in self.layers.values():
+            layer._seq = routes
+        try:
+            yield routes
+        finally:
+            for layer in self.layers.values():
+                layer._seq = None
+            self._routes = None
 
     # -- undo --------------------------------------------------------------------------------------
 
