@@ -10,7 +10,7 @@ and the tests do.
   folders. The first is made by PEFT itself (``get_peft_model`` + ``save_pretrained``); the others reuse
   its ``adapter_config.json`` and key names with fresh Gaussian factors, which is the same file format
   at a fraction of the cost (no model copy per adapter).
-- :func:`load_peft_folder`: one folder -> ``ExpertTensors`` (tests/benchmarks only; the library reads
+- :func:`load_peft_folder`: one folder -> ``ExpertTensors`` (benchmarks and tests; the library reads
   the content-addressed store).
 """
 
@@ -75,7 +75,8 @@ def write_adapters(base: nn.Module, root: Path, n: int, *, r: int = 8, alpha: fl
 
 
 def load_peft_folder(path: str | Path, name: str | None = None) -> ExpertTensors:
-    """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) into
+    ``ExpertTensors``; module names as in the base model. The one copy (tests import it from here)."""
     path = Path(path)
     cfg = json.loads((path / "adapter_config.json").read_text())
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])

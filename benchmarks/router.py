@@ -1,6 +1,14 @@
-"""Router benchmark: libstore's Arrow router against PEFT 0.21's ``create_arrow_model``.
+"""Router benchmark: libstore's Arrow router against PEFT 0.21's ``create_arrow_model``, and
+libstore's routers against each other.
 
     python benchmarks/router.py [--quick] [--experts 8,32,128,256] [--peft-max 128] [--repeats 5]
+    python benchmarks/router.py --routers arrow,spectr,uniform,arrow/seq,spectr/seq --experts 8,32,128
+
+With ``--routers`` it compares the routers instead (same model, experts and process-per-configuration
+rule): build s from tensors in memory (router keys computed from the factors: Arrow's top singular
+vector, SpectR's whole spectrum), steady forward of a 2 x 256 batch, decoding tokens/s (a 2 x 16
+prompt, 32 new tokens, greedy, KV cache), and each number as a ratio to Arrow's at the same E.
+``NAME/seq`` routes each sequence once from its prompt (``granularity="sequence"``).
 
 The DESIGN.md reference setting: a Llama-style model (hidden 512, 4 layers, intermediate 1376, vocab
 1000), rank-8 experts on all 7 Linear modules of every layer, top_k 3, a batch of 4 x 256 tokens, fp32,
@@ -47,6 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BATCH, SEQ, TOP_K = 4, 256, 3
+CMP_BATCH, CMP_SEQ, PROMPT, NEW = 2, 256, 16, 32  # the router comparison's shapes
 
 
 # -- measurements inside one worker process -------------------------------------------------------
@@ -143,10 +152,70 @@ def worker(kind: str, E: int, adapters: Path, repeats: int, threads: int = 0) ->
     return out
 
 
+def router_worker(name: str, E: int, adapters: Path, repeats: int, threads: int = 0) -> dict[str, Any]:
+    """One router (``arrow``, ``spectr``, ``uniform``, ``NAME/seq``) at E experts, in this process."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from benchmarks.peft_reference import bench_model, load_peft_folder
+    from libstore.router.build import build_router
+
+    router, _, seq = name.partition("/")
+    base = bench_model()
+    experts = [load_peft_folder(p) for p in sorted(adapters.glob("expert_*"))[:E]]
+    t0 = time.perf_counter()
+    routed = build_router(
+        base, experts, router=router, top_k=TOP_K, granularity="sequence" if seq else "token"
+    )
+    out: dict[str, Any] = {"kind": name, "E": E, "threads": torch.get_num_threads()}
+    out["build_mem"] = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (CMP_BATCH, CMP_SEQ), generator=gen)
+    stats = _forward_stats(routed, ids, repeats)  # through the handle: sequence routing applies
+    out.update(stats)
+    prompt = torch.randint(0, 1000, (CMP_BATCH, PROMPT), generator=gen)
+    times = []
+    with torch.inference_mode():
+        routed.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        for _ in range(max(2, repeats // 2)):
+            t0 = time.perf_counter()
+            routed.generate(input_ids=prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            times.append(time.perf_counter() - t0)
+    out["decode_tok_s"] = CMP_BATCH * NEW / statistics.median(times)
+    out["key_mb"] = sum(layer.prototypes.numel() * 4 for layer in routed.layers.values()) / 2**20
+    out["strategy"] = "+".join(sorted({layer._last_strategy or "?" for layer in routed.layers.values()}))
+    return out
+
+
+def routers_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| router | E | build s | × arrow | forward 2×256 s (min) | × arrow | decode tok/s | × arrow "
+        "| keys MB | strategy |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    arrow = {r["E"]: r for r in rows if r["kind"] == "arrow"}
+    for r in rows:
+        a = arrow.get(r["E"])
+
+        def ratio(key: str, r: dict[str, Any] = r, a: dict[str, Any] | None = a) -> str:
+            return f"{r[key] / a[key]:.2f}" if a else "–"
+
+        lines.append(
+            f"| {r['kind']} | {r['E']} | {fmt(r['build_mem'])} | {ratio('build_mem')} "
+            f"| {fmt(r['forward'], 3)} ({fmt(r['forward_min'], 3)}) | {ratio('forward')} "
+            f"| {r['decode_tok_s']:,.0f} | {ratio('decode_tok_s')} | {fmt(r['key_mb'], 1)} "
+            f"| {r['strategy']} |"
+        )
+    return "\n".join(lines)
+
+
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, E: int, adapters: Path, repeats: int, threads: int) -> dict[str, Any]:
+def run_worker(
+    kind: str, E: int, adapters: Path, repeats: int, threads: int, router: bool = False
+) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [
         sys.executable,
@@ -158,7 +227,7 @@ def run_worker(kind: str, E: int, adapters: Path, repeats: int, threads: int) ->
         "--adapters",
         str(adapters),
     ]
-    cmd += ["--repeats", str(repeats), "--threads", str(threads)]
+    cmd += ["--repeats", str(repeats), "--threads", str(threads)] + (["--router-worker"] if router else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
@@ -216,12 +285,21 @@ def main() -> None:
         help="torch threads (default: torch's own choice)",
     )
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument(
+        "--routers",
+        help="compare these routers instead (comma-separated: arrow,spectr,uniform,arrow/seq,...)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--router-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--E", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.E, args.adapters, args.repeats, args.threads)))
+        fn = router_worker if args.router_worker else worker
+        print(json.dumps(fn(args.worker, args.E, args.adapters, args.repeats, args.threads)))
+        return
+    if args.routers:
+        compare_routers(args)
         return
 
     experts = [8, 32] if args.quick else [int(e) for e in args.experts.split(",")]
@@ -260,6 +338,25 @@ def main() -> None:
                 f" forward {peft['forward'] / ours['forward']:.1f}× faster"
             )
         print(line)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def compare_routers(args: argparse.Namespace) -> None:
+    from benchmarks.peft_reference import bench_model, write_adapters
+
+    experts = [int(e) for e in args.experts.split(",")]
+    names = [n.strip() for n in args.routers.split(",") if n.strip()]
+    write_adapters(bench_model(), args.adapters, max(experts))
+    load0 = os.getloadavg()[0]
+    rows = [
+        run_worker(n, E, args.adapters, args.repeats, args.threads, router=True)
+        for E in experts
+        for n in names
+    ]
+    print()
+    print(routers_table(rows))
+    print(f"\nthreads: {rows[0]['threads']}; load average at start {load0:.1f}, end {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -20,10 +20,12 @@ The steps (each prints its wall time):
 4. **Hub round trip.** The Hub stand-in of the test suite (``tests/hubserver.py``) runs on
    127.0.0.1; the library is pushed to ``demo/tiny-experts`` and pulled into a second, empty
    library: every routed model below is built from that *clone*.
-5. **Routing.** Held-out inputs of every task go through routed models built from catalog queries:
-   Arrow's routing accuracy (does a token choose its task's own expert as top-1?) per task, as a
-   table and a confusion-matrix PNG; and the held-out accuracy of the base model, the right single
-   expert (oracle), the uniform average of all task experts, Arrow, and Arrow over the residuals.
+5. **Routing.** ``libstore eval`` (``Library.evaluate``) runs the held-out examples of every task
+   through routed models built from catalog queries: the oracle (each task's own expert), the
+   uniform average, Arrow, SpectR, both with GenKnowSub, both per sequence, and both over the ΔW-mode
+   residuals — exact match and loss per task, and routing accuracy (does a token choose its task's
+   own expert as top-1?). The evaluations are recorded in the clone's catalog; confusion matrices
+   and a routers x tasks heatmap are written as PNGs.
 
 Every number printed is computed in this run and saved to ``results.json``.
 """
@@ -455,59 +457,82 @@ def hub_round_trip(lib: Library, work: Path) -> tuple[Library, dict[str, Any]]:
 
 
 # --- step 5: routing and accuracy ----------------------------------------------------------------
+#
+# `libstore eval` (``Library.evaluate``) measures every router on the held-out examples, per task:
+# exact match and loss of the answers, and routing accuracy. Two evaluations, both recorded in the
+# clone's catalog: the routers over the task experts (GenKnowSub on the fly where a spec says
+# ``general=``), and Arrow and SpectR over the stored ΔW-mode residuals.
+
+TASK_ROUTERS = {  # label -> router spec, over the task experts
+    "oracle": "oracle",
+    "uniform": "uniform",
+    "arrow": "arrow",
+    "spectr": "spectr",
+    "arrow+gks": "arrow:general=kind=general",
+    "spectr+gks": "spectr:general=kind=general",
+    "arrow, per sequence": "arrow:granularity=sequence",
+    "spectr, per sequence": "spectr:granularity=sequence",
+}
+DRES_ROUTERS = {"arrow+gks(ΔW)": "arrow", "spectr+gks(ΔW)": "spectr"}  # over the ΔW-mode residuals
+CONFUSION = {  # label -> routed_model arguments, for the confusion matrices of step 5
+    "arrow": {"experts": "kind=task"},
+    "spectr": {"experts": "kind=task", "router": "spectr"},
+    "arrow+gks": {"experts": "kind=task", "general": "kind=general"},
+}
 
 
-@dataclass
-class Evaluation:
-    """Held-out results of one model, per task; routing only for Arrow models."""
-
-    token: dict[str, float]  # answer tokens right (teacher forced)
-    exact: dict[str, float]  # whole answer right (= greedy decoding gives it)
-    routing: dict[str, float] | None = None  # (token, module) pairs whose top-1 is the own expert
-    routing_seq: dict[str, float] | None = None  # sequences whose majority top-1 is the own expert
-    confusion: list[list[float]] | None = None  # task x expert: share of (token, module) top-1s
-    confusion_seq: list[list[float]] | None = None  # task x expert: share of sequence majorities
-
-    def mean(self, field: str) -> float:
-        values = getattr(self, field)
-        return sum(values.values()) / len(values)
-
-
-def score(logits: Tensor, ids: Tensor) -> tuple[float, float]:
-    """Answer-token accuracy under teacher forcing, and exact match: every answer token is the
-    argmax given the right prefix exactly when greedy decoding produces the answer."""
-    mask = answer_mask(ids)[:, :-1]
-    right = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask
-    return right[mask].float().mean().item(), right.all(dim=1).float().mean().item()
+def write_examples(held_out: dict[str, list[str]], path: Path) -> Path:
+    """The held-out sequences as `libstore eval` examples: input up to the "=", target after it."""
+    with path.open("w") as f:
+        for task, texts in held_out.items():
+            for text in texts:
+                words = text.split()
+                cut = words.index(f"{language(task)}=") + 1
+                row = {"input": " ".join(words[:cut]), "target": " ".join(words[cut:]), "task": task}
+                f.write(json.dumps(row) + "\n")
+    return path
 
 
 @torch.no_grad()
-def evaluate(
-    model: Any, tokenizer: Any, held_out: dict[str, list[str]], task_of: dict[str, str] | None = None
-) -> Evaluation:
-    """Run each task's held-out batch; for a routed model (``task_of``: expert -> its task) also read
-    which expert every token chose at every routed module, from ``explain()``."""
-    tasks = list(held_out)
-    token, exact, routing, routing_seq, confusion, confusion_seq = {}, {}, {}, {}, [], []
+def base_scores(base: Path, tokenizer: Any, held_out: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Exact match and loss per answer token of the base model alone (no router to evaluate)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    out: dict[str, dict[str, float]] = {}
     for task, texts in held_out.items():
         ids = encode(tokenizer, texts)
-        if task_of is None:
-            logits = model(input_ids=ids).logits
-        else:
-            with model.explain() as trace:
-                logits = model(input_ids=ids).logits
-            votes = top1_votes(model, trace, tasks, task_of, ids.shape[0])
-            own = tasks.index(task)
-            routing[task] = (votes[:, own].sum() / votes.sum()).item()
-            routing_seq[task] = (votes.argmax(-1) == own).float().mean().item()
-            confusion.append((votes.sum(0) / votes.sum()).tolist())
-            confusion_seq.append(
-                (torch.bincount(votes.argmax(-1), minlength=len(tasks)) / len(texts)).tolist()
-            )
-        token[task], exact[task] = score(logits, ids)
-    if task_of is None:
-        return Evaluation(token, exact)
-    return Evaluation(token, exact, routing, routing_seq, confusion, confusion_seq)
+        logits = model(input_ids=ids).logits[:, :-1]
+        mask = answer_mask(ids)[:, :-1]
+        target = ids[:, 1:]
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        right = (logits.argmax(-1) == target) | ~mask
+        out[task] = {"exact": right.all(1).float().mean().item(), "loss": (nll[mask].mean()).item()}
+    return out
+
+
+@torch.no_grad()
+def confusion(
+    model: Any, tokenizer: Any, held_out: dict[str, list[str]], task_of: dict[str, str]
+) -> dict[str, Any]:
+    """Task x expert shares of top-1 choices, per (token, module) and per sequence (majority vote),
+    read from ``explain()`` — the demo's own count, next to `libstore eval`'s routing accuracy."""
+    tasks = list(held_out)
+    rows, rows_seq = [], []
+    for texts in held_out.values():
+        ids = encode(tokenizer, texts)
+        with model.explain() as trace:
+            model(input_ids=ids)
+        votes = top1_votes(model, trace, tasks, task_of, ids.shape[0])
+        rows.append((votes.sum(0) / votes.sum()).tolist())
+        rows_seq.append((torch.bincount(votes.argmax(-1), minlength=len(tasks)) / len(texts)).tolist())
+    own = range(len(tasks))
+    return {
+        "tokens": rows,
+        "sequences": rows_seq,
+        "token_mean": sum(rows[i][i] for i in own) / len(tasks),
+        "sequence_mean": sum(rows_seq[i][i] for i in own) / len(tasks),
+    }
 
 
 def top1_votes(model: Any, trace: Any, tasks: list[str], task_of: dict[str, str], n: int) -> Tensor:
@@ -519,110 +544,145 @@ def top1_votes(model: Any, trace: Any, tasks: list[str], task_of: dict[str, str]
     return nn.functional.one_hot(per_sequence, len(tasks)).sum(1)
 
 
-ARROW_MODELS = {  # label -> catalog query of the routed experts
-    "arrow": "kind=task",
-    "arrow+gks": "kind=residual name=*_res",
-    "arrow+gks(ΔW)": "kind=residual name=*_dres",
-}
-
-
 def route_and_evaluate(
-    clone: Library, base: Path, tokenizer: Any, held_out: dict[str, list[str]], cfg: Settings, out: Path
-) -> tuple[dict[str, Evaluation], dict[str, float]]:
-    """Every model of the comparison, built from catalog queries on the clone."""
-    from transformers import AutoModelForCausalLM
+    clone: Library,
+    base: Path,
+    tokenizer: Any,
+    held_out: dict[str, list[str]],
+    cfg: Settings,
+    work: Path,
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Both evaluations from catalog queries on the clone, the base model's scores, the confusion
+    matrices, and two checks."""
+    data = write_examples(held_out, work / "heldout.jsonl")
+    tasks_eval = clone.evaluate(
+        data,
+        experts="kind=task",
+        routers=list(TASK_ROUTERS.values()),
+        base=str(base),
+        top_k=cfg.top_k,
+        name="tasks",
+    )
+    dres_eval = clone.evaluate(
+        data,
+        experts="kind=residual name=*_dres",
+        routers=list(DRES_ROUTERS.values()),
+        base=str(base),
+        top_k=cfg.top_k,
+        name="residuals-dw",
+    )
+    print(
+        f"  libstore eval: {len(TASK_ROUTERS) + len(DRES_ROUTERS)} routers x {tasks_eval.examples} held-out "
+        f"examples, recorded as {tasks_eval.name!r} and {dres_eval.name!r} (libstore evals ls)"
+    )
+    rows = {label: tasks_eval.metrics[spec] for label, spec in TASK_ROUTERS.items()}
+    rows |= {label: dres_eval.metrics[spec] for label, spec in DRES_ROUTERS.items()}
+    clone.plot_eval("tasks", out / "eval_exact_match.png")
 
     task_of = {e.name: e.tasks[0] for e in clone.experts("kind=task,residual")}
-    results = {"base": evaluate(AutoModelForCausalLM.from_pretrained(base).eval(), tokenizer, held_out)}
-
-    single = [
-        evaluate(clone.routed_model(base, experts=[t], top_k=1), tokenizer, {t: held_out[t]})
-        for t in held_out
-    ]  # the right expert alone: a router over that one expert
-    results["oracle"] = Evaluation(
-        {t: e.token[t] for t, e in zip(held_out, single, strict=True)},
-        {t: e.exact[t] for t, e in zip(held_out, single, strict=True)},
-    )
-
-    n = len(clone.experts("kind=task"))  # every expert, equal weights: the uniform merge
-    uniform = clone.routed_model(base, experts="kind=task", top_k=n, temperature=1e9)
-    results["uniform"] = evaluate(uniform, tokenizer, held_out)
-
-    routed = {}
-    for label, query in ARROW_MODELS.items():
-        routed[label] = clone.routed_model(base, experts=query, top_k=cfg.top_k)
-        results[label] = evaluate(routed[label], tokenizer, held_out, task_of)
-
+    confusions = {
+        label: confusion(clone.routed_model(base, top_k=cfg.top_k, **kw), tokenizer, held_out, task_of)
+        for label, kw in CONFUSION.items()
+    }
     mixed = encode(tokenizer, [texts[0] for texts in held_out.values()])  # one sequence per task
-    with routed["arrow"].explain() as trace:  # libstore's own view: routing weight per module
-        routed["arrow"](input_ids=mixed)
+    arrow = clone.routed_model(base, experts="kind=task", top_k=cfg.top_k)
+    with arrow.explain() as trace:  # libstore's own view: routing weight per module
+        arrow(input_ids=mixed)
     trace.plot(out / "routing_by_module.png")
 
     # GenKnowSub on the fly (PEFT's use_gks) must equal routing over the stored residuals
     on_the_fly = clone.routed_model(base, experts="kind=task", general="kind=general", top_k=cfg.top_k)
+    stored = clone.routed_model(base, experts="kind=residual name=*_res", top_k=cfg.top_k)
     with torch.no_grad():
-        diff = (on_the_fly(input_ids=mixed).logits - routed["arrow+gks"](input_ids=mixed).logits).abs().max()
+        diff = (on_the_fly(input_ids=mixed).logits - stored(input_ids=mixed).logits).abs().max()
     print(f"  GenKnowSub on the fly (general='kind=general') vs stored residuals: max |Δ logit| = {diff:.1e}")
-    return results, {"gks_on_the_fly_vs_residuals_max_abs_diff": diff.item()}
+    # the demo's own count of top-1 choices agrees with libstore eval's routing accuracy
+    agree = max(
+        abs(confusions[label]["sequence_mean"] - _mean(rows[label], "routing_sequence", held_out))
+        for label in CONFUSION
+    )
+    results = {
+        "base": base_scores(base, tokenizer, held_out),
+        "rows": rows,
+        "confusion": confusions,
+        "evaluations": [tasks_eval.name, dres_eval.name],
+    }
+    return results, {
+        "gks_on_the_fly_vs_residuals_max_abs_diff": diff.item(),
+        "routing_sequence_demo_vs_eval_max_abs_diff": agree,
+    }
+
+
+def _mean(per_task: dict[str, Any], field: str, tasks: Sequence[str]) -> float:
+    return sum(getattr(per_task[t], field) for t in tasks) / len(tasks)
 
 
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def format_tables(results: dict[str, Evaluation], tasks: Sequence[str], cfg: Settings) -> str:
+def format_tables(results: dict[str, Any], tasks: Sequence[str], cfg: Settings) -> str:
     w = max(11, *(len(t) + 2 for t in tasks))
-    head = f"{'':<32}" + "".join(f"{t:>{w}}" for t in tasks) + f"{'mean':>{w}}"
+    head = f"{'':<36}" + "".join(f"{t:>{w}}" for t in tasks) + f"{'mean':>{w}}"
+    rows = results["rows"]
     title = (
         f"Routing accuracy: top-1 expert is the task's own (top_k = {cfg.top_k}, "
-        f"chance = {1 / len(tasks):.2f})"
+        f"chance = {1 / len(tasks):.2f}; libstore eval)"
     )
     lines = [title, head]
-    for label in ARROW_MODELS:
-        ev = results[label]
-        for field, what in (("routing", "tokens x modules"), ("routing_seq", "sequences")):
-            row = getattr(ev, field)
+    for label, m in rows.items():
+        if m[tasks[0]].routing_token is None:
+            continue  # oracle and uniform do not choose
+        for field, what in (("routing_token", "tokens x modules"), ("routing_sequence", "sequences")):
             lines.append(
-                f"{label + ', ' + what:<32}"
-                + "".join(f"{row[t]:>{w}.2f}" for t in tasks)
-                + f"{ev.mean(field):>{w}.2f}"
+                f"{label + ', ' + what:<36}"
+                + "".join(f"{getattr(m[t], field):>{w}.2f}" for t in tasks)
+                + f"{_mean(m, field, tasks):>{w}.2f}"
             )
-    lines += ["", "Held-out accuracy: answer tokens / exact match of the whole answer", head]
-    for label, ev in results.items():
-        cells = [f"{ev.token[t]:.2f}/{ev.exact[t]:.2f}" for t in tasks]
-        cells.append(f"{ev.mean('token'):.2f}/{ev.mean('exact'):.2f}")
-        lines.append(f"{label:<32}" + "".join(f"{c:>{w}}" for c in cells))
+    lines += ["", "Held-out answers: exact match / loss per answer token (libstore eval)", head]
+    base = results["base"]
+    cells = [f"{base[t]['exact']:.2f}/{base[t]['loss']:.2f}" for t in tasks]
+    n = len(tasks)
+    cells.append(
+        f"{sum(base[t]['exact'] for t in tasks) / n:.2f}/{sum(base[t]['loss'] for t in tasks) / n:.2f}"
+    )
+    lines.append(f"{'base':<36}" + "".join(f"{c:>{w}}" for c in cells))
+    for label, m in rows.items():
+        cells = [f"{m[t].exact_match:.2f}/{m[t].loss:.2f}" for t in tasks]
+        cells.append(f"{_mean(m, 'exact_match', tasks):.2f}/{_mean(m, 'loss', tasks):.2f}")
+        lines.append(f"{label:<36}" + "".join(f"{c:>{w}}" for c in cells))
     return "\n".join(lines)
 
 
-def plot_confusion(results: dict[str, Evaluation], tasks: Sequence[str], path: Path) -> Path:
-    """Rows: the Arrow models; columns: per (token, module) and per sequence (majority)."""
+def plot_confusion(results: dict[str, Any], tasks: Sequence[str], path: Path) -> Path:
+    """Rows: the routers of CONFUSION; columns: per (token, module) and per sequence (majority)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = len(tasks)
-    fig = Figure(figsize=(9.5, 3.9 * len(ARROW_MODELS)))
+    fig = Figure(figsize=(9.5, 3.9 * len(CONFUSION)))
     FigureCanvasAgg(fig)
-    for i, label in enumerate(ARROW_MODELS):
-        ev = results[label]
+    for i, label in enumerate(CONFUSION):
+        c = results["confusion"][label]
         for j, (mat, acc, what) in enumerate(
             (
-                (ev.confusion, ev.mean("routing"), "tokens x modules"),
-                (ev.confusion_seq, ev.mean("routing_seq"), "sequences, majority"),
+                (c["tokens"], c["token_mean"], "tokens x modules"),
+                (c["sequences"], c["sequence_mean"], "sequences, majority"),
             )
         ):
-            ax = fig.add_subplot(len(ARROW_MODELS), 2, 2 * i + j + 1)
+            ax = fig.add_subplot(len(CONFUSION), 2, 2 * i + j + 1)
             m = torch.tensor(mat)
             im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="Blues")
             for r in range(n):
-                for c in range(n):
+                for col in range(n):
                     ax.text(
-                        c,
+                        col,
                         r,
-                        f"{m[r, c]:.2f}",
+                        f"{m[r, col]:.2f}",
                         ha="center",
                         va="center",
                         fontsize=7,
-                        color="white" if m[r, c] > 0.55 else "black",
+                        color="white" if m[r, col] > 0.55 else "black",
                     )
             ax.set_xticks(range(n), [f"{t} expert" for t in tasks], rotation=35, ha="right", fontsize=7)
             ax.set_yticks(range(n), tasks, fontsize=7)
@@ -634,49 +694,62 @@ def plot_confusion(results: dict[str, Evaluation], tasks: Sequence[str], path: P
     return path
 
 
-def plot_accuracy(results: dict[str, Evaluation], tasks: Sequence[str], path: Path) -> Path:
+def plot_accuracy(results: dict[str, Any], tasks: Sequence[str], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(2 + 1.2 * (len(tasks) + 1), 4.2))
+    bars = {"base": [results["base"][t]["exact"] for t in tasks]}
+    bars |= {label: [m[t].exact_match for t in tasks] for label, m in results["rows"].items()}
+    fig = Figure(figsize=(2 + 1.6 * (len(tasks) + 1), 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    width = 0.8 / len(results)
-    for j, (label, ev) in enumerate(results.items()):
-        values = [ev.exact[t] for t in tasks] + [ev.mean("exact")]
+    width = 0.8 / len(bars)
+    for j, (label, values) in enumerate(bars.items()):
+        values = [*values, sum(values) / len(values)]
         ax.bar([i + j * width for i in range(len(values))], values, width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks) + 1)], [*tasks, "mean"])
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
 
-def to_json(results: dict[str, Evaluation]) -> dict[str, Any]:
+def to_json(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    rows = results["rows"]
     routing = {
         label: {
-            "token": ev.routing,
-            "token_mean": ev.mean("routing"),
-            "sequence": ev.routing_seq,
-            "sequence_mean": ev.mean("routing_seq"),
-            "confusion": ev.confusion,
-            "confusion_sequence": ev.confusion_seq,
+            "token": {t: m[t].routing_token for t in tasks},
+            "token_mean": _mean(m, "routing_token", tasks),
+            "sequence": {t: m[t].routing_sequence for t in tasks},
+            "sequence_mean": _mean(m, "routing_sequence", tasks),
         }
-        for label, ev in results.items()
-        if ev.routing is not None
+        for label, m in rows.items()
+        if m[tasks[0]].routing_token is not None
     }
+    base = results["base"]
     accuracy = {
-        label: {
-            "token": ev.token,
-            "exact": ev.exact,
-            "token_mean": ev.mean("token"),
-            "exact_mean": ev.mean("exact"),
+        "base": {
+            "exact": {t: base[t]["exact"] for t in tasks},
+            "loss": {t: base[t]["loss"] for t in tasks},
+            "exact_mean": sum(base[t]["exact"] for t in tasks) / len(tasks),
+            "loss_mean": sum(base[t]["loss"] for t in tasks) / len(tasks),
         }
-        for label, ev in results.items()
     }
-    return {"routing_accuracy": routing, "accuracy": accuracy}
+    for label, m in rows.items():
+        accuracy[label] = {
+            "exact": {t: m[t].exact_match for t in tasks},
+            "loss": {t: m[t].loss for t in tasks},
+            "exact_mean": _mean(m, "exact_match", tasks),
+            "loss_mean": _mean(m, "loss", tasks),
+        }
+    return {
+        "routing_accuracy": routing,
+        "accuracy": accuracy,
+        "confusion": results["confusion"],
+        "evaluations": results["evaluations"],
+    }
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -740,10 +813,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with step("4. push to the Hub stand-in, pull into a fresh library", timings):
         clone, hub = hub_round_trip(lib, work)
     with step("5. routed models from the clone, on held-out inputs", timings):
-        results, checks = route_and_evaluate(clone, base, tokenizer, held_out, cfg, out)
+        results, checks = route_and_evaluate(clone, base, tokenizer, held_out, cfg, work, out)
         pngs = [
             plot_confusion(results, cfg.tasks, out / "routing_confusion.png"),
             plot_accuracy(results, cfg.tasks, out / "accuracy.png"),
+            out / "eval_exact_match.png",
             out / "routing_by_module.png",
             out / "clusters.png",
             out / "similarity.png",
@@ -757,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": list(cfg.tasks),
         "library": library,
         "hub": hub,
-        **to_json(results),
+        **to_json(results, cfg.tasks),
         "checks": checks,
         "table": table,
         "pngs": [str(p) for p in pngs],

@@ -1,7 +1,8 @@
 """Helpers for the router tests: tiny base models, real PEFT adapter folders, the PEFT Arrow oracle.
 
 Adapters are made the way users make them (``get_peft_model`` + ``save_pretrained``) so the oracle
-(``peft.create_arrow_model``) reads PEFT's own files; :func:`load_peft_folder` reads the same files into
+(``peft.create_arrow_model``) reads PEFT's own files; ``load_peft_folder`` (from
+``benchmarks/peft_reference.py``, its one home) reads the same files into
 :class:`~libstore.router.build.ExpertTensors` (the library's loader reads the content-addressed store
 instead). ``tests/test_router_support_checks.py`` checks the helpers themselves.
 """
@@ -9,7 +10,6 @@ instead). ``tests/test_router_support_checks.py`` checks the helpers themselves.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
+from benchmarks.peft_reference import load_peft_folder as load_peft_folder  # its one home
 from libstore.router.build import ExpertTensors
 
 
@@ -161,27 +161,6 @@ def dominant(
         return A, B
 
     return edit
-
-
-def load_peft_folder(path: str | Path, name: str | None = None) -> ExpertTensors:
-    """Read a PEFT adapter folder into ExpertTensors (tests and benchmarks only)."""
-    path = Path(path)
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    modules: dict[str, tuple[Tensor, Tensor]] = {}
-    prefix = "base_model.model."
-    for key, A in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = (
-            key[len(prefix) : -len(".lora_A.weight")]
-            if key.startswith(prefix)
-            else key[: -len(".lora_A.weight")]
-        )
-        modules[module] = (A, tensors[key.replace(".lora_A.", ".lora_B.")])
-    return ExpertTensors(name or path.name, scale, modules)
 
 
 def peft_arrow(
