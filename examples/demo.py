@@ -695,6 +695,7 @@ def plot_confusion(results: dict[str, Any], tasks: Sequence[str], path: Path) ->
 
 
 def plot_accuracy(results: dict[str, Any], tasks: Sequence[str], path: Path) -> Path:
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -704,9 +705,10 @@ def plot_accuracy(results: dict[str, Any], tasks: Sequence[str], path: Path) -> 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / len(bars)
+    colours = matplotlib.colormaps["tab20"]
     for j, (label, values) in enumerate(bars.items()):
         values = [*values, sum(values) / len(values)]
-        ax.bar([i + j * width for i in range(len(values))], values, width, label=label)
+        ax.bar([i + j * width for i in range(len(values))], values, width, label=label, color=colours(j))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks) + 1)], [*tasks, "mean"])
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(0, 1.05)

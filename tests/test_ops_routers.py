@@ -82,6 +82,22 @@ def test_spectr_from_the_catalog_caches_the_spectrum_and_equals_build_from_facto
         lib.routed_model(load_base(base_dir), router="spectr", top_n=2)
 
 
+def test_spectrum_cache_is_keyed_by_weights_and_each_expert_brings_its_own_scale(
+    lib: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """Two experts with the same weights file but another alpha share one cache entry (its key is the
+    weights sha256): SpectR's keys must still scale with each one's own s = alpha/r."""
+    twin = lib.add(
+        make_adapter(base_dir, tmp_path / "twin", seed=0, targets=TARGETS, alpha=16), name="twin", kind="task"
+    )
+    assert twin.sha256 == lib.get("task0").sha256 and twin.scale == 2 * lib.get("task0").scale
+    routed = lib.routed_model(load_base(base_dir), experts=["task0", "twin"], router="spectr")
+    assert len([c for c in lib.prototype_cache() if c.method == "spectrum"]) == 1
+    for layer in routed.layers.values():
+        keys = layer.prototypes.view(2, 4, -1)
+        torch.testing.assert_close(keys[1], 2 * keys[0])
+
+
 def test_router_specs_parse_and_refuse() -> None:
     s = parse_spec("arrow:top_n=2;granularity=sequence;general=kind=general tag=v1")
     assert s == RouterSpec("arrow", {"top_n": 2, "granularity": "sequence", "general": "kind=general tag=v1"})

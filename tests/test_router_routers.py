@@ -112,9 +112,9 @@ def test_spectr_routed_delta_matches_dense_loop(top_k: int, temperature: float) 
             temperature=temperature,
             scores=scores,
         )
-        for strategy in ("dense", "gather", "grouped"):
+        for strategy in ("dense", "gather", "grouped"):  # fp32 scores vs float64 ones: softmax noise
             layer.strategy = strategy
-            torch.testing.assert_close(delta(layer, x), ref, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(delta(layer, x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_spectr_with_genknowsub_scores_the_residuals() -> None:

@@ -453,9 +453,13 @@ def plot(rec: EvalRecord, path: str | os.PathLike[str], *, metric: str = "exact_
     lower_better = metric == "loss"
     im = ax.imshow(shown, aspect="auto", cmap="viridis_r" if lower_better else "viridis")
     fig.colorbar(im, ax=ax)
+    known = [v for row in grid for v in row if v is not None]
+    lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
     for r, row in enumerate(grid):
-        for c, v in enumerate(row):
-            ax.text(c, r, "–" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+        for c, v in enumerate(row):  # dark ink on light cells (imshow scales colours to lo..hi)
+            red, green, blue, _ = im.cmap((v - lo) / ((hi - lo) or 1.0)) if v is not None else (1, 1, 1, 1)
+            ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            ax.text(c, r, "–" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=7, color=ink)
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=7)
     ax.set_yticks(range(len(rec.routers)), list(rec.routers), fontsize=7)
     ax.set_title(f"{rec.name}: {metric} per router and task ({rec.examples} examples)", fontsize=9)

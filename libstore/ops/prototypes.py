@@ -7,8 +7,10 @@ tensors are read once, equal-shaped modules of all of them are stacked and go th
 of the math (``libstore.lowrank.prototypes``), on the GPU when one is available.
 
 Methods: ``exact`` (top ``top_n`` right singular vectors of ΔW, exact), ``peft`` (PEFT's power
-iteration) and ``spectrum`` (every singular pair of ΔW, min(r, in, out) per module: what SpectR
-routes with; exact like ``exact``, whose ``top_n`` cannot vary per module).
+iteration) and ``spectrum`` (every singular pair of B·A, min(r, in, out) per module: what SpectR
+routes with; exact like ``exact``, whose ``top_n`` cannot vary per module). ``spectrum`` values leave
+the LoRA scale out (σ of B·A, not of s·B·A), so an entry depends on the weights alone, which is all its
+key holds; the router multiplies by each expert's own |s|.
 
 Blob format (read by the Hub sync and the router; keep it exactly): one safetensors file per expert
 holding ``vectors::<module>`` (n, in) float32 and ``values::<module>`` (n,) float32, with metadata
@@ -289,8 +291,8 @@ def _compute_chunk(
             scale = torch.tensor([it[4] for it in items], dtype=torch.float32, device=A.device)
             if spec.method == "exact":
                 p = exact_prototypes(A, B, scale, top_n=spec.params["top_n"])
-            elif spec.method == "spectrum":
-                p = exact_prototypes(A, B, scale, top_n=min(A.shape[-2], A.shape[-1], B.shape[-2]))
+            elif spec.method == "spectrum":  # unscaled: the cache key is the weights sha256 alone
+                p = exact_prototypes(A, B, top_n=min(A.shape[-2], A.shape[-1], B.shape[-2]))
             else:
                 p = peft_prototypes(
                     A, B, scale, iters=spec.params["iters"], eps=spec.params["eps"], seed=spec.params["seed"]

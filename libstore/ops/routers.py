@@ -127,5 +127,5 @@ def cached_keys(
     rows: dict[str, list[torch.Tensor]] = {}
     for e in experts:
         for m, p in cached[e.name].modules.items():
-            rows.setdefault(m, []).append(router.cached_keys(p.vectors, p.values))
+            rows.setdefault(m, []).append(router.cached_keys(p.vectors, p.values, e.scale))
     return {m: torch.cat(v).to(torch.float32) for m, v in rows.items()}

@@ -1,9 +1,11 @@
-"""The routed Linear: a base ``nn.Linear`` plus Arrow routing over a bank of LoRA experts.
+"""The routed Linear: a base ``nn.Linear`` plus routing (Arrow by default) over a bank of LoRA experts.
 
 One :class:`RoutedLinear` replaces one targeted ``nn.Linear`` of the base model (the base layer is
 kept inside it, untouched). For an input ``x`` (any leading shape) it computes, per token ``h``::
 
-    scores_e = |<h, prototype_e>|                 over the E experts that have this module (fp32)
+    scores_e = router.score(h)                    over the E experts that have this module (fp32);
+                                                  Arrow: |<h, prototype_e>|, SpectR: ||Σ_e V_eᵀ h||
+                                                  (libstore.router.routers)
     S        = topk(scores, min(top_k, E))        (torch.topk: same order, same ties as PEFT)
     c        = softmax(scores_S / temperature)
     output   = base(x) + sum_{e in S} c_e * s_e * B_e (A_e h)          mixing="output"   (PEFT)
@@ -26,6 +28,11 @@ and the low-rank part runs by one of three *strategies*, none of which ever form
 ``grouped``  sort the t*k (token, expert) pairs by expert, one pair of small GEMMs per expert that was
              chosen at least once. Cost ~ t*k*r*(in+out) plus a fixed overhead per used expert (and a
              host sync to read the counts). Best for long inputs (prefill) with many experts on CPU.
+
+A router that uses every expert (``uniform``) gives each weight 1/E instead of top-k and softmax.
+Inside a :meth:`~libstore.router.model.RoutedModel.sequence_routing` or ``pinned`` block the experts
+and weights are per sequence, not per token (:mod:`libstore.router.sequence`); the strategies below
+are the same.
 
 ``strategy="auto"`` picks, per call, the cheapest by :func:`choose_strategy` (estimated time from the
 token count t, E, ranks and layer shape; CPU constants fitted on the 2-core dev machine, CUDA ones

@@ -95,7 +95,7 @@ class Arrow:
             return fn(A, B).unsqueeze(1)
         return exact_prototypes(A, B, top_n=self.top_n).vectors
 
-    def cached_keys(self, vectors: Tensor, values: Tensor) -> Tensor:
+    def cached_keys(self, vectors: Tensor, values: Tensor, scale: float) -> Tensor:
         return vectors[: self.top_n]
 
     def score(self, h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, experts: int) -> Tensor:

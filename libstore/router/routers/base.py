@@ -63,8 +63,9 @@ class Router(Protocol):
         scale (N,) -> (N, key_rows, in). Used when nothing is cached (e.g. GenKnowSub on the fly)."""
         ...
 
-    def cached_keys(self, vectors: Tensor, values: Tensor) -> Tensor:
-        """Keys of one expert-module from its cached entry: vectors (n, in), values (n,) -> (rows, in)."""
+    def cached_keys(self, vectors: Tensor, values: Tensor, scale: float) -> Tensor:
+        """Keys of one expert-module from its cached entry: vectors (n, in), values (n,) -> (rows, in);
+        ``scale`` is the expert's LoRA scale (cached ``spectrum`` values leave it out)."""
         ...
 
     def score(self, h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, experts: int) -> Tensor:
@@ -83,9 +84,7 @@ def projection_norm(h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, ex
     number of rows, an ``index_add`` otherwise).
     """
     z = h @ keys.T  # (t, M)
-    z = z * z
     if rows is not None:
-        sq = z.view(h.shape[0], experts, rows).sum(-1)
-    else:
-        sq = torch.zeros(h.shape[0], experts, dtype=z.dtype, device=z.device).index_add_(1, owner, z)
+        return torch.linalg.vector_norm(z.view(h.shape[0], experts, rows), dim=-1)
+    sq = torch.zeros(h.shape[0], experts, dtype=z.dtype, device=z.device).index_add_(1, owner, z * z)
     return sq.sqrt()

@@ -9,8 +9,9 @@ Score of expert e for token h, per module::
 i.e. the norm of h under the adapter's covariance ΔWᵀΔW = V Σ² Vᵀ (all of its singular directions,
 each weighted by its singular value), where Arrow keeps only the top direction, unweighted. The top-k
 scores then go through the same softmax with temperature as Arrow's. The keys are the rows σ_j·v_jᵀ,
-j = 1..min(r, in, out): the cached full spectrum of ΔW (prototype-cache method ``spectrum``, computed
-by the exact factor SVD, never forming ΔW). Scoring costs one (t x in) @ (in x Σ_e r_e) GEMM per module.
+j = 1..min(r, in, out): the cached full spectrum (prototype-cache method ``spectrum``, σ of B·A, times
+the expert's |s|), computed by the exact factor SVD, never forming ΔW. Scoring costs one
+(t x in) @ (in x Σ_e r_e) GEMM per module.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class SpectR:
         p = exact_prototypes(A, B, scale, top_n=n)
         return p.vectors * p.values.unsqueeze(-1)
 
-    def cached_keys(self, vectors: Tensor, values: Tensor) -> Tensor:
-        return vectors * values.unsqueeze(-1)
+    def cached_keys(self, vectors: Tensor, values: Tensor, scale: float) -> Tensor:
+        return vectors * (values * abs(scale)).unsqueeze(-1)  # cached σ are of B·A; ΔW = s·B·A
 
     def score(self, h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, experts: int) -> Tensor:
         return projection_norm(h, keys, rows, owner, experts)

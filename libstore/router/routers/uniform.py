@@ -31,7 +31,7 @@ class Uniform:
     def keys(self, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
         return A.new_zeros(A.shape[0], 0, A.shape[-1])
 
-    def cached_keys(self, vectors: Tensor, values: Tensor) -> Tensor:
+    def cached_keys(self, vectors: Tensor, values: Tensor, scale: float) -> Tensor:
         return vectors[:0]
 
     def score(self, h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, experts: int) -> Tensor:
