@@ -234,7 +234,7 @@ def import_dir(
             try:
                 adapters.append((name, read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)))
             except LibstoreError as e:
-                raise type(e)(f"{folder}: {e}") from e
+                raise e.add_context(str(folder)) from None
         added: list[Any] = []
         skipped: list[str] = []
         with ctx.catalog.write() as s:

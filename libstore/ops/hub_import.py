@@ -178,7 +178,7 @@ def import_mttl(
                 out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
-                raise type(e)(f"mttl expert {files.name!r}: {e}") from None
+                raise e.add_context(f"mttl expert {files.name!r}") from None
             prepared.append((info, adapter))
         added, skipped = [], []
         with ctx.catalog.write() as s:

@@ -253,7 +253,7 @@ def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest)
                 where=f"experts/{e.name}",
             )
         except LibstoreError as err:
-            raise type(err)(f"expert {e.name!r} from the remote: {err}") from None
+            raise err.add_context(f"expert {e.name!r} from the remote") from None
         claims = {
             "rank": (e.rank, adapter.rank),
             "alpha": (e.alpha, adapter.alpha),
