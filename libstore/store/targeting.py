@@ -6,8 +6,9 @@ with ``re.match(rf"(?:^|.*?\\.){layers_pattern}\\.(?P<idx>\\d+)\\.", key)``. Tho
 from configs libstore did not write, so one may be invalid (``re.error``) or backtrack for hours
 (``(a+)+$`` on a long name). Every regex match here therefore runs in Python's ``re`` — PEFT's own
 engine — inside a short-lived isolated child process (``python -I -S``) with a deadline
-(:data:`REGEX_DEADLINE_S`); an invalid pattern, or one still running at the deadline, is refused
-with :class:`ValidationError` naming the field. Results are cached per (pattern, name), so a batch
+(:data:`REGEX_DEADLINE_S`, timed by the child itself, so a slow start under load does not count);
+an invalid pattern, or one still running at the deadline, is refused with
+:class:`ValidationError` naming the field. Results are cached per (pattern, name), so a batch
 of adapters sharing one config starts one child.
 
 Why this engine (measured on this project's 2-core machine, Python 3.11, 128 Llama module names):
@@ -35,7 +36,7 @@ from typing import Any
 
 from libstore.errors import ValidationError
 
-#: Wall-clock budget for all regex matches of one call (one child process), start-up included.
+#: Wall-clock budget for all regex matches of one call (one child process, timed from its start).
 REGEX_DEADLINE_S = 2.0
 #: Longest pattern accepted (PEFT-saved regexes are a few hundred characters).
 MAX_PATTERN_CHARS = 16_384
@@ -54,32 +55,46 @@ def _layer_regex(layers_pattern: str) -> str:
 _Check = tuple[str, str, str]
 _cache: dict[_Check, dict[str, Any]] = {}
 
+# The child starts its own timer once it runs, so a slow start on a loaded machine is never taken
+# for a slow pattern; ``re`` checks for signals while it matches, so SIGALRM stops it mid-match.
 _CHILD = r"""
-import json, re, sys, warnings
+import json, re, signal, sys, warnings
 try:
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))
 except Exception:
     pass
 warnings.simplefilter("ignore")
-for line in sys.stdin:
-    kind, pattern, name = json.loads(line)
-    try:
-        rx = re.compile(pattern)
-    except (re.error, OverflowError, RecursionError, ValueError, MemoryError) as e:
-        out = {"e": f"{type(e).__name__}: {e}"}
-    else:
-        if kind == "full":
-            out = {"r": rx.fullmatch(name) is not None}
-        elif kind == "layer":
-            m = rx.match(name)
-            idx = m.groupdict().get("idx") if m else None
-            out = {"r": None if idx is None else int(idx)}
+class Late(Exception):
+    pass
+def late(*_):
+    raise Late
+if hasattr(signal, "setitimer"):
+    signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+try:
+    for line in sys.stdin:
+        kind, pattern, name = json.loads(line)
+        try:
+            rx = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError, ValueError, MemoryError) as e:
+            out = {"e": f"{type(e).__name__}: {e}"}
         else:
-            out = {"r": True}
-    sys.stdout.write(json.dumps(out) + "\n")
-    sys.stdout.flush()
+            if kind == "full":
+                out = {"r": rx.fullmatch(name) is not None}
+            elif kind == "layer":
+                m = rx.match(name)
+                idx = m.groupdict().get("idx") if m else None
+                out = {"r": None if idx is None else int(idx)}
+            else:
+                out = {"r": True}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+except Late:
+    sys.stdout.write('{"late": true}\n')
 """
+#: How long the child may take to start before it is given up (a safety net for a stuck machine).
+_START_SLACK_S = 60.0
 
 
 def _run(checks: Sequence[_Check], fields: Mapping[_Check, str], where: str) -> dict[_Check, dict[str, Any]]:
@@ -99,10 +114,15 @@ def _run(checks: Sequence[_Check], fields: Mapping[_Check, str], where: str) -> 
                 field=field,
             )
     stdin = "".join(json.dumps(c) + "\n" for c in todo)
-    cmd = [sys.executable, "-I", "-S", "-c", _CHILD]
+    cmd = [sys.executable, "-I", "-S", "-c", _CHILD, str(REGEX_DEADLINE_S)]
     try:
         done = subprocess.run(
-            cmd, input=stdin, capture_output=True, text=True, timeout=REGEX_DEADLINE_S, check=False
+            cmd,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=REGEX_DEADLINE_S + _START_SLACK_S,
+            check=False,
         )
         out, failed = done.stdout, done.returncode != 0
     except subprocess.TimeoutExpired as e:
@@ -111,6 +131,8 @@ def _run(checks: Sequence[_Check], fields: Mapping[_Check, str], where: str) -> 
     lines = out.splitlines()
     if failed and lines and not out.endswith("\n"):
         lines.pop()  # a line cut off by the kill
+    if lines and lines[-1] == '{"late": true}':
+        lines.pop()  # the child's own deadline: the first unanswered check is the slow one
     if len(_cache) + len(todo) > _CACHE_MAX:
         _cache.clear()
     for check, line in zip(todo, lines, strict=False):
