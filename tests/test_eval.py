@@ -145,9 +145,8 @@ def test_metrics_per_router_and_task_match_independent_computations(
     (view,) = lib.evals()
     assert view.name == "eval-1" and not view.stale and view.record.metrics == rec.metrics
     ctx = lib.context
-    files = store_adapter_files(
-        ctx, read_adapter(make_adapter(base_dir, tmp_path / "new", seed=77, targets=TARGETS))
-    )
+    new = make_adapter(base_dir, tmp_path / "new", seed=77, targets=TARGETS)
+    files = store_adapter_files(ctx, read_adapter(new, into=ctx.blobs))
     with ctx.catalog.write() as s:
         repo.replace_files(s, repo.expert_row(s, "task1"), files, ADAPTER_WEIGHTS)
     view = lib.evaluation("eval-1")
