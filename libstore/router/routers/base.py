@@ -85,6 +85,7 @@ def projection_norm(h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, ex
     """
     z = h @ keys.T  # (t, M)
     if rows is not None:
-        return torch.linalg.vector_norm(z.view(h.shape[0], experts, rows), dim=-1)
+        norms: Tensor = torch.linalg.vector_norm(z.view(h.shape[0], experts, rows), dim=-1)
+        return norms
     sq = torch.zeros(h.shape[0], experts, dtype=z.dtype, device=z.device).index_add_(1, owner, z * z)
     return sq.sqrt()
