@@ -169,3 +169,45 @@ def test_weights_are_real_peft_tensors(library: Library, base_dir: Path, tmp_pat
     original = load_file(src / "adapter_model.safetensors")
     assert stored.keys() == original.keys()
     assert all(torch.equal(stored[k], original[k]) for k in stored)
+
+
+def test_readers_never_see_half_written_experts(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    """A listing runs several statements (experts, then files, tags, tasks, lineage); with a writer
+    adding and removing experts between them, every listing must still be one snapshot: no expert
+    without its files or tags, on SQLite (one WAL transaction) and PostgreSQL (REPEATABLE READ)."""
+    import threading
+    import time
+
+    src = make_adapter(base_dir, tmp_path / "a", seed=1)
+    for i in range(20):
+        library.add(src, name=f"keep{i:02d}", tags=["t"], tasks=["k"])
+    writer_lib = Library.open(library.path, db_url=library.context.catalog.url)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                writer_lib.add(src, name=f"churn{i % 8}", tags=["t"], tasks=["k"])
+                writer_lib.remove(f"churn{(i + 4) % 8}") if i >= 4 else None
+                i += 1
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    seen, listings = 0, 0
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline and not errors:
+            for e in library.experts():
+                assert len(e.files) == 2 and e.tags == ("t",) and e.tasks == ("k",), e
+                seen += e.name.startswith("churn")
+            listings += 1
+    finally:
+        stop.set()
+        thread.join()
+        writer_lib.close()
+    assert errors == []
+    assert seen > 0 and listings > 5  # the readers did meet the writer's experts
