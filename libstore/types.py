@@ -14,9 +14,6 @@ from libstore.errors import QueryError
 
 ExpertKind = Literal["task", "general", "residual", "cluster", "merged"]
 EXPERT_KINDS: tuple[str, ...] = get_args(ExpertKind)
-#: The text formats a clustering's task lists are exported as.
-ExportFormat = Literal["json", "csv"]
-EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -245,7 +245,9 @@ def _ensure_named(
     missing = [n for n in dict.fromkeys(names) if n not in have]
     if missing:
         session.execute(insert(table), [{"name": n} for n in missing])
-        have.update((n, i) for n, i in session.execute(select(table.name, table.id).where(table.name.in_(missing))))
+        have.update(
+            (n, i) for n, i in session.execute(select(table.name, table.id).where(table.name.in_(missing)))
+        )
     return have
 
 

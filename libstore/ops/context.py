@@ -17,7 +17,7 @@ from pathlib import Path
 
 from libstore import config
 from libstore.catalog.engine import Catalog, translate_errors
-from libstore.catalog.migrate import ensure_current
+from libstore.catalog.migrate import current_revision, ensure_current, head_revision
 from libstore.errors import LibraryExistsError, LibraryNotFoundError, LibstoreError, SchemaError, StorageError
 from libstore.store.blobs import BlobStore
 
@@ -123,6 +123,31 @@ def open_library(path: Path, db_url: str | None = None) -> Context:
         catalog.dispose()
         raise
     return Context(path=path, catalog=catalog, blobs=BlobStore(path / config.BLOBS_DIR))
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """The catalog's schema revision and the one this libstore writes (``head``)."""
+
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+def schema_state(path: Path, db_url: str | None = None) -> SchemaState:
+    """The schema revision of the library's catalog, read without upgrading it."""
+    path = Path(path)
+    read_marker(path)
+    catalog = Catalog(config.db_url(path, db_url))
+    try:
+        with translate_errors(catalog.location), catalog.engine.connect() as conn:
+            current = current_revision(conn)
+        return SchemaState(current=current, head=head_revision())
+    finally:
+        catalog.dispose()
 
 
 def _upgrade(catalog: Catalog, path: Path) -> None:
