@@ -23,9 +23,11 @@ not installed — is a :class:`StorageError` naming the database with its passwo
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import URL, Engine, create_engine, event, exc, make_url, text
@@ -45,21 +47,33 @@ T = TypeVar("T")
 #: functions and never use it themselves (no SQL outside ``catalog/``).
 Transaction = Session
 
+_READ_ONLY = "is read-only; make the library folder and its catalog writable (or work on a writable copy)"
+_FULL = "is on a full disk; free some space and try again"
+_UNREADABLE = (
+    "cannot be opened or read; check that the library folder exists, is on a local disk and is readable"
+)
 #: Driver messages that mean the database itself cannot be used, and what to do about each.
 _STORAGE_FAILURES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (
-        ("readonly database", "read-only", "read only file system"),
-        "is read-only; make the library folder and its catalog writable (or work on a writable copy)",
-    ),
-    (
-        ("disk is full", "no space left", "disk full", "could not extend file"),
-        "is on a full disk; free some space and try again",
-    ),
-    (
-        ("disk i/o error", "unable to open database file"),
-        "cannot be opened or read; check that the library folder exists, is on a local disk and is readable",
-    ),
+    (("readonly database", "read-only", "read only file system"), _READ_ONLY),
+    (("disk is full", "no space left", "disk full", "could not extend file"), _FULL),
+    (("disk i/o error", "unable to open database file"), _UNREADABLE),
 )
+
+
+def _sqlite_folder_state(folder: Path | None) -> str | None:
+    """Why a SQLite catalog's folder fails, when its file system says so: SQLite reports a full or
+    read-only disk as a plain "disk I/O error" when the shared-memory or WAL file cannot grow."""
+    if folder is None:
+        return None
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return _READ_ONLY
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return _FULL
+    return None
 
 
 def safe_url(url: str | URL) -> str:
@@ -93,13 +107,17 @@ def make_engine(url: str) -> Engine:
             return engine
         args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_S}
         return create_engine(parsed, pool_pre_ping=True, connect_args=args)
-    except (exc.NoSuchModuleError, ImportError) as e:
-        hint = (
-            "pip install 'libstore[postgres]'" if parsed.get_backend_name() == "postgresql" else "install it"
-        )
+    except exc.NoSuchModuleError:
         raise StorageError(
-            f"cannot use the catalog database {safe_url(parsed)}: its driver is not available ({e}); "
-            f"{hint}, or pick an installed one (postgresql+psycopg://...)",
+            f"cannot use the catalog database {safe_url(parsed)}: libstore does not know that kind of "
+            f"database; use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE",
+            location=safe_url(parsed),
+        ) from None
+    except ImportError as e:
+        raise StorageError(
+            f"cannot use the catalog database {safe_url(parsed)}: its driver {e.name or ''} is not "
+            f"installed; install it (pip install {e.name or 'the driver'}), or use postgresql+psycopg:// "
+            f"(pip install 'libstore[postgres]')",
             location=safe_url(parsed),
         ) from None
 
@@ -131,6 +149,9 @@ class Catalog:
         #: the database as messages may name it (password replaced by ``***``)
         self.location = safe_url(self.engine.url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        db_file = self.engine.url.database if self.is_sqlite else None
+        #: the folder of a SQLite catalog file (``None`` for a server or in-memory database)
+        self.folder = Path(db_file).resolve().parent if db_file and db_file != ":memory:" else None
         self._read_bind = self.engine
         if self.engine.dialect.name == "postgresql":
             self._read_bind = self.engine.execution_options(
@@ -145,7 +166,7 @@ class Catalog:
         """A read-only transaction that sees one snapshot of the catalog (rolled back at the end)."""
         session = Session(bind=self._read_bind, expire_on_commit=False, autoflush=True)
         try:
-            with translate_errors(self.location):
+            with translate_errors(self.location, self.folder):
                 yield session
         finally:
             session.rollback()
@@ -159,7 +180,7 @@ class Catalog:
             bind = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         session = Session(bind=bind, expire_on_commit=False, autoflush=True)
         try:
-            with translate_errors(self.location):
+            with translate_errors(self.location, self.folder):
                 if self.engine.dialect.name == "postgresql":
                     _pg_write_lock(session)
                 yield session
@@ -200,12 +221,14 @@ def _is_unique_violation(e: exc.IntegrityError) -> bool:
     return getattr(orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(orig)
 
 
-def _storage_error(location: str, e: exc.DBAPIError) -> StorageError | None:
+def _storage_error(location: str, e: exc.DBAPIError, folder: Path | None) -> StorageError | None:
     """The :class:`StorageError` a driver error amounts to, if the database itself is unusable."""
     msg = str(e.orig).strip()
     low = msg.lower()
     for words, what in _STORAGE_FAILURES:
         if any(w in low for w in words):
+            if what is _UNREADABLE:
+                what = _sqlite_folder_state(folder) or what
             return StorageError(
                 f"the catalog database {location} {what} ({msg}); nothing was changed", location=location
             )
@@ -225,8 +248,12 @@ def _storage_error(location: str, e: exc.DBAPIError) -> StorageError | None:
 
 
 @contextlib.contextmanager
-def translate_errors(location: str = "") -> Iterator[None]:
-    """Turn driver-level lock, constraint, storage and connection failures into libstore errors."""
+def translate_errors(location: str = "", folder: Path | None = None) -> Iterator[None]:
+    """Turn driver-level lock, constraint, storage and connection failures into libstore errors.
+
+    ``location`` names the database in messages (password hidden); ``folder`` is where a SQLite
+    catalog lives, consulted to tell a full or read-only disk from other I/O errors.
+    """
     try:
         yield
     except LibstoreError:
@@ -248,7 +275,7 @@ def translate_errors(location: str = "") -> Iterator[None]:
                 "the catalog stayed locked by other writers; try again, or use PostgreSQL "
                 "for many concurrent writers"
             ) from e
-        storage = _storage_error(location or "in use", e)
+        storage = _storage_error(location or "in use", e, folder)
         if storage is not None:
             raise storage from e
         if not isinstance(e, exc.OperationalError):

@@ -101,7 +101,7 @@ def init_library(path: Path, db_url: str | None = None) -> Context:
         made.append(staged)
         _write_file(staged, (json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n").encode())
         _made_by_catalog(catalog, path, made)
-        _upgrade(catalog, path)
+        _upgrade(catalog)
         os.replace(staged, path / MARKER)
     except BaseException as e:
         catalog.dispose()
@@ -118,7 +118,7 @@ def open_library(path: Path, db_url: str | None = None) -> Context:
     read_marker(path)
     catalog = Catalog(config.db_url(path, db_url))
     try:
-        _upgrade(catalog, path)
+        _upgrade(catalog)
     except BaseException:
         catalog.dispose()
         raise
@@ -143,34 +143,17 @@ def schema_state(path: Path, db_url: str | None = None) -> SchemaState:
     read_marker(path)
     catalog = Catalog(config.db_url(path, db_url))
     try:
-        with translate_errors(catalog.location), catalog.engine.connect() as conn:
+        with translate_errors(catalog.location, catalog.folder), catalog.engine.connect() as conn:
             current = current_revision(conn)
         return SchemaState(current=current, head=head_revision())
     finally:
         catalog.dispose()
 
 
-def _upgrade(catalog: Catalog, path: Path) -> None:
-    """Bring the catalog to this libstore's schema; a SQLite catalog in a read-only folder says so."""
-    try:
-        with translate_errors(catalog.location):
-            ensure_current(catalog.engine)
-    except StorageError as e:
-        if catalog.is_sqlite and _read_only(path):
-            raise StorageError(
-                f"the library folder {path} is read-only: libstore needs to write beside its SQLite "
-                f"catalog even to read it; make the folder writable, or copy the library somewhere "
-                f"writable",
-                location=str(path),
-            ) from e
-        raise
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY) or not os.access(path, os.W_OK)
-    except OSError:
-        return False
+def _upgrade(catalog: Catalog) -> None:
+    """Bring the catalog to this libstore's schema, with database failures as libstore errors."""
+    with translate_errors(catalog.location, catalog.folder):
+        ensure_current(catalog.engine)
 
 
 def _folder_error(path: Path, e: OSError, doing: str) -> StorageError:
