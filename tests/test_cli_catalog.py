@@ -283,3 +283,27 @@ def test_database_passwords_never_show(tmp_path: Path, caplog: pytest.LogCapture
     assert "***" in "".join(out)
     for text in (*out, caplog.text, chain, repr(e.value)):
         assert "s3cret" not in text
+
+
+def test_base_rm_in_use_show_lineage_and_import_dir_nonfinite(run, base_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    run("init")
+    run("base", "add", "tiny", "--from", str(base_dir))
+    for i, name in enumerate(["p", "q"]):
+        run("add", str(make_adapter(base_dir, tmp_path / "src" / name, seed=i)), "--name", name)
+    err = run("base", "rm", "tiny", code=12).stderr
+    assert "still has experts (p, q)" in err
+    assert [b["name"] for b in json.loads(run("base", "ls", "--json").stdout)] == ["tiny"]
+
+    run("merge", "p", "q", "--name", "pq")
+    shown = run("show", "pq").stdout
+    assert "derived by" in shown and "  expert" in shown and "p (" in shown and "q (" in shown
+
+    folder = make_adapter(base_dir, tmp_path / "nan" / "bad", seed=3)
+    weights = folder / "adapter_model.safetensors"
+    save_file(
+        {k: v * float("nan") for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"}
+    )
+    assert "--allow-nonfinite" in run("import-dir", str(tmp_path / "nan"), code=6).stderr
+    assert "1 added" in run("import-dir", str(tmp_path / "nan"), "--allow-nonfinite").stdout
