@@ -34,6 +34,9 @@ ALLOWED: dict[str, set[str]] = {
     "cli": BASE | {"library", "ops"},
     "__init__": BASE | {"library"},
 }
+#: layers a layer may name in type-only imports (``if TYPE_CHECKING:``) besides ``ALLOWED``: the
+#: public API returns a routed model, which is the router's type
+TYPE_ONLY: dict[str, set[str]] = {"library": {"router"}}
 #: packages and modules that belong to one layer only: the ORM rows never leave the catalog
 OWNED_BY = {
     "sqlalchemy": "catalog",
@@ -48,13 +51,26 @@ def _layer(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def imported_modules(path: Path, pkg: Path = PKG) -> set[str]:
+def _type_only_nodes(tree: ast.Module) -> set[ast.AST]:
+    """The import statements inside ``if TYPE_CHECKING:`` blocks."""
+    found: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            found.update(n for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
+def imported_modules(path: Path, pkg: Path = PKG, *, type_only: bool | None = None) -> set[str]:
     """Every module ``path`` (inside package folder ``pkg``) imports, as an absolute dotted name;
-    relative imports are resolved against the package ``path`` is in."""
+    relative imports are resolved against the package ``path`` is in. ``type_only``: only the
+    imports inside (``True``) or outside (``False``) ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text())
     package = list(path.relative_to(pkg.parent).parent.parts)
+    typing_nodes = _type_only_nodes(tree) if type_only is not None else set()
     found: set[str] = set()
     for node in ast.walk(tree):
+        if type_only is not None and (node in typing_nodes) != type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -88,7 +104,10 @@ def test_layer_imports(layer: str) -> None:
         if _layer(path) != layer:
             continue
         modules = imported_modules(path)
-        extra = _libstore_layers(modules) - ALLOWED[layer] - {layer}
+        allowed = ALLOWED[layer] | {layer}
+        extra = (_libstore_layers(imported_modules(path, type_only=False)) - allowed) | (
+            _libstore_layers(imported_modules(path, type_only=True)) - allowed - TYPE_ONLY.get(layer, set())
+        )
         foreign = {
             owned
             for owned, owner in OWNED_BY.items()
@@ -104,9 +123,11 @@ def test_relative_imports_are_resolved(tmp_path: Path) -> None:
     module = tmp_path / "libstore" / "ops" / "experts.py"
     module.parent.mkdir(parents=True)
     module.write_text("from ..catalog import repo\nfrom . import query\nfrom .context import Context\n")
+    module.write_text(module.read_text() + "if TYPE_CHECKING:\n    from ..router.model import RoutedModel\n")
     found = imported_modules(module, tmp_path / "libstore")
     assert {"libstore.catalog.repo", "libstore.ops.query", "libstore.ops.context"} <= found
-    assert _libstore_layers(found) == {"catalog", "ops"}
+    assert _libstore_layers(found) == {"catalog", "ops", "router"}
+    assert _libstore_layers(imported_modules(module, tmp_path / "libstore", type_only=True)) == {"router"}
 
 
 def test_math_layers_are_free_of_sql_and_hub() -> None:

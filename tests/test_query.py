@@ -178,8 +178,8 @@ def test_prefix_glob_is_served_by_the_name_index(glob_library, backend: str) -> 
     """
     from sqlalchemy import select, text
 
+    from libstore.catalog.filters import name_condition
     from libstore.catalog.models import ExpertRow
-    from libstore.catalog.repo import name_condition
 
     lib = glob_library[backend]
     with lib.context.catalog.read() as s:

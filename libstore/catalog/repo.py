@@ -21,19 +21,17 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
-    and_,
     delete,
     exists,
     func,
     insert,
     literal,
-    or_,
     select,
-    true,
     update,
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from libstore.catalog.filters import query_condition
 from libstore.catalog.models import (
     BaseModelRow,
     BlobRow,
@@ -60,7 +58,6 @@ from libstore.types import (
     LinearShape,
     ModuleShape,
     StoredFile,
-    is_glob,
     parse_cluster_ref,
 )
 
@@ -286,84 +283,13 @@ def remove_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> No
 # --- querying experts --------------------------------------------------------------------------
 
 
-def _like_pattern(glob: str) -> str:
-    """A name glob as a ``LIKE`` pattern with backslash escapes (PostgreSQL's default escape)."""
-    out = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return out.replace("*", "%").replace("?", "_")
-
-
-def name_condition(session: Session, patterns: Sequence[str]) -> ColumnElement[bool]:
-    """SQL for "the name matches one of ``patterns``", with :func:`libstore.types.glob_match`'s
-    semantics on every backend: case-sensitive; ``*`` any run, ``?`` one character.
-
-    SQLite's ``LIKE`` ignores case, so SQLite gets ``GLOB`` (case-sensitive; ``[`` never reaches it,
-    :class:`ExpertQuery` refuses classes); PostgreSQL gets ``LIKE``. Both use the name index for a
-    literal prefix (``e09*``): SQLite's ``GLOB`` on a ``BINARY`` column, PostgreSQL's ``LIKE`` on the
-    ``C``-collated name (migration 0002).
-    """
-    exact = [p for p in patterns if not is_glob(p)]
-    conds: list[ColumnElement[bool]] = [ExpertRow.name.in_(exact)] if exact else []
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    for p in patterns:
-        if is_glob(p):
-            conds.append(ExpertRow.name.op("GLOB")(p) if sqlite else ExpertRow.name.like(_like_pattern(p)))
-    return or_(*conds)
-
-
-def query_condition(session: Session, query: ExpertQuery) -> ColumnElement[bool]:
-    """The WHERE clause selecting the experts ``query`` matches (filters are uncorrelated ``IN``
-    subqueries, so it can be put on any statement over ``experts``)."""
-    conds: list[ColumnElement[bool]] = []
-    if query.names:
-        conds.append(name_condition(session, query.names))
-    if query.kinds:
-        conds.append(ExpertRow.kind.in_(query.kinds))
-    if query.bases:
-        bases = select(BaseModelRow.id).where(BaseModelRow.name.in_(query.bases)).correlate(None)
-        conds.append(ExpertRow.base_model_id.in_(bases))
-    if query.tags:
-        tagged = (
-            select(ExpertTagRow.expert_id)
-            .join(TagRow, TagRow.id == ExpertTagRow.tag_id)
-            .where(TagRow.name.in_(query.tags))
-            .correlate(None)
-        )
-        conds.append(ExpertRow.id.in_(tagged))
-    if query.tasks:
-        on_task = (
-            select(ExpertTaskRow.expert_id)
-            .join(TaskRow, TaskRow.id == ExpertTaskRow.task_id)
-            .where(TaskRow.name.in_(query.tasks))
-            .correlate(None)
-        )
-        conds.append(ExpertRow.id.in_(on_task))
-    if query.clusters:
-        refs = []
-        for ref in query.clusters:
-            name, index = parse_cluster_ref(ref)
-            cond = ClusteringRow.name == name
-            refs.append(cond if index is None else cond & (ClusterRow.index == index))
-        clusters = (
-            select(ClusterRow.id)
-            .join(ClusteringRow, ClusteringRow.id == ClusterRow.clustering_id)
-            .where(or_(*refs))
-            .correlate(None)
-        )
-        conds.append(ExpertRow.cluster_id.in_(clusters))
-    return and_(*conds) if conds else true()
-
-
-def query_statement(session: Session, query: ExpertQuery) -> Select[ExpertRow]:
-    """The rows ``query`` matches, in name order (for catalog modules that join further)."""
-    return select(ExpertRow).where(query_condition(session, query)).order_by(ExpertRow.name)
-
-
 def _matching_ids(session: Session, query: ExpertQuery) -> Select[int]:
     return select(ExpertRow.id).where(query_condition(session, query)).correlate(None)
 
 
 def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
-    return list(session.scalars(query_statement(session, query)).unique())
+    stmt = select(ExpertRow).where(query_condition(session, query)).order_by(ExpertRow.name)
+    return list(session.scalars(stmt).unique())
 
 
 def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
@@ -413,7 +339,7 @@ _EXPERT_COLUMNS = (
     ExpertRow.id,
     ExpertRow.name,
     ExpertRow.kind,
-    BaseModelRow.name,
+    BaseModelRow.name.label("base"),
     ExpertRow.rank,
     ExpertRow.alpha,
     ExpertRow.use_rslora,
@@ -425,8 +351,8 @@ _EXPERT_COLUMNS = (
     ExpertRow.source,
     ExpertRow.extra,
     ExpertRow.created_at,
-    ClusteringRow.name,
-    ClusterRow.index,
+    ClusteringRow.name.label("clustering"),
+    ClusterRow.index.label("cluster_index"),
 )
 
 
@@ -458,45 +384,27 @@ def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = T
     lineage = _lineages(session, ids) if with_lineage else {}
     return [
         Expert(
-            name=name,
-            kind=kind,
-            base_model=base,
-            rank=rank,
-            alpha=alpha,
-            use_rslora=use_rslora,
-            target_modules=tuple(target_modules),
-            modules={k: ModuleShape(*v) for k, v in module_shapes.items()},
-            dtype=dtype,
-            sha256=sha256,
-            bytes=size,
-            files=tuple(files[eid]),
-            source=source,
-            tasks=tuple(tasks[eid]),
-            tags=tuple(tags[eid]),
-            cluster=None if clustering is None else f"{clustering}:{index}",
-            metadata=dict(extra or {}),
-            lineage=lineage.get(eid),
-            created_at=created_at,
+            name=r.name,
+            kind=r.kind,
+            base_model=r.base,
+            rank=r.rank,
+            alpha=r.alpha,
+            use_rslora=r.use_rslora,
+            target_modules=tuple(r.target_modules),
+            modules={k: ModuleShape(*v) for k, v in r.module_shapes.items()},
+            dtype=r.dtype,
+            sha256=r.sha256,
+            bytes=r.bytes,
+            files=tuple(files[r.id]),
+            source=r.source,
+            tasks=tuple(tasks[r.id]),
+            tags=tuple(tags[r.id]),
+            cluster=None if r.clustering is None else f"{r.clustering}:{r.cluster_index}",
+            metadata=dict(r.extra or {}),
+            lineage=lineage.get(r.id),
+            created_at=r.created_at,
         )
-        for (
-            eid,
-            name,
-            kind,
-            base,
-            rank,
-            alpha,
-            use_rslora,
-            target_modules,
-            module_shapes,
-            dtype,
-            sha256,
-            size,
-            source,
-            extra,
-            created_at,
-            clustering,
-            index,
-        ) in rows
+        for r in rows
     ]
 
 
