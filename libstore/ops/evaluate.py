@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libstore.catalog import evals as cat
+from libstore.catalog.evals import Evaluation
 from libstore.errors import NotFoundError, ValidationError
 from libstore.ops import prototypes as protos
 from libstore.ops import route
@@ -49,8 +50,22 @@ from libstore.types import ClusteringInput, EvalMetrics, EvalRecord, Expert, Exp
 if TYPE_CHECKING:
     import torch
 
-    from libstore.catalog.evals import Evaluation
     from libstore.router.model import RoutedModel
+
+__all__ = [
+    "ALL",
+    "METRICS",
+    "Comparison",
+    "Evaluation",
+    "Example",
+    "compare",
+    "evaluate",
+    "evaluation",
+    "evaluations",
+    "plot",
+    "read_examples",
+    "remove",
+]
 
 ALL = "all"
 """The key of the overall metrics, next to one key per task."""
