@@ -355,6 +355,15 @@ class AdapterFile:
 
 # --- routers and evaluations ------------------------------------------------------------------------
 
+RouterName = Literal["arrow", "spectr", "uniform"]
+"""The routers a routed model can use (``libstore.router.routers``)."""
+ROUTER_NAMES: tuple[str, ...] = get_args(RouterName)
+Granularity = Literal["token", "sequence"]
+"""Route every token, or each sequence once from its prompt."""
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+EvalMetric = Literal["exact_match", "loss", "routing_token", "routing_sequence"]
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
+
 
 @dataclass(frozen=True)
 class RouterSpec:

@@ -11,8 +11,9 @@ import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, echo_table, json_option
+from libstore.types import EVAL_METRICS
 
-METRICS = ["exact_match", "loss", "routing_token", "routing_sequence"]
+METRICS = list(EVAL_METRICS)
 DEFAULT_ROUTERS = ("arrow", "spectr", "uniform")
 
 _metric_for_plot = click.option(

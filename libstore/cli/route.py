@@ -6,6 +6,7 @@ import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, json_option
+from libstore.types import ROUTER_NAMES
 
 _top_n = click.option(
     "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
@@ -19,7 +20,7 @@ _top_n = click.option(
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option(
     "--router",
-    type=click.Choice(["arrow", "spectr", "uniform"]),
+    type=click.Choice(ROUTER_NAMES),
     default="arrow",
     show_default=True,
     help="How tokens choose experts (arrow: top singular vector; spectr: whole spectrum of ΔW).",
@@ -105,9 +106,7 @@ def route(
 @click.option("--experts", default="kind=task", show_default=True, help="Query selecting the experts.")
 @click.option("--prompt", required=True, help="The prompt whose experts are chosen (once, for it).")
 @click.option("--base", help="Base model folder or Hub id (default: where the base was registered from).")
-@click.option(
-    "--router", type=click.Choice(["arrow", "spectr", "uniform"]), default="arrow", show_default=True
-)
+@click.option("--router", type=click.Choice(ROUTER_NAMES), default="arrow", show_default=True)
 @click.option("--general", help="GenKnowSub on the fly: query selecting general experts to subtract.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))

@@ -45,7 +45,15 @@ from libstore.ops.context import Context
 from libstore.ops.experts import get_base
 from libstore.ops.query import format_query, parse_query
 from libstore.ops.routers import parse_spec
-from libstore.types import ClusteringInput, EvalMetrics, EvalRecord, Expert, ExpertQuery, RouterSpec
+from libstore.types import (
+    EVAL_METRICS,
+    ClusteringInput,
+    EvalMetrics,
+    EvalRecord,
+    Expert,
+    ExpertQuery,
+    RouterSpec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +77,7 @@ __all__ = [
 
 ALL = "all"
 """The key of the overall metrics, next to one key per task."""
-METRICS = ("exact_match", "loss", "routing_token", "routing_sequence")
+METRICS = EVAL_METRICS
 MAX_DATA_BYTES = 1 << 30
 
 

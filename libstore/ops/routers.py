@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 from libstore.errors import RouterError, ValidationError
 from libstore.ops import prototypes as protos
 from libstore.ops.context import Context
-from libstore.types import Expert, RouterSpec
+from libstore.types import GRANULARITIES, ROUTER_NAMES, Expert, RouterSpec
 
 if TYPE_CHECKING:
     import torch
 
     from libstore.router.routers import Router
 
-NAMES = ("arrow", "spectr", "uniform", "oracle")
-GRANULARITIES = ("token", "sequence")
+NAMES = (*ROUTER_NAMES, "oracle")
 COMMON = {"top_k": int, "temperature": float, "granularity": str, "general": str}
 OWN: dict[str, dict[str, type]] = {
     "arrow": {"top_n": int, "method": str},

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from libstore.errors import LibstoreError, RouterError
 from libstore.lowrank.gks import subtract_general_param
 from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
-from libstore.router.model import Granularity, RoutedModel
+from libstore.router.model import RoutedModel
 from libstore.router.routers import (
     Arrow,
     PrototypeFn,
@@ -65,6 +65,7 @@ from libstore.router.routers import (
     make_router,
     peft_prototype_fn,
 )
+from libstore.types import Granularity
 
 __all__ = [
     "ExpertTensors",

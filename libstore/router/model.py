@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -22,9 +22,7 @@ from libstore.errors import RouterError
 from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
 from libstore.router.sequence import SequenceRoutes
 from libstore.router.trace import RoutingTrace
-
-Granularity = Literal["token", "sequence"]
-GRANULARITIES: tuple[str, ...] = ("token", "sequence")
+from libstore.types import GRANULARITIES, Granularity
 
 __all__ = ["RoutedModel"]
 
