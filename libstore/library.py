@@ -10,12 +10,22 @@ from typing import TYPE_CHECKING, Any
 from libstore import config
 from libstore.ops import experts as _experts
 from libstore.ops.context import Context, init_library, open_library
-from libstore.types import BaseModel, Expert, ExpertQuery
+from libstore.types import (
+    BaseModel,
+    Expert,
+    ExpertQuery,
+    ExportFormat,
+    GksMode,
+    Mixing,
+    PrototypeMethod,
+    SimilarityMetric,
+)
 
 if TYPE_CHECKING:  # the low-rank operations import torch: loaded only when called
     from libstore.catalog.clusterings import Clustering
     from libstore.catalog.prototypes import CacheEntry
-    from libstore.ops.derive import GksReport, LineageInfo, StaleReport
+    from libstore.ops.derive import GksReport
+    from libstore.ops.lineage import LineageInfo, StaleReport
     from libstore.ops.maintenance import GcReport, VerifyReport
     from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
     from libstore.ops.similarity import SimilarityMatrix
@@ -164,7 +174,7 @@ class Library:
         self,
         query: str | ExpertQuery | Iterable[str] | None = None,
         *,
-        method: str = "exact",
+        method: PrototypeMethod = "exact",
         top_n: int = 1,
         iters: int = 15,
         seed: int = 0,
@@ -186,7 +196,7 @@ class Library:
     def prototypes(
         self,
         expert_or_query: str | Expert | ExpertQuery | Iterable[str],
-        method: str = "exact",
+        method: PrototypeMethod = "exact",
         top_n: int = 1,
         *,
         iters: int = 15,
@@ -228,7 +238,7 @@ class Library:
         *,
         general: str | ExpertQuery | Iterable[str],
         experts: str | ExpertQuery | Iterable[str],
-        mode: str = "param",
+        mode: GksMode = "param",
         rank: int | None = None,
         suffix: str = "_res",
         refresh: bool = False,
@@ -261,7 +271,7 @@ class Library:
         self,
         query: str | ExpertQuery | Iterable[str] | None = None,
         *,
-        metric: str = "delta",
+        metric: SimilarityMetric = "delta",
         device: str | None = None,
     ) -> SimilarityMatrix:
         """Cosine similarity of the matching experts: ``delta`` (of ΔW, exact) or ``flat``
@@ -303,15 +313,15 @@ class Library:
 
     def lineage(self, name: str) -> LineageInfo:
         """How ``name`` was derived (parents with their current state, method, params), and its children."""
-        from libstore.ops import derive as _derive
+        from libstore.ops import lineage as _lineage
 
-        return _derive.lineage(self._ctx, name)
+        return _lineage.lineage(self._ctx, name)
 
     def stale(self) -> StaleReport:
         """Derived experts whose parents changed or are gone, and orphaned prototype caches."""
-        from libstore.ops import derive as _derive
+        from libstore.ops import lineage as _lineage
 
-        return _derive.stale(self._ctx)
+        return _lineage.stale(self._ctx)
 
     # --- MBC clustering (issue 5) -----------------------------------------------------------
 
@@ -320,7 +330,7 @@ class Library:
         experts: str | ExpertQuery | Iterable[str] | None = "kind=task",
         *,
         k: int | None = None,
-        metric: str = "flat",
+        metric: SimilarityMetric = "flat",
         seed: int = 0,
         name: str | None = None,
         keep: float = 0.2,
@@ -366,7 +376,7 @@ class Library:
 
         return _clusters.get(self._ctx, name)
 
-    def export_clustering(self, name: str, format: str = "json") -> str:
+    def export_clustering(self, name: str, format: ExportFormat = "json") -> str:
         """The task lists of the clusters as ``json`` or ``csv`` text (to train cluster experts)."""
         from libstore.ops import clusters as _clusters
 
@@ -549,8 +559,8 @@ class Library:
         top_k: int = 3,
         temperature: float = 1.0,
         general: str | ExpertQuery | None = None,
-        method: str = "exact",
-        mixing: str = "output",
+        method: PrototypeMethod = "exact",
+        mixing: Mixing = "output",
         device: Any = None,
         dtype: Any = None,
         allow_base_mismatch: bool = False,
