@@ -332,3 +332,21 @@ def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: 
             torch.testing.assert_close(got.modules[m].values.double(), want, rtol=1e-5, atol=1e-6)
     finally:
         lib.close()
+
+
+def test_parent_scale_changed_with_same_weights_is_stale(gkslib: Library) -> None:
+    """A parent whose lora_alpha changed but not its weights (a pull can do that) has another ΔW:
+    its children are stale, and a rerun does not reuse them."""
+    from sqlalchemy import text
+
+    gkslib.subtract_general(general="kind=general", experts="kind=task")
+    assert gkslib.stale().empty
+    with gkslib.context.catalog.engine.begin() as conn:
+        conn.execute(text("UPDATE experts SET alpha = 32 WHERE name = 'a'"))
+    report = gkslib.stale()
+    assert [(s.name, s.method) for s in report.experts] == [("a_res", "gks-param")]
+    assert "LoRA scale" in report.experts[0].reasons[0]
+    assert gkslib.lineage("a_res").is_stale and not gkslib.lineage("b_res").is_stale
+    with pytest.raises(AlreadyExistsError, match="--refresh") as err:
+        gkslib.subtract_general(general="kind=general", experts="a")
+    assert (err.value.what, err.value.name) == ("expert", "a_res")

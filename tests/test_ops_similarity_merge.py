@@ -194,3 +194,21 @@ def test_merge_keyed_on_scale_not_only_weights(library: Library, base_dir: Path,
         library.merge(["hi", "c"], name="m_lo")  # not "the same merge": hi's ΔW is not lo's
     library.merge(["hi", "c"], name="m_lo", refresh=True)
     check("m_lo", "hi")
+
+
+@sqlite_only
+def test_similarity_streams_within_any_budget(trio: Library) -> None:
+    """``similarity`` reads the experts one group of modules at a time (the clustering path): any
+    memory budget gives the matrix of the whole experts."""
+    from libstore.ops.similarity import similarity
+
+    for metric in ("delta", "flat"):
+        names = "a b c" if metric == "delta" else "a b"  # flat compares raw parameters: equal ranks
+        whole = similarity(trio.context, names, metric=metric)
+        for budget in (1, 4096):
+            streamed = similarity(trio.context, names, metric=metric, budget_bytes=budget)
+            assert streamed.names == whole.names
+            for row_s, row_w in zip(streamed.values, whole.values, strict=True):
+                assert row_s == pytest.approx(row_w, abs=1e-6)
+    with pytest.raises(IncompatibleExpertsError, match="--metric delta"):
+        trio.similarity("a c", metric="flat")  # ranks 4 and 8: refused with the way out
