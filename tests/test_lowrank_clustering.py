@@ -495,17 +495,19 @@ def test_streamed_mbc_similarity_equals_in_memory_reference(first_width: int, bl
     rest = flat[:, first_width:]
     blocks = [rest[:, j : j + block] for j in range(0, rest.shape[1], block)]
     S, fdim = mbc_similarity(
-        iter(flat), iter(blocks), first_width=first_width, keep=0.2, dim=8, block_cols=33
+        iter(flat), iter(blocks), n=20, first_width=first_width, keep=0.2, dim=8, block_cols=33
     )
     assert fdim == 8 and S.dtype == torch.float64
     torch.testing.assert_close(S, want, atol=1e-6, rtol=0)  # float32 block products
     torch.testing.assert_close(S, cosine_matrix(mbc_features(flat, keep=0.2, dim=8)), atol=2e-6, rtol=0)
     S64, _ = mbc_similarity(
-        iter(flat.double()), iter(b.double() for b in blocks), first_width=first_width, dim=8
+        iter(flat.double()), iter(b.double() for b in blocks), n=20, first_width=first_width, dim=8
     )
     torch.testing.assert_close(S64, want, atol=1e-12, rtol=0)
     with pytest.raises(ValidationError, match="no experts"):
-        mbc_similarity(iter(()), iter(()), first_width=1)
+        mbc_similarity(iter(()), iter(()), n=1, first_width=1)
+    with pytest.raises(ValidationError, match="19 rows given for n=20"):
+        mbc_similarity(iter(flat[:19]), iter(()), n=20, first_width=1000)
 
 
 def test_partition_criteria() -> None:

@@ -238,6 +238,7 @@ def mbc_similarity(
     rows: Iterable[Tensor],
     blocks: Iterable[Tensor],
     *,
+    n: int,
     first_width: int,
     keep: float = 0.2,
     dim: int = 64,
@@ -247,31 +248,38 @@ def mbc_similarity(
     and the feature dimension used. Equals ``cosine_matrix(mbc_features(flat, keep=keep, dim=dim))``.
 
     Args:
-        rows: each expert's whole flattened row (d,), in expert order, read once: the magnitude
-            threshold needs the whole row. Its first ``first_width`` columns are kept on the way.
+        rows: each of the ``n`` experts' whole flattened row (d,), in expert order, read once: the
+            magnitude threshold needs the whole row. Its first ``first_width`` columns are kept.
         blocks: the remaining columns, as (n, w) blocks in column order (every expert's slice of the
             next columns). Empty when the first block is the whole row.
         block_cols: working-buffer width of :func:`sparsified_gram`.
 
     Memory: n × ``first_width`` plus one block at a time, plus O(n²): a caller that reads the rows and
-    blocks from storage lazily holds only that, however large the experts are.
+    blocks from storage lazily (generators) holds only that, however large the experts are.
     """
+    n = check_int(n, "n", 1)
     first_width = check_int(first_width, "first_width", 1)
-    firsts: list[Tensor] = []
-    thresholds: list[float] = []
-    d = 0
-    for row in rows:
+    first: Tensor | None = None
+    thr = torch.empty(n, dtype=torch.float64)
+    d = seen = 0
+    for i, row in enumerate(rows):
+        if i >= n:
+            raise ValidationError(f"more than n={n} rows given")
         row = _flat(row.reshape(1, -1))
         d = row.shape[1]
-        thresholds.append(float(keep_thresholds(row, keep)[0]))
-        firsts.append(row[0, :first_width].clone())  # not a view: the row itself is dropped
-    if not firsts:
-        raise ValidationError("no experts to compare")
-    thr = torch.tensor(thresholds, dtype=torch.float64)
-    gram = sparsified_gram(torch.stack(firsts), thr, block_cols=block_cols)
-    del firsts
+        if first is None:
+            first = row.new_empty(n, min(first_width, d))
+        thr[i] = keep_thresholds(row, keep)[0]
+        first[i] = row[0, : first.shape[1]]
+        seen = i + 1
+        del row
+    if first is None or seen != n:
+        raise ValidationError(f"{seen} rows given for n={n} experts" if seen else "no experts to compare")
+    gram = sparsified_gram(first, thr, block_cols=block_cols)
+    del first
     for block in blocks:
         gram += sparsified_gram(block, thr, block_cols=block_cols)
+        del block  # before the next block is read: one block at a time
     features = features_from_gram(gram, min(check_int(dim, "dim", 1), d))
     return cosine_matrix(features), int(features.shape[1])
 

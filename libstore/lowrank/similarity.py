@@ -123,6 +123,7 @@ def delta_similarity(groups: Iterable[Sequence[ModuleFactors]]) -> Tensor:
     gram: Tensor | None = None
     for experts in groups:
         g = delta_gram_matrix(experts).to("cpu")
+        del experts  # before the next group is read: one group at a time
         gram = g if gram is None else gram + g
     if gram is None:
         raise ValidationError("no modules to compare")
@@ -171,6 +172,7 @@ def flat_similarity(blocks: Iterable[Tensor]) -> Tensor:
     gram: Tensor | None = None
     for block in blocks:
         g = flat_gram(block).to("cpu")
+        del block  # before the next block is read: one block at a time
         gram = g if gram is None else gram + g
     if gram is None:
         raise ValidationError("no parameters to compare")

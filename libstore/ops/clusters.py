@@ -290,6 +290,7 @@ def similarity_matrix(
         S, fdim = mbc_similarity(
             rows,
             blocks,
+            n=n,
             first_width=sum(widths[m] for m in groups[0]),
             keep=keep,
             dim=dim,
