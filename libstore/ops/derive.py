@@ -194,6 +194,7 @@ def subtract_general(
         names = [p.residual for p in plans]
         existing = set(deriv.experts_named(s, names))
         derivations = deriv.derivations_of(s, names)
+        shas = {n: e.sha256 for n, e in deriv.experts_named(s, found.values()).items()}
     for p in plans:
         if p.key in found:
             p.status, p.residual = "reused", found[p.key]
@@ -224,6 +225,7 @@ def subtract_general(
         with ctx.catalog.write() as s:
             now = deriv.current_parents(s, [*gen, *(p.expert for p in todo)])
             found = deriv.children_by_inputs_key(s, [p.key for p in todo])
+            shas.update({n: e.sha256 for n, e in deriv.experts_named(s, found.values()).items()})
             existing = set(deriv.experts_named(s, [p.residual for p in todo]))
             parents_g = tuple(DerivationParent("general", g.name, g.sha256) for g in gen)
             for p in todo:
@@ -256,11 +258,7 @@ def subtract_general(
                 )
                 deriv.save_derived(s, record, derivation, replace=p.status == "refreshed")
                 found[p.key] = p.residual
-    reused = [p.residual for p in plans if p.status == "reused"]
-    shas: dict[str, str] = {}
-    if reused:
-        with ctx.catalog.read() as s:
-            shas = {n: e.sha256 for n, e in deriv.experts_named(s, reused).items()}
+                shas[p.residual] = p.staged.sha256
     return GksReport(
         method=method,
         mode=mode,
@@ -271,7 +269,7 @@ def subtract_general(
                 p.expert.name,
                 p.residual,
                 p.status,
-                shas[p.residual] if p.status == "reused" or p.staged is None else p.staged.sha256,
+                shas[p.residual],
                 p.energy_kept,
             )
             for p in plans
