@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from libstore.canonical import canonical_sha256
+from libstore.errors import QueryError
+
+# --- the named choices of the public API (one place; the CLI's click.Choice lists come from here) ---
 
 ExpertKind = Literal["task", "general", "residual", "cluster", "merged"]
 EXPERT_KINDS: tuple[str, ...] = get_args(ExpertKind)
-
-# --- modes, methods and metrics of the operations (one place; signatures use these) ------------------
 
 GksMode = Literal["param", "delta"]
 """GenKnowSub: ``param`` (A − mean A_g, B − mean B_g, as PEFT) or ``delta`` (ΔW − mean ΔW_g, exact)."""
@@ -259,7 +262,7 @@ def delta_key(weights_sha256: str, *, rank: int, alpha: float, use_rslora: bool)
 
     Everything derived from ΔW (GenKnowSub residuals, merges) is keyed on this, never on the weights
     file alone: two experts with one weights file and another ``lora_alpha`` are other inputs. The
-    one function that computes it (migration 0002 repeats the formula, frozen).
+    one function that computes it (migration 0003 repeats the formula, frozen).
     """
     return canonical_sha256(
         {
@@ -272,11 +275,55 @@ def delta_key(weights_sha256: str, *, rank: int, alpha: float, use_rslora: bool)
     )
 
 
+#: Largest cluster index a query may name: the catalog stores indexes as 32-bit integers.
+MAX_CLUSTER_INDEX = 2**31 - 1
+_CLUSTER_REF = re.compile(r"(?P<name>[^:]+)(?::(?P<index>[0-9]+))?")
+
+
+def parse_cluster_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:INDEX`` -> (clustering name, index or ``None``); :class:`QueryError` otherwise."""
+    m = _CLUSTER_REF.fullmatch(ref)
+    if m is None:
+        raise QueryError(f"cluster must be NAME or NAME:INDEX (e.g. mbc-k10:3), got {ref!r}", query=ref)
+    index = m["index"]
+    if index is None:
+        return m["name"], None
+    if len(index) > 10 or int(index) > MAX_CLUSTER_INDEX:
+        raise QueryError(
+            f"cluster index {index[:20]}{'...' if len(index) > 20 else ''} in {ref[:60]!r} is out of "
+            f"range (0..{MAX_CLUSTER_INDEX}); see the clusters with: libstore clusters ls",
+            query=ref,
+        )
+    return m["name"], int(index)
+
+
+def is_glob(pattern: str) -> bool:
+    """Does a name pattern hold a wildcard (``*`` or ``?``)?"""
+    return "*" in pattern or "?" in pattern
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.DOTALL
+    )
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """The one name-glob semantics of libstore, case-sensitive like file globs: ``*`` matches any run
+    of characters (also none), ``?`` exactly one, every other character itself. The catalog's SQL
+    (``GLOB`` on SQLite, ``LIKE`` on PostgreSQL) implements the same; :class:`ExpertQuery` refuses
+    ``[...]`` classes, which names (letters, digits, ``.``, ``_``, ``-``) never need."""
+    return _glob_regex(pattern).fullmatch(name) is not None
+
+
 @dataclass(frozen=True)
 class ExpertQuery:
     """A parsed catalog query. Within one field values are OR-ed; fields are AND-ed.
 
-    ``names`` may hold shell-style globs (``arc_*``).
+    ``names`` may hold globs (``arc_*``, see :func:`glob_match`); ``clusters`` are ``NAME`` or
+    ``NAME:INDEX``. Checked on construction (:class:`QueryError`), so a query built in Python is
+    refused the same way as a parsed one.
     """
 
     names: tuple[str, ...] = ()
@@ -286,20 +333,53 @@ class ExpertQuery:
     tasks: tuple[str, ...] = ()
     clusters: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for n in self.names:
+            if "[" in n or "]" in n:
+                raise QueryError(
+                    f"name pattern {n!r}: character classes [...] are not supported; use * (any run "
+                    f"of characters) and ? (one character), e.g. 'arc_*'",
+                    query=n,
+                )
+        bad = [k for k in self.kinds if k not in EXPERT_KINDS]
+        if bad:
+            raise QueryError(f"unknown kind {bad[0]!r}; kinds are {', '.join(EXPERT_KINDS)}", query=bad[0])
+        for c in self.clusters:
+            parse_cluster_ref(c)
+
+    def matches_name(self, name: str) -> bool:
+        """Does ``name`` match one of ``names`` (true when the query names nothing)?"""
+        return not self.names or any(glob_match(p, name) for p in self.names)
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """Bytes copied into the blob store under a temp name and hashed, not yet at their address.
+
+    Made by ``BlobStore.stage_file``; validate the copy at ``path``, then ``BlobStore.commit_staged``
+    renames it to ``blobs/sha256/<2 hex>/<sha256>`` (or drops it when that blob is already stored)
+    or ``BlobStore.discard`` drops it. Validating this copy, never the source again, is what makes
+    the stored bytes the validated ones. ``path`` may also name a blob already in place (an adapter
+    validated where it is stored); committing that claims it, discarding it does nothing.
+    """
+
+    path: str
+    sha256: str
+    size: int
+
 
 @dataclass(frozen=True)
 class AdapterFile:
     """A PEFT adapter folder that passed validation, ready to be stored.
 
-    Built by the store layer from files on disk; carries no tensors, only header facts.
+    Built by the store layer; carries no tensors, only header facts, and the validated copy of the
+    weights (``weights``, staged in the blob store: commit or discard it).
     """
 
     folder: str
     config: dict[str, Any]
     config_bytes: bytes
-    weights_path: str
-    weights_sha256: str
-    weights_size: int
+    weights: StagedBlob
     rank: int
     alpha: float
     use_rslora: bool
@@ -308,3 +388,11 @@ class AdapterFile:
     dtype: str
     base_model_name_or_path: str | None
     extra_files: tuple[str, ...] = ()
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.weights.sha256
+
+    @property
+    def weights_size(self) -> int:
+        return self.weights.size

@@ -275,7 +275,7 @@ def test_same_weights_other_alpha_get_their_own_residuals(
 
 @sqlite_only
 def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: Path, tmp_path: Path) -> None:
-    """A catalog written before derivations were keyed on ΔW (revision 0001: keys over the parents'
+    """A catalog written before derivations were keyed on ΔW (revisions before 0003: keys over the parents'
     weights sha256, prototype values of s·B·A under method version 1) keeps working after the upgrade:
     its derivations are re-keyed (a rerun reuses them), stale cache entries are gone, and an expert
     with the same weights but another alpha is not served the old results."""
@@ -311,7 +311,7 @@ def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: 
                 {"k": key, "n": name},
             )
         conn.execute(text("UPDATE prototype_cache SET method_version = 1"))
-        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0001'"))
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0002'"))
     path = library.path
     library.close()
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, select, true
 from sqlalchemy.orm import Session
 
-from libstore.catalog import repo
+from libstore.catalog import filters, repo
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -323,7 +323,7 @@ def _views(session: Session, name: str | None, parse: Callable[[str], ExpertQuer
 def _added(session: Session, base_id: int, query: ExpertQuery, seen: set[int]) -> list[str]:
     """Experts of the clustering's base model that match ``query`` now and that it did not see."""
     stmt = (
-        repo._query_statement(query)
+        filters.query_statement(session, query)
         .with_only_columns(ExpertRow.id, ExpertRow.name)
         .where(ExpertRow.base_model_id == base_id)
     )

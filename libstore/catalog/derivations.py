@@ -248,8 +248,9 @@ def experts_named(session: Session, names: Iterable[str]) -> dict[str, Expert]:
     wanted = sorted(set(names))
     if not wanted:
         return {}
-    rows = repo.find_expert_rows(session, ExpertQuery(names=tuple(wanted)))
-    return {r.name: repo.to_expert(session, r, with_lineage=False) for r in rows}
+    return {
+        e.name: e for e in repo.find_experts(session, ExpertQuery(names=tuple(wanted)), with_lineage=False)
+    }
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -312,24 +313,7 @@ def save_derived(session: Session, expert: Expert, derivation: Derivation, *, re
             kind=expert.kind,
         )
     else:
-        repo.insert_expert(
-            session,
-            name=expert.name,
-            kind=expert.kind,
-            base=repo.base_row(session, expert.base_model),
-            rank=expert.rank,
-            alpha=expert.alpha,
-            use_rslora=expert.use_rslora,
-            target_modules=expert.target_modules,
-            modules=expert.modules,
-            dtype=expert.dtype,
-            files=expert.files,
-            weights_file=ADAPTER_WEIGHTS,
-            source=expert.source,
-            metadata=expert.metadata,
-            tasks=expert.tasks,
-            tags=expert.tags,
-        )
+        repo.add_expert(session, expert)
     set_derivation(session, expert.name, derivation)
     stored = experts_named(session, [expert.name])[expert.name]
     return dataclasses.replace(stored, lineage=derivations_of(session, [expert.name])[expert.name])

@@ -13,10 +13,10 @@ import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
-from libstore.types import EXPORT_FORMATS, SIMILARITY_METRICS
+from libstore.types import EXPORT_FORMATS, SIMILARITY_METRICS, ExportFormat, SimilarityMetric
 
 if TYPE_CHECKING:
-    from libstore.catalog.clusterings import Clustering
+    from libstore.ops.clusters import Clustering
 
 
 def _num(x: float | None) -> str:
@@ -162,7 +162,7 @@ def cluster(
     query: str,
     k: int | None,
     k_range: str | None,
-    metric: str,
+    metric: SimilarityMetric,
     seed: int,
     name: str | None,
     keep: float,
@@ -277,7 +277,7 @@ def show(state: State, name: str, as_json: bool) -> None:
     "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout."
 )
 @click.pass_obj
-def export(state: State, name: str, fmt: str, out: Path | None) -> None:
+def export(state: State, name: str, fmt: ExportFormat, out: Path | None) -> None:
     """Print the task list of every cluster, ready to train one cluster expert per cluster.
 
     \b

@@ -12,10 +12,10 @@ import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
-from libstore.types import GKS_MODES, PROTOTYPE_METHODS, SIMILARITY_METRICS
+from libstore.types import GKS_MODES, PROTOTYPE_METHODS, SIMILARITY_METRICS, SimilarityMetric
 
 if TYPE_CHECKING:
-    from libstore.catalog.derivations import ParentState
+    from libstore.ops.lineage import ParentState
 
 METHOD = click.Choice(PROTOTYPE_METHODS)
 
@@ -268,7 +268,7 @@ def gks(state: State, /, general: str, experts: str, as_json: bool, **kw: Any) -
 def similarity(
     state: State,
     query: tuple[str, ...],
-    metric: str,
+    metric: SimilarityMetric,
     plot_path: str | None,
     device: str | None,
     as_json: bool,

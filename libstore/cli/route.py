@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from libstore.cli.app import State
-from libstore.types import PROTOTYPE_METHODS
+from libstore.types import PROTOTYPE_METHODS, PrototypeMethod
 
 
 @click.command()
@@ -39,7 +39,7 @@ def route(
     prompt: str,
     top_k: int,
     temperature: float,
-    method: str,
+    method: PrototypeMethod,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,

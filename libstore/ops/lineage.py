@@ -18,6 +18,18 @@ from libstore.errors import NotFoundError
 from libstore.ops.context import Context
 from libstore.ops.derive import METHOD_VERSIONS, OUTPUT_PARAMS, inputs_key
 
+__all__ = [
+    "ChildLink",
+    "DerivationState",
+    "LineageInfo",
+    "ParentState",
+    "StaleClustering",
+    "StaleExpert",
+    "StaleReport",
+    "lineage",
+    "stale",
+]
+
 
 @dataclass(frozen=True)
 class ChildLink:

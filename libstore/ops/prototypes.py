@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from libstore.canonical import canonical_json
 from libstore.catalog import prototypes as cache
+from libstore.catalog.prototypes import CacheEntry
 from libstore.errors import IncompatibleExpertsError, IntegrityError, NotFoundError, ValidationError
 from libstore.ops.context import Context
 from libstore.ops.select import Target, resolve_experts
@@ -42,6 +43,21 @@ if TYPE_CHECKING:
 
     from libstore.lowrank.prototypes import Prototypes
     from libstore.ops.tensors import ModuleFactors
+
+__all__ = [
+    "PROTOTYPE_FORMAT",
+    "CacheEntry",
+    "ExpertPrototypes",
+    "PrototypeReport",
+    "PrototypeSpec",
+    "cache_entries",
+    "compute",
+    "ensure",
+    "load",
+    "method_spec",
+    "router_vectors",
+    "stacked",
+]
 
 PROTOTYPE_FORMAT = "libstore-prototypes/1"
 DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
@@ -429,7 +445,7 @@ def stacked(
     return out
 
 
-def cache_entries(ctx: Context) -> list[cache.CacheEntry]:
+def cache_entries(ctx: Context) -> list[CacheEntry]:
     """Every prototype cache entry, with the experts that currently have its weights hash."""
     with ctx.catalog.read() as s:
         return cache.entries(s)

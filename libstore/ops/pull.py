@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -54,8 +53,9 @@ from libstore.ops.sync import (
     _select,
     temp_dir,
 )
-from libstore.store.adapter import check_against_base, read_adapter
+from libstore.store.adapter import check_against_base, read_stored_adapter
 from libstore.types import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     Derivation,
     DerivationParent,
@@ -143,7 +143,7 @@ def pull(
             needed.setdefault(p.sha256, (p.path, p.size))
         missing = {sha: v for sha, v in needed.items() if not ctx.blobs.exists(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
-        _validate_experts(ctx, entries, manifest, tmp)
+        _validate_experts(ctx, entries, manifest)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
             added, updated, new_clusterings, skipped_clusterings = _apply(
@@ -243,21 +243,20 @@ def _download(
     pool.shutdown(wait=True)
 
 
-def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest, tmp: Path) -> None:
+def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest) -> None:
     """Re-validate every pulled expert's PEFT folder and check the manifest's claims against it."""
     for e in entries:
-        folder = tmp / "check" / e.name
-        folder.mkdir(parents=True)
-        for fname, f in e.files.items():
-            src = ctx.blobs.path(f.sha256)
-            try:
-                os.link(src, folder / fname)
-            except OSError:
-                shutil.copyfile(src, folder / fname)
         try:
-            adapter = read_adapter(folder)
+            if ADAPTER_CONFIG not in e.files or ADAPTER_WEIGHTS not in e.files:
+                raise ValidationError(f"it lacks {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS}")
+            adapter = read_stored_adapter(
+                ctx.blobs,
+                e.files[ADAPTER_CONFIG].sha256,
+                e.files[ADAPTER_WEIGHTS].sha256,
+                where=f"experts/{e.name}",
+            )
         except LibstoreError as err:
-            raise type(err)(f"expert {e.name!r} from the remote: {err}") from None
+            raise err.add_context(f"expert {e.name!r} from the remote") from None
         claims = {
             "rank": (e.rank, adapter.rank),
             "alpha": (e.alpha, adapter.alpha),
@@ -277,7 +276,6 @@ def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest,
                 )
         # the base's identity is its fingerprint (checked before); shapes are checked here
         check_against_base(adapter, _base_model(m.base_models[e.base_model]), allow_base_mismatch=True)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _apply(
@@ -377,7 +375,7 @@ def _apply(
         )
     for name in removes:
         if repo.expert_exists(s, name):
-            repo.delete_expert(s, repo.expert_row(s, name))
+            repo.delete_expert(s, name)
     remote_repo.link_experts(s, [e.name for e in entries])
     for p in protos:
         proto_repo.record(

@@ -37,7 +37,7 @@ def resolve_experts(ctx: Context, target: Target, *, what: str = "expert") -> li
         q = parse_query(target)
         shown = target if isinstance(target, str) else format_query(q)
         with ctx.catalog.read() as s:
-            experts = [repo.to_expert(s, r, with_lineage=False) for r in repo.find_expert_rows(s, q)]
+            experts = repo.find_experts(s, q, with_lineage=False)
         if not experts:
             raise NotFoundError(
                 f"no {what} matches {shown!r}; list them with: libstore ls", what="expert", name=shown

@@ -19,8 +19,8 @@ The formulas are repeated here, frozen, rather than imported: a migration must m
 whatever later code does. Downgrading keeps the new keys and the deleted cache entries deleted (an
 older libstore then recomputes them with --refresh / on demand).
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
