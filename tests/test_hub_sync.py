@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,12 +13,12 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import load_file
 
 from libstore import Library
-from libstore.catalog import remotes as remote_repo
-from libstore.catalog.remotes import ClusterData, ClusteringData
+from libstore.catalog import clusterings as clustering_repo
 from libstore.errors import HubError, IntegrityError, RemoteMovedError, SyncConflictError
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
 from libstore.ops import pull, push
 from libstore.store.blobs import sha256_file
+from libstore.types import ClusteringInput, ClusteringRecord, ClusterRecord
 from tests import hub_support as support
 from tests.factories import load_base, make_adapter
 from tests.hub_support import REPO, add_experts, snapshot
@@ -57,8 +58,8 @@ def _records(lib: Library) -> dict:
         (p.expert_sha256, p.method, p.method_version, p.params_key, p.blob_sha256)
         for p in lib.prototype_cache()
     )
-    with lib.context.catalog.read() as s:
-        clusterings = remote_repo.clusterings(s)
+    with lib.context.catalog.read() as s:  # as recorded; when is local to each library
+        clusterings = [dataclasses.replace(c, created_at=None) for c in clustering_repo.clustering_records(s)]
     return {"experts": experts, "prototypes": protos, "clusterings": clusterings}
 
 
@@ -74,9 +75,9 @@ def test_round_trip_between_two_libraries(
     library.tag("arc", "v2")
     library.subtract_general(general=["wiki_en", "wiki_fr"], experts=["arc"])
     with library.context.catalog.write() as s:
-        remote_repo.insert_clustering(
+        clustering_repo.insert_clustering(
             s,
-            ClusteringData(
+            ClusteringRecord(
                 name="mbc-k2",
                 base_model="tiny",
                 method="mbc",
@@ -86,10 +87,13 @@ def test_round_trip_between_two_libraries(
                 params={"top": 0.2},
                 criterion={"silhouette": 0.5},
                 query="kind=task",
-                inputs=(("arc", library.get("arc").sha256), ("boolq", library.get("boolq").sha256)),
+                inputs=(
+                    ClusteringInput("arc", library.get("arc").sha256),
+                    ClusteringInput("boolq", library.get("boolq").sha256),
+                ),
                 clusters=(
-                    ClusterData(0, "c0", {"n": 1}, ("arc",), ("arc",)),
-                    ClusterData(1, None, {}, ("boolq",), ("boolq",)),
+                    ClusterRecord(0, ("arc",), ("arc",), "c0", {"n": 1}),
+                    ClusterRecord(1, ("boolq",), ("boolq",), None, {}),
                 ),
             ),
         )

@@ -6,7 +6,7 @@ import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, json_option
-from libstore.types import ROUTER_NAMES
+from libstore.types import PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMethod, RouterName
 
 _top_n = click.option(
     "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
@@ -35,7 +35,7 @@ _top_n = click.option(
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option(
     "--method",
-    type=click.Choice(["exact", "peft"]),
+    type=click.Choice(PROTOTYPE_METHODS),
     default="exact",
     show_default=True,
     help="Prototype method.",
@@ -55,12 +55,12 @@ def route(
     experts: str,
     general: str | None,
     prompt: str,
-    router: str,
+    router: RouterName,
     top_n: int,
     per_sequence: bool,
     top_k: int,
     temperature: float,
-    method: str,
+    method: PrototypeMethod,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,
@@ -120,7 +120,7 @@ def export_routed(
     experts: str,
     prompt: str,
     base: str | None,
-    router: str,
+    router: RouterName,
     general: str | None,
     top_k: int,
     temperature: float,

@@ -34,17 +34,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from libstore.catalog import evals as cat
 from libstore.catalog.evals import Evaluation
 from libstore.errors import NotFoundError, ValidationError
-from libstore.ops import prototypes as protos
 from libstore.ops import route
 from libstore.ops.context import Context
 from libstore.ops.experts import get_base
 from libstore.ops.query import format_query, parse_query
 from libstore.ops.routers import parse_spec
+from libstore.ops.select import resolve_experts
 from libstore.types import (
     EVAL_METRICS,
     ClusteringInput,
@@ -52,6 +52,8 @@ from libstore.types import (
     EvalRecord,
     Expert,
     ExpertQuery,
+    PrototypeMethod,
+    RouterName,
     RouterSpec,
 )
 
@@ -184,7 +186,7 @@ def evaluate(
     if not specs or len(set(labels)) != len(labels):
         raise ValidationError(f"give one or more distinct routers, got {labels}", field="router")
     query = parse_query(experts)
-    chosen = protos.resolve_experts(ctx, query)
+    chosen = resolve_experts(ctx, query)
     base_name = chosen[0].base_model
     own = _own_experts(chosen, examples)
     if any(s.name == "oracle" for s in specs):
@@ -274,7 +276,8 @@ def _build(
     allow_base_mismatch: bool,
 ) -> RoutedModel:
     p = spec.params
-    router = "uniform" if spec.name == "oracle" else spec.name
+    # check_spec made the name one of ROUTER_NAMES or "oracle", and the method one of Arrow's
+    router = cast(RouterName, "uniform" if spec.name == "oracle" else spec.name)
     return route.routed_model(
         ctx,
         base=model,
@@ -284,7 +287,7 @@ def _build(
         temperature=float(p.get("temperature", temperature)),
         general=p.get("general"),
         top_n=int(p.get("top_n", 1)),
-        method=str(p.get("method", "exact")),
+        method=cast(PrototypeMethod, p.get("method", "exact")),
         device=device,
         allow_base_mismatch=allow_base_mismatch,
     )

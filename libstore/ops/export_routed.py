@@ -29,7 +29,7 @@ from libstore.ops.experts import get_base
 from libstore.ops.query import format_query, parse_query
 from libstore.ops.tensors import derived_config, peft_key, read_config
 from libstore.store.safetensors_io import save_tensors
-from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertQuery
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertQuery, Mixing, PrototypeMethod, RouterName
 
 PROVENANCE = "libstore_routing.json"
 
@@ -61,13 +61,13 @@ def export_routed(
     experts: str | ExpertQuery = "kind=task",
     base: Any = None,
     tokenizer: Any = None,
-    router: str = "arrow",
+    router: RouterName = "arrow",
     top_k: int = 3,
     temperature: float = 1.0,
     general: str | ExpertQuery | None = None,
     top_n: int = 1,
-    method: str = "exact",
-    mixing: str = "output",
+    method: PrototypeMethod = "exact",
+    mixing: Mixing = "output",
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
 ) -> RoutedExport:

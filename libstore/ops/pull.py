@@ -5,6 +5,7 @@ before it enters the store, validate every expert, then apply everything in one 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import shutil
 import uuid
@@ -14,16 +15,16 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from libstore.catalog import clusterings as clustering_repo
+from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
 from libstore.catalog.models import BaseModelRow
-from libstore.catalog.remotes import DerivationData
 from libstore.errors import (
     BaseModelMismatchError,
     IntegrityError,
     LibstoreError,
-    NotFoundError,
     ValidationError,
 )
 from libstore.hub.client import (
@@ -45,7 +46,7 @@ from libstore.ops.sync import (
     DOWNLOAD_WORKERS,
     PullReport,
     _base_model,
-    _clustering_data,
+    _clustering_record,
     _local_state,
     _read_remote,
     _remote_name,
@@ -56,6 +57,8 @@ from libstore.store.adapter import check_against_base, read_stored_adapter
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    Derivation,
+    DerivationParent,
     ExpertQuery,
     ModuleShape,
     StoredFile,
@@ -298,21 +301,18 @@ def _apply(
     for name, c in sorted(m.clusterings.items()):
         if c.base_model not in bases:
             continue
-        mine = remote_repo.clustering(s, name)
-        data = _clustering_data(c)
+        mine = clustering_repo.clustering_record(s, name)
+        data = _clustering_record(c)
         if mine is None:
-            remote_repo.insert_clustering(s, data)
+            clustering_repo.insert_clustering(s, data)
             new_clusterings.append(name)
-        elif mine != data:
+        elif dataclasses.replace(mine, created_at=None) != data:
             skipped.append(name)
     added, updated = [], []
     for e in entries:
         base_row = bases[e.base_model]
         files = [StoredFile(fname, f.sha256, f.size) for fname, f in sorted(e.files.items())]
-        try:
-            cid = remote_repo.cluster_id(s, e.cluster)
-        except NotFoundError:
-            cid = None
+        cid = clustering_repo.cluster_id(s, e.cluster)
         modules = {k: ModuleShape(*v) for k, v in e.modules.items()}
         if repo.expert_exists(s, e.name):
             row = repo.expert_row(s, e.name)
@@ -360,17 +360,17 @@ def _apply(
         s.flush()
     for e in entries:
         d = e.derivation
-        remote_repo.set_derivation(
+        derivation_repo.set_derivation(
             s,
-            repo.expert_row(s, e.name),
+            e.name,
             None
             if d is None
-            else DerivationData(
+            else Derivation(
                 method=d.method,
                 method_version=d.method_version,
                 params=dict(d.params),
                 inputs_key=d.inputs_key,
-                parents=tuple(d.parents),
+                parents=tuple(DerivationParent(*p) for p in d.parents),
             ),
         )
     for name in removes:

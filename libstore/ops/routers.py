@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from libstore.errors import RouterError, ValidationError
 from libstore.ops import prototypes as protos
 from libstore.ops.context import Context
-from libstore.types import GRANULARITIES, ROUTER_NAMES, Expert, RouterSpec
+from libstore.types import GRANULARITIES, ROUTER_NAMES, Expert, PrototypeMethod, RouterSpec
 
 if TYPE_CHECKING:
     import torch
@@ -79,12 +79,14 @@ def check_spec(spec: RouterSpec) -> RouterSpec:
         )
     if out.get("top_k", 1) < 1 or out.get("top_n", 1) < 1:
         raise ValidationError(f"router {spec.label}: top_k and top_n must be at least 1", field="router")
+    if out.get("method", "exact") not in ("exact", "peft"):
+        raise ValidationError(f"router {spec.label}: method must be 'exact' or 'peft'", field="router")
     if "temperature" in out and not out["temperature"] > 0:
         raise ValidationError(f"router {spec.label}: temperature must be > 0", field="router")
     return RouterSpec(spec.name, out)
 
 
-def make(name: str, *, top_n: int = 1, method: str = "exact", seed: int = 0) -> Router:
+def make(name: str, *, top_n: int = 1, method: PrototypeMethod = "exact", seed: int = 0) -> Router:
     """The router object of a routed model (``oracle`` is not one: it needs each example's task)."""
     from libstore.router.routers import make_router
 
@@ -103,13 +105,15 @@ def make(name: str, *, top_n: int = 1, method: str = "exact", seed: int = 0) -> 
 def cached_keys(
     ctx: Context,
     experts: Sequence[Expert],
-    loaded: Mapping[str, Any],
     router: Router,
+    device: str,
+    loaded: Mapping[str, Any],
 ) -> dict[str, torch.Tensor] | None:
     """module -> (M_m, in) router keys of ``experts`` from the prototype cache, rows in expert order.
 
-    Missing cache entries are computed from the tensors in ``loaded`` (sha256 -> factors) and cached
-    first. ``None`` for a router that needs no keys.
+    Missing cache entries are computed on ``device`` from the tensors in ``loaded`` (weights sha256 ->
+    factors) and cached (:func:`libstore.ops.prototypes.router_sets`). ``None`` for a router that
+    needs no keys.
     """
     import torch
 
@@ -117,14 +121,9 @@ def cached_keys(
     if key is None:
         return None
     spec = protos.method_spec(key.method, top_n=key.top_n, seed=key.seed)
-    protos.ensure(
-        ctx, experts, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES, preloaded=loaded
-    )
-    cached = protos.load(
-        ctx, list(experts), method=key.method, top_n=key.top_n, seed=key.seed, compute_missing=False
-    )
+    sets = protos.router_sets(ctx, experts, spec, device, loaded)
     rows: dict[str, list[torch.Tensor]] = {}
     for e in experts:
-        for m, p in cached[e.name].modules.items():
-            rows.setdefault(m, []).append(router.cached_keys(p.vectors, p.values, e.scale))
+        for m, (vectors, values) in sets[e.sha256].items():
+            rows.setdefault(m, []).append(router.cached_keys(vectors, values, e.scale))
     return {m: torch.cat(v).to(torch.float32) for m, v in rows.items()}

@@ -37,11 +37,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from libstore.catalog import clusterings as clustering_repo
+from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
 from libstore.catalog.models import BlobRow
-from libstore.catalog.remotes import ClusterData, ClusteringData, DerivationData, Remote
+from libstore.catalog.remotes import Remote
 from libstore.errors import (
     HubError,
     IntegrityError,
@@ -77,6 +79,10 @@ from libstore.ops.query import parse_query
 from libstore.store.adapter import validate_name
 from libstore.types import (
     BaseModel,
+    ClusteringInput,
+    ClusteringRecord,
+    ClusterRecord,
+    Derivation,
     Expert,
     ExpertQuery,
     LinearShape,
@@ -230,7 +236,7 @@ def _remote_name(s: Session, name: str | None) -> str:
 # --- local state as manifest entries -------------------------------------------------------------
 
 
-def _expert_entry(e: Expert, d: DerivationData | None) -> ExpertEntry:
+def _expert_entry(e: Expert, d: Derivation | None) -> ExpertEntry:
     paths = {f.path for f in e.files}
     if paths != set(EXPERT_FILES):
         raise ValidationError(
@@ -258,7 +264,7 @@ def _expert_entry(e: Expert, d: DerivationData | None) -> ExpertEntry:
             method_version=d.method_version,
             params=dict(d.params),
             inputs_key=d.inputs_key,
-            parents=tuple(d.parents),
+            parents=tuple((p.role, p.name, p.sha256) for p in d.parents),
         ),
         cluster=e.cluster,
     )
@@ -288,7 +294,7 @@ def _base_model(b: BaseEntry) -> BaseModel:
     )
 
 
-def _clustering_entry(c: ClusteringData) -> ClusteringEntry:
+def _clustering_entry(c: ClusteringRecord) -> ClusteringEntry:
     return ClusteringEntry(
         name=c.name,
         base_model=c.base_model,
@@ -299,7 +305,7 @@ def _clustering_entry(c: ClusteringData) -> ClusteringEntry:
         params=dict(c.params),
         criterion=dict(c.criterion),
         query=c.query,
-        inputs=tuple(c.inputs),
+        inputs=tuple((i.name, i.sha256) for i in c.inputs),
         clusters=tuple(
             ClusterEntry(
                 index=k.index,
@@ -313,8 +319,8 @@ def _clustering_entry(c: ClusteringData) -> ClusteringEntry:
     )
 
 
-def _clustering_data(c: ClusteringEntry) -> ClusteringData:
-    return ClusteringData(
+def _clustering_record(c: ClusteringEntry) -> ClusteringRecord:
+    return ClusteringRecord(
         name=c.name,
         base_model=c.base_model,
         method=c.method,
@@ -324,9 +330,9 @@ def _clustering_data(c: ClusteringEntry) -> ClusteringData:
         params=dict(c.params),
         criterion=dict(c.criterion),
         query=c.query,
-        inputs=tuple(c.inputs),
+        inputs=tuple(ClusteringInput(n, sha) for n, sha in c.inputs),
         clusters=tuple(
-            ClusterData(
+            ClusterRecord(
                 index=k.index,
                 label=k.label,
                 stats=dict(k.stats),
@@ -352,11 +358,11 @@ class _Local:
 
 def _local_state(s: Session) -> _Local:
     rows = repo.find_expert_rows(s, ExpertQuery())
-    derivs = remote_repo.derivations_of(s, [r.id for r in rows])
+    derivs = derivation_repo.derivations_of(s, [r.name for r in rows])
     experts = {}
     for row in rows:
         e = repo.to_expert(s, row, with_lineage=False)
-        experts[e.name] = _expert_entry(e, derivs.get(row.id))
+        experts[e.name] = _expert_entry(e, derivs.get(row.name))
     protos: dict[str, list[proto_repo.CacheEntry]] = {}
     for p in proto_repo.entries(s):
         protos.setdefault(p.expert_sha256, []).append(p)
@@ -372,7 +378,7 @@ def _local_state(s: Session) -> _Local:
     return _Local(
         experts=experts,
         bases={b.name: _base_entry(b) for b in repo.list_bases(s)},
-        clusterings={c.name: _clustering_entry(c) for c in remote_repo.clusterings(s)},
+        clusterings={c.name: _clustering_entry(c) for c in clustering_repo.clustering_records(s)},
         prototypes=protos,
         blob_sizes=sizes,
     )

@@ -19,6 +19,7 @@ from torch import Tensor
 from libstore.errors import RouterError
 from libstore.lowrank.prototypes import exact_prototypes, peft_prototypes
 from libstore.router.routers.base import CacheKey, projection_norm
+from libstore.types import PrototypeMethod
 
 PrototypeFn = Callable[[Tensor, Tensor], Tensor]
 """Prototype vectors of a batch of modules: A (N, r, in), B (N, out, r) -> (N, in), one unit row each."""
@@ -39,7 +40,7 @@ def peft_prototype_fn(*, seed: int = 0, iters: int = 15) -> PrototypeFn:
     return fn
 
 
-METHODS = ("exact", "peft")
+METHODS: tuple[PrototypeMethod, ...] = ("exact", "peft")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Arrow:
     """
 
     top_n: int = 1
-    method: str = "exact"
+    method: PrototypeMethod = "exact"
     seed: int = 0
     prototype_fn: PrototypeFn | None = field(default=None, compare=False)
     name: str = field(default="arrow", init=False)

@@ -22,12 +22,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from libstore.types import PrototypeMethod
+
 
 @dataclass(frozen=True)
 class CacheKey:
     """A prototype-cache entry a router reads: method and parameters (see ``ops.prototypes``)."""
 
-    method: str
+    method: PrototypeMethod
     top_n: int = 1
     seed: int = 0
 
@@ -64,8 +66,9 @@ class Router(Protocol):
         ...
 
     def cached_keys(self, vectors: Tensor, values: Tensor, scale: float) -> Tensor:
-        """Keys of one expert-module from its cached entry: vectors (n, in), values (n,) -> (rows, in);
-        ``scale`` is the expert's LoRA scale (cached ``spectrum`` values leave it out)."""
+        """Keys of one expert-module from its cached entry: vectors (n, in), values (n,) -> (rows, in).
+        The cache holds the values of B·A, the same for every expert with these weights; ``scale`` is
+        this expert's LoRA scale s (ΔW = s·B·A)."""
         ...
 
     def score(self, h: Tensor, keys: Tensor, rows: int | None, owner: Tensor, experts: int) -> Tensor:
