@@ -18,7 +18,7 @@ from libstore import Library
 from libstore.catalog.models import BlobRow, ExpertRow, PrototypeCacheRow
 from libstore.cli import cli
 from libstore.ops import maintenance
-from libstore.ops.maintenance import (
+from libstore.ops.problems import (
     BadPrototypeCache,
     BlobRowWithoutFile,
     BlobSizeMismatch,
@@ -31,7 +31,9 @@ from libstore.ops.maintenance import (
     TempLeftover,
     UnrecordedBlob,
     UntrackedBlob,
+    VerifyReport,
 )
+from libstore.store.blobs import TOMB_PREFIX
 from tests.factories import make_adapter
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", [None], ids=["sqlite"])
@@ -49,7 +51,7 @@ def _stock(lib: Library, base_dir: Path, tmp: Path) -> dict[str, Path]:
     return src
 
 
-def _codes(report: maintenance.VerifyReport) -> list[str]:
+def _codes(report: VerifyReport) -> list[str]:
     return sorted(p.code for p in report.problems)
 
 
@@ -360,7 +362,7 @@ def test_gc_never_deletes_a_blob_claimed_while_it_deletes(
         real_rename(src, dst)
 
     _age(blobs.path(sha), 2 * HOUR)
-    monkeypatch.setattr(maintenance.os, "rename", claim_then_rename)
+    monkeypatch.setattr(os, "rename", claim_then_rename)
     report = library.gc()
     assert report.blobs == () and report.kept == (sha,)
     assert blobs.verify(sha) and not list(blobs.path(sha).parent.glob(".gc-*"))
@@ -370,7 +372,7 @@ def test_gc_never_deletes_a_blob_claimed_while_it_deletes(
         blobs.put_bytes(data)  # finds no blob: stores it anew
 
     _age(blobs.path(sha), 2 * HOUR)
-    monkeypatch.setattr(maintenance.os, "rename", rename_then_write)
+    monkeypatch.setattr(os, "rename", rename_then_write)
     library.gc()
     assert blobs.verify(sha) and not list(blobs.path(sha).parent.glob(".gc-*"))
 
@@ -382,12 +384,12 @@ def test_gc_settles_tombstones_left_by_a_crash(library: Library) -> None:
     old = blobs.put_bytes(b"really garbage").sha256
     for sha in (young, old):
         p = blobs.path(sha)
-        os.rename(p, p.with_name(f"{maintenance.TOMB_PREFIX}{sha}-dead"))
-    _age(blobs.path(old).with_name(f"{maintenance.TOMB_PREFIX}{old}-dead"), 2 * HOUR)
+        os.rename(p, p.with_name(f"{TOMB_PREFIX}{sha}-dead"))
+    _age(blobs.path(old).with_name(f"{TOMB_PREFIX}{old}-dead"), 2 * HOUR)
     assert library.verify().ok  # tombstones are temp leftovers, not errors
     report = library.gc()
     assert young in blobs and old not in blobs and len(report.temp) == 2
-    assert not list(blobs.root.rglob(f"{maintenance.TOMB_PREFIX}*"))
+    assert not list(blobs.root.rglob(f"{TOMB_PREFIX}*"))
 
 
 def test_gc_rejects_a_negative_grace(library: Library) -> None:

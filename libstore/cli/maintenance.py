@@ -23,7 +23,7 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float, Any]):
     """Seconds, or a number with a unit: ``90``, ``90s``, ``30m``, ``1h``, ``2d``."""
 
     name = "duration"
@@ -75,7 +75,7 @@ def verify(state: State, repair: bool, grace_s: float, as_json: bool) -> None:
       libstore verify
       libstore verify --repair --json
     """
-    from libstore.ops.maintenance import iter_problem_dicts
+    from libstore.ops.problems import iter_problem_dicts
 
     report = state.lib.verify(repair=repair, grace_s=grace_s)
     if as_json:

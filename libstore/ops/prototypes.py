@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from libstore.ops.tensors import ModuleFactors
 
 PROTOTYPE_FORMAT = "libstore-prototypes/1"
+TEMP_PREFIX = ".prototypes-"
+#: What computing leaves in the library folder while it runs (or after a crash): the file it
+#: writes, and ``save_tensors``' own temp file of it (``.<name>.tmp-*``).
+TEMP_PREFIXES = (TEMP_PREFIX, f".{TEMP_PREFIX}")
 METHODS = ("exact", "peft")
 Method = Literal["exact", "peft"]
 DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
@@ -198,6 +202,7 @@ def ensure(
         blobs, n_calls = _compute_chunk(ctx, chunk, spec, device, preloaded)
         calls += n_calls
         with ctx.catalog.write() as s:
+            ctx.blobs.claim_all(ref.sha256 for ref in blobs.values())
             for sha, ref in blobs.items():
                 cache.record(
                     s,
@@ -253,14 +258,27 @@ def _compute_chunk(
     device: str,
     preloaded: Mapping[str, ModuleFactors] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Compute and store the prototypes of ``experts``; returns sha256 -> BlobRef and the call count.
+    """Compute and store the prototypes of ``experts``; returns sha256 -> BlobRef and the call count."""
+    results, calls = compute_modules(ctx, experts, spec, device, preloaded)
+    return {sha: _store_blob(ctx, sha, modules, spec) for sha, modules in results.items()}, calls
+
+
+def compute_modules(
+    ctx: Context,
+    experts: Sequence[Expert],
+    spec: PrototypeSpec,
+    device: str,
+    preloaded: Mapping[str, ModuleFactors] | None = None,
+) -> tuple[dict[str, dict[str, Prototypes]], int]:
+    """The prototypes of ``experts`` (sha256 -> module -> Prototypes on CPU), not stored; and the
+    number of batched calls of the math.
 
     ``preloaded`` (expert sha256 -> factors) lets a caller that already read the weights (the router
-    builder) avoid reading a blob twice.
+    builder, ``verify``) avoid reading a blob twice.
     """
     import torch
 
-    from libstore.lowrank.prototypes import exact_prototypes, peft_prototypes
+    from libstore.lowrank.prototypes import Prototypes, exact_prototypes, peft_prototypes
     from libstore.ops.tensors import load_expert_tensors
 
     # (rank, in, out) -> [(expert sha, module, A, B, scale)]
@@ -273,7 +291,7 @@ def _compute_chunk(
             a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
             key = (a.shape[0], a.shape[1], b.shape[0])
             groups.setdefault(key, []).append((e.sha256, m, a, b, e.scale))
-    results: dict[str, dict[str, torch.Tensor]] = {e.sha256: {} for e in experts}
+    results: dict[str, dict[str, Prototypes]] = {e.sha256: {} for e in experts}
     calls = 0
     with torch.no_grad():
         for items in groups.values():
@@ -290,14 +308,15 @@ def _compute_chunk(
             vectors = p.vectors.to("cpu", torch.float32)
             values = p.values.to("cpu", torch.float32)
             for i, (sha, m, *_rest) in enumerate(items):
-                results[sha][f"vectors::{m}"] = vectors[i].clone()
-                results[sha][f"values::{m}"] = values[i].clone()
-    return {sha: _store_blob(ctx, sha, tensors, spec) for sha, tensors in results.items()}, calls
+                results[sha][m] = Prototypes(vectors[i].clone(), values[i].clone())
+    return results, calls
 
 
-def _store_blob(ctx: Context, sha: str, tensors: dict[str, Any], spec: PrototypeSpec) -> Any:
+def _store_blob(ctx: Context, sha: str, modules: dict[str, Prototypes], spec: PrototypeSpec) -> Any:
     from libstore.store.safetensors_io import save_tensors
 
+    tensors = {f"vectors::{m}": p.vectors for m, p in modules.items()}
+    tensors.update({f"values::{m}": p.values for m, p in modules.items()})
     meta = {
         "format": PROTOTYPE_FORMAT,
         "method": spec.method,
@@ -305,7 +324,7 @@ def _store_blob(ctx: Context, sha: str, tensors: dict[str, Any], spec: Prototype
         "params": canonical_json(spec.params),
         "expert_sha256": sha,
     }
-    tmp = ctx.path / f".prototypes-{os.getpid()}-{secrets.token_hex(6)}.safetensors"
+    tmp = ctx.path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.safetensors"
     try:
         save_tensors(dict(sorted(tensors.items())), tmp, metadata=meta)
         return ctx.blobs.put_file(tmp)
@@ -355,13 +374,14 @@ def load(
                 f"no cached {spec.method} prototypes for {e.name!r}; compute them with: "
                 f"libstore prototypes compute {e.name}"
             )
-        out[e.name] = _read_blob(ctx, e, blobs[e.sha256], spec, wanted)
+        out[e.name] = read_cached(ctx, e, blobs[e.sha256], spec, wanted)
     return out
 
 
-def _read_blob(
-    ctx: Context, expert: Expert, blob: str, spec: PrototypeSpec, modules: list[str] | None
+def read_cached(
+    ctx: Context, expert: Expert, blob: str, spec: PrototypeSpec, modules: list[str] | None = None
 ) -> ExpertPrototypes:
+    """The prototypes of ``expert`` stored in cache blob ``blob`` (computed by ``spec``)."""
     from libstore.lowrank.prototypes import Prototypes
     from libstore.store.safetensors_io import load_tensors, read_header
 

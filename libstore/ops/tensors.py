@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     import torch
 
 ModuleFactors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+#: The folder ``stage_expert`` writes a derived expert's files to (in the library folder) first.
+TEMP_PREFIX = ".derive-"
 
 
 def peft_key(module: str, part: str) -> str:
@@ -172,7 +174,7 @@ def stage_expert(
         tensors[peft_key(m, "A")] = a.detach().to("cpu", torch_dtype).contiguous()
         tensors[peft_key(m, "B")] = b.detach().to("cpu", torch_dtype).contiguous()
     cfg = derived_config(template_config, rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules)
-    with tempfile.TemporaryDirectory(prefix=".derive-", dir=ctx.path) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=ctx.path) as tmp:
         folder = Path(tmp)
         (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=dict(metadata or {"format": "pt"}))
@@ -225,6 +227,7 @@ def write_expert(
             template_config=template_config,
             dtype=dtype,
         )
+    ctx.blobs.claim_all(f.sha256 for f in staged.files)  # staged before the transaction: gc may have run
     a = staged.adapter
     shapes = {k: [v.in_features, v.out_features, v.rank] for k, v in a.modules.items()}
     if replace is not None:
