@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import fields
-from pathlib import Path
 
 from libstore.catalog import maintenance as cat_maint
 from libstore.catalog.maintenance import CatalogSnapshot
@@ -113,9 +110,8 @@ def verify(
         problems.extend(MissingBlob(sha, tuple(refs[sha])) for sha in missing if sha in still)
 
     sizes = {sha: b.size for sha, b in scan.blobs.items()}
-    with tempfile.TemporaryDirectory(prefix=VERIFY_TEMP_PREFIX, dir=ctx.path) as tmp:
-        for e in cat.experts:
-            problems.extend(_check_expert(ctx, e, cat.bases.get(e.base_model), good, sizes, Path(tmp)))
+    for e in cat.experts:
+        problems.extend(_check_expert(ctx, e, cat.bases.get(e.base_model), good, sizes))
     problems.extend(check_prototypes(ctx, cat, good))
     problems.extend(
         OrphanedPrototypeCache(c.expert_sha256, c.method, c.blob_sha256) for c in cat.caches if not c.experts
@@ -173,7 +169,6 @@ def _check_expert(
     base: BaseModel | None,
     good: set[str],
     sizes: Mapping[str, int],
-    tmp: Path,
 ) -> list[Problem]:
     """An expert's record against its stored files (blobs known to be good) and its base model."""
     out: list[Problem] = []
@@ -203,11 +198,11 @@ def _check_expert(
                 bad(f"base model fit of {module}", f"Linear of base {base.name!r}", found)
                 break
     if files[ADAPTER_CONFIG].sha256 in good and weights.sha256 in good:
-        out.extend(_check_files(ctx, e, tmp))
+        out.extend(_check_files(ctx, e))
     return out
 
 
-def _check_files(ctx: Context, e: Expert, tmp: Path) -> list[Problem]:
+def _check_files(ctx: Context, e: Expert) -> list[Problem]:
     """The stored config and weights, read the way ``libstore add`` reads an adapter, against the
     record."""
     out: list[Problem] = []
@@ -215,23 +210,17 @@ def _check_files(ctx: Context, e: Expert, tmp: Path) -> list[Problem]:
     def bad(what: str, recorded: object, found: object) -> None:
         out.append(ExpertMismatch(e.name, what, str(recorded)[:200], str(found)[:200]))
 
-    folder = tmp / e.name
-    folder.mkdir()
+    weights = e.file(ADAPTER_WEIGHTS)
+    files = {ADAPTER_CONFIG: e.file(ADAPTER_CONFIG).sha256, ADAPTER_WEIGHTS: weights.sha256}
     try:
-        for path in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            ctx.blobs.link(e.file(path).sha256, folder / path)
+        with ctx.blobs.checkout(files, dir=ctx.path, prefix=VERIFY_TEMP_PREFIX) as folder:
+            # NaN/Inf may have been allowed when it was added, and the size limit applied then
+            adapter = read_adapter(folder, allow_nonfinite=True, max_file_bytes=weights.size)
     except NotFoundError:  # removed since it was hashed: reported as missing if still referenced
-        shutil.rmtree(folder)
         return out
-    try:
-        adapter = read_adapter(
-            folder, allow_nonfinite=True, max_file_bytes=e.file(ADAPTER_WEIGHTS).size
-        )  # the record says whether NaN/Inf were allowed; the size limit applied when it was added
     except LibstoreError as err:
         bad("files", "a valid PEFT LoRA adapter", f"refused: {err}")
         return out
-    finally:
-        shutil.rmtree(folder)
     if adapter.config.get("r") != e.rank:
         bad("rank (config r)", e.rank, adapter.config.get("r"))
     if adapter.alpha != float(e.alpha):

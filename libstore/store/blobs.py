@@ -20,7 +20,7 @@ and gc deletes inside its own write transaction, so a blob gc took meanwhile is 
 tombstone first and then re-reads its times, so a claim made just before the rename puts it back.
 
 The methods maintenance uses (``scan``, ``stat``, ``digest``, ``claim``, ``delete``, ``settle``,
-``quarantine``, ``link``) speak of digests, sizes, times and :class:`Leftover` records rather than of
+``quarantine``, ``checkout``) speak of digests, sizes, times and :class:`Leftover` records rather than of
 folders, so an object-store backend can offer the same interface.
 
 No torch here: the CLI's torch-free commands use this module.
@@ -35,8 +35,9 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -386,22 +387,32 @@ class BlobStore:
         except NotFoundError:
             return False
 
-    def link(self, sha256: str, dest: str | os.PathLike[str]) -> Path:
-        """Make a blob's bytes appear at ``dest`` (a new name) for readers that need a file path:
-        a hard link, or a copy where links cannot be made."""
-        src, out = self.path(sha256), Path(dest)
+    @contextlib.contextmanager
+    def checkout(
+        self, files: Mapping[str, str], *, dir: str | os.PathLike[str], prefix: str
+    ) -> Iterator[Path]:
+        """A temp folder (``prefix`` + random, in ``dir``) holding ``files`` (name -> digest) for
+        readers that need a folder of files, such as the adapter validator; removed afterwards.
+
+        Files are hard links to the blobs, or copies where links cannot be made (another
+        filesystem). A blob not in place raises :class:`NotFoundError`.
+        """
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
         try:
-            try:
-                os.link(src, out)
-            except FileNotFoundError:
-                raise
-            except OSError:  # no hard links here (another filesystem, FAT): copy
-                shutil.copyfile(src, out)
-        except FileNotFoundError:
-            if src.exists():
-                raise  # ``dest``'s folder is missing: the caller's bug, not a missing blob
-            raise self._missing(sha256) from None
-        return out
+            for name, sha in files.items():
+                src, out = self.path(sha), folder / name
+                try:
+                    try:
+                        os.link(src, out)
+                    except FileNotFoundError:
+                        raise
+                    except OSError:  # no hard links here: copy
+                        shutil.copyfile(src, out)
+                except FileNotFoundError:
+                    raise self._missing(sha) from None
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # --- removing ----------------------------------------------------------------------------
 
