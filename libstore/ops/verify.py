@@ -80,7 +80,7 @@ def verify(
     with ctx.catalog.read() as s:
         cat = cat_maint.snapshot(s)
     scan = ctx.blobs.scan()
-    in_library = library_leftovers(ctx)  # before this run adds a temp folder of its own
+    in_library = library_leftovers(ctx)  # before this run adds temp folders of its own
     hashes = _hash_all(ctx, scan, workers)
     good = {sha for sha, h in hashes.items() if h == sha}
     refs = _references(cat)
@@ -120,11 +120,12 @@ def verify(
         DanglingReference(**{f.name: getattr(d, f.name) for f in fields(d)}) for d in cat.dangling
     )
     problems.extend(StrayFile(shown(ctx, p)) for p in scan.stray)
-    leftovers: dict[int, tuple[Leftover, bool]] = {}
-    for lo, in_store in [*((lo, True) for lo in scan.leftovers), *((lo, False) for lo in in_library)]:
-        t = TempLeftover(shown(ctx, lo.location), max(0.0, now - lo.modified_at))
-        leftovers[id(t)] = (lo, in_store)
-        problems.append(t)
+    leftovers: dict[int, tuple[Leftover, bool]] = {}  # id of the problem -> (it, in the blob store)
+    for in_store, found in ((True, scan.leftovers), (False, in_library)):
+        for lo in found:
+            t = TempLeftover(shown(ctx, lo.location), max(0.0, now - lo.modified_at))
+            leftovers[id(t)] = (lo, in_store)
+            problems.append(t)
 
     repairs = _repair(ctx, problems, leftovers, grace_s) if repair else []
     return VerifyReport(
