@@ -41,7 +41,7 @@ from libstore.ops.problems import (
     UntrackedBlob,
     VerifyReport,
 )
-from libstore.store.blobs import TOMB_PREFIX
+from libstore.store.blob_upkeep import TOMB_PREFIX
 from tests.factories import make_adapter
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from libstore.catalog import repo
 from libstore.errors import ValidationError
 from libstore.ops.context import Context
 from libstore.ops.maintenance import DEFAULT_GRACE_S, library_leftovers, shown
-from libstore.store.blobs import BlobStat
+from libstore.store.blob_upkeep import BlobStat
 from libstore.store.leftovers import remove_if_older
 
 #: Blobs deleted per write transaction: the write lock is released between batches.

@@ -23,8 +23,6 @@ from libstore.store.leftovers import Leftover, find
 DEFAULT_GRACE_S = 3600.0
 #: Where ``verify --repair`` moves corrupt blobs (inside the library folder; never deleted).
 QUARANTINE_DIR = "quarantine"
-#: The folder ``verify`` links blobs into to validate them with the importer's own reader.
-VERIFY_TEMP_PREFIX = ".verify-"
 
 
 def library_leftovers(ctx: Context) -> list[Leftover]:
@@ -32,7 +30,7 @@ def library_leftovers(ctx: Context) -> list[Leftover]:
     writes one names its own prefix or folder."""
     return find(
         ctx.path,
-        prefixes=(tensors.TEMP_PREFIX, *prototypes.TEMP_PREFIXES, VERIFY_TEMP_PREFIX),
+        prefixes=(tensors.TEMP_PREFIX, *prototypes.TEMP_PREFIXES),
         folders=(sync.TMP_DIR,),
     )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -53,8 +52,9 @@ from libstore.ops.sync import (
     _select,
     temp_dir,
 )
-from libstore.store.adapter import check_against_base, read_adapter
+from libstore.store.adapter import check_against_base, read_stored_adapter
 from libstore.types import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ExpertQuery,
     ModuleShape,
@@ -141,7 +141,7 @@ def pull(
         missing = {sha: v for sha, v in needed.items() if not ctx.blobs.claim(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
         ctx.blobs.claim_all(needed)  # the downloads may have outlasted gc's grace period
-        _validate_experts(ctx, entries, manifest, tmp)
+        _validate_experts(ctx, entries, manifest)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
             ctx.blobs.claim_all(needed)
@@ -242,21 +242,20 @@ def _download(
     pool.shutdown(wait=True)
 
 
-def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest, tmp: Path) -> None:
+def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest) -> None:
     """Re-validate every pulled expert's PEFT folder and check the manifest's claims against it."""
     for e in entries:
-        folder = tmp / "check" / e.name
-        folder.mkdir(parents=True)
-        for fname, f in e.files.items():
-            src = ctx.blobs.path(f.sha256)
-            try:
-                os.link(src, folder / fname)
-            except OSError:
-                shutil.copyfile(src, folder / fname)
         try:
-            adapter = read_adapter(folder)
+            if ADAPTER_CONFIG not in e.files or ADAPTER_WEIGHTS not in e.files:
+                raise ValidationError(f"it lacks {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS}")
+            adapter = read_stored_adapter(
+                ctx.blobs,
+                e.files[ADAPTER_CONFIG].sha256,
+                e.files[ADAPTER_WEIGHTS].sha256,
+                where=f"experts/{e.name}",
+            )
         except LibstoreError as err:
-            raise type(err)(f"expert {e.name!r} from the remote: {err}") from None
+            raise err.add_context(f"expert {e.name!r} from the remote") from None
         claims = {
             "rank": (e.rank, adapter.rank),
             "alpha": (e.alpha, adapter.alpha),
@@ -276,7 +275,6 @@ def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest,
                 )
         # the base's identity is its fingerprint (checked before); shapes are checked here
         check_against_base(adapter, _base_model(m.base_models[e.base_model]), allow_base_mismatch=True)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _apply(

@@ -39,7 +39,6 @@ from libstore.ops.context import Context
 from libstore.ops.maintenance import (
     DEFAULT_GRACE_S,
     QUARANTINE_DIR,
-    VERIFY_TEMP_PREFIX,
     library_leftovers,
     shown,
 )
@@ -61,8 +60,8 @@ from libstore.ops.problems import (
     VerifyReport,
 )
 from libstore.ops.verify_prototypes import check_prototypes
-from libstore.store.adapter import read_adapter
-from libstore.store.blobs import StoreScan
+from libstore.store.adapter import read_stored_adapter
+from libstore.store.blob_upkeep import StoreScan
 from libstore.store.leftovers import Leftover, remove_if_older
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel, Expert
 
@@ -80,7 +79,7 @@ def verify(
     with ctx.catalog.read() as s:
         cat = cat_maint.snapshot(s)
     scan = ctx.blobs.scan()
-    in_library = library_leftovers(ctx)  # before this run adds temp folders of its own
+    in_library = library_leftovers(ctx)
     hashes = _hash_all(ctx, scan, workers)
     good = {sha for sha, h in hashes.items() if h == sha}
     refs = _references(cat)
@@ -211,13 +210,15 @@ def _check_files(ctx: Context, e: Expert) -> list[Problem]:
     def bad(what: str, recorded: object, found: object) -> None:
         out.append(ExpertMismatch(e.name, what, str(recorded)[:200], str(found)[:200]))
 
-    weights = e.file(ADAPTER_WEIGHTS)
-    files = {ADAPTER_CONFIG: e.file(ADAPTER_CONFIG).sha256, ADAPTER_WEIGHTS: weights.sha256}
     try:
-        with ctx.blobs.checkout(files, dir=ctx.path, prefix=VERIFY_TEMP_PREFIX) as folder:
-            # NaN/Inf may have been allowed when it was added, and the size limit applied then
-            adapter = read_adapter(folder, allow_nonfinite=True, max_file_bytes=weights.size)
-    except NotFoundError:  # removed since it was hashed: reported as missing if still referenced
+        adapter = read_stored_adapter(
+            ctx.blobs,
+            e.file(ADAPTER_CONFIG).sha256,
+            e.file(ADAPTER_WEIGHTS).sha256,
+            where=f"expert {e.name!r}",
+            allow_nonfinite=True,  # the record says whether NaN/Inf were allowed when it was added
+        )
+    except (NotFoundError, FileNotFoundError):  # removed since it was hashed: reported as missing
         return out
     except LibstoreError as err:
         bad("files", "a valid PEFT LoRA adapter", f"refused: {err}")

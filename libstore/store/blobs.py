@@ -10,18 +10,18 @@ leaves at most a temp file, which ``remove_temp_files`` collects. A blob is neve
 is in place; read-only mode guards against accidents only — ``verify`` (re-hashing) is the proof of
 integrity, never the file mode.
 
-**Claims.** An operation stores (or re-uses) blobs before the catalog transaction that references
-them commits, so ``gc`` must not take an unreferenced blob that a writer is about to record. A blob
-is *claimed* when it is written (its mtime) and whenever a writer re-uses it (:meth:`BlobStore.claim`
-sets its atime; content and mtime are untouched): gc keeps what was claimed within its grace period.
-A writer re-claims its blobs inside the transaction that records them (:meth:`BlobStore.claim_all`),
-and gc deletes inside its own write transaction, so a blob gc took meanwhile is reported
-(:class:`~libstore.errors.BlobsRemovedError`) rather than recorded. Deletion renames the file to a
-tombstone first and then re-reads its times, so a claim made just before the rename puts it back.
+*Staging* (:meth:`BlobStore.stage_file`) is for files that must be validated before they are
+stored: the source is read once, copied into a temp file inside the store while it is hashed, and
+the caller validates that copy — the very bytes :meth:`BlobStore.commit_staged` then renames to
+their address — so a source changed or swapped after the copy cannot matter. Staged temps have the
+same names as write temps (in shard :data:`STAGING_SHARD`), so gc collects them after a crash once
+they are older than its grace period; commit sets a staged file's mtime to now, as a write would.
 
-The methods maintenance uses (``scan``, ``stat``, ``digest``, ``claim``, ``delete``, ``settle``,
-``quarantine``, ``checkout``) speak of digests, sizes, times and :class:`Leftover` records rather than of
-folders, so an object-store backend can offer the same interface.
+A write the file system refuses (read-only, full disk, quota, permissions) raises
+:class:`StorageError` saying what to do, and leaves no temp file.
+
+Re-using a stored blob (deduplication) *claims* it, so a concurrent ``gc`` keeps it; claims,
+listing, re-hashing and deletion live in :mod:`libstore.store.blob_upkeep`.
 
 No torch here: the CLI's torch-free commands use this module.
 """
@@ -29,29 +29,37 @@ No torch here: the CLI's torch-free commands use this module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
-import re
 import secrets
-import shutil
-import stat
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
-from libstore.errors import BlobsRemovedError, IntegrityError, NotFoundError, ValidationError
-from libstore.store.leftovers import Leftover, remove_if_older, remove_path
+from libstore.errors import (
+    BlobsRemovedError,
+    IntegrityError,
+    LibstoreError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
+from libstore.store.blob_upkeep import (
+    _DIGEST,
+    ALGORITHM,
+    TEMP_PREFIX,
+    BlobUpkeep,
+    fsync_dir,
+)
+from libstore.store.sources import open_regular, read_chunks, read_failed
+from libstore.types import StagedBlob
 
-ALGORITHM = "sha256"
 CHUNK = 1 << 20
-TEMP_PREFIX = ".tmp-"
-#: A blob gc is deleting: ``.gc-<digest>-<random>`` in its shard (put back if claimed meanwhile).
-TOMB_PREFIX = ".gc-"
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-_SHARD = re.compile(r"[0-9a-f]{2}")
+#: The shard folder staged copies are written to (their digest, hence their shard, is not known
+#: before they are copied; the rename into the real shard is on the same file system).
+STAGING_SHARD = "00"
 
 
 @dataclass(frozen=True)
@@ -60,34 +68,6 @@ class BlobRef:
 
     sha256: str
     size: int
-
-
-@dataclass(frozen=True)
-class BlobStat:
-    """A stored blob's size and when it was last written or claimed (epoch seconds): gc's grace
-    period counts from ``claimed_at``."""
-
-    sha256: str
-    size: int
-    claimed_at: float
-
-
-@dataclass(frozen=True)
-class StoreScan:
-    """One listing of the store.
-
-    Attributes:
-        blobs: digest -> its stat, for every blob in place.
-        leftovers: temp files of writes and tombstones of gcs (in flight, or left by a crash).
-        stray: locations of entries that are neither (never touched; verify reports them).
-    """
-
-    blobs: dict[str, BlobStat]
-    leftovers: tuple[Leftover, ...]
-    stray: tuple[str, ...]
-
-
-_Entry = Literal["blob", "temp", "tombstone", "stray"]
 
 
 def check_digest(sha256: object) -> str:
@@ -110,22 +90,19 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(folder: Path) -> None:
-    """Persist a rename: fsync the folder that holds the new entry (a no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _remove_temp(tmp: Path) -> None:
+    """Best-effort removal of a temp file (on a read-only disk it stays for gc to collect)."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o644)  # Windows refuses to delete read-only files
+        tmp.unlink()
 
 
-class BlobStore:
-    """Content-addressed, deduplicated, write-once file store rooted at ``<library>/blobs``."""
+class BlobStore(BlobUpkeep):
+    """Content-addressed, deduplicated, write-once file store rooted at ``<library>/blobs``.
+
+    Listing, re-hashing, claims and deletion (what ``verify`` and ``gc`` use) are inherited from
+    :class:`~libstore.store.blob_upkeep.BlobUpkeep`.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -157,63 +134,6 @@ class BlobStore:
         except FileNotFoundError:
             raise self._missing(sha256) from None
 
-    def __iter__(self) -> Iterator[str]:
-        """Every stored digest, sorted; temp files and stray names are skipped."""
-        for kind, path, _st in self._entries():
-            if kind == "blob":
-                yield path.name
-
-    def stat(self, sha256: str) -> BlobStat | None:
-        """Size and claim time of a stored blob; ``None`` if it is not in place."""
-        try:
-            st = self.path(sha256).stat()
-        except FileNotFoundError:
-            return None
-        return BlobStat(sha256, st.st_size, _claimed_at(st))
-
-    def scan(self) -> StoreScan:
-        """Every entry of the store, classified, with the stats gc and verify need (one listing)."""
-        blobs: dict[str, BlobStat] = {}
-        leftovers: list[Leftover] = []
-        stray: list[str] = []
-        for kind, path, st in self._entries():
-            if kind == "blob":
-                blobs[path.name] = BlobStat(path.name, st.st_size, _claimed_at(st))
-            elif kind == "temp":
-                leftovers.append(Leftover(str(path), "temp", st.st_mtime))
-            elif kind == "tombstone":
-                leftovers.append(Leftover(str(path), "tombstone", _claimed_at(st)))
-            else:
-                stray.append(str(path))
-        return StoreScan(blobs, tuple(leftovers), tuple(stray))
-
-    def _entries(self) -> Iterator[tuple[_Entry, Path, os.stat_result]]:
-        """Every entry below ``sha256/`` in sorted order, classified (never following symlinks)."""
-        if not self._algo_dir.is_dir():
-            return
-        for shard in sorted(self._algo_dir.iterdir()):
-            try:
-                st = shard.lstat()
-            except FileNotFoundError:
-                continue
-            if not (_SHARD.fullmatch(shard.name) and stat.S_ISDIR(st.st_mode)):
-                yield "stray", shard, st
-                continue
-            for entry in sorted(shard.iterdir()):
-                name = entry.name
-                try:
-                    st = entry.lstat()
-                except FileNotFoundError:
-                    continue  # removed meanwhile (a finished write, a concurrent gc)
-                if name.startswith(TEMP_PREFIX):
-                    yield "temp", entry, st
-                elif name.startswith(TOMB_PREFIX):
-                    yield "tombstone", entry, st
-                elif _DIGEST.fullmatch(name) and name.startswith(shard.name) and stat.S_ISREG(st.st_mode):
-                    yield "blob", entry, st
-                else:
-                    yield "stray", entry, st
-
     # --- writing -----------------------------------------------------------------------------
 
     def put_file(self, path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> BlobRef:
@@ -234,6 +154,8 @@ class BlobStore:
             raise ValidationError(f"{src} is a folder; a blob is one file") from None
         except FileNotFoundError:
             raise ValidationError(f"{src} does not exist; nothing was stored") from None
+        except OSError as e:
+            raise read_failed(src, e) from None
         if expected_sha256 is not None and digest != expected_sha256:
             raise IntegrityError(
                 f"{src} has sha256 {digest} but {expected_sha256} was expected; the file is "
@@ -244,8 +166,8 @@ class BlobStore:
 
         def copy(out: BinaryIO) -> str:
             h = hashlib.sha256()
-            with open(src, "rb") as f:
-                while chunk := f.read(CHUNK):
+            with open_regular(src) as f:
+                for chunk in read_chunks(f, src):
                     h.update(chunk)
                     out.write(chunk)
             return h.hexdigest()
@@ -286,51 +208,13 @@ class BlobStore:
         st = self.stat(digest)
         return st is not None and st.size == size and self.claim(digest)
 
-    # --- claims ------------------------------------------------------------------------------
-
-    def claim(self, sha256: str) -> bool:
-        """Claim a stored blob for a write that will reference it; False if it is not in place.
-
-        Every path that re-uses a stored blob instead of writing it must claim it first: a
-        concurrent ``gc`` then keeps it for its grace period although no row references it yet.
-        The claim sets the blob's atime to now (content and mtime untouched).
-        """
-        path = self.path(sha256)
-        try:
-            st = path.stat()
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
-        except FileNotFoundError:
-            return False
-        except OSError:  # not ours to touch (a shared store): it can only be re-used as it is
-            return path.exists()
-        return True
-
-    def claim_all(self, sha256s: Iterable[str]) -> None:
-        """Re-claim the blobs a write is about to record; call it inside the write transaction.
-
-        gc deletes inside its own write transaction, so a blob found here stays until this
-        transaction has committed the rows that reference it. Raises
-        :class:`~libstore.errors.BlobsRemovedError` if gc took some meanwhile (the write staged them
-        for longer than gc's grace period, or gc ran with ``--grace 0``): nothing may be recorded.
-        """
-        gone = sorted({sha for sha in sha256s if not self.claim(sha)})
-        if gone:
-            raise BlobsRemovedError(
-                f"{len(gone)} blob(s) this operation stored were removed by a concurrent gc before "
-                f"they were recorded (e.g. {gone[0]}); nothing was changed — run it again, and give "
-                f"gc a grace period (--grace) longer than the operation takes",
-                sha256s=tuple(gone),
-            )
-
     def _write(self, digest: str, fill: Callable[[BinaryIO], str], *, what: str) -> None:
         """Write via ``fill(file) -> sha256`` to a temp file in the shard, check, fsync, rename."""
         final = self.path(digest)
         shard = final.parent
-        shard.mkdir(parents=True, exist_ok=True)
-        tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        tmp, out = self._create_temp(shard, what)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with out:
                 written = fill(out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -342,9 +226,141 @@ class BlobStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
             fsync_dir(shard)
+        except OSError as e:
+            raise self._storage_error(e, f"store {what}") from e
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            _remove_temp(tmp)
+
+    def _create_temp(self, shard: Path, what: str) -> tuple[Path, BinaryIO]:
+        """A new, exclusively created temp file in ``shard`` (created if needed), open for writing."""
+        tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            shard.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except OSError as e:
+            raise self._storage_error(e, f"store {what}") from e
+        return tmp, os.fdopen(fd, "wb")
+
+    def _storage_error(self, e: OSError, doing: str) -> OSError:
+        """The :class:`StorageError` for a write the file system refused (libstore errors pass)."""
+        if isinstance(e, LibstoreError):
+            return e
+        where = str(self.root)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            advice = (
+                "the disk is full (or the quota is used up): free space — `libstore gc` removes "
+                "blobs nothing references — or move the library to a bigger disk, then try again"
+            )
+        elif e.errno == errno.EROFS:
+            advice = (
+                "it is on a read-only file system: remount it read-write, or work on a copy of the "
+                "library on a writable disk"
+            )
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            advice = (
+                "this user may not write there: fix the folder's ownership or permissions, or run "
+                "as the user who owns the library"
+            )
+        else:
+            advice = "check the disk and the folder, then try again"
+        return StorageError(
+            f"could not {doing} in the blob store {where} ({e.strerror or e}); {advice}. Nothing was stored.",
+            location=where,
+        )
+
+    # --- staging -----------------------------------------------------------------------------
+
+    def stage_file(
+        self,
+        src: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
+    ) -> StagedBlob:
+        """Copy ``src`` once into a temp file inside the store, hashing the bytes as they are copied.
+
+        Validate the returned copy (its ``path``), then :meth:`commit_staged` or :meth:`discard` it;
+        the caller owns it until then (``discard`` is always safe to call, also after a commit).
+        ``src`` must be a regular file (or a symlink to one); anything else, a read error or more
+        than ``max_bytes`` bytes raises :class:`ValidationError`, a hash other than
+        ``expected_sha256`` :class:`IntegrityError`, a refused write :class:`StorageError` — and
+        then no temp file is left.
+        """
+        if expected_sha256 is not None:
+            check_digest(expected_sha256)
+        with open_regular(src) as f:
+            tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {src}")
+            try:
+                h = hashlib.sha256()
+                size = 0
+                with out:
+                    for chunk in read_chunks(f, src, limit=max_bytes):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o444)
+            except BaseException as e:
+                _remove_temp(tmp)
+                if isinstance(e, OSError):
+                    raise self._storage_error(e, f"copy {src}") from e
+                raise
+        digest = h.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            _remove_temp(tmp)
+            raise IntegrityError(
+                f"{src} has sha256 {digest} but {expected_sha256} was expected; the file is corrupt "
+                f"or incomplete (download it again). Nothing was stored.",
+                sha256=expected_sha256,
+                path=str(src),
+            )
+        return StagedBlob(path=str(tmp), sha256=digest, size=size)
+
+    def commit_staged(self, staged: StagedBlob) -> BlobRef:
+        """Move a staged copy to its content address; if that blob is already stored, claim it and
+        drop the copy. A :class:`StagedBlob` naming a blob already in place is claimed."""
+        ref = BlobRef(staged.sha256, staged.size)
+        final = self.path(staged.sha256)
+        tmp = Path(staged.path)
+        if self._already_stored(staged.sha256, staged.size):
+            if tmp != final:
+                self.discard(staged)
+            return ref
+        if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
+            raise self._missing(staged.sha256)
+        try:
+            os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except FileNotFoundError:
+            raise BlobsRemovedError(
+                f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc with a grace period "
+                f"shorter than this operation removed it. Nothing was stored; run the operation "
+                f"again (and give gc a longer --grace while imports run)",
+                sha256s=(staged.sha256,),
+            ) from None
+        except OSError as e:
+            self.discard(staged)
+            raise self._storage_error(e, f"store {staged.sha256}") from e
+        return ref
+
+    @contextlib.contextmanager
+    def discarding(self, staged: Iterable[StagedBlob]) -> Iterator[None]:
+        """Discard the staged copies in ``staged`` on leaving (read at exit, so a list may grow
+        inside); the ones committed meanwhile are already gone."""
+        try:
+            yield
+        finally:
+            for item in staged:
+                self.discard(item)
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Drop a staged copy. A no-op once it was committed or discarded (never removes a blob)."""
+        tmp = Path(staged.path)
+        if tmp.name.startswith(TEMP_PREFIX) and tmp.parent.parent == self._algo_dir:
+            _remove_temp(tmp)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -364,151 +380,3 @@ class BlobStore:
     def read_bytes(self, sha256: str) -> bytes:
         with self.open(sha256) as f:
             return f.read()
-
-    def digest(self, sha256: str) -> str:
-        """The sha256 of the blob's bytes as stored now (re-reads the file), without touching its
-        atime where the OS allows: reading must not count as a claim."""
-        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
-        path = self.path(sha256)
-        try:
-            try:
-                fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
-            except PermissionError:  # O_NOATIME needs ownership
-                fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise self._missing(sha256) from None
-        with os.fdopen(fd, "rb") as f:
-            return hashlib.file_digest(f, ALGORITHM).hexdigest()
-
-    def verify(self, sha256: str) -> bool:
-        """True if the blob exists and its bytes still hash to its name (re-reads the file)."""
-        try:
-            return self.digest(sha256) == sha256
-        except NotFoundError:
-            return False
-
-    @contextlib.contextmanager
-    def checkout(
-        self, files: Mapping[str, str], *, dir: str | os.PathLike[str], prefix: str
-    ) -> Iterator[Path]:
-        """A temp folder (``prefix`` + random, in ``dir``) holding ``files`` (name -> digest) for
-        readers that need a folder of files, such as the adapter validator; removed afterwards.
-
-        Files are hard links to the blobs, or copies where links cannot be made (another
-        filesystem). A blob not in place raises :class:`NotFoundError`.
-        """
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
-        try:
-            for name, sha in files.items():
-                src, out = self.path(sha), folder / name
-                try:
-                    try:
-                        os.link(src, out)
-                    except FileNotFoundError:
-                        raise
-                    except OSError:  # no hard links here: copy
-                        shutil.copyfile(src, out)
-                except FileNotFoundError:
-                    raise self._missing(sha) from None
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    # --- removing ----------------------------------------------------------------------------
-
-    def delete(self, sha256: str, *, unless_claimed_within_s: float | None = None) -> bool:
-        """Remove a blob; True if this call removed it, False if it was not in place.
-
-        gc passes ``unless_claimed_within_s`` (its grace period) and calls this inside its write
-        transaction: a blob claimed more recently is kept (False). The file is first renamed to a
-        tombstone, so a writer arriving later finds no blob (and writes it anew, or reports it);
-        then the tombstone's times are read: a writer that claimed the blob just before the rename
-        left a fresh atime, and the tombstone is put back.
-        """
-        final = self.path(sha256)
-        tomb = final.with_name(f"{TOMB_PREFIX}{sha256}-{secrets.token_hex(4)}")
-        try:
-            os.rename(final, tomb)
-        except FileNotFoundError:
-            return False
-        if unless_claimed_within_s is not None:
-            try:
-                st = tomb.stat()
-            except FileNotFoundError:  # a concurrent gc settled it
-                return True
-            if time.time() - _claimed_at(st) < unless_claimed_within_s:
-                _restore(tomb, final)
-                return False
-        remove_path(tomb)
-        fsync_dir(final.parent)
-        return True
-
-    def settle(self, leftover: Leftover, *, grace_s: float, now: float | None = None) -> str | None:
-        """Deal with a leftover of :meth:`scan`: a temp file older than ``grace_s`` is removed; a
-        tombstone (of a gc that crashed) is put back if its blob was claimed within ``grace_s``,
-        removed otherwise. Returns what was done, or None."""
-        now = time.time() if now is None else now
-        path = Path(leftover.location)
-        if leftover.kind == "temp":
-            return "removed" if remove_if_older(leftover, grace_s, now) else None
-        sha = path.name[len(TOMB_PREFIX) :].split("-", 1)[0]
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        if _DIGEST.fullmatch(sha) and now - _claimed_at(st) < grace_s:
-            _restore(path, self.path(sha))
-            return "put back (claimed within the grace period)"
-        remove_path(path)
-        return "removed"
-
-    def quarantine(self, sha256: str, folder: str | os.PathLike[str]) -> Path | None:
-        """Move a blob out of the store into ``folder`` (kept for inspection, never deleted), so
-        that storing its digest again writes the right bytes; None if it was not in place."""
-        src, dest_dir = self.path(sha256), Path(folder)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / f"{sha256}.{int(time.time())}-{secrets.token_hex(4)}"
-        try:
-            os.replace(src, dest)
-        except FileNotFoundError:
-            return None
-        fsync_dir(src.parent)
-        return dest
-
-    def temp_files(self) -> list[Path]:
-        """Temp files left in shard folders (in-flight writes, or leftovers of a crash)."""
-        return [path for kind, path, _st in self._entries() if kind == "temp"]
-
-    def remove_temp_files(self, older_than_s: float = 3600.0) -> list[Path]:
-        """Delete temp files untouched for ``older_than_s`` seconds; younger ones may be in flight.
-
-        Age, not the pid in the name, decides: the store may be shared by several hosts.
-        """
-        now = time.time()
-        return [
-            path
-            for kind, path, st in self._entries()
-            if kind == "temp" and remove_if_older(Leftover(str(path), "temp", st.st_mtime), older_than_s, now)
-        ]
-
-
-def _claimed_at(st: os.stat_result) -> float:
-    """When a blob was last written or claimed: its mtime, or the atime a claim sets."""
-    return max(st.st_mtime, st.st_atime)
-
-
-def _restore(tomb: Path, final: Path) -> None:
-    """Put a tombstone back as its blob, unless a writer has stored the blob anew meanwhile."""
-    try:
-        os.link(tomb, final)
-    except FileExistsError:
-        pass
-    except OSError:  # no hard links here: rename unless a new blob took the name
-        if not final.exists():
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(tomb, final)
-                fsync_dir(final.parent)
-                return
-    with contextlib.suppress(FileNotFoundError):
-        tomb.unlink()
-    fsync_dir(final.parent)
