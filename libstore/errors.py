@@ -225,7 +225,8 @@ class BlobsRemovedError(LibstoreError):
     both mean "others were working on the library at the same time; try again".
 
     Attributes:
-        sha256s: the blobs that were gone.
+        sha256s: the blobs that were gone (empty when a temp file vanished before its digest was
+            known).
     """
 
     exit_code = 9

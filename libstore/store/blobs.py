@@ -241,11 +241,18 @@ class BlobStore(BlobUpkeep):
             raise self._storage_error(e, f"store {what}") from e
         return tmp, os.fdopen(fd, "wb")
 
-    def _storage_error(self, e: OSError, doing: str) -> OSError:
-        """The :class:`StorageError` for a write the file system refused (libstore errors pass)."""
+    def _storage_error(self, e: OSError, doing: str) -> Exception:
+        """The :class:`StorageError` for a write the file system refused (libstore errors pass); a
+        temp file that vanished under a write was taken by a concurrent gc: :class:`BlobsRemovedError`."""
         if isinstance(e, LibstoreError):
             return e
         where = str(self.root)
+        if e.errno == errno.ENOENT and self.root.is_dir():
+            return BlobsRemovedError(
+                f"could not {doing}: its temp file in the blob store was removed while it was "
+                f"written, by a concurrent gc with --grace 0 (or a grace period shorter than the "
+                f"write). Nothing was stored; run the operation again"
+            )
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             advice = (
                 "the disk is full (or the quota is used up): free space — `libstore gc` removes "
