@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from libstore.catalog import prototypes as cache
 from libstore.catalog import repo
-from libstore.catalog.models import Base, BaseModelRow, BlobRow, ExpertFileRow, ExpertRow, PrototypeCacheRow
-from libstore.types import BaseModel, Expert
+from libstore.catalog.models import Base, BlobRow, ExpertFileRow, ExpertRow, PrototypeCacheRow
+from libstore.types import BaseModel, Expert, ExpertQuery
 
 #: Digests per ``IN (...)`` list: within every driver's parameter limit.
 IN_CHUNK = 500
@@ -63,11 +63,8 @@ class CatalogSnapshot:
 
 
 def snapshot(session: Session) -> CatalogSnapshot:
-    """Read everything ``verify`` checks. Call it first in a fresh read transaction."""
-    if session.get_bind().dialect.name == "postgresql":  # SQLite: a read transaction is one snapshot
-        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-    rows = session.scalars(select(ExpertRow).join(BaseModelRow).order_by(ExpertRow.name))
-    experts = tuple(repo.to_expert(session, r, with_lineage=False) for r in rows)
+    """Read everything ``verify`` checks (in one read transaction: one snapshot)."""
+    experts = tuple(repo.find_experts(session, ExpertQuery(), with_lineage=False))
     bases = {b.name: b for b in repo.list_bases(session)}
     return CatalogSnapshot(
         experts=experts,

@@ -377,7 +377,7 @@ def _apply(
         )
     for name in removes:
         if repo.expert_exists(s, name):
-            repo.delete_expert(s, repo.expert_row(s, name))
+            repo.delete_expert(s, name)
     remote_repo.link_experts(s, [e.name for e in entries])
     for p in protos:
         proto_repo.record(
