@@ -141,11 +141,13 @@ def pull(
                 needed.setdefault(f.sha256, (path, f.size))
         for p in protos:
             needed.setdefault(p.sha256, (p.path, p.size))
-        missing = {sha: v for sha, v in needed.items() if not ctx.blobs.exists(sha)}
+        missing = {sha: v for sha, v in needed.items() if not ctx.blobs.claim(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
+        ctx.blobs.claim_all(needed)  # the downloads may have outlasted gc's grace period
         _validate_experts(ctx, entries, manifest)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
+            ctx.blobs.claim_all(needed)
             added, updated, new_clusterings, skipped_clusterings = _apply(
                 s,
                 manifest,
