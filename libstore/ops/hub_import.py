@@ -1,8 +1,9 @@
 """Import adapters that were not made by libstore: any PEFT adapter repo on the Hub, and libraries in
 microsoft/mttl's expert-library format (a local folder or a Hub repo).
 
-Downloads go to a unique temp folder inside the library and are checked against the sha256 the Hub
-lists for LFS files (the client does not check plain downloads); every adapter is then validated
+Downloads go to a unique temp folder inside the library, bounded in size and time while they stream,
+and are checked against what the Hub lists for each file — the sha256 of LFS files, the git blob id
+of small ones (the client checks neither); every adapter is then validated
 exactly like ``libstore add`` before anything is written, and an mttl library is imported all or
 nothing in one transaction.
 """
@@ -15,6 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from libstore import config
 from libstore.catalog import repo
 from libstore.errors import (
     BaseModelMismatchError,
@@ -25,10 +27,10 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.hub import mttl
-from libstore.hub.client import HubClient, RemoteFile, check_repo_id
+from libstore.hub.client import HubClient, RemoteFile, check_repo_id, git_blob_id
 from libstore.ops import experts as experts_ops
 from libstore.ops.context import Context
-from libstore.ops.sync import temp_dir
+from libstore.ops.sync_state import temp_dir
 from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel, Expert
@@ -51,16 +53,28 @@ def _check_subfolder(subfolder: str | None) -> str:
 def _fetch_checked(
     client: HubClient, repo_id: str, path: str, commit: str, rf: RemoteFile, dest: Path
 ) -> Path:
-    local = client.download(repo_id, path, commit, dest)
-    size = local.stat().st_size
-    if size != rf.size:
-        raise IntegrityError(
-            f"{repo_id}@{commit[:12]}:{path} arrived with {size} bytes, expected {rf.size}; try again"
+    """Download one file, refused if the Hub's size is over ``$LIBSTORE_MAX_FILE_BYTES`` and checked
+    against the Hub's record of it: the LFS sha256, else the git blob id."""
+    where = f"{repo_id}@{commit[:12]}:{path}"
+    limit = config.max_file_bytes()
+    if rf.size > limit:
+        raise ValidationError(
+            f"{where} is {rf.size} bytes, over the {limit}-byte limit (LIBSTORE_MAX_FILE_BYTES); "
+            f"nothing was downloaded",
+            path=path,
         )
-    if rf.sha256 is not None and sha256_file(local) != rf.sha256:
+    local = client.download(repo_id, path, commit, dest, size=rf.size)
+    if rf.sha256 is not None:
+        good = sha256_file(local) == rf.sha256
+    else:
+        good = git_blob_id(local.read_bytes()) == rf.blob_id
+    if not good:
+        local.unlink(missing_ok=True)
         raise IntegrityError(
-            f"{repo_id}@{commit[:12]}:{path} does not match the sha256 the Hub lists for it; the download "
-            f"was corrupted — nothing was imported, try again"
+            f"{where} does not match the {'sha256' if rf.sha256 else 'git blob id'} the Hub lists for "
+            f"it; the download was corrupted — nothing was imported, try again",
+            sha256=rf.sha256,
+            path=path,
         )
     return local
 
@@ -245,7 +259,10 @@ def _download_mttl(
             continue
         wanted.append((path, rf))
     if not any(p.endswith(mttl.META_SUFFIX) for p, _ in wanted):
-        raise HubError(f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)")
+        raise HubError(
+            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)",
+            repo_id=repo_id,
+        )
     folder = tmp / "mttl"
     folder.mkdir()
     for path, rf in wanted:
