@@ -191,6 +191,24 @@ def test_json_level_tricks_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    "where",
+    ["metadata key", "cluster label", "generator", "derivation params"],
+)
+def test_manifest_reader_refuses_lone_surrogates_everywhere(where: str) -> None:
+    raw = json.loads(_manifest().to_bytes())
+    if where == "metadata key":
+        raw["experts"]["arc"]["metadata"] = {"\udfff": 1}
+    elif where == "cluster label":
+        raw["clusterings"]["mbc"]["clusters"][0]["label"] = "c\ud83d"
+    elif where == "generator":
+        raw["generator"] = "\ud800"
+    else:
+        raw["experts"]["arc_res"]["derivation"]["params"]["mode"] = "\udc80"
+    with pytest.raises(ManifestError, match="surrogate"):
+        parse_manifest(json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize(
     "local, remote, synced, state",
     [
         ("a", "a", None, "in_sync"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -406,6 +407,52 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
     assert hub.counts["lfs_upload"] == 0 and r.commits == 1  # files already there: manifest only
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
     assert len(manifest["experts"]) == 7
+
+
+@SQLITE_ONLY
+def test_two_libraries_pushing_at_once_never_drop_each_others_experts(
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A batched push whose first commit lands but answers 502; while it waits for that answer the
+    other library pushes its own expert. The first push must not then write its stale manifest."""
+    _setup_pushed(library, base_dir, tmp_path, ["shared"])
+    other.add_remote("origin", REPO)
+    other.pull()
+    add_experts(library, base_dir, tmp_path, ["mine"], seed0=10)
+    add_experts(other, base_dir, tmp_path, ["theirs"], seed0=20)
+    pause = hub.faults.fail_next("commit", 502, after_apply=True, hold=True)
+    assert pause is not None
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:  # 2 files + manifest + card > 3: the files go in a commit of their own first
+            push.push(library.context, max_files_per_commit=3)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert pause.reached.wait(30)  # the files of "mine" are committed; the answer is held
+    assert other.push().uploaded == ("theirs",)
+    pause.release.set()
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], RemoteMovedError), errors
+    assert errors[0].repo_id == REPO
+    assert set(json.loads(hub.read_file(REPO, MANIFEST_FILE))["experts"]) == {"shared", "theirs"}
+    assert library.remotes()[0].last_commit != hub.head(REPO)  # the failed push recorded nothing
+
+    assert library.pull().added == ("theirs",)
+    hub.reset_stats()
+    assert library.push().uploaded == ("mine",) and hub.counts["lfs_upload"] == 0  # files were there
+    assert set(json.loads(hub.read_file(REPO, MANIFEST_FILE))["experts"]) == {"mine", "shared", "theirs"}
+    r = other.pull(prune=True)
+    assert r.removed == () and r.added == ("mine",)
+    assert sorted(e.name for e in other.experts()) == ["mine", "shared", "theirs"]
+    assert other.verify().ok and library.verify().ok
 
 
 @SQLITE_ONLY

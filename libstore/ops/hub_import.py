@@ -50,19 +50,24 @@ def _check_subfolder(subfolder: str | None) -> str:
     return "/".join(parts)
 
 
+def _check_sizes(repo_id: str, commit: str, files: Iterable[RemoteFile]) -> None:
+    """Refuse, before anything is downloaded, files the Hub lists as over ``$LIBSTORE_MAX_FILE_BYTES``."""
+    limit = config.max_file_bytes()
+    for rf in files:
+        if rf.size > limit:
+            raise ValidationError(
+                f"{repo_id}@{commit[:12]}:{rf.path} is {rf.size} bytes, over the {limit}-byte limit "
+                f"(LIBSTORE_MAX_FILE_BYTES); nothing was downloaded",
+                path=rf.path,
+            )
+
+
 def _fetch_checked(
     client: HubClient, repo_id: str, path: str, commit: str, rf: RemoteFile, dest: Path
 ) -> Path:
-    """Download one file, refused if the Hub's size is over ``$LIBSTORE_MAX_FILE_BYTES`` and checked
-    against the Hub's record of it: the LFS sha256, else the git blob id."""
+    """Download one file (bounded by the Hub's size for it), checked against the Hub's record of it:
+    the LFS sha256, else the git blob id."""
     where = f"{repo_id}@{commit[:12]}:{path}"
-    limit = config.max_file_bytes()
-    if rf.size > limit:
-        raise ValidationError(
-            f"{where} is {rf.size} bytes, over the {limit}-byte limit (LIBSTORE_MAX_FILE_BYTES); "
-            f"nothing was downloaded",
-            path=path,
-        )
     local = client.download(repo_id, path, commit, dest, size=rf.size)
     if rf.sha256 is not None:
         good = sha256_file(local) == rf.sha256
@@ -116,6 +121,7 @@ def import_hub(
                 f"environment and save_pretrained(..., safe_serialization=True)), then import that"
             )
         raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    _check_sizes(repo_id, commit, [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)])
     with temp_dir(ctx, "import-hub") as tmp:
         folder = tmp / "adapter"
         folder.mkdir()
@@ -263,6 +269,7 @@ def _download_mttl(
             f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)",
             repo_id=repo_id,
         )
+    _check_sizes(repo_id, commit, [rf for _, rf in wanted])
     folder = tmp / "mttl"
     folder.mkdir()
     for path, rf in wanted:
