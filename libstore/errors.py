@@ -9,7 +9,7 @@ README): one meaning, one code.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 #: What a name refers to, for errors about names.
 Entity = Literal[
@@ -39,6 +39,13 @@ class LibstoreError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def add_context(self, context: str) -> Self:
+        """This same error (class and fields kept) with ``context: `` before its message: for
+        batch operations re-raising with the item they were working on."""
+        self.message = f"{context}: {self.message}"
+        self.args = (self.message,)
+        return self
 
 
 class LibraryNotFoundError(LibstoreError, FileNotFoundError):

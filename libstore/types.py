@@ -244,18 +244,33 @@ class ExpertQuery:
 
 
 @dataclass(frozen=True)
+class StagedBlob:
+    """Bytes copied into the blob store under a temp name and hashed, not yet at their address.
+
+    Made by ``BlobStore.stage_file``; validate the copy at ``path``, then ``BlobStore.commit_staged``
+    renames it to ``blobs/sha256/<2 hex>/<sha256>`` (or drops it when that blob is already stored)
+    or ``BlobStore.discard`` drops it. Validating this copy, never the source again, is what makes
+    the stored bytes the validated ones. ``path`` may also name a blob already in place (an adapter
+    validated where it is stored); committing that claims it, discarding it does nothing.
+    """
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class AdapterFile:
     """A PEFT adapter folder that passed validation, ready to be stored.
 
-    Built by the store layer from files on disk; carries no tensors, only header facts.
+    Built by the store layer; carries no tensors, only header facts, and the validated copy of the
+    weights (``weights``, staged in the blob store: commit or discard it).
     """
 
     folder: str
     config: dict[str, Any]
     config_bytes: bytes
-    weights_path: str
-    weights_sha256: str
-    weights_size: int
+    weights: StagedBlob
     rank: int
     alpha: float
     use_rslora: bool
@@ -264,6 +279,14 @@ class AdapterFile:
     dtype: str
     base_model_name_or_path: str | None
     extra_files: tuple[str, ...] = ()
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.weights.sha256
+
+    @property
+    def weights_size(self) -> int:
+        return self.weights.size
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from libstore import Library
 from libstore.errors import LibstoreError
 from libstore.hub.manifest_reader import parse_manifest
 from libstore.store.adapter import read_adapter
+from libstore.store.blobs import BlobStore
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.factories import make_adapter, make_base_model
 
@@ -167,9 +168,11 @@ def _read_only_libstore_errors(folder: Path, config: bytes, weights: bytes) -> N
     (folder / ADAPTER_CONFIG).write_bytes(config)
     (folder / ADAPTER_WEIGHTS).write_bytes(weights)
     before = _tree(folder.parent)
+    store = BlobStore(folder.parent.with_name(folder.parent.name + "-blobs"))
     with contextlib.suppress(LibstoreError):
-        read_adapter(folder)
+        store.discard(read_adapter(folder, into=store).weights)
     assert _tree(folder.parent) == before
+    assert store.temp_files() == [] and list(store) == []  # a refusal (or a discard) leaves nothing
 
 
 # --- the adapter importer ------------------------------------------------------------------------

@@ -343,7 +343,7 @@ def test_push_of_metadata_with_lone_surrogates_fails_cleanly(
         s.scalar(select(ExpertRow).where(ExpertRow.name == "b")).extra = {"note": "\udcff"}
     with pytest.raises(ValidationError, match="surrogate") as refused:
         library.push()
-    assert "experts.b.metadata" in str(refused.value) and hub.head(REPO) == head
+    assert "['experts']['b']['metadata']" in str(refused.value) and hub.head(REPO) == head
     with pytest.raises(ValidationError) as bad_message:
         library.push(message="fix \udcff")
     assert bad_message.value.field == "message"

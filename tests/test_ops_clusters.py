@@ -145,7 +145,7 @@ def test_stale_on_added_changed_and_removed_experts(library: Library, planted: d
 
     # content replaced in place (as a pull or a refresh does) -> changed
     ctx = library.context
-    files = store_adapter_files(ctx, read_adapter(planted["other"]))
+    files = store_adapter_files(ctx, read_adapter(planted["other"], into=ctx.blobs))
     with ctx.catalog.write() as s:
         repo.replace_files(s, repo.expert_row(s, "t04"), files, ADAPTER_WEIGHTS)
     c = library.clustering("run")

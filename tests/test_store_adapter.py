@@ -21,9 +21,11 @@ from libstore.errors import (
     UnsafeFileError,
     ValidationError,
 )
-from libstore.store.adapter import check_against_base, is_targeted, read_adapter, validate_name
+from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.basemodel import inspect_base_model
+from libstore.store.blobs import BlobStore
 from libstore.store.safetensors_io import load_tensors, save_tensors
+from libstore.store.targeting import is_targeted
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel, ModuleShape
 from tests.factories import LLAMA_TARGETS, PHI3_TARGETS, make_adapter, make_base_model
 
@@ -43,6 +45,12 @@ def llama_base(llama: Path) -> BaseModel:
 @pytest.fixture
 def adapter(llama: Path, tmp_path: Path) -> Path:
     return make_adapter(llama, tmp_path / "a", r=4, alpha=8, seed=1)
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    """The store read_adapter stages weights into (a library's blob store in real use)."""
+    return BlobStore(tmp_path / "blobs")
 
 
 def edit_config(folder: Path, **changes: Any) -> None:
@@ -67,16 +75,21 @@ Q0 = "model.layers.0.self_attn.q_proj"
 # --- what passes -------------------------------------------------------------------------------
 
 
-def test_real_peft_adapter_passes(adapter: Path, llama: Path) -> None:
-    a = read_adapter(adapter)
+def test_real_peft_adapter_passes(adapter: Path, llama: Path, blobs: BlobStore) -> None:
+    a = read_adapter(adapter, into=blobs)
     assert set(a.modules) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
     assert all(s == ModuleShape(in_features=32, out_features=32, rank=4) for s in a.modules.values())
     assert (a.rank, a.alpha, a.use_rslora, a.dtype) == (4, 8.0, False, "float32")
     assert a.target_modules == ("q_proj", "v_proj")
     w = adapter / WEIGHTS
-    assert a.weights_path == str(w) and a.folder == str(adapter)
+    assert a.folder == str(adapter)
     assert a.weights_sha256 == hashlib.sha256(w.read_bytes()).hexdigest()
     assert a.weights_size == w.stat().st_size
+    staged = Path(a.weights.path)  # the validated copy, inside the store, not yet at its address
+    assert staged.parent.parent == blobs.root / "sha256" and staged.read_bytes() == w.read_bytes()
+    assert list(blobs) == [] and blobs.temp_files() == [staged]
+    assert blobs.commit_staged(a.weights).sha256 == a.weights_sha256
+    assert list(blobs) == [a.weights_sha256] and blobs.temp_files() == []
     assert a.config_bytes == (adapter / ADAPTER_CONFIG).read_bytes()
     assert a.config["peft_type"] == "LORA"
     assert a.base_model_name_or_path == str(llama.resolve())
@@ -84,7 +97,7 @@ def test_real_peft_adapter_passes(adapter: Path, llama: Path) -> None:
     assert "README.md" in a.extra_files
 
 
-def test_all_targets_bf16_rslora(llama: Path, tmp_path: Path) -> None:
+def test_all_targets_bf16_rslora(llama: Path, tmp_path: Path, blobs: BlobStore) -> None:
     folder = make_adapter(
         llama,
         tmp_path / "a",
@@ -94,25 +107,25 @@ def test_all_targets_bf16_rslora(llama: Path, tmp_path: Path) -> None:
         use_rslora=True,
         dtype=torch.bfloat16,
     )
-    a = read_adapter(folder)
+    a = read_adapter(folder, into=blobs)
     assert (a.rank, a.alpha, a.use_rslora, a.dtype) == (8, 16.0, True, "bfloat16")
     assert len(a.modules) == 14
     assert a.modules["model.layers.1.mlp.down_proj"] == ModuleShape(64, 32, 8)
     assert a.modules["model.layers.1.mlp.up_proj"] == ModuleShape(32, 64, 8)
 
 
-def test_phi3_fused_modules(tmp_path: Path) -> None:
+def test_phi3_fused_modules(tmp_path: Path, blobs: BlobStore) -> None:
     base = make_base_model(tmp_path / "phi3", arch="phi3")
-    a = read_adapter(make_adapter(base, tmp_path / "a", targets=PHI3_TARGETS))
+    a = read_adapter(make_adapter(base, tmp_path / "a", targets=PHI3_TARGETS), into=blobs)
     assert a.modules["model.layers.0.self_attn.qkv_proj"] == ModuleShape(32, 96, 4)
     assert a.modules["model.layers.0.mlp.gate_up_proj"] == ModuleShape(32, 128, 4)
     check_against_base(a, inspect_base_model(str(base), name="phi3"))
 
 
-def test_regex_targets_and_layers_to_transform(llama: Path, tmp_path: Path) -> None:
-    a = read_adapter(make_adapter(llama, tmp_path / "re", targets=r".*\.(k_proj|o_proj)"))
+def test_regex_targets_and_layers_to_transform(llama: Path, tmp_path: Path, blobs: BlobStore) -> None:
+    a = read_adapter(make_adapter(llama, tmp_path / "re", targets=r".*\.(k_proj|o_proj)"), into=blobs)
     assert a.target_modules == ("k_proj", "o_proj") and len(a.modules) == 4
-    b = read_adapter(make_adapter(llama, tmp_path / "l0", layers_to_transform=[0]))
+    b = read_adapter(make_adapter(llama, tmp_path / "l0", layers_to_transform=[0]), into=blobs)
     assert set(b.modules) == {Q0, "model.layers.0.self_attn.v_proj"}
 
 
@@ -129,15 +142,15 @@ def test_is_targeted_mirrors_peft() -> None:
     assert is_targeted(Q0, {"target_modules": [Q0]})
 
 
-def test_allow_nonfinite(adapter: Path) -> None:
+def test_allow_nonfinite(adapter: Path, blobs: BlobStore) -> None:
     def plant(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t[key(Q0, "B")][0, 0] = float("nan")
         return t
 
     edit_tensors(adapter, plant)
     with pytest.raises(ValidationError, match=r"NaN or Inf.*q_proj.*--allow-nonfinite"):
-        read_adapter(adapter)
-    assert read_adapter(adapter, allow_nonfinite=True).rank == 4
+        read_adapter(adapter, into=blobs)
+    assert read_adapter(adapter, into=blobs, allow_nonfinite=True).rank == 4
 
 
 def test_adapter_module_does_not_import_torch() -> None:
@@ -155,7 +168,8 @@ def test_adapter_module_does_not_import_torch() -> None:
 def test_reading_an_adapter_does_not_import_torch(adapter: Path) -> None:
     code = (
         "import sys; from libstore.store.adapter import read_adapter; "
-        f"a = read_adapter({str(adapter)!r}); "
+        "from libstore.store.blobs import BlobStore; "
+        f"a = read_adapter({str(adapter)!r}, into=BlobStore({str(adapter.parent / 'blobs')!r})); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -166,20 +180,20 @@ def test_reading_an_adapter_does_not_import_torch(adapter: Path) -> None:
 # --- folder-level refusals ---------------------------------------------------------------------
 
 
-def test_missing_folder_and_files(tmp_path: Path, adapter: Path) -> None:
+def test_missing_folder_and_files(tmp_path: Path, adapter: Path, blobs: BlobStore) -> None:
     with pytest.raises(
         ValidationError, match=r"does not exist.*adapter_config.json and adapter_model.safetensors"
     ):
-        read_adapter(tmp_path / "nope")
+        read_adapter(tmp_path / "nope", into=blobs)
     with pytest.raises(ValidationError, match="is a file, not a folder"):
-        read_adapter(adapter / WEIGHTS)
+        read_adapter(adapter / WEIGHTS, into=blobs)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValidationError, match=r"no adapter_config.json; a PEFT LoRA folder holds"):
-        read_adapter(empty)
+        read_adapter(empty, into=blobs)
     (adapter / WEIGHTS).unlink()
     with pytest.raises(ValidationError, match="no adapter_model.safetensors"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 @pytest.fixture
@@ -196,34 +210,34 @@ def _never_unpickle(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "name", ["adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt"]
 )
-def test_pickled_weights_refused(adapter: Path, name: str) -> None:
+def test_pickled_weights_refused(adapter: Path, name: str, blobs: BlobStore) -> None:
     (adapter / WEIGHTS).unlink()
     (adapter / name).write_bytes(pickle.dumps({"w": 1}, protocol=2))
     with pytest.raises(
         UnsafeFileError, match=rf"only as {name} \(a pickle\).*never unpickles.*safe_serialization"
     ):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 @pytest.mark.usefixtures("_never_unpickle")
-def test_torch_save_weights_refused(adapter: Path) -> None:
+def test_torch_save_weights_refused(adapter: Path, blobs: BlobStore) -> None:
     (adapter / WEIGHTS).unlink()
     torch.save({"w": torch.zeros(2)}, adapter / "adapter_model.bin")
     with pytest.raises(UnsafeFileError, match="torch.save zip archive"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 @pytest.mark.usefixtures("_never_unpickle")
-def test_pickle_disguised_as_safetensors(adapter: Path) -> None:
+def test_pickle_disguised_as_safetensors(adapter: Path, blobs: BlobStore) -> None:
     (adapter / WEIGHTS).write_bytes(pickle.dumps({"w": 1}, protocol=4))
     with pytest.raises(UnsafeFileError, match="never unpickles"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
-def test_lfs_pointer_weights(adapter: Path) -> None:
+def test_lfs_pointer_weights(adapter: Path, blobs: BlobStore) -> None:
     (adapter / WEIGHTS).write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     with pytest.raises(ValidationError, match="git-LFS pointer"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 # --- config refusals ---------------------------------------------------------------------------
@@ -238,10 +252,10 @@ def test_lfs_pointer_weights(adapter: Path) -> None:
         (b'{"r": 4, "r": 8}', "duplicate key"),
     ],
 )
-def test_config_not_an_object(adapter: Path, raw: bytes, match: str) -> None:
+def test_config_not_an_object(adapter: Path, raw: bytes, match: str, blobs: BlobStore) -> None:
     (adapter / ADAPTER_CONFIG).write_bytes(raw)
     with pytest.raises(ValidationError, match=match):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 @pytest.mark.parametrize(
@@ -286,14 +300,14 @@ def test_config_not_an_object(adapter: Path, raw: bytes, match: str) -> None:
         ({"exclude_modules": ["v_proj"]}, "does not target it"),
     ],
 )
-def test_config_refusals(adapter: Path, changes: dict[str, Any], match: str) -> None:
+def test_config_refusals(adapter: Path, changes: dict[str, Any], match: str, blobs: BlobStore) -> None:
     edit_config(adapter, **changes)
     with pytest.raises(ValidationError, match=match) as e:
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
     assert str(adapter / ADAPTER_CONFIG) in str(e.value)
 
 
-def test_harmless_config_variants_pass(adapter: Path) -> None:
+def test_harmless_config_variants_pass(adapter: Path, blobs: BlobStore) -> None:
     edit_config(
         adapter,
         init_lora_weights="gaussian",
@@ -304,21 +318,21 @@ def test_harmless_config_variants_pass(adapter: Path) -> None:
         lora_alpha=8.5,
         future_peft_field={"x": 1},
     )
-    a = read_adapter(adapter)
+    a = read_adapter(adapter, into=blobs)
     assert a.alpha == 8.5 and a.config["future_peft_field"] == {"x": 1}
 
 
-def test_nan_alpha_refused(adapter: Path) -> None:
+def test_nan_alpha_refused(adapter: Path, blobs: BlobStore) -> None:
     p = adapter / ADAPTER_CONFIG
     p.write_text(p.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
     with pytest.raises(ValidationError, match="NaN is not valid JSON"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
-def test_real_dora_adapter_refused(llama: Path, tmp_path: Path) -> None:
+def test_real_dora_adapter_refused(llama: Path, tmp_path: Path, blobs: BlobStore) -> None:
     folder = make_adapter(llama, tmp_path / "dora", use_dora=True)
     with pytest.raises(ValidationError, match="use_dora"):
-        read_adapter(folder)
+        read_adapter(folder, into=blobs)
 
 
 # --- tensor refusals ---------------------------------------------------------------------------
@@ -373,29 +387,29 @@ def _rename(old: str, new: str) -> Any:
         (lambda t: {**t, key(Q0, "A"): torch.zeros(4, 0)}, "empty dimension"),
     ],
 )
-def test_tensor_refusals(adapter: Path, fn: Any, match: str) -> None:
+def test_tensor_refusals(adapter: Path, fn: Any, match: str, blobs: BlobStore) -> None:
     edit_tensors(adapter, fn)
     with pytest.raises(ValidationError, match=match) as e:
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
     assert str(adapter / WEIGHTS) in str(e.value)
 
 
-def test_rank_must_match_config(adapter: Path) -> None:
+def test_rank_must_match_config(adapter: Path, blobs: BlobStore) -> None:
     edit_config(adapter, r=8)
     with pytest.raises(ValidationError, match=r"has rank 4 but adapter_config.json says r=8"):
-        read_adapter(adapter)
+        read_adapter(adapter, into=blobs)
 
 
 # --- against the base model --------------------------------------------------------------------
 
 
-def test_check_against_base_passes(adapter: Path, llama_base: BaseModel) -> None:
-    check_against_base(read_adapter(adapter), llama_base)
+def test_check_against_base_passes(adapter: Path, llama_base: BaseModel, blobs: BlobStore) -> None:
+    check_against_base(read_adapter(adapter, into=blobs), llama_base)
 
 
-def test_shape_mismatch_is_never_overridable(llama_base: BaseModel, tmp_path: Path) -> None:
+def test_shape_mismatch_is_never_overridable(llama_base: BaseModel, tmp_path: Path, blobs: BlobStore) -> None:
     wide = make_base_model(tmp_path / "wide", hidden_size=48)
-    a = read_adapter(make_adapter(wide, tmp_path / "a"))
+    a = read_adapter(make_adapter(wide, tmp_path / "a"), into=blobs)
     for allow in (False, True):
         with pytest.raises(BaseModelMismatchError) as e:
             check_against_base(a, llama_base, allow_base_mismatch=allow)
@@ -406,9 +420,9 @@ def test_shape_mismatch_is_never_overridable(llama_base: BaseModel, tmp_path: Pa
         assert "and 3 more problems" in msg
 
 
-def test_module_missing_from_base(llama_base: BaseModel, tmp_path: Path) -> None:
+def test_module_missing_from_base(llama_base: BaseModel, tmp_path: Path, blobs: BlobStore) -> None:
     phi = make_base_model(tmp_path / "phi3", arch="phi3")
-    a = read_adapter(make_adapter(phi, tmp_path / "a", targets=["qkv_proj"]))
+    a = read_adapter(make_adapter(phi, tmp_path / "a", targets=["qkv_proj"]), into=blobs)
     with pytest.raises(
         BaseModelMismatchError,
         match=r"'model.layers.0.self_attn.qkv_proj' is not an nn.Linear of base model 'tiny'",
@@ -416,9 +430,9 @@ def test_module_missing_from_base(llama_base: BaseModel, tmp_path: Path) -> None
         check_against_base(a, llama_base, allow_base_mismatch=True)
 
 
-def test_recorded_base_mismatch(adapter: Path, llama_base: BaseModel) -> None:
+def test_recorded_base_mismatch(adapter: Path, llama_base: BaseModel, blobs: BlobStore) -> None:
     edit_config(adapter, base_model_name_or_path="meta-llama/Llama-3.1-8B")
-    a = read_adapter(adapter)
+    a = read_adapter(adapter, into=blobs)
     with pytest.raises(
         BaseModelMismatchError, match=r"trained on 'meta-llama/Llama-3.1-8B'.*--allow-base-mismatch"
     ):
@@ -432,8 +446,9 @@ def test_recorded_base_matches_by_name_path_or_hub_id(
     llama_base: BaseModel,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    blobs: BlobStore,
 ) -> None:
-    a = read_adapter(adapter)
+    a = read_adapter(adapter, into=blobs)
     for recorded in ("tiny", str(llama), str(llama) + "/", None, ""):
         check_against_base(replace(a, base_model_name_or_path=recorded), llama_base)
     monkeypatch.chdir(llama.parent)

@@ -1,8 +1,9 @@
 """The strict reader of ``libstore.json`` (format: :mod:`libstore.hub.manifest`).
 
 A manifest comes from a remote nobody vouches for. The reader refuses, naming the offending place
-(``experts.arc.files``): duplicate JSON keys, NaN/Infinity, lone surrogates (``"\\ud800"``, which no
-encoder can write back and no database can store), wrong types, unknown kinds and dtypes, names that
+(``experts.arc.files``): duplicate JSON keys, NaN/Infinity and lone surrogates (``"\\ud800"``, which
+no encoder can write back and no database can store; all three refused by
+:func:`libstore.store.strict_json.strict_loads`), wrong types, unknown kinds and dtypes, names that
 are not safe path components, stated paths other than the derived ones, hashes that are not 64
 lowercase hex, sizes out of range, and references to base models, clusterings or experts the
 manifest does not define. What it returns holds the shared records of :mod:`libstore.types`.
@@ -129,22 +130,6 @@ class _Reader:
             raise self.fail(where, f"{v!r:.80} is not a plain lowercase name (a-z, 0-9, _ and -)")
         return v
 
-    def no_surrogates(self, v: Any, where: str) -> None:
-        """Refuse lone surrogates anywhere (keys and values): they cannot be encoded or stored."""
-        stack = [(v, where)]
-        while stack:
-            x, w = stack.pop()
-            if isinstance(x, str):
-                bad = next((c for c in x if "\ud800" <= c <= "\udfff"), None)
-                if bad is not None:
-                    raise self.fail(w, f"holds the lone surrogate U+{ord(bad):04X}, which is not text")
-            elif isinstance(x, dict):
-                for k, item in x.items():
-                    stack.append((k, w))
-                    stack.append((item, f"{w}.{k}" if isinstance(k, str) and k.isprintable() else w))
-            elif isinstance(x, list):
-                stack.extend((item, f"{w}[{i}]") for i, item in enumerate(x))
-
 
 def validate_manifest(m: Manifest) -> None:
     """Check a manifest built in memory the same way a downloaded one is checked."""
@@ -161,7 +146,6 @@ def parse_manifest(data: bytes, *, source: str = MANIFEST_FILE) -> Manifest:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise r.fail("file", f"not valid UTF-8 JSON ({e})") from None
     top = r.obj(raw, "top level")
-    r.no_surrogates(top, "top level")
     if r.key(top, "format", "top level") != FORMAT:
         raise r.fail("format", f"expected {FORMAT!r}, got {top.get('format')!r:.80}")
     version = r.int_(r.key(top, "format_version", "top level"), "format_version", lo=1)
@@ -208,7 +192,8 @@ def parse_manifest(data: bytes, *, source: str = MANIFEST_FILE) -> Manifest:
 
 
 def _json_obj(r: _Reader, v: Any, where: str) -> dict[str, Any]:
-    """A free-form JSON object (parameters, metadata); already free of NaN, duplicates, surrogates."""
+    """A free-form JSON object (parameters, metadata); ``strict_loads`` refused NaN, duplicates and
+    surrogates in it."""
     return dict(r.obj(v, where))
 
 

@@ -21,6 +21,7 @@ refused with :class:`UnsafeFileError` and nothing of it runs.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from libstore.errors import BaseModelMismatchError, UnsafeFileError, ValidationError
 from libstore.store.adapter import validate_name
 from libstore.store.safetensors_io import save_tensors
+from libstore.store.strict_json import check_json_value
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel
 
 if TYPE_CHECKING:
@@ -148,8 +150,22 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     alpha = cfg.get("lora_alpha", training.get("lora_alpha"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValidationError(f"{files.meta}: lora_rank must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise ValidationError(f"{files.meta}: lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
+        raise ValidationError(
+            f"{files.meta}: lora_alpha must be a positive number, got {alpha!r}",
+            path=str(files.meta),
+            field="lora_alpha",
+        )
+    dropout = cfg.get("lora_dropout")
+    if dropout is None:
+        dropout = 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValidationError(
+            f"{files.meta}: lora_dropout must be a number in [0, 1) or absent, got {dropout!r:.80}; "
+            f"the metadata is corrupt or not mttl's — fix expert_config.lora_dropout",
+            path=str(files.meta),
+            field="lora_dropout",
+        )
     name = meta.get("expert_name") or files.name
     if name != files.name:
         raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
@@ -172,13 +188,14 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     }
     if files.aux:
         record["aux_data_not_imported"] = list(files.aux)
+    check_json_value(record, f"{files.meta} metadata")
     return MttlExpert(
         name=files.name,
         tasks=tasks,
         base_model=model if isinstance(model, str) else None,
         rank=rank,
         alpha=float(alpha),
-        dropout=float(cfg.get("lora_dropout") or 0.0),
+        dropout=float(dropout),
         deleted=bool(meta.get("expert_deleted", False)),
         metadata={k: v for k, v in record.items() if v is not None},
     )

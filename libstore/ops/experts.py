@@ -23,6 +23,7 @@ from libstore.ops.context import Context
 from libstore.ops.query import parse_query
 from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
+from libstore.store.strict_json import check_json_value
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -96,8 +97,9 @@ def add(
     _check_kind(kind)
     tasks = [validate_name(t) for t in tasks]
     tags = [validate_name(t) for t in tags]
-    adapter = read_adapter(folder, allow_nonfinite=allow_nonfinite)
-    with ctx.catalog.write() as s:
+    check_json_value(metadata, "metadata")
+    adapter = read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)
+    with ctx.blobs.discarding([adapter.weights]), ctx.catalog.write() as s:
         row = insert_adapter(
             ctx,
             s,
@@ -165,9 +167,9 @@ def insert_adapter(
 
 
 def store_adapter_files(ctx: Context, adapter: AdapterFile) -> list[StoredFile]:
-    """Put the adapter's config and weights into the blob store (content-addressed, deduplicated)."""
+    """Put the adapter's config and its staged weights into the blob store (deduplicated)."""
     cfg = ctx.blobs.put_bytes(adapter.config_bytes)
-    weights = ctx.blobs.put_file(adapter.weights_path, expected_sha256=adapter.weights_sha256)
+    weights = ctx.blobs.commit_staged(adapter.weights)
     return [
         StoredFile(ADAPTER_CONFIG, cfg.sha256, cfg.size),
         StoredFile(ADAPTER_WEIGHTS, weights.sha256, weights.size),
@@ -227,34 +229,35 @@ def import_dir(
             f"import them one by one with libstore add --name"
         )
     adapters: list[tuple[str, AdapterFile]] = []
-    for name, folder in zip(names, folders, strict=True):
-        try:
-            adapters.append((name, read_adapter(folder, allow_nonfinite=allow_nonfinite)))
-        except LibstoreError as e:
-            raise type(e)(f"{folder}: {e}") from e
-    added: list[Any] = []
-    skipped: list[str] = []
-    with ctx.catalog.write() as s:
-        for name, adapter in adapters:
-            if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
-                skipped.append(name)
-                continue
-            row = insert_adapter(
-                ctx,
-                s,
-                adapter,
-                name=name,
-                kind=kind,
-                base=base,
-                tasks=[name] if task_from_name else [],
-                tags=tags,
-                metadata=None,
-                cluster=None,
-                source=str(Path(adapter.folder).resolve()),
-                allow_base_mismatch=allow_base_mismatch,
-            )
-            added.append(row)
-        experts = tuple(repo.to_expert(s, r) for r in added)
+    with ctx.blobs.discarding(a.weights for _, a in adapters):  # read on exit: all staged so far
+        for name, folder in zip(names, folders, strict=True):
+            try:
+                adapters.append((name, read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)))
+            except LibstoreError as e:
+                raise e.add_context(str(folder)) from None
+        added: list[Any] = []
+        skipped: list[str] = []
+        with ctx.catalog.write() as s:
+            for name, adapter in adapters:
+                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
+                    continue
+                row = insert_adapter(
+                    ctx,
+                    s,
+                    adapter,
+                    name=name,
+                    kind=kind,
+                    base=base,
+                    tasks=[name] if task_from_name else [],
+                    tags=tags,
+                    metadata=None,
+                    cluster=None,
+                    source=str(Path(adapter.folder).resolve()),
+                    allow_base_mismatch=allow_base_mismatch,
+                )
+                added.append(row)
+            experts = tuple(repo.to_expert(s, r) for r in added)
     return ImportReport(added=experts, skipped=tuple(skipped))
 
 

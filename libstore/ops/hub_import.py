@@ -33,7 +33,7 @@ from libstore.ops.context import Context
 from libstore.ops.sync_state import temp_dir
 from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
-from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel, Expert
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert
 
 _PART = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -170,7 +170,8 @@ def import_mttl(
     """
     tags = [validate_name(t) for t in tags]
     patterns = list(experts) if experts is not None else None
-    with temp_dir(ctx, "import-mttl") as tmp:
+    prepared: list[tuple[mttl.MttlExpert, AdapterFile]] = []
+    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, a in prepared):
         if _is_local(source):
             folder = Path(source).expanduser()
             label = str(folder.resolve())
@@ -185,7 +186,6 @@ def import_mttl(
                 raise ValidationError(f"no expert of {source} matches {', '.join(patterns)}")
         with ctx.catalog.read() as s:
             base_model = repo.to_base(repo.resolve_base_row(s, base))
-        prepared = []
         for files in found:
             try:
                 validate_name(files.name)
@@ -196,9 +196,9 @@ def import_mttl(
                     _check_trained_on(info, base_model)
                 weights = mttl.read_weights(files)
                 out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.name)
-                adapter = read_adapter(out)
+                adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
-                raise type(e)(f"mttl expert {files.name!r}: {e}") from None
+                raise e.add_context(f"mttl expert {files.name!r}") from None
             prepared.append((info, adapter))
         added, skipped = [], []
         with ctx.catalog.write() as s:

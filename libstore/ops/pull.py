@@ -8,8 +8,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +38,8 @@ from libstore.ops.sync_state import (
     select_experts,
     temp_dir,
 )
-from libstore.store.adapter import check_against_base, read_adapter
-from libstore.types import ADAPTER_WEIGHTS, ClusteringRecord, Derivation, Expert, ExpertQuery
+from libstore.store.adapter import check_against_base, read_stored_adapter
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClusteringRecord, Derivation, Expert, ExpertQuery
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +142,7 @@ def pull(
         _check_sizes(rem.repo_id, needed)
         missing = {sha: v for sha, v in needed.items() if not ctx.blobs.exists(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
-        _validate_experts(ctx, entries, manifest, tmp)
+        _validate_experts(ctx, entries, manifest)
         protos, skipped_protos = check_pulled(ctx, protos, manifest.experts)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
@@ -273,21 +271,21 @@ def _download(
     pool.shutdown(wait=True)
 
 
-def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest, tmp: Path) -> None:
-    """Re-validate every pulled expert's PEFT folder and check the manifest's claims against it."""
+def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest) -> None:
+    """Re-validate every pulled expert's stored files and check the manifest's claims against them."""
     for e in entries:
-        folder = tmp / "check" / e.name
-        folder.mkdir(parents=True)
-        for f in e.files:
-            src = ctx.blobs.path(f.sha256)
-            try:
-                os.link(src, folder / f.path)
-            except OSError:
-                shutil.copyfile(src, folder / f.path)
+        files = {f.path: f for f in e.files}
         try:
-            adapter = read_adapter(folder)
+            if ADAPTER_CONFIG not in files or ADAPTER_WEIGHTS not in files:
+                raise ValidationError(f"it lacks {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS}")
+            adapter = read_stored_adapter(
+                ctx.blobs,
+                files[ADAPTER_CONFIG].sha256,
+                files[ADAPTER_WEIGHTS].sha256,
+                where=f"experts/{e.name}",
+            )
         except LibstoreError as err:
-            raise type(err)(f"expert {e.name!r} from the remote: {err}") from None
+            raise err.add_context(f"expert {e.name!r} from the remote") from None
         claims = {
             "rank": (e.rank, adapter.rank),
             "alpha": (e.alpha, adapter.alpha),
@@ -305,7 +303,6 @@ def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest, tmp:
                 )
         # the base's identity is its fingerprint (checked before); shapes are checked here
         check_against_base(adapter, m.base_models[e.base_model], allow_base_mismatch=True)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _apply(

@@ -31,8 +31,9 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.ops.context import Context
-from libstore.store.adapter import KEY_PREFIX, is_targeted, read_adapter
+from libstore.store.adapter import KEY_PREFIX, read_adapter
 from libstore.store.safetensors_io import load_tensors, save_tensors
+from libstore.store.targeting import untargeted
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -121,7 +122,7 @@ def derived_config(
         alpha_pattern={},
     )
     modules = sorted(modules)
-    if not all(is_targeted(m, cfg) for m in modules):
+    if untargeted(cfg, modules, where="the parent's adapter_config.json"):
         cfg["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
         for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
             cfg[key] = None
@@ -176,9 +177,10 @@ def stage_expert(
         folder = Path(tmp)
         (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=dict(metadata or {"format": "pt"}))
-        adapter = read_adapter(folder)
-        cfg_ref = ctx.blobs.put_bytes(adapter.config_bytes)
-        w_ref = ctx.blobs.put_file(adapter.weights_path, expected_sha256=adapter.weights_sha256)
+        adapter = read_adapter(folder, into=ctx.blobs)
+        with ctx.blobs.discarding([adapter.weights]):
+            cfg_ref = ctx.blobs.put_bytes(adapter.config_bytes)
+            w_ref = ctx.blobs.commit_staged(adapter.weights)
     files = (
         StoredFile(ADAPTER_CONFIG, cfg_ref.sha256, cfg_ref.size),
         StoredFile(ADAPTER_WEIGHTS, w_ref.sha256, w_ref.size),

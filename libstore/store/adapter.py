@@ -27,7 +27,7 @@ from libstore.errors import (
     UnsafeFileError,
     ValidationError,
 )
-from libstore.store.blobs import sha256_file
+from libstore.store.blobs import BlobStore
 from libstore.store.safetensors_io import (
     FLOAT_DTYPE_NAMES,
     SafetensorsHeader,
@@ -35,13 +35,16 @@ from libstore.store.safetensors_io import (
     nonfinite_tensors,
     read_header,
 )
+from libstore.store.sources import read_small, sniff
 from libstore.store.strict_json import strict_loads
+from libstore.store.targeting import untargeted
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterFile,
     BaseModel,
     ModuleShape,
+    StagedBlob,
 )
 
 MAX_CONFIG_BYTES = 16 << 20
@@ -133,63 +136,117 @@ def validate_name(name: str) -> str:
 def read_adapter(
     folder: str | os.PathLike[str],
     *,
+    into: BlobStore,
     allow_nonfinite: bool = False,
     max_file_bytes: int | None = None,
 ) -> AdapterFile:
-    """Validate a PEFT LoRA folder (config + safetensors header + NaN/Inf scan) and describe it.
+    """Validate a PEFT LoRA folder (config + safetensors header + NaN/Inf scan), staging its weights.
+
+    The weights are read once: copied into ``into`` while they are hashed
+    (:meth:`BlobStore.stage_file`), and that copy is what gets validated, so the bytes later stored
+    are exactly the validated ones whatever happens to the source meanwhile. The caller owns
+    ``result.weights``: ``into.commit_staged`` it to store it, or ``into.discard`` it. On any
+    refusal nothing is left in the store.
 
     Raises :class:`ValidationError` (:class:`UnsafeFileError` for pickled weights) naming the file
-    and the fault; nothing is written anywhere. ``target_modules`` of the result are the module-name
-    suffixes that actually carry weights (the config may hold a regex or a superset). Weights larger
-    than ``max_file_bytes`` (default: ``libstore.config.max_file_bytes()``) are refused before they
-    are read.
+    and the fault, :class:`StorageError` if the store cannot be written. ``target_modules`` of the
+    result are the module-name suffixes that actually carry weights (the config may hold a regex
+    or a superset). Weights larger than ``max_file_bytes`` (default:
+    ``libstore.config.max_file_bytes()``) are refused before they are read.
     """
     folder = Path(folder)
     _check_folder(folder)
     config_path = folder / ADAPTER_CONFIG
-    config_bytes, config = _read_config(config_path)
-    rank, alpha, use_rslora = _check_config(config_path, config)
-
+    config_bytes = _read_config_bytes(config_path)
     weights_path = folder / ADAPTER_WEIGHTS
     _check_weights_present(folder, weights_path)
-    before = weights_path.stat()
     limit = config_mod.max_file_bytes(max_file_bytes)
-    if before.st_size > limit:
+    size = weights_path.stat().st_size
+    if size > limit:
         raise ValidationError(
-            f"{weights_path} is {before.st_size} bytes, over the {limit}-byte limit for adapter "
+            f"{weights_path} is {size} bytes, over the {limit}-byte limit for adapter "
             f"weights: is it a whole model rather than a LoRA adapter? If it really is an adapter, "
-            f"raise the limit with LIBSTORE_MAX_FILE_BYTES"
+            f"raise the limit with LIBSTORE_MAX_FILE_BYTES",
+            path=str(weights_path),
         )
-    header = read_header(weights_path, max_file_bytes=limit)
+    staged = into.stage_file(weights_path, max_bytes=limit)
+    try:
+        adapter = _describe(
+            folder, config_path, config_bytes, weights_path, staged, allow_nonfinite=allow_nonfinite
+        )
+    except BaseException:
+        into.discard(staged)
+        raise
+    return adapter
+
+
+def read_stored_adapter(
+    blobs: BlobStore,
+    config_sha256: str,
+    weights_sha256: str,
+    *,
+    where: str,
+    allow_nonfinite: bool = False,
+) -> AdapterFile:
+    """Validate an adapter whose two files are already blobs of ``blobs`` (e.g. pulled ones).
+
+    Checks what :func:`read_adapter` checks, on the stored bytes themselves (no copy); errors name
+    ``where`` (e.g. ``expert 'x' from the remote``). ``result.weights`` names the stored blob.
+    """
+    cfg_path = blobs.path(config_sha256)
+    if blobs.size(config_sha256) > MAX_CONFIG_BYTES:
+        raise ValidationError(f"{where}: {ADAPTER_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
+    staged = StagedBlob(str(blobs.path(weights_sha256)), weights_sha256, blobs.size(weights_sha256))
+    return _describe(
+        Path(where),
+        Path(where) / ADAPTER_CONFIG,
+        read_small(cfg_path, limit=MAX_CONFIG_BYTES),
+        Path(where) / ADAPTER_WEIGHTS,
+        staged,
+        allow_nonfinite=allow_nonfinite,
+        extra=(),
+    )
+
+
+def _describe(
+    folder: Path,
+    config_path: Path,
+    config_bytes: bytes,
+    weights_path: Path,
+    staged: StagedBlob,
+    *,
+    allow_nonfinite: bool,
+    extra: tuple[str, ...] | None = None,
+) -> AdapterFile:
+    """Check a config and the weights copy ``staged`` (errors name ``weights_path``) and describe them."""
+    config = _parse_config(config_path, config_bytes)
+    rank, alpha, use_rslora = _check_config(config_path, config)
+    header = read_header(staged.path, max_file_bytes=staged.size, shown_as=weights_path)
     modules, dtype = _modules_from_header(weights_path, header, rank)
     _check_targeted(config_path, config, modules)
     if not allow_nonfinite:
-        bad = nonfinite_tensors(weights_path, header)
+        bad = nonfinite_tensors(staged.path, header)
         if bad:
             raise ValidationError(
                 f"{weights_path}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0]!r}; the "
                 f"training diverged or the file is corrupt. Pass --allow-nonfinite to store it "
-                f"anyway."
+                f"anyway.",
+                path=str(weights_path),
+                field=bad[0],
             )
-
-    weights_sha256 = sha256_file(weights_path)
-    after = weights_path.stat()
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        raise ValidationError(f"{weights_path} changed while it was being validated; try again")
-    extra = tuple(
-        sorted(
-            p.name
-            for p in folder.iterdir()
-            if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    if extra is None:
+        extra = tuple(
+            sorted(
+                p.name
+                for p in folder.iterdir()
+                if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+            )
         )
-    )
     return AdapterFile(
         folder=str(folder),
         config=config,
         config_bytes=config_bytes,
-        weights_path=str(weights_path),
-        weights_sha256=weights_sha256,
-        weights_size=header.file_size,
+        weights=staged,
         rank=rank,
         alpha=alpha,
         use_rslora=use_rslora,
@@ -221,13 +278,18 @@ def _check_folder(folder: Path) -> None:
 def _check_weights_present(folder: Path, weights_path: Path) -> None:
     if weights_path.is_file():
         return
+    if os.path.lexists(weights_path):
+        what = "a folder" if weights_path.is_dir() else "not a regular file (a FIFO, device or broken link)"
+        raise ValidationError(
+            f"{weights_path} is {what}; {ADAPTER_WEIGHTS} must be the weights file itself",
+            path=str(weights_path),
+        )
     pickled = [folder / n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
     if not pickled:
         pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
     if pickled:
         p = pickled[0]
-        with open(p, "rb") as f:  # the magic bytes only: never unpickled
-            magic = f.read(4)
+        magic = sniff(p, 4)  # the magic bytes only: never unpickled
         kind = (
             "a torch.save zip archive"
             if magic == b"PK\x03\x04"
@@ -244,20 +306,23 @@ def _check_weights_present(folder: Path, weights_path: Path) -> None:
     raise ValidationError(f"{folder} has no {ADAPTER_WEIGHTS}; {_PEFT_FOLDER}")
 
 
-def _read_config(path: Path) -> tuple[bytes, dict[str, Any]]:
+def _read_config_bytes(path: Path) -> bytes:
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ValidationError(
             f"{path} is {size} bytes; an adapter config is a few KB (limit {MAX_CONFIG_BYTES})"
         )
-    raw = path.read_bytes()
+    return read_small(path, limit=MAX_CONFIG_BYTES)
+
+
+def _parse_config(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         config = strict_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # Recursion: absurd nesting
         raise ValidationError(f"{path} is not valid UTF-8 JSON ({e}); re-save the adapter with PEFT") from e
     if not isinstance(config, dict):
         raise ValidationError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return raw, config
+    return config
 
 
 def _is_int(x: object) -> TypeGuard[int]:
@@ -272,7 +337,9 @@ def _check_config(path: Path, c: Mapping[str, Any]) -> tuple[int, float, bool]:
     """Types and supported features; returns (rank, alpha, use_rslora)."""
 
     def bad(field: str, want: str) -> ValidationError:
-        return ValidationError(f"{path}: {field!r} must be {want}, got {c.get(field)!r}")
+        return ValidationError(
+            f"{path}: {field!r} must be {want}, got {c.get(field)!r}", path=str(path), field=field
+        )
 
     peft_type = c.get("peft_type")
     if peft_type != "LORA":
@@ -308,6 +375,21 @@ def _check_config(path: Path, c: Mapping[str, Any]) -> tuple[int, float, bool]:
         and not (isinstance(layers, list) and all(_is_int(i) for i in layers))
     ):
         raise bad("layers_to_transform", "an integer, a list of integers or null")
+    if isinstance(targets, str):  # PEFT's LoraConfig refuses these combinations when it loads
+        for field in ("layers_to_transform", "layers_pattern"):
+            if c.get(field) is not None:
+                raise ValidationError(
+                    f"{path}: {field} cannot be used with a target_modules pattern (a string); PEFT "
+                    f"refuses this config — list the target module names instead",
+                    path=str(path),
+                    field=field,
+                )
+    if c.get("layers_pattern") and layers is None:
+        raise ValidationError(
+            f"{path}: layers_pattern is set but layers_to_transform is not; PEFT refuses this config",
+            path=str(path),
+            field="layers_pattern",
+        )
     use_rslora = c.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise bad("use_rslora", "true or false")
@@ -421,61 +503,17 @@ def _explain_key(key: str) -> str:
     return f"tensor {key!r} is not a PEFT LoRA weight; {expected}"
 
 
-def _layer_index(module: str, layers_pattern: str | list[str] | None) -> int | None:
-    """The layer number PEFT's ``layers_to_transform`` would read from a module name."""
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        m = None
-        for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
-            if m:
-                break
-    return int(m["idx"]) if m else None
-
-
-def is_targeted(module: str, config: Mapping[str, Any]) -> bool:
-    """Would PEFT put a LoRA layer on ``module`` given this config?
-
-    Mirrors ``peft.tuners.tuners_utils.check_target_module_exists`` (PEFT 0.21) for the fields
-    libstore allows, so weights PEFT would silently skip on load are caught at import.
-    """
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            excluded = re.fullmatch(exclude, module) is not None
-        else:
-            excluded = module in exclude or any(module.endswith(f".{e}") for e in exclude)
-        if excluded:
-            return False
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
-    if not isinstance(targets, list):
-        return False
-    if module in targets:
-        return True
-    if not any(module.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    idx = _layer_index(module, config.get("layers_pattern"))
-    if idx is None:
-        return False
-    return idx == layers if isinstance(layers, int) else idx in layers
-
-
 def _check_targeted(path: Path, config: Mapping[str, Any], modules: Iterable[str]) -> None:
-    stray = [m for m in modules if not is_targeted(m, config)]
+    stray = untargeted(config, modules, where=str(path))
     if stray:
         raise ValidationError(
             f"{path}: the weights hold module {stray[0]!r}"
             + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
             + f" but target_modules={json.dumps(config.get('target_modules'))} (with "
             f"exclude_modules/layers_to_transform) does not target it, so PEFT would ignore those "
-            f"weights when loading; fix target_modules in {ADAPTER_CONFIG}"
+            f"weights when loading; fix target_modules in {ADAPTER_CONFIG}",
+            path=str(path),
+            field="target_modules",
         )
 
 

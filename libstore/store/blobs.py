@@ -10,27 +10,43 @@ leaves at most a temp file, which ``remove_temp_files`` collects. A blob is neve
 is in place; read-only mode guards against accidents only — ``verify`` (re-hashing) is the proof of
 integrity, never the file mode.
 
+*Staging* (:meth:`BlobStore.stage_file`) is for files that must be validated before they are
+stored: the source is read once, copied into a temp file inside the store while it is hashed, and
+the caller validates that copy — the very bytes :meth:`BlobStore.commit_staged` then renames to
+their address — so a source changed or swapped after the copy cannot matter. Staged temps have the
+same names as write temps (in shard :data:`STAGING_SHARD`), so gc collects them after a crash once
+they are older than its grace period; commit sets a staged file's mtime to now, as a write would.
+
+A write the file system refuses (read-only, full disk, quota, permissions) raises
+:class:`StorageError` saying what to do, and leaves no temp file.
+
 No torch here: the CLI's torch-free commands use this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from libstore.errors import IntegrityError, NotFoundError, ValidationError
+from libstore.errors import IntegrityError, LibstoreError, NotFoundError, StorageError, ValidationError
+from libstore.store.sources import open_regular, read_chunks, read_failed
+from libstore.types import StagedBlob
 
 ALGORITHM = "sha256"
 CHUNK = 1 << 20
 TEMP_PREFIX = ".tmp-"
+#: The shard folder staged copies are written to (their digest, hence their shard, is not known
+#: before they are copied; the rename into the real shard is on the same file system).
+STAGING_SHARD = "00"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SHARD = re.compile(r"[0-9a-f]{2}")
 
@@ -75,6 +91,13 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_temp(tmp: Path) -> None:
+    """Best-effort removal of a temp file (on a read-only disk it stays for gc to collect)."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o644)  # Windows refuses to delete read-only files
+        tmp.unlink()
 
 
 class BlobStore:
@@ -142,6 +165,8 @@ class BlobStore:
             raise ValidationError(f"{src} is a folder; a blob is one file") from None
         except FileNotFoundError:
             raise ValidationError(f"{src} does not exist; nothing was stored") from None
+        except OSError as e:
+            raise read_failed(src, e) from None
         if expected_sha256 is not None and digest != expected_sha256:
             raise IntegrityError(
                 f"{src} has sha256 {digest} but {expected_sha256} was expected; the file is "
@@ -152,8 +177,8 @@ class BlobStore:
 
         def copy(out: BinaryIO) -> str:
             h = hashlib.sha256()
-            with open(src, "rb") as f:
-                while chunk := f.read(CHUNK):
+            with open_regular(src) as f:
+                for chunk in read_chunks(f, src):
                     h.update(chunk)
                     out.write(chunk)
             return h.hexdigest()
@@ -210,11 +235,9 @@ class BlobStore:
         """Write via ``fill(file) -> sha256`` to a temp file in the shard, check, fsync, rename."""
         final = self.path(digest)
         shard = final.parent
-        shard.mkdir(parents=True, exist_ok=True)
-        tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        tmp, out = self._create_temp(shard, what)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with out:
                 written = fill(out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -226,9 +249,141 @@ class BlobStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
             fsync_dir(shard)
+        except OSError as e:
+            raise self._storage_error(e, f"store {what}") from e
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            _remove_temp(tmp)
+
+    def _create_temp(self, shard: Path, what: str) -> tuple[Path, BinaryIO]:
+        """A new, exclusively created temp file in ``shard`` (created if needed), open for writing."""
+        tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            shard.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except OSError as e:
+            raise self._storage_error(e, f"store {what}") from e
+        return tmp, os.fdopen(fd, "wb")
+
+    def _storage_error(self, e: OSError, doing: str) -> OSError:
+        """The :class:`StorageError` for a write the file system refused (libstore errors pass)."""
+        if isinstance(e, LibstoreError):
+            return e
+        where = str(self.root)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            advice = (
+                "the disk is full (or the quota is used up): free space — `libstore gc` removes "
+                "blobs nothing references — or move the library to a bigger disk, then try again"
+            )
+        elif e.errno == errno.EROFS:
+            advice = (
+                "it is on a read-only file system: remount it read-write, or work on a copy of the "
+                "library on a writable disk"
+            )
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            advice = (
+                "this user may not write there: fix the folder's ownership or permissions, or run "
+                "as the user who owns the library"
+            )
+        else:
+            advice = "check the disk and the folder, then try again"
+        return StorageError(
+            f"could not {doing} in the blob store {where} ({e.strerror or e}); {advice}. Nothing was stored.",
+            location=where,
+        )
+
+    # --- staging -----------------------------------------------------------------------------
+
+    def stage_file(
+        self,
+        src: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
+    ) -> StagedBlob:
+        """Copy ``src`` once into a temp file inside the store, hashing the bytes as they are copied.
+
+        Validate the returned copy (its ``path``), then :meth:`commit_staged` or :meth:`discard` it;
+        the caller owns it until then (``discard`` is always safe to call, also after a commit).
+        ``src`` must be a regular file (or a symlink to one); anything else, a read error or more
+        than ``max_bytes`` bytes raises :class:`ValidationError`, a hash other than
+        ``expected_sha256`` :class:`IntegrityError`, a refused write :class:`StorageError` — and
+        then no temp file is left.
+        """
+        if expected_sha256 is not None:
+            check_digest(expected_sha256)
+        with open_regular(src) as f:
+            tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {src}")
+            try:
+                h = hashlib.sha256()
+                size = 0
+                with out:
+                    for chunk in read_chunks(f, src, limit=max_bytes):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o444)
+            except BaseException as e:
+                _remove_temp(tmp)
+                if isinstance(e, OSError):
+                    raise self._storage_error(e, f"copy {src}") from e
+                raise
+        digest = h.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            _remove_temp(tmp)
+            raise IntegrityError(
+                f"{src} has sha256 {digest} but {expected_sha256} was expected; the file is corrupt "
+                f"or incomplete (download it again). Nothing was stored.",
+                sha256=expected_sha256,
+                path=str(src),
+            )
+        return StagedBlob(path=str(tmp), sha256=digest, size=size)
+
+    def commit_staged(self, staged: StagedBlob) -> BlobRef:
+        """Move a staged copy to its content address; if that blob is already stored, claim it and
+        drop the copy. A :class:`StagedBlob` naming a blob already in place is claimed."""
+        ref = BlobRef(staged.sha256, staged.size)
+        final = self.path(staged.sha256)
+        tmp = Path(staged.path)
+        if self._already_stored(staged.sha256, staged.size):
+            if tmp != final:
+                self.discard(staged)
+            return ref
+        if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
+            raise self._missing(staged.sha256)
+        try:
+            os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except FileNotFoundError:
+            raise StorageError(
+                f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc with a grace period "
+                f"shorter than this operation removed it. Nothing was stored; run the operation "
+                f"again (and give gc a longer --grace while imports run)",
+                location=str(self.root),
+            ) from None
+        except OSError as e:
+            self.discard(staged)
+            raise self._storage_error(e, f"store {staged.sha256}") from e
+        return ref
+
+    @contextlib.contextmanager
+    def discarding(self, staged: Iterable[StagedBlob]) -> Iterator[None]:
+        """Discard the staged copies in ``staged`` on leaving (read at exit, so a list may grow
+        inside); the ones committed meanwhile are already gone."""
+        try:
+            yield
+        finally:
+            for item in staged:
+                self.discard(item)
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Drop a staged copy. A no-op once it was committed or discarded (never removes a blob)."""
+        tmp = Path(staged.path)
+        if tmp.name.startswith(TEMP_PREFIX) and tmp.parent.parent == self._algo_dir:
+            _remove_temp(tmp)
 
     # --- reading -----------------------------------------------------------------------------
 

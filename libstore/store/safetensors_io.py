@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeGuard
 
 from libstore.errors import UnsafeFileError, ValidationError
 from libstore.store.blobs import fsync_dir
+from libstore.store.sources import open_regular, read_failed
 from libstore.store.strict_json import strict_loads
 
 if TYPE_CHECKING:
@@ -150,63 +151,66 @@ def read_header(
     *,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_file_bytes: int | None = None,
+    shown_as: str | os.PathLike[str] | None = None,
 ) -> SafetensorsHeader:
     """Parse and fully validate a safetensors header without trusting any of it.
 
     Raises :class:`UnsafeFileError` for pickles and :class:`ValidationError` for anything else that
-    is not a well-formed safetensors file (with the reason and what to do).
+    is not a well-formed safetensors file (with the reason and what to do), also for a path that is
+    not a regular file or cannot be read. Messages name ``shown_as`` (default ``path``): the file
+    the user gave when ``path`` is libstore's staged copy of it.
     """
     path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ValidationError(f"{path} does not exist") from None
-    if not path.is_file():
-        raise ValidationError(f"{path} is not a regular file")
-    size = st.st_size
-    if max_file_bytes is not None and size > max_file_bytes:
+    shown = Path(shown_as) if shown_as is not None else path
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_file_bytes is not None and size > max_file_bytes:
+            raise ValidationError(
+                f"{shown} is {size} bytes, more than the limit of {max_file_bytes} bytes for this file"
+            )
+        try:
+            head = f.read(64)
+            n = int.from_bytes(head[:8], "little")
+            plausible = size >= 8 and 2 <= n <= max_header_bytes and 8 + n <= size and head[8:9] == b"{"
+            raw = b""
+            if plausible:
+                f.seek(8)
+                raw = f.read(n)
+        except OSError as e:
+            raise read_failed(shown, e) from None
+    if size < 8 or len(head) < 8:
+        _sniff(shown, head)
         raise ValidationError(
-            f"{path} is {size} bytes, more than the limit of {max_file_bytes} bytes for this file"
+            f"{shown} is {size} bytes: too short to be a safetensors file (8-byte header length "
+            f"+ JSON header); it is truncated or not safetensors"
         )
-    with open(path, "rb") as f:
-        head = f.read(64)
-        if size < 8 or len(head) < 8:
-            _sniff(path, head)
+    if not plausible:
+        _sniff(shown, head)
+        if n > max_header_bytes:
             raise ValidationError(
-                f"{path} is {size} bytes: too short to be a safetensors file (8-byte header length "
-                f"+ JSON header); it is truncated or not safetensors"
+                f"{shown}: header length {n} bytes exceeds the {max_header_bytes}-byte cap; the "
+                f"file is corrupt or not safetensors"
             )
-        n = int.from_bytes(head[:8], "little")
-        plausible = 2 <= n <= max_header_bytes and 8 + n <= size and head[8:9] == b"{"
-        if not plausible:
-            _sniff(path, head)
-            if n > max_header_bytes:
-                raise ValidationError(
-                    f"{path}: header length {n} bytes exceeds the {max_header_bytes}-byte cap; the "
-                    f"file is corrupt or not safetensors"
-                )
-            if 8 + n > size:
-                raise ValidationError(
-                    f"{path}: header length {n} runs past the end of the {size}-byte file; the "
-                    f"file is truncated or not safetensors (download it again)"
-                )
+        if 8 + n > size:
             raise ValidationError(
-                f"{path}: the header does not start with '{{' (a JSON object); not a safetensors file"
+                f"{shown}: header length {n} runs past the end of the {size}-byte file; the "
+                f"file is truncated or not safetensors (download it again)"
             )
-        f.seek(8)
-        raw = f.read(n)
+        raise ValidationError(
+            f"{shown}: the header does not start with '{{' (a JSON object); not a safetensors file"
+        )
     if len(raw) != n:
-        raise ValidationError(f"{path} changed while it was being read; try again")
+        raise ValidationError(f"{shown} changed while it was being read; try again")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValidationError(f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        raise ValidationError(f"{shown}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     try:
         obj = strict_loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise ValidationError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
+        raise ValidationError(f"{shown}: header is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(obj, dict):
-        raise ValidationError(f"{path}: header must be a JSON object, got {type(obj).__name__}")
+        raise ValidationError(f"{shown}: header must be a JSON object, got {type(obj).__name__}")
 
     metadata: dict[str, str] = {}
     if METADATA_KEY in obj:
@@ -214,16 +218,16 @@ def read_header(
         if not isinstance(meta, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
         ):
-            raise ValidationError(f"{path}: {METADATA_KEY} must map strings to strings")
+            raise ValidationError(f"{shown}: {METADATA_KEY} must map strings to strings")
         metadata = dict(meta)
 
     data_offset = 8 + n
     data_len = size - data_offset
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
-        tensors[name] = _entry(path, name, entry, data_len)
+        tensors[name] = _entry(shown, name, entry, data_len)
 
-    _check_tiling(path, tensors, data_len)
+    _check_tiling(shown, tensors, data_len)
     return SafetensorsHeader(tensors, metadata, data_offset, size)
 
 
