@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from libstore.errors import ValidationError
-
 DEFAULT_HOME = "~/.libstore"
 CATALOG_FILE = "catalog.db"
 BLOBS_DIR = "blobs"
@@ -79,6 +77,15 @@ def hub_min_rate() -> float:
     return _positive_float("LIBSTORE_HUB_MIN_RATE", DEFAULT_HUB_MIN_RATE)
 
 
+class SettingError(ValueError):
+    """An environment setting that cannot be used; ``variable`` names it (callers raise their own
+    error with the text: config stays below every other layer)."""
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
 def _positive_float(variable: str, default: float) -> float:
     text = os.environ.get(variable)
     if not text:
@@ -88,5 +95,5 @@ def _positive_float(variable: str, default: float) -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ValidationError(f"${variable} must be a positive number, got {text!r}", field=variable)
+        raise SettingError(f"${variable} must be a positive number, got {text!r}", variable=variable)
     return value

@@ -9,18 +9,32 @@ from typing import TYPE_CHECKING, Any
 
 from libstore import config
 from libstore.ops import experts as _experts
-from libstore.ops.context import Context, init_library, open_library
-from libstore.types import BaseModel, Expert, ExpertQuery
+from libstore.ops.context import Context, SchemaState, init_library, open_library, schema_state
+from libstore.types import BaseModel, Expert, ExpertKind, ExpertQuery, Remote
 
-if TYPE_CHECKING:  # the low-rank operations import torch: loaded only when called
+if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs them
+    import torch
+    from torch import nn
+
     from libstore.catalog.clusterings import Clustering
     from libstore.catalog.prototypes import CacheEntry
     from libstore.ops.derive import GksReport, LineageInfo, StaleReport
     from libstore.ops.maintenance import GcReport, VerifyReport
     from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
+    from libstore.ops.pull import PullReport
+    from libstore.ops.push import PushReport
     from libstore.ops.similarity import SimilarityMatrix
+    from libstore.ops.sync import StatusReport
+    from libstore.router.model import RoutedModel
 
 PathLike = str | os.PathLike[str]
+#: What selects experts: a query string (``"kind=task tag=v1"``), a parsed query, or names.
+Selection = str | ExpertQuery | Iterable[str]
+
+
+def _selection(target: Selection) -> str | ExpertQuery | list[str]:
+    """A selection the operations take: queries as they are, an iterable of names as a list."""
+    return target if isinstance(target, str | ExpertQuery) else list(target)
 
 
 class Library:
@@ -46,6 +60,11 @@ class Library:
     def open(cls, path: PathLike | None = None, *, db_url: str | None = None) -> Library:
         """Open a library, upgrading its catalog if an older libstore created it."""
         return cls(open_library(config.library_path(path), db_url))
+
+    @staticmethod
+    def schema_state(path: PathLike | None = None, *, db_url: str | None = None) -> SchemaState:
+        """The catalog's schema revision and this libstore's, read without upgrading anything."""
+        return schema_state(config.library_path(path), db_url)
 
     @property
     def path(self) -> Path:
@@ -78,6 +97,7 @@ class Library:
         return _experts.get_base(self._ctx, name)
 
     def remove_base(self, name: str) -> None:
+        """Unregister a base model; ``InUseError`` while experts of it remain."""
         _experts.remove_base(self._ctx, name)
 
     # --- experts ---------------------------------------------------------------------------
@@ -87,7 +107,7 @@ class Library:
         path: PathLike,
         *,
         name: str | None = None,
-        kind: str = "task",
+        kind: ExpertKind = "task",
         base: str | None = None,
         tasks: Iterable[str] = (),
         tags: Iterable[str] = (),
@@ -115,11 +135,12 @@ class Library:
         self,
         root: PathLike,
         *,
-        kind: str = "task",
+        kind: ExpertKind = "task",
         base: str | None = None,
         tags: Iterable[str] = (),
         task_from_name: bool = False,
         allow_base_mismatch: bool = False,
+        allow_nonfinite: bool = False,
     ) -> _experts.ImportReport:
         """Import every PEFT folder below ``root`` in one transaction; names from folder names."""
         return _experts.import_dir(
@@ -130,6 +151,7 @@ class Library:
             tags=tags,
             task_from_name=task_from_name,
             allow_base_mismatch=allow_base_mismatch,
+            allow_nonfinite=allow_nonfinite,
         )
 
     def experts(self, query: str | ExpertQuery | None = None) -> list[Expert]:
@@ -162,7 +184,7 @@ class Library:
 
     def compute_prototypes(
         self,
-        query: str | ExpertQuery | Iterable[str] | None = None,
+        query: Selection | None = None,
         *,
         method: str = "exact",
         top_n: int = 1,
@@ -178,7 +200,7 @@ class Library:
         """
         from libstore.ops import prototypes as _protos
 
-        target = query if query is None or isinstance(query, str | ExpertQuery) else list(query)
+        target = None if query is None else _selection(query)
         return _protos.compute(
             self._ctx, target, method=method, top_n=top_n, iters=iters, seed=seed, device=device
         )
@@ -226,8 +248,8 @@ class Library:
     def subtract_general(
         self,
         *,
-        general: str | ExpertQuery | Iterable[str],
-        experts: str | ExpertQuery | Iterable[str],
+        general: Selection,
+        experts: Selection,
         mode: str = "param",
         rank: int | None = None,
         suffix: str = "_res",
@@ -243,13 +265,10 @@ class Library:
         """
         from libstore.ops import derive as _derive
 
-        def norm(q: Any) -> Any:
-            return q if isinstance(q, str | ExpertQuery) else list(q)
-
         return _derive.subtract_general(
             self._ctx,
-            general=norm(general),
-            experts=norm(experts),
+            general=_selection(general),
+            experts=_selection(experts),
             mode=mode,
             rank=rank,
             suffix=suffix,
@@ -259,7 +278,7 @@ class Library:
 
     def similarity(
         self,
-        query: str | ExpertQuery | Iterable[str] | None = None,
+        query: Selection | None = None,
         *,
         metric: str = "delta",
         device: str | None = None,
@@ -268,7 +287,7 @@ class Library:
         (of the flattened parameters, as the MBC paper)."""
         from libstore.ops import similarity as _sim
 
-        target = query if query is None or isinstance(query, str | ExpertQuery) else list(query)
+        target = None if query is None else _selection(query)
         return _sim.similarity(self._ctx, target, metric=metric, device=device)
 
     def plot_similarity(self, matrix: SimilarityMatrix, path: PathLike) -> Path:
@@ -317,7 +336,7 @@ class Library:
 
     def cluster(
         self,
-        experts: str | ExpertQuery | Iterable[str] | None = "kind=task",
+        experts: Selection | None = "kind=task",
         *,
         k: int | None = None,
         metric: str = "flat",
@@ -339,7 +358,7 @@ class Library:
         """
         from libstore.ops import clusters as _clusters
 
-        target = experts if experts is None or isinstance(experts, str | ExpertQuery) else list(experts)
+        target = None if experts is None else _selection(experts)
         return _clusters.cluster(
             self._ctx,
             target,
@@ -408,7 +427,7 @@ class Library:
     # --- Hub sync (issue 6) ----------------------------------------------------------------
     # Imported per call: opening a library must not pay for the Hub client.
 
-    def add_remote(self, name: str, repo_id: str, *, revision: str = "main", private: bool = False) -> Any:
+    def add_remote(self, name: str, repo_id: str, *, revision: str = "main", private: bool = False) -> Remote:
         """Record remote ``name`` -> Hub model repo ``repo_id`` (branch ``revision``); no network.
 
         ``private`` is the visibility ``push`` uses if it has to create the repo.
@@ -417,8 +436,8 @@ class Library:
 
         return sync.add_remote(self._ctx, name, repo_id, revision=revision, private=private)
 
-    def remotes(self) -> list[Any]:
-        """Every remote with its last synced commit (``libstore.catalog.remotes.Remote``)."""
+    def remotes(self) -> list[Remote]:
+        """Every remote with its last synced commit."""
         from libstore.ops import sync
 
         return sync.remotes(self._ctx)
@@ -439,7 +458,7 @@ class Library:
         token: str | None = None,
         force: bool = False,
         prune: bool = False,
-    ) -> Any:
+    ) -> PushReport:
         """Upload what changed since the last sync (one commit; batches of <=100 files, manifest
         last). Refuses if the remote moved (pull first) or on conflicts. Returns a ``PushReport``."""
         from libstore.ops import push
@@ -464,7 +483,7 @@ class Library:
         token: str | None = None,
         force: bool = False,
         prune: bool = False,
-    ) -> Any:
+    ) -> PullReport:
         """Download what is missing or changed (hash-checked), at a branch, tag or commit, and apply
         it in one transaction. Conflicts are reported, not overwritten. Returns a ``PullReport``."""
         from libstore.ops import pull
@@ -473,7 +492,7 @@ class Library:
             self._ctx, remote, revision=revision, experts=experts, token=token, force=force, prune=prune
         )
 
-    def status(self, remote: str | None = None, *, token: str | None = None) -> Any:
+    def status(self, remote: str | None = None, *, token: str | None = None) -> StatusReport:
         """Per expert: local only, remote only, in sync, changed, conflict; and what push and pull
         would do. Returns a ``StatusReport``."""
         from libstore.ops import sync
@@ -487,7 +506,7 @@ class Library:
         subfolder: str | None = None,
         revision: str | None = None,
         name: str | None = None,
-        kind: str = "task",
+        kind: ExpertKind = "task",
         base: str | None = None,
         tasks: Iterable[str] = (),
         tags: Iterable[str] = (),
@@ -515,14 +534,14 @@ class Library:
         self,
         source: PathLike,
         *,
-        kind: str = "task",
+        kind: ExpertKind = "task",
         base: str | None = None,
         tags: Iterable[str] = (),
         experts: Iterable[str] | None = None,
         revision: str | None = None,
         token: str | None = None,
         allow_base_mismatch: bool = False,
-    ) -> Any:
+    ) -> _experts.ImportReport:
         """Import a library in microsoft/mttl's expert-library format (folder or Hub repo), converting
         each LoRA expert to a PEFT folder; all or nothing. Returns an ``ImportReport``."""
         from libstore.ops import hub_import
@@ -543,7 +562,7 @@ class Library:
 
     def routed_model(
         self,
-        base: Any = None,
+        base: str | nn.Module | None = None,
         *,
         experts: str | ExpertQuery | list[str] = "kind=task",
         top_k: int = 3,
@@ -551,10 +570,10 @@ class Library:
         general: str | ExpertQuery | None = None,
         method: str = "exact",
         mixing: str = "output",
-        device: Any = None,
-        dtype: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
         allow_base_mismatch: bool = False,
-    ) -> Any:
+    ) -> RoutedModel:
         """An Arrow-routed model over the experts a query selects (see ``libstore.ops.route``).
 
         ``base`` is a folder, a Hub id, a loaded ``PreTrainedModel`` or ``None`` (the registered

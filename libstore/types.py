@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from libstore.errors import QueryError
+
+# --- the named choices of the public API (one place; the CLI's click.Choice lists come from here) ---
 
 ExpertKind = Literal["task", "general", "residual", "cluster", "merged"]
 EXPERT_KINDS: tuple[str, ...] = get_args(ExpertKind)
@@ -228,11 +234,55 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / (rank**0.5) if use_rslora else alpha / rank
 
 
+#: Largest cluster index a query may name: the catalog stores indexes as 32-bit integers.
+MAX_CLUSTER_INDEX = 2**31 - 1
+_CLUSTER_REF = re.compile(r"(?P<name>[^:]+)(?::(?P<index>[0-9]+))?")
+
+
+def parse_cluster_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:INDEX`` -> (clustering name, index or ``None``); :class:`QueryError` otherwise."""
+    m = _CLUSTER_REF.fullmatch(ref)
+    if m is None:
+        raise QueryError(f"cluster must be NAME or NAME:INDEX (e.g. mbc-k10:3), got {ref!r}", query=ref)
+    index = m["index"]
+    if index is None:
+        return m["name"], None
+    if len(index) > 10 or int(index) > MAX_CLUSTER_INDEX:
+        raise QueryError(
+            f"cluster index {index[:20]}{'...' if len(index) > 20 else ''} in {ref[:60]!r} is out of "
+            f"range (0..{MAX_CLUSTER_INDEX}); see the clusters with: libstore clusters ls",
+            query=ref,
+        )
+    return m["name"], int(index)
+
+
+def is_glob(pattern: str) -> bool:
+    """Does a name pattern hold a wildcard (``*`` or ``?``)?"""
+    return "*" in pattern or "?" in pattern
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.DOTALL
+    )
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """The one name-glob semantics of libstore, case-sensitive like file globs: ``*`` matches any run
+    of characters (also none), ``?`` exactly one, every other character itself. The catalog's SQL
+    (``GLOB`` on SQLite, ``LIKE`` on PostgreSQL) implements the same; :class:`ExpertQuery` refuses
+    ``[...]`` classes, which names (letters, digits, ``.``, ``_``, ``-``) never need."""
+    return _glob_regex(pattern).fullmatch(name) is not None
+
+
 @dataclass(frozen=True)
 class ExpertQuery:
     """A parsed catalog query. Within one field values are OR-ed; fields are AND-ed.
 
-    ``names`` may hold shell-style globs (``arc_*``).
+    ``names`` may hold globs (``arc_*``, see :func:`glob_match`); ``clusters`` are ``NAME`` or
+    ``NAME:INDEX``. Checked on construction (:class:`QueryError`), so a query built in Python is
+    refused the same way as a parsed one.
     """
 
     names: tuple[str, ...] = ()
@@ -241,6 +291,24 @@ class ExpertQuery:
     tags: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     clusters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for n in self.names:
+            if "[" in n or "]" in n:
+                raise QueryError(
+                    f"name pattern {n!r}: character classes [...] are not supported; use * (any run "
+                    f"of characters) and ? (one character), e.g. 'arc_*'",
+                    query=n,
+                )
+        bad = [k for k in self.kinds if k not in EXPERT_KINDS]
+        if bad:
+            raise QueryError(f"unknown kind {bad[0]!r}; kinds are {', '.join(EXPERT_KINDS)}", query=bad[0])
+        for c in self.clusters:
+            parse_cluster_ref(c)
+
+    def matches_name(self, name: str) -> bool:
+        """Does ``name`` match one of ``names`` (true when the query names nothing)?"""
+        return not self.names or any(glob_match(p, name) for p in self.names)
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,26 @@ def test_catalog_from_a_newer_libstore_is_refused(tmp_path: Path) -> None:
     migrate.upgrade(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE {migrate.VERSION_TABLE} SET version_num = 'ffff9999'")
-    with pytest.raises(SchemaError, match="newer libstore"):
+    with pytest.raises(SchemaError, match="newer libstore") as e:
         migrate.ensure_current(engine)
+    assert e.value.revision == "ffff9999" and e.value.exit_code == 8
+    engine.dispose()
+
+
+def test_expert_names_compare_bytewise(db_url: str | None, tmp_path: Path) -> None:
+    """Migration 0002 (PostgreSQL: the name column in the ``C`` collation). Alembic's model comparison
+    cannot see collations, so this checks the column itself, after a walk down and up again."""
+    engine = make_engine(_url(db_url, tmp_path))
+    migrate.upgrade(engine, "0001")
+    migrate.upgrade(engine)
+
+    def collation() -> str | None:
+        name = next(c for c in inspect(engine).get_columns("experts") if c["name"] == "name")
+        return name["type"].collation
+
+    assert collation() == ("C" if engine.dialect.name == "postgresql" else None)
+    migrate.downgrade(engine, "0001")
+    assert collation() is None
     engine.dispose()
 
 

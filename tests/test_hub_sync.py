@@ -703,7 +703,7 @@ def test_reports_are_typed_and_errors_carry_fields(library: Library, hub: HubSer
 
 
 def test_sync_records_keep_their_digests_through_the_rename_to_synced_digest(tmp_path: Path) -> None:
-    """Migration 0002: remote_experts.synced_sha256 (which always held record digests) becomes
+    """Migration 0003: remote_experts.synced_sha256 (which always held record digests) becomes
     synced_digest with its values; base models registered before it count as the user's own."""
     from sqlalchemy import text
 
@@ -711,7 +711,7 @@ def test_sync_records_keep_their_digests_through_the_rename_to_synced_digest(tmp
     from libstore.catalog.engine import make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    migrate.upgrade(engine, "0001")
+    migrate.upgrade(engine, "0002")
     with engine.begin() as conn:
         conn.execute(
             text(

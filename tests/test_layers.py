@@ -1,4 +1,11 @@
-"""The layers contract: data flows cli -> ops -> catalog / store / hub -> lowrank / router."""
+"""The layers contract: data flows cli -> library -> ops -> catalog / store / hub -> lowrank / router.
+
+Every module of the package is scanned, absolute and relative imports alike, type-only imports too
+(a ``TYPE_CHECKING`` import is still a dependency a reader has to follow). Besides the libstore
+modules each layer may use, the libraries that define a layer stay inside it: SQLAlchemy, Alembic
+and the ORM rows (``catalog/models.py``) in ``catalog/``, ``huggingface_hub`` in ``hub/``. The CLI's
+torch-free commands are checked by running them (``test_cli_*::*do_not_import_torch``).
+"""
 
 from __future__ import annotations
 
@@ -9,43 +16,118 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "libstore"
 
-# layer -> libstore sub-packages it may import (besides itself)
+#: the modules every layer may use
+BASE = {"types", "errors", "canonical", "config"}
+# layer (sub-package, or top-level module) -> the libstore layers it may import besides itself
 ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "canonical": set(),
+    "config": set(),
+    "types": {"errors"},
     "lowrank": {"types", "errors", "canonical"},
     "router": {"types", "errors", "canonical", "lowrank"},
-    "store": {"types", "errors", "canonical", "config"},
-    "catalog": {"types", "errors", "canonical", "config"},
-    "hub": {"types", "errors", "canonical", "config", "store"},
-    "ops": {"types", "errors", "canonical", "config", "catalog", "store", "hub", "lowrank", "router"},
-    "cli": {"types", "errors", "canonical", "config", "library", "cli", "ops", "catalog"},
+    "store": BASE,
+    "catalog": BASE,
+    "hub": BASE | {"store"},
+    "ops": BASE | {"catalog", "store", "hub", "lowrank", "router"},
+    "library": BASE | {"ops"},
+    "cli": BASE | {"library", "ops"},
+    "__init__": BASE | {"library"},
+}
+#: layers a layer may name in type-only imports (``if TYPE_CHECKING:``) besides ``ALLOWED``: the
+#: public API returns a routed model, which is the router's type
+TYPE_ONLY: dict[str, set[str]] = {"library": {"router"}}
+#: packages and modules that belong to one layer only: the ORM rows never leave the catalog
+OWNED_BY = {
+    "sqlalchemy": "catalog",
+    "alembic": "catalog",
+    "huggingface_hub": "hub",
+    "libstore.catalog.models": "catalog",
 }
 
 
-def _imports(path: Path) -> set[str]:
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _type_only_nodes(tree: ast.Module) -> set[ast.AST]:
+    """The import statements inside ``if TYPE_CHECKING:`` blocks."""
+    found: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            found.update(n for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
+def imported_modules(path: Path, pkg: Path = PKG, *, type_only: bool | None = None) -> set[str]:
+    """Every module ``path`` (inside package folder ``pkg``) imports, as an absolute dotted name;
+    relative imports are resolved against the package ``path`` is in. ``type_only``: only the
+    imports inside (``True``) or outside (``False``) ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text())
+    package = list(path.relative_to(pkg.parent).parent.parts)
+    typing_nodes = _type_only_nodes(tree) if type_only is not None else set()
     found: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        else:
+        if type_only is not None and (node in typing_nodes) != type_only:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "libstore" and len(parts) > 1:
-                found.add(parts[1])
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            found.add(prefix)
+            found.update(f"{prefix}.{a.name}" for a in node.names)  # ``from . import repo`` is a module
     return found
+
+
+def _libstore_layers(modules: set[str]) -> set[str]:
+    """The libstore layers among ``modules`` (``libstore.catalog.repo`` -> ``catalog``)."""
+    return {m.split(".")[1] for m in modules if m.startswith("libstore.")} & set(ALLOWED)
+
+
+def _all_modules() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    assert {_layer(p) for p in _all_modules()} <= set(ALLOWED)
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_layer_imports(layer: str) -> None:
     bad = {}
-    for path in sorted((PKG / layer).rglob("*.py")):
-        extra = _imports(path) - ALLOWED[layer] - {layer}
-        if extra:
-            bad[str(path.relative_to(PKG))] = sorted(extra)
+    for path in _all_modules():
+        if _layer(path) != layer:
+            continue
+        modules = imported_modules(path)
+        allowed = ALLOWED[layer] | {layer}
+        extra = (_libstore_layers(imported_modules(path, type_only=False)) - allowed) | (
+            _libstore_layers(imported_modules(path, type_only=True)) - allowed - TYPE_ONLY.get(layer, set())
+        )
+        foreign = {
+            owned
+            for owned, owner in OWNED_BY.items()
+            if owner != layer and any(m == owned or m.startswith(f"{owned}.") for m in modules)
+        }
+        if extra or foreign:
+            bad[str(path.relative_to(PKG))] = sorted(extra | foreign)
     assert bad == {}, f"layer {layer!r} imports beyond its contract: {bad}"
+
+
+def test_relative_imports_are_resolved(tmp_path: Path) -> None:
+    """The scanner itself: relative imports from ``ops`` are seen as the modules they name."""
+    module = tmp_path / "libstore" / "ops" / "experts.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from ..catalog import repo\nfrom . import query\nfrom .context import Context\n")
+    module.write_text(module.read_text() + "if TYPE_CHECKING:\n    from ..router.model import RoutedModel\n")
+    found = imported_modules(module, tmp_path / "libstore")
+    assert {"libstore.catalog.repo", "libstore.ops.query", "libstore.ops.context"} <= found
+    assert _libstore_layers(found) == {"catalog", "ops", "router"}
+    assert _libstore_layers(imported_modules(module, tmp_path / "libstore", type_only=True)) == {"router"}
 
 
 def test_math_layers_are_free_of_sql_and_hub() -> None:

@@ -169,3 +169,207 @@ def test_weights_are_real_peft_tensors(library: Library, base_dir: Path, tmp_pat
     original = load_file(src / "adapter_model.safetensors")
     assert stored.keys() == original.keys()
     assert all(torch.equal(stored[k], original[k]) for k in stored)
+
+
+def test_readers_never_see_half_written_experts(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    """A listing runs several statements (experts, then files, tags, tasks, lineage); with a writer
+    adding and removing experts between them, every listing must still be one snapshot: no expert
+    without its files or tags, on SQLite (one WAL transaction) and PostgreSQL (REPEATABLE READ)."""
+    import threading
+    import time
+
+    src = make_adapter(base_dir, tmp_path / "a", seed=1)
+    for i in range(20):
+        library.add(src, name=f"keep{i:02d}", tags=["t"], tasks=["k"])
+    writer_lib = Library.open(library.path, db_url=library.context.catalog.url)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                writer_lib.add(src, name=f"churn{i % 8}", tags=["t"], tasks=["k"])
+                writer_lib.remove(f"churn{(i + 4) % 8}") if i >= 4 else None
+                i += 1
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    seen, listings = 0, 0
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline and not errors:
+            for e in library.experts():
+                assert len(e.files) == 2 and e.tags == ("t",) and e.tasks == ("k",), e
+                seen += e.name.startswith("churn")
+            listings += 1
+    finally:
+        stop.set()
+        thread.join()
+        writer_lib.close()
+    assert errors == []
+    assert seen > 0 and listings > 5  # the readers did meet the writer's experts
+
+
+def test_errors_carry_what_and_name_and_change_nothing(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    from libstore.errors import InUseError, QueryError
+
+    src = make_adapter(base_dir, tmp_path / "a", seed=1)
+    library.add(src, name="a")
+    library.add(src, name="b")
+    before = _snapshot(library)
+    with pytest.raises(NotFoundError) as nf:
+        library.get("nope")
+    assert (nf.value.what, nf.value.name) == ("expert", "nope")
+    with pytest.raises(NotFoundError) as nf:
+        library.remove("nope")
+    assert (nf.value.what, nf.value.name) == ("expert", "nope")
+    with pytest.raises(NotFoundError) as nf:
+        library.tag("nomatch*", "t")
+    assert (nf.value.what, nf.value.name) == ("expert", "nomatch*")
+    with pytest.raises(AlreadyExistsError) as ae:
+        library.rename("a", "b")
+    assert (ae.value.what, ae.value.name) == ("expert", "b")
+    with pytest.raises(AlreadyExistsError) as ae:
+        library.add(src, name="a")
+    assert (ae.value.what, ae.value.name) == ("expert", "a")
+    with pytest.raises(AlreadyExistsError) as ae:
+        library.add_base("tiny", str(base_dir))
+    assert (ae.value.what, ae.value.name) == ("base model", "tiny")
+    with pytest.raises(NotFoundError) as nf:
+        library.base("nope")
+    assert (nf.value.what, nf.value.name) == ("base model", "nope")
+    with pytest.raises(InUseError) as iu:
+        library.remove_base("tiny")
+    assert (iu.value.what, iu.value.name, iu.value.used_by, iu.value.exit_code) == (
+        "base model",
+        "tiny",
+        ("a", "b"),
+        12,
+    )
+    with pytest.raises(NotFoundError) as nf:
+        library.add(src, name="c", kind="cluster", cluster="mbc:1")
+    assert (nf.value.what, nf.value.name) == ("clustering", "mbc")
+    with pytest.raises(ValidationError) as ve:
+        library.add(src, name="c", kind="cluster", cluster="mbc:99999999999999999999999")
+    assert ve.value.field == "cluster"
+    with pytest.raises(QueryError) as qe:
+        library.experts("kind=lora")
+    assert qe.value.query == "kind=lora"
+    assert _snapshot(library) == before
+    assert [b.name for b in library.bases()] == ["tiny"]
+
+
+def test_import_dir_takes_allow_nonfinite(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = make_adapter(base_dir, tmp_path / "adapters" / "nan", seed=1)
+    weights = folder / "adapter_model.safetensors"
+    tensors = {k: v * float("nan") for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValidationError, match="allow-nonfinite"):
+        library.import_dir(tmp_path / "adapters")
+    assert library.experts() == []
+    report = library.import_dir(tmp_path / "adapters", allow_nonfinite=True)
+    assert [e.name for e in report.added] == ["nan"]
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [b"{not json", b"[]", b"{}", b'{"format": "1"}', b'{"format": true}', b'{"format": 0}', b"\xff\xfe\x00"],
+    ids=["not-json", "list", "no-format", "string", "bool", "zero", "binary"],
+)
+def test_a_garbage_library_json_is_refused_untouched(tmp_path: Path, marker: bytes) -> None:
+    Library.init(tmp_path / "lib").close()
+    (tmp_path / "lib" / "library.json").write_bytes(marker)
+    catalog = (tmp_path / "lib" / "catalog.db").read_bytes()
+    with pytest.raises(LibraryNotFoundError) as e:
+        Library.open(tmp_path / "lib")
+    assert e.value.path == str(tmp_path / "lib") and "library.json" in str(e.value)
+    assert (tmp_path / "lib" / "library.json").read_bytes() == marker
+    assert (tmp_path / "lib" / "catalog.db").read_bytes() == catalog
+
+
+def test_a_library_from_a_newer_libstore_is_refused_untouched(tmp_path: Path) -> None:
+    from libstore.errors import SchemaError
+
+    Library.init(tmp_path / "lib").close()
+    marker = b'{"format": 2, "written_by": "libstore 9"}\n'
+    (tmp_path / "lib" / "library.json").write_bytes(marker)
+    catalog = (tmp_path / "lib" / "catalog.db").read_bytes()
+    with pytest.raises(SchemaError) as e:
+        Library.open(tmp_path / "lib")
+    assert e.value.revision == "2" and e.value.exit_code == 8 and "upgrade libstore" in str(e.value)
+    assert (tmp_path / "lib" / "library.json").read_bytes() == marker
+    assert (tmp_path / "lib" / "catalog.db").read_bytes() == catalog
+    assert not (tmp_path / "lib" / "catalog.db-wal").exists()  # the catalog was not even opened
+    (tmp_path / "lib" / "library.json").write_bytes(b'{"format": 1, "note": "extra keys are kept"}')
+    Library.open(tmp_path / "lib").close()
+    assert (tmp_path / "lib" / "library.json").read_bytes() == b'{"format": 1, "note": "extra keys are kept"}'
+
+
+def _statements_to_list(lib: Library) -> tuple[int, list]:
+    from sqlalchemy import event
+
+    count = 0
+
+    def on_execute(*_args: object) -> None:
+        nonlocal count
+        count += 1
+
+    engine = lib.context.catalog.engine
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        experts = lib.experts()
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+    return count, experts
+
+
+def test_listing_costs_the_same_statements_for_5_or_60_experts(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """No N+1: experts, files, tags, tasks, cluster links and lineage load in a fixed number of
+    statements whatever the number of experts."""
+    from libstore.catalog.models import (
+        ClusteringRow,
+        ClusterRow,
+        DerivationParentRow,
+        DerivationRow,
+        ExpertRow,
+    )
+
+    src = make_adapter(base_dir, tmp_path / "a", seed=1)
+
+    def stock(names: list[str]) -> None:
+        for n in names:
+            library.add(src, name=n, tags=["t", f"t{n}"], tasks=[f"task_{n}"])
+        with library.context.catalog.write() as s:
+            rows = {r.name: r for r in s.query(ExpertRow).filter(ExpertRow.name.in_(names))}
+            run = ClusteringRow(
+                name=f"mbc_{names[0]}", base_model_id=rows[names[0]].base_model_id, method="mbc"
+            )
+            run.metric, run.k, run.seed = "flat", 1, 0
+            run.clusters = [ClusterRow(index=0)]
+            s.add(run)
+            s.flush()
+            for n in names[:2]:
+                rows[n].cluster_id = run.clusters[0].id
+            d = DerivationRow(child_id=rows[names[-1]].id, method="merge", inputs_key="0" * 64)
+            d.parents = [
+                DerivationParentRow(position=0, role="expert", parent_name=names[0], parent_sha256="1" * 64)
+            ]
+            s.add(d)
+
+    stock([f"a{i:02d}" for i in range(5)])
+    few, listed = _statements_to_list(library)
+    assert len(listed) == 5 and listed[-1].lineage is not None and listed[0].cluster == "mbc_a00:0"
+    stock([f"b{i:02d}" for i in range(55)])
+    many, listed = _statements_to_list(library)
+    assert len(listed) == 60 and all(len(e.files) == 2 and len(e.tags) == 2 for e in listed)
+    assert [e.lineage is not None for e in listed].count(True) == 2
+    assert many == few <= 8, (few, many)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from libstore.catalog import repo
+from libstore.catalog import filters
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -184,7 +184,7 @@ def added_experts(session: Session, row: ClusteringRow, query: ExpertQuery) -> l
     """Experts of the clustering's base model that match ``query`` now and that it did not see."""
     seen = {i.expert_id for i in row.inputs if i.expert_id is not None}
     stmt = (
-        repo._query_statement(query)
+        filters.query_statement(session, query)
         .with_only_columns(ExpertRow.id, ExpertRow.name)
         .where(ExpertRow.base_model_id == row.base_model_id)
     )

@@ -8,6 +8,7 @@ detected and refused with a clear message instead of Alembic's "Can't locate rev
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -77,13 +78,14 @@ def _check_known(rev: str) -> None:
     if rev not in known:
         raise SchemaError(
             f"this catalog is at schema revision {rev}, which this libstore does not know: it was "
-            f"written by a newer libstore. Upgrade libstore (pip install -U libstore)."
+            f"written by a newer libstore. Upgrade libstore (pip install -U libstore).",
+            revision=rev,
         )
 
 
-def _run(engine: Engine, action) -> str:  # type: ignore[no-untyped-def]
+def _run(engine: Engine, action: Callable[[Config], None]) -> str:
     if engine.dialect.name == "sqlite":
-        engine = engine.execution_options(sqlite_begin="IMMEDIATE")  # type: ignore[assignment]
+        engine = engine.execution_options(sqlite_begin="IMMEDIATE")
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})

@@ -94,7 +94,11 @@ class BlobRow(Base):
 
 
 class ExpertRow(Base):
-    """One LoRA expert. ``sha256`` is the weights file's hash: the content identity caches key on."""
+    """One LoRA expert. ``sha256`` is the weights file's hash: the content identity caches key on.
+
+    ``name`` compares bytewise on every backend (``C`` collation on PostgreSQL, SQLite's ``BINARY``),
+    so case-sensitive prefix globs use its index and names sort alike everywhere.
+    """
 
     __tablename__ = "experts"
     __table_args__ = (
@@ -104,7 +108,9 @@ class ExpertRow(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    name: Mapped[str] = mapped_column(
+        String(NAME_LEN).with_variant(String(NAME_LEN, collation="C"), "postgresql"), unique=True
+    )
     kind: Mapped[str] = mapped_column(String(16), index=True)
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"))
     rank: Mapped[int] = mapped_column(Integer)

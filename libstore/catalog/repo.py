@@ -1,17 +1,37 @@
-"""Catalog queries and writes for base models, experts, blobs, tags and tasks.
+"""Catalog reads and writes for base models, experts, blobs, tags and tasks.
 
-Every function takes an open ``Session`` (the caller owns the transaction) and returns
-``libstore.types`` dataclasses or ORM rows that stay inside the catalog and ops layers.
+Every function takes an open ``Session``: the operation calling it owns the transaction. Operations
+hand in and get back the dataclasses of ``libstore.types`` (``Expert``, ``BaseModel``); the ``*_row``
+helpers exist for the other catalog modules, which link rows to rows, and never leave ``catalog/``.
+
+Listing costs a constant number of statements however many experts match (:func:`find_experts`:
+one for the experts, one each for their files, tags, tasks and lineage), and writes that touch many
+experts (tagging a query) are one set-based statement each, so a library of 100,000 experts lists
+and tags as fast as the database can.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from libstore.catalog.filters import query_condition
 from libstore.catalog.models import (
     BaseModelRow,
     BlobRow,
@@ -22,17 +42,14 @@ from libstore.catalog.models import (
     ExpertFileRow,
     ExpertRow,
     ExpertTagRow,
+    ExpertTaskRow,
     PrototypeCacheRow,
     TagRow,
     TaskRow,
 )
-from libstore.errors import (
-    AlreadyExistsError,
-    NotFoundError,
-    QueryError,
-    ValidationError,
-)
+from libstore.errors import AlreadyExistsError, InUseError, NotFoundError, ValidationError
 from libstore.types import (
+    ADAPTER_WEIGHTS,
     BaseModel,
     Derivation,
     DerivationParent,
@@ -41,6 +58,7 @@ from libstore.types import (
     LinearShape,
     ModuleShape,
     StoredFile,
+    parse_cluster_ref,
 )
 
 # --- base models -------------------------------------------------------------------------------
@@ -63,17 +81,31 @@ def to_base(row: BaseModelRow) -> BaseModel:
 def base_row(session: Session, name: str) -> BaseModelRow:
     row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
     if row is None:
-        known = ", ".join(session.scalars(select(BaseModelRow.name))) or "none yet"
+        known = (
+            ", ".join(session.scalars(select(BaseModelRow.name).order_by(BaseModelRow.name))) or "none yet"
+        )
         raise NotFoundError(
             f"no base model named {name!r} (registered: {known}); "
-            f"register it with: libstore base add {name} --from PATH_OR_HUB_ID"
+            f"register it with: libstore base add {name} --from PATH_OR_HUB_ID",
+            what="base model",
+            name=name,
         )
     return row
 
 
+def get_base(session: Session, name: str) -> BaseModel:
+    return to_base(base_row(session, name))
+
+
 def add_base(session: Session, base: BaseModel) -> BaseModelRow:
+    """Register ``base``; the row is returned for the catalog modules that link to it."""
     if session.scalar(select(BaseModelRow.id).where(BaseModelRow.name == base.name)) is not None:
-        raise AlreadyExistsError(f"a base model named {base.name!r} is already registered")
+        raise AlreadyExistsError(
+            f"a base model named {base.name!r} is already registered; see it with: libstore base show "
+            f"{base.name}",
+            what="base model",
+            name=base.name,
+        )
     row = BaseModelRow(
         name=base.name,
         source=base.source,
@@ -93,28 +125,23 @@ def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
     """The named base, or the only registered one when no name is given."""
     if base is not None:
         return base_row(session, base)
-    rows = list(session.scalars(select(BaseModelRow)))
+    rows = list(session.scalars(select(BaseModelRow).order_by(BaseModelRow.name).limit(11)))
     if len(rows) == 1:
         return rows[0]
     if not rows:
         raise NotFoundError(
-            "no base model is registered; register one first: libstore base add NAME --from PATH"
+            "no base model is registered; register one first: libstore base add NAME --from PATH",
+            what="base model",
         )
-    names = ", ".join(sorted(r.name for r in rows))
-    raise ValidationError(f"several base models are registered ({names}); choose one with --base")
-
-
-def cluster_row(session: Session, clustering: str, index: int) -> ClusterRow:
-    """Cluster ``index`` of the clustering named ``clustering``."""
-    run = session.scalar(select(ClusteringRow).where(ClusteringRow.name == clustering))
-    if run is None:
-        raise NotFoundError(f"no clustering named {clustering!r}; see: libstore clusters ls")
-    row = session.scalar(
-        select(ClusterRow).where(ClusterRow.clustering_id == run.id, ClusterRow.index == index)
+    names = ", ".join(r.name for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    raise ValidationError(
+        f"several base models are registered ({names}); choose one with --base", field="base"
     )
-    if row is None:
-        raise NotFoundError(f"clustering {clustering!r} has clusters 0..{len(run.clusters) - 1}, not {index}")
-    return row
+
+
+def resolve_base(session: Session, base: str | None) -> BaseModel:
+    """:func:`resolve_base_row` as a record."""
+    return to_base(resolve_base_row(session, base))
 
 
 def list_bases(session: Session) -> list[BaseModel]:
@@ -122,13 +149,50 @@ def list_bases(session: Session) -> list[BaseModel]:
 
 
 def remove_base(session: Session, name: str) -> None:
+    """Unregister a base model; :class:`InUseError` while experts of it remain."""
     row = base_row(session, name)
-    used = session.scalar(select(ExpertRow.id).where(ExpertRow.base_model_id == row.id).limit(1))
-    if used is not None:
-        raise AlreadyExistsError(
-            f"base model {name!r} still has experts; remove them first (libstore ls --base {name})"
+    users = tuple(
+        session.scalars(
+            select(ExpertRow.name).where(ExpertRow.base_model_id == row.id).order_by(ExpertRow.name).limit(5)
+        )
+    )
+    if users:
+        more = ", ..." if len(users) == 5 else ""
+        raise InUseError(
+            f"base model {name!r} still has experts ({', '.join(users)}{more}); "
+            f"remove them first (libstore ls base={name})",
+            what="base model",
+            name=name,
+            used_by=users,
         )
     session.delete(row)
+    session.flush()
+
+
+def cluster_row(session: Session, clustering: str, index: int) -> ClusterRow:
+    """Cluster ``index`` of the clustering named ``clustering``."""
+    run = session.scalar(select(ClusteringRow).where(ClusteringRow.name == clustering))
+    if run is None:
+        raise NotFoundError(
+            f"no clustering named {clustering!r}; see: libstore clusters ls",
+            what="clustering",
+            name=clustering,
+        )
+    row = session.scalar(
+        select(ClusterRow).where(ClusterRow.clustering_id == run.id, ClusterRow.index == index)
+    )
+    if row is None:
+        raise NotFoundError(
+            f"clustering {clustering!r} has clusters 0..{len(run.clusters) - 1}, not {index}",
+            what="cluster",
+            name=f"{clustering}:{index}",
+        )
+    return row
+
+
+def cluster_tasks(session: Session, clustering: str, index: int) -> tuple[str, ...]:
+    """The tasks of cluster ``index`` of ``clustering`` (what a cluster expert is trained on)."""
+    return tuple(t.name for t in cluster_row(session, clustering, index).tasks)
 
 
 # --- blobs -------------------------------------------------------------------------------------
@@ -146,11 +210,6 @@ def referenced_blobs(session: Session) -> set[str]:
     files = session.scalars(select(ExpertFileRow.blob_sha256))
     protos = session.scalars(select(PrototypeCacheRow.blob_sha256))
     return set(files) | set(protos)
-
-
-def unreferenced_blob_rows(session: Session) -> list[BlobRow]:
-    used = referenced_blobs(session)
-    return [b for b in session.scalars(select(BlobRow)) if b.sha256 not in used]
 
 
 # --- tags and tasks ----------------------------------------------------------------------------
@@ -174,6 +233,23 @@ def task_row(session: Session, name: str) -> TaskRow:
     return row
 
 
+def _ensure_named(
+    session: Session, table: type[TagRow] | type[TaskRow], names: Sequence[str]
+) -> dict[str, int]:
+    """``name -> id`` of the tag or task rows named ``names``, inserting the missing ones (two
+    statements, however many names)."""
+    if not names:
+        return {}
+    have = {n: i for n, i in session.execute(select(table.name, table.id).where(table.name.in_(names)))}
+    missing = [n for n in dict.fromkeys(names) if n not in have]
+    if missing:
+        session.execute(insert(table), [{"name": n} for n in missing])
+        have.update(
+            (n, i) for n, i in session.execute(select(table.name, table.id).where(table.name.in_(missing)))
+        )
+    return have
+
+
 def list_tags(session: Session) -> list[tuple[str, int]]:
     """Every tag with the number of experts carrying it."""
     stmt = (
@@ -185,13 +261,61 @@ def list_tags(session: Session) -> list[tuple[str, int]]:
     return [(name, int(n)) for name, n in session.execute(stmt)]
 
 
-# --- experts -----------------------------------------------------------------------------------
+def add_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
+    """Tag every expert ``query`` matches with ``tags`` (one statement per tag, however many experts)."""
+    cond = query_condition(session, query)
+    for tag_id in _ensure_named(session, TagRow, tags).values():
+        already = exists().where(ExpertTagRow.expert_id == ExpertRow.id, ExpertTagRow.tag_id == tag_id)
+        rows = select(ExpertRow.id, literal(tag_id)).where(cond, ~already)
+        session.execute(insert(ExpertTagRow).from_select(["expert_id", "tag_id"], rows))
+    session.expire_all()
+
+
+def remove_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
+    """Take ``tags`` off every expert ``query`` matches (one statement)."""
+    tag_ids = select(TagRow.id).where(TagRow.name.in_(tags))
+    session.execute(
+        delete(ExpertTagRow).where(
+            ExpertTagRow.tag_id.in_(tag_ids), ExpertTagRow.expert_id.in_(_matching_ids(session, query))
+        )
+    )
+    session.expire_all()
+
+
+# --- querying experts --------------------------------------------------------------------------
+
+
+def _matching_ids(session: Session, query: ExpertQuery) -> Select[int]:
+    return select(ExpertRow.id).where(query_condition(session, query)).correlate(None)
+
+
+def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
+    stmt = select(ExpertRow).where(query_condition(session, query)).order_by(ExpertRow.name)
+    return list(session.scalars(stmt).unique())
+
+
+def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
+    """The experts ``query`` matches, in name order, in a constant number of statements."""
+    return _load(session, query_condition(session, query), with_lineage=with_lineage)
+
+
+def expert_names(session: Session, query: ExpertQuery) -> list[str]:
+    """Names of the experts ``query`` matches, in name order (one statement)."""
+    stmt = select(ExpertRow.name).where(query_condition(session, query)).order_by(ExpertRow.name)
+    return list(session.scalars(stmt))
+
+
+def get_expert(session: Session, name: str) -> Expert:
+    found = _load(session, ExpertRow.name == name)
+    if not found:
+        raise _no_expert(name)
+    return found[0]
 
 
 def expert_row(session: Session, name: str) -> ExpertRow:
     row = session.scalar(select(ExpertRow).where(ExpertRow.name == name))
     if row is None:
-        raise NotFoundError(f"no expert named {name!r}; list them with: libstore ls")
+        raise _no_expert(name)
     return row
 
 
@@ -199,88 +323,173 @@ def expert_exists(session: Session, name: str) -> bool:
     return session.scalar(select(ExpertRow.id).where(ExpertRow.name == name)) is not None
 
 
-def _glob_to_like(pattern: str) -> str:
-    out = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return out.replace("*", "%").replace("?", "_")
-
-
-def _query_statement(query: ExpertQuery) -> Select[tuple[ExpertRow]]:
-    stmt = select(ExpertRow)
-    if query.names:
-        conds = []
-        for n in query.names:
-            if "*" in n or "?" in n:
-                conds.append(ExpertRow.name.like(_glob_to_like(n), escape="\\"))
-            else:
-                conds.append(ExpertRow.name == n)
-        stmt = stmt.where(or_(*conds))
-    if query.kinds:
-        stmt = stmt.where(ExpertRow.kind.in_(query.kinds))
-    if query.bases:
-        stmt = stmt.where(ExpertRow.base_model.has(BaseModelRow.name.in_(query.bases)))
-    if query.tags:
-        stmt = stmt.where(ExpertRow.tags.any(TagRow.name.in_(query.tags)))
-    if query.tasks:
-        stmt = stmt.where(ExpertRow.tasks.any(TaskRow.name.in_(query.tasks)))
-    if query.clusters:
-        conds = []
-        for c in query.clusters:
-            clustering, _, index = c.partition(":")
-            ids = select(ClusteringRow.id).where(ClusteringRow.name == clustering)
-            cond = ClusterRow.clustering_id.in_(ids)
-            if index:
-                if not index.isdigit():
-                    raise QueryError(f"cluster must be NAME or NAME:INDEX, got {c!r}")
-                cond = cond & (ClusterRow.index == int(index))
-            conds.append(cond)
-        stmt = stmt.where(ExpertRow.cluster.has(or_(*conds)))
-    return stmt.order_by(ExpertRow.name)
-
-
-def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
-    return list(session.scalars(_query_statement(query)).unique())
-
-
-def lineage_of(session: Session, expert_id: int) -> Derivation | None:
-    d = session.scalar(select(DerivationRow).where(DerivationRow.child_id == expert_id))
-    if d is None:
-        return None
-    return Derivation(
-        method=d.method,
-        method_version=d.method_version,
-        params=dict(d.params),
-        inputs_key=d.inputs_key,
-        parents=tuple(DerivationParent(p.role, p.parent_name, p.parent_sha256) for p in d.parents),
-        created_at=d.created_at,
-    )
+def expert_sha256(session: Session, name: str) -> str | None:
+    """The weights sha256 of expert ``name``, ``None`` if there is no such expert."""
+    return session.scalar(select(ExpertRow.sha256).where(ExpertRow.name == name))
 
 
 def to_expert(session: Session, row: ExpertRow, *, with_lineage: bool = True) -> Expert:
-    cluster = None
-    if row.cluster is not None:
-        clustering = session.get(ClusteringRow, row.cluster.clustering_id)
-        cluster = f"{clustering.name}:{row.cluster.index}" if clustering else None
-    return Expert(
-        name=row.name,
-        kind=row.kind,
-        base_model=row.base_model.name,
-        rank=row.rank,
-        alpha=row.alpha,
-        use_rslora=row.use_rslora,
-        target_modules=tuple(row.target_modules),
-        modules={k: ModuleShape(*v) for k, v in row.module_shapes.items()},
-        dtype=row.dtype,
-        sha256=row.sha256,
-        bytes=row.bytes,
-        files=tuple(StoredFile(f.path, f.blob_sha256, f.size) for f in row.files),
-        source=row.source,
-        tasks=tuple(t.name for t in row.tasks),
-        tags=tuple(t.name for t in row.tags),
-        cluster=cluster,
-        metadata=dict(row.extra or {}),
-        lineage=lineage_of(session, row.id) if with_lineage else None,
-        created_at=row.created_at,
+    session.flush()
+    return _load(session, ExpertRow.id == row.id, with_lineage=with_lineage)[0]
+
+
+def _no_expert(name: str) -> NotFoundError:
+    return NotFoundError(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
+
+
+_EXPERT_COLUMNS = (
+    ExpertRow.id,
+    ExpertRow.name,
+    ExpertRow.kind,
+    BaseModelRow.name.label("base"),
+    ExpertRow.rank,
+    ExpertRow.alpha,
+    ExpertRow.use_rslora,
+    ExpertRow.target_modules,
+    ExpertRow.module_shapes,
+    ExpertRow.dtype,
+    ExpertRow.sha256,
+    ExpertRow.bytes,
+    ExpertRow.source,
+    ExpertRow.extra,
+    ExpertRow.created_at,
+    ClusteringRow.name.label("clustering"),
+    ClusterRow.index.label("cluster_index"),
+)
+
+
+def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = True) -> list[Expert]:
+    """The experts ``cond`` selects, with files, tags, tasks, cluster and lineage: 1 statement for the
+    experts, then one per linked table (the ``IN (SELECT id ...)`` repeats ``cond``), never one per
+    expert. Callers read inside one transaction, so every statement sees the same snapshot."""
+    stmt = (
+        select(*_EXPERT_COLUMNS)
+        .join(BaseModelRow, BaseModelRow.id == ExpertRow.base_model_id)
+        .outerjoin(ClusterRow, ClusterRow.id == ExpertRow.cluster_id)
+        .outerjoin(ClusteringRow, ClusteringRow.id == ClusterRow.clustering_id)
+        .where(cond)
+        .order_by(ExpertRow.name)
     )
+    rows = session.execute(stmt).all()
+    if not rows:
+        return []
+    ids = select(ExpertRow.id).where(cond).correlate(None)
+    files: dict[int, list[StoredFile]] = defaultdict(list)
+    for eid, path, sha, size in session.execute(
+        select(ExpertFileRow.expert_id, ExpertFileRow.path, ExpertFileRow.blob_sha256, ExpertFileRow.size)
+        .where(ExpertFileRow.expert_id.in_(ids))
+        .order_by(ExpertFileRow.expert_id, ExpertFileRow.path)
+    ):
+        files[eid].append(StoredFile(path, sha, size))
+    tags = _names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
+    tasks = _names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
+    lineage = _lineages(session, ids) if with_lineage else {}
+    return [
+        Expert(
+            name=r.name,
+            kind=r.kind,
+            base_model=r.base,
+            rank=r.rank,
+            alpha=r.alpha,
+            use_rslora=r.use_rslora,
+            target_modules=tuple(r.target_modules),
+            modules={k: ModuleShape(*v) for k, v in r.module_shapes.items()},
+            dtype=r.dtype,
+            sha256=r.sha256,
+            bytes=r.bytes,
+            files=tuple(files[r.id]),
+            source=r.source,
+            tasks=tuple(tasks[r.id]),
+            tags=tuple(tags[r.id]),
+            cluster=None if r.clustering is None else f"{r.clustering}:{r.cluster_index}",
+            metadata=dict(r.extra or {}),
+            lineage=lineage.get(r.id),
+            created_at=r.created_at,
+        )
+        for r in rows
+    ]
+
+
+def _names_by_expert(
+    session: Session,
+    expert_id: InstrumentedAttribute[int],
+    named_id: InstrumentedAttribute[int],
+    named: type[TagRow] | type[TaskRow],
+    ids: Select[int],
+) -> dict[int, list[str]]:
+    """``expert id -> names`` of its tags or tasks (one statement over a link table)."""
+    out: dict[int, list[str]] = defaultdict(list)
+    stmt = (
+        select(expert_id, named.name)
+        .join(named, named.id == named_id)
+        .where(expert_id.in_(ids))
+        .order_by(expert_id, named.name)
+    )
+    for eid, name in session.execute(stmt):
+        out[eid].append(name)
+    return out
+
+
+def _lineages(session: Session, ids: Select[int]) -> dict[int, Derivation]:
+    """``expert id -> how it was derived`` for the derived experts among ``ids`` (two statements)."""
+    derivations = session.execute(
+        select(
+            DerivationRow.id,
+            DerivationRow.child_id,
+            DerivationRow.method,
+            DerivationRow.method_version,
+            DerivationRow.params,
+            DerivationRow.inputs_key,
+            DerivationRow.created_at,
+        ).where(DerivationRow.child_id.in_(ids))
+    ).all()
+    if not derivations:
+        return {}
+    parents: dict[int, list[DerivationParent]] = defaultdict(list)
+    for did, role, name, sha in session.execute(
+        select(
+            DerivationParentRow.derivation_id,
+            DerivationParentRow.role,
+            DerivationParentRow.parent_name,
+            DerivationParentRow.parent_sha256,
+        )
+        .join(DerivationRow, DerivationRow.id == DerivationParentRow.derivation_id)
+        .where(DerivationRow.child_id.in_(ids))
+        .order_by(DerivationParentRow.derivation_id, DerivationParentRow.position)
+    ):
+        parents[did].append(DerivationParent(role, name, sha))
+    return {
+        child: Derivation(
+            method=method,
+            method_version=version,
+            params=dict(params or {}),
+            inputs_key=key,
+            parents=tuple(parents[did]),
+            created_at=created,
+        )
+        for did, child, method, version, params, key, created in derivations
+    }
+
+
+# --- writing experts ---------------------------------------------------------------------------
+
+
+def add_expert(session: Session, expert: Expert) -> Expert:
+    """Record ``expert`` (its blobs already in the store; ``blobs`` rows are ensured here) and return
+    it as stored. ``expert.cluster`` (``CLUSTERING:INDEX``) links it to that cluster; how a derived
+    expert was computed is recorded by ``catalog.derivations``, so ``lineage`` must be ``None``."""
+    if expert.lineage is not None:
+        raise ValueError("add_expert records no lineage: record it with catalog.derivations")
+    cluster_id = None
+    if expert.cluster is not None:
+        name, index = parse_cluster_ref(expert.cluster)
+        if index is None:
+            raise ValidationError(
+                f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {expert.cluster!r}", field="cluster"
+            )
+        cluster_id = cluster_row(session, name, index).id
+    row = _insert(session, expert, base_row(session, expert.base_model).id, cluster_id)
+    return dataclasses.replace(expert, created_at=row.created_at)
 
 
 def insert_expert(
@@ -303,35 +512,69 @@ def insert_expert(
     tags: Iterable[str] = (),
     cluster_id: int | None = None,
 ) -> ExpertRow:
-    """Insert an expert whose blobs are already in the store; blobs rows are ensured here."""
-    if expert_exists(session, name):
-        raise AlreadyExistsError(
-            f"an expert named {name!r} already exists; choose another --name, or remove it first"
-        )
+    """Row-level form of :func:`add_expert` for catalog callers that already hold the base and
+    cluster rows; the same writer underneath."""
     weights = next(f for f in files if f.path == weights_file)
-    for f in files:
-        ensure_blob(session, f.sha256, f.size)
-    row = ExpertRow(
+    expert = Expert(
         name=name,
         kind=kind,
-        base_model=base,
+        base_model=base.name,
         rank=rank,
         alpha=alpha,
         use_rslora=use_rslora,
-        target_modules=list(target_modules),
-        module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in modules.items()},
+        target_modules=tuple(target_modules),
+        modules=dict(modules),
         dtype=dtype,
         sha256=weights.sha256,
         bytes=sum(f.size for f in files),
+        files=tuple(files),
         source=source,
-        extra=dict(metadata or {}),
-        cluster_id=cluster_id,
+        tasks=tuple(tasks),
+        tags=tuple(tags),
+        metadata=dict(metadata or {}),
     )
-    row.files = [ExpertFileRow(path=f.path, blob_sha256=f.sha256, size=f.size) for f in files]
-    row.tasks = [task_row(session, t) for t in dict.fromkeys(tasks)]
-    row.tags = [tag_row(session, t) for t in dict.fromkeys(tags)]
+    return _insert(session, expert, base.id, cluster_id)
+
+
+def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | None) -> ExpertRow:
+    """The one writer of expert rows and their file, tag and task links."""
+    if expert_exists(session, expert.name):
+        raise AlreadyExistsError(
+            f"an expert named {expert.name!r} already exists; choose another --name, or remove it first",
+            what="expert",
+            name=expert.name,
+        )
+    if expert.file(ADAPTER_WEIGHTS).sha256 != expert.sha256:
+        raise ValueError(f"expert {expert.name!r}: sha256 must be the hash of {ADAPTER_WEIGHTS}")
+    for f in expert.files:
+        ensure_blob(session, f.sha256, f.size)
+    row = ExpertRow(
+        name=expert.name,
+        kind=expert.kind,
+        base_model_id=base_id,
+        rank=expert.rank,
+        alpha=expert.alpha,
+        use_rslora=expert.use_rslora,
+        target_modules=list(expert.target_modules),
+        module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
+        dtype=expert.dtype,
+        sha256=expert.sha256,
+        bytes=sum(f.size for f in expert.files),
+        source=expert.source,
+        extra=dict(expert.metadata),
+        cluster_id=cluster_id,
+        created_at=expert.created_at or dt.datetime.now(dt.UTC),
+    )
+    row.files = [ExpertFileRow(path=f.path, blob_sha256=f.sha256, size=f.size) for f in expert.files]
     session.add(row)
     session.flush()
+    for link, named, key, names in (
+        (ExpertTaskRow, TaskRow, "task_id", expert.tasks),
+        (ExpertTagRow, TagRow, "tag_id", expert.tags),
+    ):
+        ids = _ensure_named(session, named, list(dict.fromkeys(names)))
+        if ids:
+            session.execute(insert(link), [{"expert_id": row.id, key: i} for i in ids.values()])
     return row
 
 
@@ -349,18 +592,18 @@ def replace_files(
     session.flush()
 
 
-def delete_expert(session: Session, row: ExpertRow) -> None:
-    """Delete the row; tag, task and file links go with it, the blobs stay until ``gc``."""
-    session.delete(row)
+def delete_expert(session: Session, name: str) -> None:
+    """Delete expert ``name``; tag, task and file links go with it, the blobs stay until ``gc``."""
+    session.delete(expert_row(session, name))
     session.flush()
 
 
-def derived_children(session: Session, row: ExpertRow) -> list[str]:
-    """Names of experts derived from ``row``."""
-    stmt = (
-        select(ExpertRow.name)
-        .join(DerivationRow, DerivationRow.child_id == ExpertRow.id)
-        .join(DerivationParentRow, DerivationParentRow.derivation_id == DerivationRow.id)
-        .where(DerivationParentRow.parent_id == row.id)
-    )
-    return sorted(set(session.scalars(stmt)))
+def rename_expert(session: Session, old: str, new: str) -> Expert:
+    expert_row(session, old)
+    if expert_exists(session, new):
+        raise AlreadyExistsError(
+            f"an expert named {new!r} already exists; choose another name", what="expert", name=new
+        )
+    session.execute(update(ExpertRow).where(ExpertRow.name == old).values(name=new))
+    session.expire_all()
+    return get_expert(session, new)

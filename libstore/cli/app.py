@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from libstore.errors import LibstoreError
 
+if TYPE_CHECKING:  # opening a library imports the catalog: only when a command needs it
+    from libstore.library import Library
+    from libstore.ops.context import SchemaState
+
 
 class LibstoreGroup(click.Group):
-    """A group that turns libstore errors into a message and a documented exit code."""
+    """A group that turns libstore errors into a message and their class's exit code (the only
+    place exit codes are decided: ``LibstoreError.exit_code``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -27,15 +31,22 @@ class State:
     def __init__(self, library: str | None, db_url: str | None) -> None:
         self.library_path = library
         self.db_url = db_url
-        self._lib: Any = None
+        self._lib: Library | None = None
 
     @property
-    def lib(self) -> Any:
+    def lib(self) -> Library:
+        """The library, opened (and its catalog upgraded) on first use."""
         if self._lib is None:
             from libstore.library import Library
 
             self._lib = Library.open(self.library_path, db_url=self.db_url)
         return self._lib
+
+    def schema(self) -> SchemaState:
+        """The catalog's schema revision, read without opening (upgrading) the library."""
+        from libstore.library import Library
+
+        return Library.schema_state(self.library_path, db_url=self.db_url)
 
     def close(self) -> None:
         if self._lib is not None:
@@ -65,8 +76,9 @@ def cli(ctx: click.Context, library: str | None, db_url: str | None) -> None:
 
     \b
     Exit codes: 0 ok, 1 other error, 2 bad usage/name/query, 3 no library / library exists,
-    4 not found, 5 name taken, 6 invalid input refused, 7 integrity failure, 8 catalog schema too
-    new, 9 catalog busy, 10 Hub error, 11 router error.
+    4 not found, 5 name taken, 6 invalid input refused, 7 integrity failure, 8 catalog or library
+    format too new, 9 catalog busy, 10 Hub error, 11 router error, 12 still in use, 13 storage or
+    database unusable (read-only, full, unreachable).
     """
     state = State(library, db_url)
     ctx.obj = state
@@ -89,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -47,7 +47,7 @@ def init(state: State, path: str | None) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
 @json_option
 @click.pass_obj
-def add(state: State, folder: str, as_json: bool, **kw: Any) -> None:
+def add(state: State, /, folder: str, as_json: bool, **kw: Any) -> None:
     """Import one PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
     \b
@@ -70,10 +70,15 @@ def add(state: State, folder: str, as_json: bool, **kw: Any) -> None:
 @click.option("--base", help="Base model name (default: the only registered one).")
 @click.option("--tag", "tags", multiple=True, help="Tag every imported expert (repeatable).")
 @click.option("--task-from-name", is_flag=True, help="Record each folder name as the expert's task.")
-@click.option("--allow-base-mismatch", is_flag=True)
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Accept adapters whose config names another base model (shapes must still fit).",
+)
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
 @json_option
 @click.pass_obj
-def import_dir(state: State, root: str, as_json: bool, **kw: Any) -> None:
+def import_dir(state: State, /, root: str, as_json: bool, **kw: Any) -> None:
     """Import every PEFT folder below ROOT, named after its folder, all or nothing.
 
     \b
@@ -177,7 +182,7 @@ def show(state: State, name: str, as_json: bool) -> None:
     ]
     if e.lineage is not None:
         rows.append(("derived by", f"{e.lineage.method} v{e.lineage.method_version} {e.lineage.params}"))
-        rows += [(f"  {role}", f"{p} ({sha[:12]})") for role, p, sha in e.lineage.parents]
+        rows += [(f"  {p.role}", f"{p.name} ({p.sha256[:12]})") for p in e.lineage.parents]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k.ljust(width)}  {v}")

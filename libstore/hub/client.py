@@ -72,7 +72,10 @@ class DownloadLimits:
 
     @classmethod
     def from_config(cls) -> DownloadLimits:
-        return cls(stall_s=config.hub_stall_timeout(), min_rate=config.hub_min_rate())
+        try:
+            return cls(stall_s=config.hub_stall_timeout(), min_rate=config.hub_min_rate())
+        except config.SettingError as e:
+            raise ValidationError(str(e), field=e.variable) from None
 
 
 class _Retryable(Exception):

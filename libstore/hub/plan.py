@@ -29,7 +29,6 @@ No I/O, no catalog, no Hub: the functions here take plain data and are tested as
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -189,9 +188,7 @@ def stale_sync_records(
 def matches(entry: Expert, query: ExpertQuery) -> bool:
     """Does an expert record (a manifest's or the library's) match a catalog query (same semantics as
     ``libstore ls``)?"""
-    if query.names and not any(
-        fnmatch.fnmatchcase(entry.name, n) if ("*" in n or "?" in n) else entry.name == n for n in query.names
-    ):
+    if not query.matches_name(entry.name):
         return False
     if query.kinds and entry.kind not in query.kinds:
         return False

@@ -1,19 +1,30 @@
-"""The open library handed to every operation: folder, catalog and blob store."""
+"""The open library handed to every operation: folder, catalog and blob store.
+
+A library folder holds ``library.json`` (``{"format": 1}``), the blob store and, by default, the
+SQLite catalog. Opening reads and checks ``library.json`` first and never writes it, so a library
+written by a newer libstore, or a folder that only looks like one, is refused before its catalog is
+touched. Creating a library either completes or leaves the folder as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from libstore import config
-from libstore.catalog.engine import Catalog
-from libstore.catalog.migrate import ensure_current
-from libstore.errors import LibraryExistsError, LibraryNotFoundError
+from libstore.catalog.engine import Catalog, translate_errors
+from libstore.catalog.migrate import current_revision, ensure_current, head_revision
+from libstore.errors import LibraryExistsError, LibraryNotFoundError, LibstoreError, SchemaError, StorageError
 from libstore.store.blobs import BlobStore
 
 MARKER = "library.json"
+#: The folder layout this libstore writes and reads; a newer one is refused on open.
 FORMAT_VERSION = 1
+_MARKER_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -28,27 +39,171 @@ class Context:
         self.catalog.dispose()
 
 
+def read_marker(path: Path) -> dict[str, object]:
+    """The checked contents of ``path/library.json``.
+
+    :class:`LibraryNotFoundError` if it is missing or is not a libstore marker, :class:`SchemaError`
+    if a newer libstore wrote the library, :class:`StorageError` if it cannot be read.
+    """
+    marker = path / MARKER
+    try:
+        with open(marker, "rb") as f:
+            raw = f.read(_MARKER_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise LibraryNotFoundError(
+            f"no libstore library at {path}; create one with: libstore init {path}", path=str(path)
+        ) from None
+    except OSError as e:
+        raise StorageError(
+            f"cannot read {marker} ({e.strerror}); check that the library folder is readable",
+            location=str(path),
+        ) from None
+    data: object = None
+    try:
+        if len(raw) <= _MARKER_MAX_BYTES:
+            data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise LibraryNotFoundError(
+            f"{marker} is not a libstore library marker (expected a JSON object with an integer "
+            f'"format", e.g. {{"format": {FORMAT_VERSION}}}); if {path} is a libstore library, restore '
+            f"that file, otherwise point -L/--library at the library folder",
+            path=str(path),
+        )
+    if fmt > FORMAT_VERSION:
+        raise SchemaError(
+            f"the library at {path} has format {fmt}, written by a newer libstore (this one reads "
+            f"format {FORMAT_VERSION}); upgrade libstore: pip install -U libstore",
+            revision=str(fmt),
+        )
+    return data
+
+
 def init_library(path: Path, db_url: str | None = None) -> Context:
-    """Create the folder layout and the catalog schema (by running every migration)."""
+    """Create the folder layout and the catalog schema (by running every migration).
+
+    All or nothing: if the folder cannot be written or the catalog cannot be created, whatever this
+    call made is removed again and the error says why.
+    """
     path = Path(path)
     if (path / MARKER).exists():
-        raise LibraryExistsError(f"{path} already holds a library; open it with Library.open")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / config.BLOBS_DIR).mkdir(exist_ok=True)
-    ctx = _connect(path, db_url)
-    (path / MARKER).write_text(json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n")
-    return ctx
+        raise LibraryExistsError(
+            f"{path} already holds a library; open it with Library.open or libstore -L {path}", path=str(path)
+        )
+    catalog = Catalog(config.db_url(path, db_url))  # a bad URL or missing driver fails here, before any write
+    made: list[Path] = []
+    try:
+        _make_dirs(path, made)
+        _make_dirs(path / config.BLOBS_DIR, made)
+        staged = path / f".{MARKER}.tmp-{os.getpid()}"
+        made.append(staged)
+        _write_file(staged, (json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n").encode())
+        _made_by_catalog(catalog, path, made)
+        _upgrade(catalog)
+        os.replace(staged, path / MARKER)
+    except BaseException as e:
+        catalog.dispose()
+        _undo(made)
+        if isinstance(e, OSError) and not isinstance(e, LibstoreError):
+            raise _folder_error(path, e, "create a library in") from None
+        raise
+    return Context(path=path, catalog=catalog, blobs=BlobStore(path / config.BLOBS_DIR))
 
 
 def open_library(path: Path, db_url: str | None = None) -> Context:
     """Open an existing library, upgrading its catalog schema if an older libstore created it."""
     path = Path(path)
-    if not (path / MARKER).exists():
-        raise LibraryNotFoundError(f"no libstore library at {path}; create one with: libstore init {path}")
-    return _connect(path, db_url)
-
-
-def _connect(path: Path, db_url: str | None) -> Context:
+    read_marker(path)
     catalog = Catalog(config.db_url(path, db_url))
-    ensure_current(catalog.engine)
+    try:
+        _upgrade(catalog)
+    except BaseException:
+        catalog.dispose()
+        raise
     return Context(path=path, catalog=catalog, blobs=BlobStore(path / config.BLOBS_DIR))
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """The catalog's schema revision and the one this libstore writes (``head``)."""
+
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+def schema_state(path: Path, db_url: str | None = None) -> SchemaState:
+    """The schema revision of the library's catalog, read without upgrading it."""
+    path = Path(path)
+    read_marker(path)
+    catalog = Catalog(config.db_url(path, db_url))
+    try:
+        with translate_errors(catalog.location, catalog.folder), catalog.engine.connect() as conn:
+            current = current_revision(conn)
+        return SchemaState(current=current, head=head_revision())
+    finally:
+        catalog.dispose()
+
+
+def _upgrade(catalog: Catalog) -> None:
+    """Bring the catalog to this libstore's schema, with database failures as libstore errors."""
+    with translate_errors(catalog.location, catalog.folder):
+        ensure_current(catalog.engine)
+
+
+def _folder_error(path: Path, e: OSError, doing: str) -> StorageError:
+    reason = {
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return StorageError(
+        f"cannot {doing} {path}: {reason}; nothing was changed — choose a writable folder with free space",
+        location=str(path),
+    )
+
+
+def _make_dirs(path: Path, made: list[Path]) -> None:
+    """``mkdir -p``, remembering each folder it created (to undo a failed init)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        p.mkdir()
+        made.append(p)
+
+
+def _made_by_catalog(catalog: Catalog, path: Path, made: list[Path]) -> None:
+    """The SQLite files a new catalog inside ``path`` will create (undone if init fails)."""
+    db = catalog.engine.url.database
+    if not catalog.is_sqlite or not db:
+        return
+    file = Path(db)
+    if not file.exists():
+        made.extend(file.with_name(file.name + suffix) for suffix in ("", "-wal", "-shm", "-journal"))
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _undo(made: list[Path]) -> None:
+    for p in reversed(made):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                if not any(p.iterdir()):
+                    p.rmdir()
+            else:
+                p.unlink(missing_ok=True)

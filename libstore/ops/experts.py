@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from libstore.catalog import repo
+from libstore.catalog.engine import Transaction
 from libstore.errors import (
     AlreadyExistsError,
     IntegrityError,
     LibstoreError,
     NotFoundError,
+    QueryError,
     ValidationError,
 )
 from libstore.ops.context import Context
-from libstore.ops.query import parse_query
+from libstore.ops.query import format_query, parse_query
 from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
 from libstore.store.strict_json import check_json_value
@@ -33,6 +33,7 @@ from libstore.types import (
     Expert,
     ExpertQuery,
     StoredFile,
+    parse_cluster_ref,
 )
 
 
@@ -65,10 +66,11 @@ def bases(ctx: Context) -> list[BaseModel]:
 
 def get_base(ctx: Context, name: str) -> BaseModel:
     with ctx.catalog.read() as s:
-        return repo.to_base(repo.base_row(s, name))
+        return repo.get_base(s, name)
 
 
 def remove_base(ctx: Context, name: str) -> None:
+    """Unregister a base model; :class:`InUseError` while experts of it remain."""
     with ctx.catalog.write() as s:
         repo.remove_base(s, name)
 
@@ -100,7 +102,7 @@ def add(
     check_json_value(metadata, "metadata")
     adapter = read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)
     with ctx.blobs.discarding([adapter.weights]), ctx.catalog.write() as s:
-        row = insert_adapter(
+        return insert_adapter(
             ctx,
             s,
             adapter,
@@ -114,12 +116,11 @@ def add(
             source=source or str(folder.resolve()),
             allow_base_mismatch=allow_base_mismatch,
         )
-        return repo.to_expert(s, row)
 
 
 def insert_adapter(
     ctx: Context,
-    s: Session,
+    s: Transaction,
     adapter: AdapterFile,
     *,
     name: str,
@@ -131,38 +132,44 @@ def insert_adapter(
     cluster: str | None,
     source: str | None,
     allow_base_mismatch: bool,
-) -> Any:
+) -> Expert:
     """Store a validated adapter's blobs and record it inside the caller's transaction ``s``.
 
     Imports that must be all or nothing across many adapters (import-dir, import-mttl) call this
     once per adapter within one transaction.
     """
-    base_row = repo.resolve_base_row(s, base)
-    check_against_base(adapter, repo.to_base(base_row), allow_base_mismatch=allow_base_mismatch)
+    base_model = repo.resolve_base(s, base)
+    check_against_base(adapter, base_model, allow_base_mismatch=allow_base_mismatch)
     if repo.expert_exists(s, name):
         raise AlreadyExistsError(
-            f"an expert named {name!r} already exists; choose another --name, or remove it first"
+            f"an expert named {name!r} already exists; choose another --name, or remove it first",
+            what="expert",
+            name=name,
         )
-    cluster_id, cluster_tasks = _resolve_cluster(s, cluster, kind)
+    cluster_tasks = _cluster_tasks(s, cluster, kind)
     files = store_adapter_files(ctx, adapter)
-    return repo.insert_expert(
+    weights = next(f for f in files if f.path == ADAPTER_WEIGHTS)
+    return repo.add_expert(
         s,
-        name=name,
-        kind=kind,
-        base=base_row,
-        rank=adapter.rank,
-        alpha=adapter.alpha,
-        use_rslora=adapter.use_rslora,
-        target_modules=adapter.target_modules,
-        modules=adapter.modules,
-        dtype=adapter.dtype,
-        files=files,
-        weights_file=ADAPTER_WEIGHTS,
-        source=source,
-        metadata=metadata,
-        tasks=[*tasks, *cluster_tasks],
-        tags=tags,
-        cluster_id=cluster_id,
+        Expert(
+            name=name,
+            kind=kind,
+            base_model=base_model.name,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            target_modules=adapter.target_modules,
+            modules=dict(adapter.modules),
+            dtype=adapter.dtype,
+            sha256=weights.sha256,
+            bytes=sum(f.size for f in files),
+            files=tuple(files),
+            source=source,
+            tasks=tuple(dict.fromkeys([*tasks, *cluster_tasks])),
+            tags=tuple(dict.fromkeys(tags)),
+            cluster=cluster,
+            metadata=dict(metadata or {}),
+        ),
     )
 
 
@@ -176,22 +183,26 @@ def store_adapter_files(ctx: Context, adapter: AdapterFile) -> list[StoredFile]:
     ]
 
 
-def _resolve_cluster(s: Session, cluster: str | None, kind: str) -> tuple[int | None, list[str]]:
-    """``NAME:INDEX`` -> (cluster row id, the cluster's tasks)."""
+def _cluster_tasks(s: Transaction, cluster: str | None, kind: str) -> list[str]:
+    """The tasks of cluster ``NAME:INDEX`` (a cluster expert is trained on them); checks the link."""
     if cluster is None:
-        return None, []
+        return []
     if kind != "cluster":
-        raise ValidationError("--cluster links a cluster expert: use it with --kind cluster")
-    clustering_name, sep, index = cluster.partition(":")
-    if not sep or not index.isdigit():
-        raise ValidationError(f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {cluster!r}")
-    row = repo.cluster_row(s, clustering_name, int(index))
-    return row.id, [t.name for t in row.tasks]
+        raise ValidationError("--cluster links a cluster expert: use it with --kind cluster", field="cluster")
+    try:
+        clustering_name, index = parse_cluster_ref(cluster)
+    except QueryError as e:
+        raise ValidationError(e.message, field="cluster") from None
+    if index is None:
+        raise ValidationError(
+            f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {cluster!r}", field="cluster"
+        )
+    return list(repo.cluster_tasks(s, clustering_name, index))
 
 
 def _check_kind(kind: str) -> None:
     if kind not in EXPERT_KINDS:
-        raise ValidationError(f"unknown kind {kind!r}; kinds are {', '.join(EXPERT_KINDS)}")
+        raise ValidationError(f"unknown kind {kind!r}; kinds are {', '.join(EXPERT_KINDS)}", field="kind")
 
 
 def find_adapter_folders(root: Path) -> list[Path]:
@@ -220,13 +231,14 @@ def import_dir(
     tags = [validate_name(t) for t in tags]
     folders = find_adapter_folders(Path(root))
     if not folders:
-        raise ValidationError(f"no PEFT adapter folders (with {ADAPTER_CONFIG}) below {root}")
+        raise ValidationError(f"no PEFT adapter folders (with {ADAPTER_CONFIG}) below {root}", path=str(root))
     names = [validate_name(f.name) for f in folders]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValidationError(
             f"several folders below {root} are named {dupes[0]!r}; expert names must be unique — "
-            f"import them one by one with libstore add --name"
+            f"import them one by one with libstore add --name",
+            path=str(root),
         )
     adapters: list[tuple[str, AdapterFile]] = []
     with ctx.blobs.discarding(a.weights for _, a in adapters):  # read on exit: all staged so far
@@ -235,14 +247,14 @@ def import_dir(
                 adapters.append((name, read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)))
             except LibstoreError as e:
                 raise e.add_context(str(folder)) from None
-        added: list[Any] = []
+        added: list[Expert] = []
         skipped: list[str] = []
         with ctx.catalog.write() as s:
             for name, adapter in adapters:
-                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                if repo.expert_sha256(s, name) == adapter.weights_sha256:
                     skipped.append(name)
                     continue
-                row = insert_adapter(
+                expert = insert_adapter(
                     ctx,
                     s,
                     adapter,
@@ -256,23 +268,23 @@ def import_dir(
                     source=str(Path(adapter.folder).resolve()),
                     allow_base_mismatch=allow_base_mismatch,
                 )
-                added.append(row)
-            experts = tuple(repo.to_expert(s, r) for r in added)
-    return ImportReport(added=experts, skipped=tuple(skipped))
+                added.append(expert)
+    return ImportReport(added=tuple(added), skipped=tuple(skipped))
 
 
 # --- reading -----------------------------------------------------------------------------------
 
 
 def experts(ctx: Context, query: str | ExpertQuery | None = None) -> list[Expert]:
+    """The experts a query matches, in name order (one snapshot, a constant number of statements)."""
     q = parse_query(query)
     with ctx.catalog.read() as s:
-        return [repo.to_expert(s, r) for r in repo.find_expert_rows(s, q)]
+        return repo.find_experts(s, q)
 
 
 def get(ctx: Context, name: str) -> Expert:
     with ctx.catalog.read() as s:
-        return repo.to_expert(s, repo.expert_row(s, name))
+        return repo.get_expert(s, name)
 
 
 def export(ctx: Context, name: str, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -280,7 +292,9 @@ def export(ctx: Context, name: str, dest: str | os.PathLike[str], *, overwrite: 
     expert = get(ctx, name)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise AlreadyExistsError(f"{dest} exists and is not empty; pass --overwrite or another path")
+        raise AlreadyExistsError(
+            f"{dest} exists and is not empty; pass --overwrite or another path", what="file", name=str(dest)
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for f in expert.files:
         copy_blob(ctx, f, dest / f.path)
@@ -293,7 +307,11 @@ def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:
     try:
         shutil.copyfile(ctx.blobs.path(f.sha256), tmp)
         if sha256_file(tmp) != f.sha256:
-            raise IntegrityError(f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify")
+            raise IntegrityError(
+                f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify",
+                sha256=f.sha256,
+                path=f.path,
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
@@ -306,46 +324,42 @@ def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:
 def remove(ctx: Context, name: str) -> None:
     """Remove the record; blobs stay until ``libstore gc`` (another expert may share them)."""
     with ctx.catalog.write() as s:
-        repo.delete_expert(s, repo.expert_row(s, name))
+        repo.delete_expert(s, name)
 
 
 def rename(ctx: Context, old: str, new: str) -> Expert:
     validate_name(new)
     with ctx.catalog.write() as s:
-        row = repo.expert_row(s, old)
-        if repo.expert_exists(s, new):
-            raise AlreadyExistsError(f"an expert named {new!r} already exists")
-        row.name = new
-        s.flush()
-        return repo.to_expert(s, row)
+        return repo.rename_expert(s, old, new)
 
 
 def tag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[str]:
-    """Add tags to every expert the query matches; returns the names changed."""
+    """Add tags to every expert the query matches; returns the names matched."""
     tags = [validate_name(t) for t in tags]
+    q = parse_query(query)
     with ctx.catalog.write() as s:
-        rows = _rows_or_error(s, query)
-        tag_rows = [repo.tag_row(s, t) for t in tags]
-        for row in rows:
-            row.tags = sorted({*row.tags, *tag_rows}, key=lambda t: t.name)
-        return [r.name for r in rows]
+        names = _names_or_error(s, q, query)
+        repo.add_tags(s, q, tags)
+        return names
 
 
 def untag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[str]:
-    drop = set(tags)
-    with ctx.catalog.write() as s:
-        rows = _rows_or_error(s, query)
-        for row in rows:
-            row.tags = [t for t in row.tags if t.name not in drop]
-        return [r.name for r in rows]
-
-
-def _rows_or_error(s: Session, query: str | ExpertQuery) -> list[Any]:
+    """Remove tags from every expert the query matches; returns the names matched."""
     q = parse_query(query)
-    rows = repo.find_expert_rows(s, q)
-    if not rows:
-        raise NotFoundError(f"no expert matches {query!r}; list them with: libstore ls")
-    return rows
+    with ctx.catalog.write() as s:
+        names = _names_or_error(s, q, query)
+        repo.remove_tags(s, q, list(tags))
+        return names
+
+
+def _names_or_error(s: Transaction, q: ExpertQuery, query: str | ExpertQuery) -> list[str]:
+    names = repo.expert_names(s, q)
+    if not names:
+        text = query if isinstance(query, str) else format_query(query)
+        raise NotFoundError(
+            f"no expert matches {text!r}; list them with: libstore ls", what="expert", name=text
+        )
+    return names
 
 
 def tags(ctx: Context) -> list[tuple[str, int]]:

@@ -224,7 +224,7 @@ def import_mttl(
                     allow_base_mismatch=True,
                 )
                 added.append(row)
-            report = tuple(repo.to_expert(s, r) for r in added)
+            report = tuple(added)
     return experts_ops.ImportReport(added=report, skipped=tuple(skipped))
 
 

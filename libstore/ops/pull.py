@@ -12,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from libstore import config
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
+from libstore.catalog.engine import Transaction
 from libstore.errors import (
     BaseModelMismatchError,
     IntegrityError,
@@ -306,7 +305,7 @@ def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest) -> N
 
 
 def _apply(
-    s: Session,
+    s: Transaction,
     m: Manifest,
     entries: Sequence[Expert],
     removes: Sequence[str],
@@ -388,7 +387,7 @@ def _apply(
         remote_repo.set_derivation(s, repo.expert_row(s, e.name), _derivation_data(e.lineage))
     for name in removes:
         if repo.expert_exists(s, name):
-            repo.delete_expert(s, repo.expert_row(s, name))
+            repo.delete_expert(s, name)
     remote_repo.link_experts(s, [e.name for e in entries])
     for p in protos:
         ps = p.prototypes

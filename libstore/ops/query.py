@@ -1,7 +1,9 @@
 """The catalog query language shared by the CLI and the Python API.
 
 A query is whitespace-separated ``field=value`` terms; fields are AND-ed, repeated fields and
-comma-separated values are OR-ed; a bare word is a name (globs ``*``, ``?`` allowed)::
+comma-separated values are OR-ed; a bare word is a name. Names match case-sensitively; ``*`` matches
+any run of characters and ``?`` one character (``libstore.types.glob_match``: the same on every
+backend and in push/pull selection)::
 
     "kind=task tag=v1"          task experts tagged v1
     "kind=task,cluster base=phi3"
@@ -12,7 +14,7 @@ comma-separated values are OR-ed; a bare word is a name (globs ``*``, ``?`` allo
 from __future__ import annotations
 
 from libstore.errors import QueryError
-from libstore.types import EXPERT_KINDS, ExpertQuery
+from libstore.types import ExpertQuery
 
 _FIELDS = {
     "name": "names",
@@ -25,7 +27,8 @@ _FIELDS = {
 
 
 def parse_query(text: str | ExpertQuery | None) -> ExpertQuery:
-    """Parse a query string; an ``ExpertQuery`` passes through unchanged."""
+    """Parse a query string; an ``ExpertQuery`` passes through unchanged. :class:`QueryError` (with
+    ``query`` set to the whole text) for anything malformed."""
     if isinstance(text, ExpertQuery):
         return text
     values: dict[str, list[str]] = {attr: [] for attr in _FIELDS.values()}
@@ -39,16 +42,17 @@ def parse_query(text: str | ExpertQuery | None) -> ExpertQuery:
         if attr is None:
             raise QueryError(
                 f"unknown query field {key!r} in {text!r}; use {', '.join(sorted(_FIELDS))} "
-                f"(e.g. 'kind=task tag=v1')"
+                f"(e.g. 'kind=task tag=v1')",
+                query=text,
             )
         items = [v for v in raw.split(",") if v]
         if not items:
-            raise QueryError(f"empty value for {key!r} in {text!r}")
+            raise QueryError(f"empty value for {key!r} in {text!r}", query=text)
         values[attr].extend(items)
-    bad = [k for k in values["kinds"] if k not in EXPERT_KINDS]
-    if bad:
-        raise QueryError(f"unknown kind {bad[0]!r}; kinds are {', '.join(EXPERT_KINDS)}")
-    return ExpertQuery(**{attr: tuple(dict.fromkeys(v)) for attr, v in values.items()})
+    try:
+        return ExpertQuery(**{attr: tuple(dict.fromkeys(v)) for attr, v in values.items()})
+    except QueryError as e:
+        raise QueryError(f"{e.message} (in the query {text!r})", query=text) from None
 
 
 def format_query(query: ExpertQuery) -> str:

@@ -18,11 +18,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
+from libstore.catalog.engine import Transaction
 from libstore.errors import HubError, IntegrityError, NotFoundError, ValidationError
 from libstore.hub.client import HubClient, RemoteFile, git_blob_id
 from libstore.hub.manifest import EXPERT_FILES, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, record_digest
@@ -98,7 +97,7 @@ class LocalState:
         return {n: record_digest(e) for n, e in self.experts.items()}
 
 
-def local_state(s: Session) -> LocalState:
+def local_state(s: Transaction) -> LocalState:
     """Everything of the library that travels, read in the caller's (read) transaction."""
     rows = repo.find_expert_rows(s, ExpertQuery())
     derivs = remote_repo.derivations_of(s, [r.id for r in rows])

@@ -5,8 +5,8 @@ hash: it is renamed ``synced_digest``. ``base_models.origin`` is NULL for base m
 registered and the remote commit (``hf://ORG/REPO@COMMIT``) for those a pull registered, so that
 weights are never loaded from a source a remote named without the user saying so.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
