@@ -98,13 +98,9 @@ def _timed(fn):  # type: ignore[no-untyped-def]
 def bench_memory(
     A: torch.Tensor, B: torch.Tensor, truth: torch.Tensor, k: int, metrics: list[str], scale: float
 ) -> list[dict]:
-    from libstore.lowrank.clustering import (
-        cluster_similarity,
-        cosine_matrix,
-        mbc_features,
-    )
+    from libstore.lowrank.clustering import cosine_matrix, mbc_features
+    from libstore.lowrank.partition import cluster_similarity, partition
     from libstore.lowrank.similarity import delta_cosine_matrix
-    from libstore.ops.clusters import partition
 
     n, m = A.shape[0], A.shape[1]
     rows = []
@@ -208,6 +204,7 @@ def write_library(root: Path, A: torch.Tensor, B: torch.Tensor, layers: int, dim
 def catalog_child(lib_path: str, k: int, metric: str, budget_mib: int) -> None:
     """Run in a child process: cluster through the catalog, print timings and peak RSS as JSON."""
     from libstore import Library
+    from libstore.lowrank.partition import partition
     from libstore.ops import clusters as ops
 
     def span(x: Span) -> list[float]:
@@ -217,19 +214,19 @@ def catalog_child(lib_path: str, k: int, metric: str, budget_mib: int) -> None:
     lib = Library.open(lib_path)
     experts = lib.experts("kind=task")
     with torch.no_grad():  # warm-up (lazy imports, BLAS/LAPACK start-up) on 3 experts
-        ops.partition(ops.similarity_matrix(lib.context, experts[:3], metric=metric, device="cpu")[0], k=2)
+        partition(ops.similarity_matrix(lib.context, experts[:3], metric=metric, device="cpu")[0], k=2)
     rss0 = _rss_mb()
     out: dict = {"rss0": rss0, "rows": []}
     with torch.no_grad():
         (S, _), t_sim = _timed(
             lambda: ops.similarity_matrix(lib.context, experts, metric=metric, device="cpu")
         )
-    part, t_part = _timed(lambda: ops.partition(S, k=k, seed=0))
+    part, t_part = _timed(lambda: partition(S, k=k, seed=0))
     out["rss_sim"] = _rss_mb()
     rec, t_total = _timed(
         lambda: lib.cluster(k=k, metric=metric, device="cpu", name=f"bench-{metric}-{budget_mib}")
     )
-    assert [cl.members for cl in rec.clusters] == [
+    assert [cl.members for cl in rec.record.clusters] == [
         tuple(experts[i].name for i, lab in enumerate(part.labels) if lab == c) for c in range(part.k)
     ]
     out["rows"].append(
@@ -243,13 +240,13 @@ def catalog_child(lib_path: str, k: int, metric: str, budget_mib: int) -> None:
         }
     )
     if metric == "flat":
-        part_auto, t_pauto = _timed(lambda: ops.partition(S, seed=0))
+        part_auto, t_pauto = _timed(lambda: partition(S, seed=0))
         auto, t_auto = _timed(lambda: lib.cluster(name=f"auto-{budget_mib}", metric="flat"))
-        assert auto.k == part_auto.k
+        assert auto.record.k == part_auto.k
         out["rows"].append(
             {
                 "metric": "flat",
-                "k": f"auto 2..20 → {auto.k}",
+                "k": f"auto 2..20 → {auto.record.k}",
                 "sim": span(t_sim),
                 "cluster": span(t_pauto),
                 "total": span(t_auto),
@@ -305,7 +302,7 @@ def main() -> None:
     A, B, truth = _planted(n, args.k, args.layers, args.dim, args.rank, args.noise)
     warm = torch.randn(8, 4096, dtype=torch.float64)  # warm-up: BLAS/LAPACK start-up, lazy imports
     from libstore.lowrank.clustering import cosine_matrix, mbc_features
-    from libstore.ops.clusters import partition
+    from libstore.lowrank.partition import partition
 
     partition(cosine_matrix(mbc_features(warm.float())), k=2)
     rows = bench_memory(A, B, truth, args.k, metrics, scale)

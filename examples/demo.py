@@ -343,12 +343,13 @@ def build_library(
     clustering = lib.cluster("kind=task", seed=0)
     sil = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.2f}"
     print(
-        f"  MBC clustering {clustering.name!r} ({clustering.metric} metric, k = {clustering.k}, "
+        f"  MBC clustering {clustering.record.name!r} ({clustering.record.metric} metric, "
+        f"k = {clustering.record.k}, "
         f"silhouette {sil}):"
     )
-    for c in clustering.clusters:
+    for c in clustering.record.clusters:
         print(f"    cluster {c.index}: {', '.join(c.members)}")
-    lib.plot_clustering(clustering.name, out / "clusters.png")
+    lib.plot_clustering(clustering.record.name, out / "clusters.png")
     lib.plot_similarity(lib.similarity("kind=task", metric="delta"), out / "similarity.png")
 
     gks = lib.subtract_general(general="kind=general", experts="kind=task")  # PEFT's use_gks
@@ -364,10 +365,10 @@ def build_library(
     return lib, {
         "experts": [e.name for e in lib.experts()],
         "clustering": {
-            "name": clustering.name,
-            "metric": clustering.metric,
-            "k": clustering.k,
-            "clusters": [list(c.members) for c in clustering.clusters],
+            "name": clustering.record.name,
+            "metric": clustering.record.metric,
+            "k": clustering.record.k,
+            "clusters": [list(c.members) for c in clustering.record.clusters],
         },
         "residuals": {"param": list(gks.created), "delta": list(exact.created)},
     }

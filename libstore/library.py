@@ -10,17 +10,28 @@ from typing import TYPE_CHECKING, Any
 from libstore import config
 from libstore.ops import experts as _experts
 from libstore.ops.context import Context, SchemaState, init_library, open_library, schema_state
-from libstore.types import BaseModel, Expert, ExpertKind, ExpertQuery, Remote
+from libstore.types import (
+    BaseModel,
+    Expert,
+    ExpertKind,
+    ExpertQuery,
+    ExportFormat,
+    GksMode,
+    Mixing,
+    PrototypeMethod,
+    Remote,
+    SimilarityMetric,
+)
 
 if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs them
     import torch
     from torch import nn
 
-    from libstore.catalog.clusterings import Clustering
-    from libstore.catalog.prototypes import CacheEntry
-    from libstore.ops.derive import GksReport, LineageInfo, StaleReport
+    from libstore.ops.clusters import Clustering
+    from libstore.ops.derive import GksReport
+    from libstore.ops.lineage import LineageInfo, StaleReport
     from libstore.ops.maintenance import GcReport, VerifyReport
-    from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
+    from libstore.ops.prototypes import CacheEntry, ExpertPrototypes, PrototypeReport
     from libstore.ops.pull import PullReport
     from libstore.ops.push import PushReport
     from libstore.ops.similarity import SimilarityMatrix
@@ -186,7 +197,7 @@ class Library:
         self,
         query: Selection | None = None,
         *,
-        method: str = "exact",
+        method: PrototypeMethod = "exact",
         top_n: int = 1,
         iters: int = 15,
         seed: int = 0,
@@ -208,7 +219,7 @@ class Library:
     def prototypes(
         self,
         expert_or_query: str | Expert | ExpertQuery | Iterable[str],
-        method: str = "exact",
+        method: PrototypeMethod = "exact",
         top_n: int = 1,
         *,
         iters: int = 15,
@@ -250,7 +261,7 @@ class Library:
         *,
         general: Selection,
         experts: Selection,
-        mode: str = "param",
+        mode: GksMode = "param",
         rank: int | None = None,
         suffix: str = "_res",
         refresh: bool = False,
@@ -280,7 +291,7 @@ class Library:
         self,
         query: Selection | None = None,
         *,
-        metric: str = "delta",
+        metric: SimilarityMetric = "delta",
         device: str | None = None,
     ) -> SimilarityMatrix:
         """Cosine similarity of the matching experts: ``delta`` (of ΔW, exact) or ``flat``
@@ -322,15 +333,15 @@ class Library:
 
     def lineage(self, name: str) -> LineageInfo:
         """How ``name`` was derived (parents with their current state, method, params), and its children."""
-        from libstore.ops import derive as _derive
+        from libstore.ops import lineage as _lineage
 
-        return _derive.lineage(self._ctx, name)
+        return _lineage.lineage(self._ctx, name)
 
     def stale(self) -> StaleReport:
         """Derived experts whose parents changed or are gone, and orphaned prototype caches."""
-        from libstore.ops import derive as _derive
+        from libstore.ops import lineage as _lineage
 
-        return _derive.stale(self._ctx)
+        return _lineage.stale(self._ctx)
 
     # --- MBC clustering (issue 5) -----------------------------------------------------------
 
@@ -339,7 +350,7 @@ class Library:
         experts: Selection | None = "kind=task",
         *,
         k: int | None = None,
-        metric: str = "flat",
+        metric: SimilarityMetric = "flat",
         seed: int = 0,
         name: str | None = None,
         keep: float = 0.2,
@@ -385,7 +396,7 @@ class Library:
 
         return _clusters.get(self._ctx, name)
 
-    def export_clustering(self, name: str, format: str = "json") -> str:
+    def export_clustering(self, name: str, format: ExportFormat = "json") -> str:
         """The task lists of the clusters as ``json`` or ``csv`` text (to train cluster experts)."""
         from libstore.ops import clusters as _clusters
 
@@ -568,8 +579,8 @@ class Library:
         top_k: int = 3,
         temperature: float = 1.0,
         general: str | ExpertQuery | None = None,
-        method: str = "exact",
-        mixing: str = "output",
+        method: PrototypeMethod = "exact",
+        mixing: Mixing = "output",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         allow_base_mismatch: bool = False,

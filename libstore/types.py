@@ -8,12 +8,32 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from libstore.canonical import canonical_sha256
 from libstore.errors import QueryError
 
 # --- the named choices of the public API (one place; the CLI's click.Choice lists come from here) ---
 
 ExpertKind = Literal["task", "general", "residual", "cluster", "merged"]
 EXPERT_KINDS: tuple[str, ...] = get_args(ExpertKind)
+
+GksMode = Literal["param", "delta"]
+"""GenKnowSub: ``param`` (A − mean A_g, B − mean B_g, as PEFT) or ``delta`` (ΔW − mean ΔW_g, exact)."""
+GKS_MODES: tuple[str, ...] = get_args(GksMode)
+
+PrototypeMethod = Literal["exact", "peft"]
+"""Arrow prototypes: ``exact`` (QR + small SVD) or ``peft`` (PEFT's power iteration, bit for bit)."""
+PROTOTYPE_METHODS: tuple[str, ...] = get_args(PrototypeMethod)
+
+SimilarityMetric = Literal["delta", "flat"]
+"""``delta``: exact cosine of ΔW; ``flat``: of the flattened parameters (MBC: sparsified, reduced)."""
+SIMILARITY_METRICS: tuple[str, ...] = get_args(SimilarityMetric)
+
+#: The text formats a clustering's task lists are exported as.
+ExportFormat = Literal["json", "csv"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+Mixing = Literal["output", "parameter"]
+"""Routed models: mix experts' ``output`` (PEFT: Σ cₑ·sₑ·BₑAₑx) or ``parameter`` (mttl: per-token A, B)."""
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -222,6 +242,11 @@ class Expert:
         """LoRA scale s = alpha/r, or alpha/sqrt(r) with rsLoRA (uniform rank)."""
         return lora_scale(self.alpha, self.rank, self.use_rslora)
 
+    @property
+    def delta_key(self) -> str:
+        """The identity of this expert's ΔW: see :func:`delta_key`."""
+        return delta_key(self.sha256, rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora)
+
     def file(self, path: str) -> StoredFile:
         for f in self.files:
             if f.path == path:
@@ -232,6 +257,26 @@ class Expert:
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     """The PEFT scaling factor for one module."""
     return alpha / (rank**0.5) if use_rslora else alpha / rank
+
+
+def delta_key(weights_sha256: str, *, rank: int, alpha: float, use_rslora: bool) -> str:
+    """The key of an expert's update ΔW = s·B·A: sha256 over the weights file's sha256 and every
+    config field that changes the math (r, lora_alpha, use_rslora; the ones that would change it
+    beyond these, per-module ranks and alphas, DoRA, biases, are refused when an adapter is stored).
+
+    Everything derived from ΔW (GenKnowSub residuals, merges) is keyed on this, never on the weights
+    file alone: two experts with one weights file and another ``lora_alpha`` are other inputs. The
+    one function that computes it (migration 0003 repeats the formula, frozen).
+    """
+    return canonical_sha256(
+        {
+            "delta": 1,
+            "weights": weights_sha256,
+            "rank": int(rank),
+            "alpha": float(alpha),
+            "use_rslora": bool(use_rslora),
+        }
+    )
 
 
 #: Largest cluster index a query may name: the catalog stores indexes as 32-bit integers.

@@ -86,7 +86,8 @@ def test_cluster_show_export_plot_link_stale_rm(lib, base_dir: Path, tmp_path: P
     assert [c["name"] for c in stale["clusterings"]] == ["mbc-k3"]
     assert "mbc-k3" in lib("stale").stdout
 
-    lib("clusters", "rm", "mbc-k3", code=6)  # c1 is linked
+    r = lib("clusters", "rm", "mbc-k3", code=12)  # c1 is linked: in use
+    assert "--force" in r.stderr and "c1" in r.stderr
     assert "unlinked cluster experts: c1" in lib("clusters", "rm", "mbc-k3", "--force").stdout
     assert json.loads(lib("clusters", "ls", "--json").stdout) == []
     lib("clusters", "show", "mbc-k3", code=4)

@@ -48,7 +48,7 @@ def test_prototypes_compute_show_ls(lib) -> None:  # type: ignore[no-untyped-def
     assert len(vec) == 1 and len(vec[0]) == 32
     assert sum(x * x for x in vec[0]) == pytest.approx(1.0, abs=1e-5)
     text = lib("prototypes", "show", "arc_easy").stdout
-    assert "model.layers.1.self_attn.v_proj" in text and "exact v1" in text
+    assert "model.layers.1.self_attn.v_proj" in text and "exact v2" in text
 
     entries = json.loads(lib("prototypes", "ls", "--json").stdout)
     assert sorted(e["experts"][0] for e in entries) == ["arc_easy", "boolq"]

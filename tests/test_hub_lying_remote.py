@@ -186,8 +186,9 @@ def test_prototypes_this_libstore_cannot_check_are_not_taken(
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
     entry = manifest["prototypes"][0]
     data = hub.read_file(REPO, entry["path"])
-    entry["method_version"] = 99  # a newer libstore's method
-    entry["path"] = entry["path"].replace("-v1-", "-v99-")
+    version = entry["method_version"]
+    entry["method_version"] = version + 90  # a newer libstore's method
+    entry["path"] = entry["path"].replace(f"-v{version}-", f"-v{version + 90}-")
     _commit(hub, {MANIFEST_FILE: json.dumps(manifest).encode(), entry["path"]: data})
     other.add_remote("origin", REPO)
     r = other.pull()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -13,8 +14,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import load_file
 
 from libstore import Library
-from libstore.catalog import remotes as remote_repo
-from libstore.catalog.remotes import ClusterData, ClusteringData
+from libstore.catalog import clusterings as clustering_repo
 from libstore.errors import (
     AlreadyExistsError,
     HubError,
@@ -27,7 +27,7 @@ from libstore.hub.manifest import MANIFEST_FILE, ManifestError
 from libstore.ops import pull, push
 from libstore.ops.sync import StatusReport
 from libstore.store.blobs import sha256_file
-from libstore.types import Remote
+from libstore.types import ClusteringInput, ClusteringRecord, ClusterRecord, Remote
 from tests import hub_support as support
 from tests.factories import load_base, make_adapter
 from tests.hub_support import REPO, add_experts, snapshot
@@ -67,8 +67,8 @@ def _records(lib: Library) -> dict:
         (p.expert_sha256, p.method, p.method_version, p.params_key, p.blob_sha256)
         for p in lib.prototype_cache()
     )
-    with lib.context.catalog.read() as s:
-        clusterings = remote_repo.clusterings(s)
+    with lib.context.catalog.read() as s:  # as recorded; when is local to each library
+        clusterings = [dataclasses.replace(c, created_at=None) for c in clustering_repo.clustering_records(s)]
     return {"experts": experts, "prototypes": protos, "clusterings": clusterings}
 
 
@@ -84,9 +84,9 @@ def test_round_trip_between_two_libraries(
     library.tag("arc", "v2")
     library.subtract_general(general=["wiki_en", "wiki_fr"], experts=["arc"])
     with library.context.catalog.write() as s:
-        remote_repo.insert_clustering(
+        clustering_repo.insert_clustering(
             s,
-            ClusteringData(
+            ClusteringRecord(
                 name="mbc-k2",
                 base_model="tiny",
                 method="mbc",
@@ -96,10 +96,13 @@ def test_round_trip_between_two_libraries(
                 params={"top": 0.2},
                 criterion={"silhouette": 0.5},
                 query="kind=task",
-                inputs=(("arc", library.get("arc").sha256), ("boolq", library.get("boolq").sha256)),
+                inputs=(
+                    ClusteringInput("arc", library.get("arc").sha256),
+                    ClusteringInput("boolq", library.get("boolq").sha256),
+                ),
                 clusters=(
-                    ClusterData(0, "c0", {"n": 1}, ("arc",), ("arc",)),
-                    ClusterData(1, None, {}, ("boolq",), ("boolq",)),
+                    ClusterRecord(0, ("arc",), ("arc",), "c0", {"n": 1}),
+                    ClusterRecord(1, ("boolq",), ("boolq",), None, {}),
                 ),
             ),
         )
@@ -703,7 +706,7 @@ def test_reports_are_typed_and_errors_carry_fields(library: Library, hub: HubSer
 
 
 def test_sync_records_keep_their_digests_through_the_rename_to_synced_digest(tmp_path: Path) -> None:
-    """Migration 0003: remote_experts.synced_sha256 (which always held record digests) becomes
+    """Migration 0004: remote_experts.synced_sha256 (which always held record digests) becomes
     synced_digest with its values; base models registered before it count as the user's own."""
     from sqlalchemy import text
 
@@ -711,7 +714,7 @@ def test_sync_records_keep_their_digests_through_the_rename_to_synced_digest(tmp
     from libstore.catalog.engine import make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    migrate.upgrade(engine, "0002")
+    migrate.upgrade(engine, "0003")
     with engine.begin() as conn:
         conn.execute(
             text(

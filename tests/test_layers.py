@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "canonical": set(),
     "config": set(),
-    "types": {"errors"},
+    "types": {"errors", "canonical"},
     "lowrank": {"types", "errors", "canonical"},
     "router": {"types", "errors", "canonical", "lowrank"},
     "store": BASE,

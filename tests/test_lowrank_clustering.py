@@ -15,22 +15,27 @@ import torch
 
 from libstore.errors import ValidationError
 from libstore.lowrank.clustering import (
+    cosine_matrix,
+    features_from_gram,
+    keep_count,
+    keep_thresholds,
+    mbc,
+    mbc_features,
+    mbc_similarity,
+    sparsified_gram,
+)
+from libstore.lowrank.partition import (
     ClusterStats,
     KMeansResult,
     choose_k,
     cluster_similarity,
     cluster_stats,
-    cosine_matrix,
     embed_2d,
-    features_from_gram,
-    keep_count,
-    keep_thresholds,
     kmeans,
-    mbc,
-    mbc_features,
+    partition,
+    row_embedding,
     silhouette,
     silhouette_samples,
-    sparsified_gram,
 )
 
 # --- helpers
@@ -46,7 +51,7 @@ def planted(
     return centres[truth] + noise * torch.randn(k * per, d, generator=g), truth
 
 
-def partition(labels: torch.Tensor) -> set[frozenset[int]]:
+def groups_of(labels: torch.Tensor) -> set[frozenset[int]]:
     """Labels as a set of member sets: equal iff equal up to a relabelling."""
     groups: dict[int, set[int]] = {}
     for i, c in enumerate(labels.tolist()):
@@ -88,7 +93,7 @@ def test_planted_clusters_recovered_through_flat_path(k: int, noise: float) -> N
     assert features.shape == (k * 8, min(64, k * 8))
     S = cosine_matrix(features)
     result = cluster_similarity(S, k, seed=0)
-    assert partition(result.labels) == partition(truth)
+    assert groups_of(result.labels) == groups_of(truth)
     assert mbc(flat, k).clustering.labels.tolist() == result.labels.tolist()
 
 
@@ -97,7 +102,7 @@ def test_planted_clusters_recovered_through_flat_path(k: int, noise: float) -> N
 def test_planted_clusters_recovered_from_cosine_matrix(k: int, noise: float) -> None:
     flat, truth = planted(k, per=6, noise=noise, seed=100 + k)
     result = cluster_similarity(dense_cosine(flat), k, seed=3)
-    assert partition(result.labels) == partition(truth)
+    assert groups_of(result.labels) == groups_of(truth)
 
 
 @pytest.mark.parametrize("k", [2, 4, 10])
@@ -118,7 +123,7 @@ def test_deterministic_and_seed_independent_on_separated_data() -> None:
     a, b = cluster_similarity(S, 5, seed=11), cluster_similarity(S, 5, seed=11)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.centers, b.centers) and a.inertia == b.inertia
     for seed in (0, 1, 2, 12345):
-        assert partition(cluster_similarity(S, 5, seed=seed).labels) == partition(truth)
+        assert groups_of(cluster_similarity(S, 5, seed=seed).labels) == groups_of(truth)
     # the random source is local: global RNG state neither influences nor is touched by k-means
     torch.manual_seed(999)
     before = torch.random.get_rng_state()
@@ -227,7 +232,7 @@ def brute_force_inertia(x: torch.Tensor, k: int) -> tuple[float, set[frozenset[i
         if inertia < best - 1e-12:
             best, best_labels = inertia, lab
     assert best_labels is not None
-    return best, partition(best_labels)
+    return best, groups_of(best_labels)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -237,7 +242,7 @@ def test_kmeans_reaches_brute_force_optimum(seed: int) -> None:
     opt, opt_partition = brute_force_inertia(x, 3)
     result = kmeans(x, 3, seed=seed)
     assert result.inertia == pytest.approx(opt, rel=1e-12)
-    assert partition(result.labels) == opt_partition
+    assert groups_of(result.labels) == opt_partition
     for c in range(3):
         torch.testing.assert_close(result.centers[c], x[result.labels == c].mean(0))
 
@@ -467,7 +472,7 @@ def test_scale_1000_experts_1m_params(capsys: pytest.CaptureFixture[str]) -> Non
         stats = cluster_stats(S, result.labels)
 
     assert features.shape == (n, 64)
-    assert partition(result.labels) == partition(truth)
+    assert groups_of(result.labels) == groups_of(truth)
     assert score is not None and score > 0.5 and len(stats) == k
     mbc_wall = sum(v for key, v in wall.items() if key != "generate")
     with capsys.disabled():
@@ -475,3 +480,60 @@ def test_scale_1000_experts_1m_params(capsys: pytest.CaptureFixture[str]) -> Non
         print(f"\nMBC n={n} d={d}: {split}; MBC total {mbc_wall:.2f}s wall")
     # ~10 s wall on an idle 2-core CPU; bound the CPU time, which a busy machine inflates far less than wall
     assert sum(v for key, v in cpu.items() if key != "generate") < 120
+
+
+# --- the streamed production path and partition (what ``libstore cluster`` runs)
+
+
+@pytest.mark.parametrize("first_width", [7, 300, 1000])
+@pytest.mark.parametrize("block", [1, 64, 1000])
+def test_streamed_mbc_similarity_equals_in_memory_reference(first_width: int, block: int) -> None:
+    """Rows once, then column blocks of any width: the same similarity as the independent
+    in-memory reference (top-k by magnitude, dense float64 SVD, cosine)."""
+    flat, _ = planted(4, 5, 1.0, d=1000, seed=3)
+    want = dense_cosine(reference_features(flat, 0.2, 8))
+    rest = flat[:, first_width:]
+    blocks = [rest[:, j : j + block] for j in range(0, rest.shape[1], block)]
+    S, fdim = mbc_similarity(
+        iter(flat), iter(blocks), n=20, first_width=first_width, keep=0.2, dim=8, block_cols=33
+    )
+    assert fdim == 8 and S.dtype == torch.float64
+    torch.testing.assert_close(S, want, atol=1e-6, rtol=0)  # float32 block products
+    torch.testing.assert_close(S, cosine_matrix(mbc_features(flat, keep=0.2, dim=8)), atol=2e-6, rtol=0)
+    S64, _ = mbc_similarity(
+        iter(flat.double()), iter(b.double() for b in blocks), n=20, first_width=first_width, dim=8
+    )
+    torch.testing.assert_close(S64, want, atol=1e-12, rtol=0)
+    with pytest.raises(ValidationError, match="no experts"):
+        mbc_similarity(iter(()), iter(()), n=1, first_width=1)
+    with pytest.raises(ValidationError, match="19 rows given for n=20"):
+        mbc_similarity(iter(flat[:19]), iter(()), n=20, first_width=1000)
+
+
+def test_partition_criteria() -> None:
+    S = torch.eye(2, dtype=torch.float64)
+    p = partition(S)
+    assert p.k == 1 and p.criterion["name"] == "too few experts" and p.silhouette is None
+    block = torch.block_diag(torch.ones(3, 3), torch.ones(2, 2)).double()
+    p = partition(block, seed=3)
+    assert p.k == 2 and p.labels == (0, 0, 0, 1, 1) and p.silhouette == pytest.approx(1.0)
+    assert p.stats[0] == {"within": 1.0, "between": 0.0, "silhouette": 1.0}
+    with pytest.raises(ValidationError, match="at most 5"):
+        partition(block, k=6)
+
+
+def test_partition_on_row_embedding_equals_kmeans_on_rows_of_S() -> None:
+    """k-means runs on an isometric embedding of S's rows: same choices as mttl's k-means on S."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(5, (120,), generator=g)
+    feats = torch.randn(5, 16, generator=g, dtype=torch.float64)[truth]
+    feats = feats + 1.2 * torch.randn(120, 16, generator=g, dtype=torch.float64)
+    S = torch.round(cosine_matrix(feats), decimals=12)
+    Y = row_embedding(S)
+    assert Y.shape == (120, 16)  # rank of S: 64 columns instead of n in the paper's setting
+    torch.testing.assert_close(torch.cdist(Y, Y), torch.cdist(S, S), atol=1e-6, rtol=0)
+    for k, seed in ((2, 0), (5, 1), (9, 2)):
+        p = partition(S, k=k, seed=seed)
+        km = cluster_similarity(S, k, seed=seed)
+        assert p.labels == tuple(km.labels.tolist()), (k, seed)
+    assert torch.equal(row_embedding(torch.zeros(3, 3)), torch.zeros(3, 1, dtype=torch.float64))

@@ -165,3 +165,41 @@ def test_flatten_lora_order() -> None:
     m = flatten_lora({"z.q_proj": (A2, B2), "a.q_proj": (A1, B1)})  # mappings: sorted by module name
     assert torch.equal(m, v)
     assert flatten_lora([(A1.half(), B1.half())]).dtype == torch.float32
+
+
+def test_streamed_similarities_equal_dense_references() -> None:
+    """Groups of modules (any cut) and column blocks add up to the whole: the production path equals
+    the dense references, in float64."""
+    shapes = [(6, 5), (4, 7), (5, 5), (3, 8)]
+    experts = _experts(5, [2, 3, 4], shapes, seed=11)
+    want = _dense_cosine(experts)
+    for cut in ([4], [1, 3], [1, 1, 1, 1], [2, 2]):
+        groups, start = [], 0
+        for size in cut:
+            groups.append([e[start : start + size] for e in experts])
+            start += size
+        got = sim.delta_similarity(iter(groups))
+        assert got.dtype == F64
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    vectors = torch.randn(6, 40, generator=torch.Generator().manual_seed(2), dtype=F64)
+    vectors[3] = 0.0  # a zero row: cosine 0 with the others, 1 with itself
+    norms = vectors.norm(dim=1).clamp_min(1e-300)
+    ref = (vectors @ vectors.T) / torch.outer(norms, norms)
+    ref[3] = 0.0
+    ref[:, 3] = 0.0
+    ref.fill_diagonal_(1.0)
+    for width in (1, 7, 40):
+        blocks = [vectors[:, j : j + width] for j in range(0, 40, width)]
+        torch.testing.assert_close(sim.flat_similarity(iter(blocks)), ref, atol=1e-12, rtol=0)
+    with pytest.raises(ValidationError):
+        sim.delta_similarity(iter(()))
+    with pytest.raises(ValidationError):
+        sim.flat_similarity(iter(()))
+
+
+def test_module_groups_fit_the_budget() -> None:
+    widths = {"m3": 10, "m1": 10, "m2": 30, "m0": 5}
+    assert sim.module_groups(widths, 2, 10**9) == [["m0", "m1", "m2", "m3"]]
+    # n = 2 experts of float32: m0 40 B, m1 80 B, m2 240 B, m3 80 B
+    assert sim.module_groups(widths, 2, 120) == [["m0", "m1"], ["m2"], ["m3"]]
+    assert sim.module_groups(widths, 2, 1) == [["m0"], ["m1"], ["m2"], ["m3"]]

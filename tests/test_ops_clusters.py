@@ -21,11 +21,12 @@ from libstore.errors import (
     AlreadyExistsError,
     BaseModelMismatchError,
     IncompatibleExpertsError,
+    InUseError,
     NotFoundError,
     ValidationError,
 )
 from libstore.lowrank.clustering import cosine_matrix, mbc_features
-from libstore.lowrank.similarity import delta_cosine_matrix, flatten_lora
+from libstore.lowrank.similarity import delta_cosine_matrix, flatten_lora, module_groups
 from libstore.ops import clusters as ops
 from libstore.ops.experts import store_adapter_files
 from libstore.ops.tensors import load_expert_tensors
@@ -73,7 +74,7 @@ def _add_planted(lib: Library, planted: dict[str, Path]) -> None:
 
 
 def _same_partition(c: ops.Clustering) -> bool:
-    got = {m: cl.index for cl in c.clusters for m in cl.members}
+    got = {m: cl.index for cl in c.record.clusters for m in cl.members}
     return all((got[a] == got[b]) == (planted_label(a) == planted_label(b)) for a in got for b in got)
 
 
@@ -85,37 +86,41 @@ def test_planted_clusters_recovered_and_recorded(library: Library, planted: dict
     shas = {e.name: e.sha256 for e in library.experts()}
     for metric in ("flat", "delta"):
         c = library.cluster("kind=task", k=K_PLANTED, metric=metric, seed=0)
-        assert c.name == ("mbc-k3" if metric == "flat" else "mbc-delta-k3")
-        assert _same_partition(c), [cl.members for cl in c.clusters]
+        rec = c.record
+        assert rec.name == ("mbc-k3" if metric == "flat" else "mbc-delta-k3")
+        assert _same_partition(c), [cl.members for cl in rec.clusters]
         # numbered stably: by first member in name order
-        assert [cl.members[0] for cl in c.clusters] == ["t00", "t01", "t02"]
+        assert [cl.members[0] for cl in rec.clusters] == ["t00", "t01", "t02"]
+        assert [cl.index for cl in rec.clusters] == [0, 1, 2]
         assert [cl.size for cl in c.clusters] == [PER_CENTRE] * K_PLANTED
+        assert [cl.record for cl in c.clusters] == list(rec.clusters)  # the view wraps the record
         for cl in c.clusters:
-            assert cl.tasks == cl.members  # each member's task is its name
+            assert cl.record.tasks == cl.record.members  # each member's task is its name
             assert cl.within is not None and cl.between is not None
             assert cl.within > 0.9 and abs(cl.between) < 0.2
             assert cl.silhouette is not None and cl.silhouette > 0.8
         assert c.silhouette is not None and c.silhouette > 0.8
         # the run is recorded with every parameter and what it saw
-        assert (c.metric, c.k, c.seed, c.query, c.method) == (metric, 3, 0, "kind=task", "mbc")
-        assert c.params["n_init"] == 10 and c.params["k"] == 3 and c.params["n_experts"] == N
+        assert (rec.metric, rec.k, rec.seed, rec.query, rec.method) == (metric, 3, 0, "kind=task", "mbc")
+        assert rec.params["n_init"] == 10 and rec.params["k"] == 3 and rec.params["n_experts"] == N
         if metric == "flat":
-            assert c.params["keep"] == 0.2 and c.params["dim"] == 64
-            assert c.params["features_dim"] == N  # min(dim, n)
-        assert c.criterion["name"] == "given"
-        assert [(i.name, i.sha256, i.status) for i in c.inputs] == [(n, shas[n], "ok") for n in NAMES]
-        assert not c.stale and c.stale_reasons == () and c.base_model == "tiny"
-        assert library.clustering(c.name) == c
-    assert [c.name for c in library.clusterings()] == ["mbc-delta-k3", "mbc-k3"]
+            assert rec.params["keep"] == 0.2 and rec.params["dim"] == 64
+            assert rec.params["features_dim"] == N  # min(dim, n)
+        assert rec.criterion["name"] == "given"
+        assert [(i.name, i.sha256) for i in rec.inputs] == [(n, shas[n]) for n in NAMES]
+        assert [(i.input, i.status) for i in c.inputs] == [(x, "ok") for x in rec.inputs]
+        assert not c.stale and c.stale_reasons == () and rec.base_model == "tiny"
+        assert library.clustering(rec.name) == c
+    assert [c.record.name for c in library.clusterings()] == ["mbc-delta-k3", "mbc-k3"]
     with pytest.raises(AlreadyExistsError, match="clusters rm"):
         library.cluster(k=3, name="mbc-k3")
 
 
 def test_auto_k_and_determinism(library: Library, planted: dict[str, Path]) -> None:
     _add_planted(library, planted)
-    a = library.cluster(name="a", seed=7)
-    b = library.cluster(name="b", seed=7)
-    assert a.k == K_PLANTED and _same_partition(a)
+    a = library.cluster(name="a", seed=7).record
+    b = library.cluster(name="b", seed=7).record
+    assert a.k == K_PLANTED and _same_partition(library.clustering("a"))
     assert a.criterion["name"] == "silhouette"
     assert a.criterion["k_range"] == list(range(2, N))  # 2..min(20, n-1)
     scores = {int(k): v for k, v in a.criterion["scores"].items()}
@@ -125,7 +130,7 @@ def test_auto_k_and_determinism(library: Library, planted: dict[str, Path]) -> N
     # same inputs and seed: the same record, bit for bit
     assert (a.clusters, a.criterion, a.params) == (b.clusters, b.criterion, b.params)
     d = library.cluster(name="d", metric="delta", k_range=[2, 3, 4, 5])
-    assert d.k == K_PLANTED and d.criterion["k_range"] == [2, 3, 4, 5] and _same_partition(d)
+    assert d.record.k == K_PLANTED and d.record.criterion["k_range"] == [2, 3, 4, 5] and _same_partition(d)
 
 
 def test_stale_on_added_changed_and_removed_experts(library: Library, planted: dict[str, Path]) -> None:
@@ -136,7 +141,7 @@ def test_stale_on_added_changed_and_removed_experts(library: Library, planted: d
     _add(library, planted["late"], name="late", tasks=["late"])  # matches kind=task
     c = library.clustering("run")
     assert c.stale and c.added == ("late",) and "added since" in c.stale_reasons[0]
-    assert [x.name for x in ops.stale_clusterings(library.context)] == ["run"]
+    assert [x.record.name for x in ops.stale_clusterings(library.context)] == ["run"]
     assert [s.name for s in library.stale().clusterings] == ["run"]
     _add(library, planted["other"], name="gen", kind="general")  # does not match: no effect
     assert library.clustering("run").added == ("late",)
@@ -149,15 +154,15 @@ def test_stale_on_added_changed_and_removed_experts(library: Library, planted: d
     with ctx.catalog.write() as s:
         repo.replace_files(s, repo.expert_row(s, "t04"), files, ADAPTER_WEIGHTS)
     c = library.clustering("run")
-    assert [(i.name, i.status) for i in c.inputs if i.status != "ok"] == [("t04", "changed")]
+    assert [(i.input.name, i.status) for i in c.inputs if i.status != "ok"] == [("t04", "changed")]
     assert c.stale and "'t04' changed" in c.stale_reasons[0]
-    assert [x.name for x in library.clusterings() if x.stale] == ["run"]
+    assert [x.record.name for x in library.clusterings() if x.stale] == ["run"]
 
     library.remove("t05")
     gone = [i for i in library.clustering("run").inputs if i.status == "gone"]
-    assert [(i.name, i.current_name) for i in gone] == [("t05", None)]
+    assert [(i.input.name, i.current_name) for i in gone] == [("t05", None)]
     # the record still holds the run as it was
-    assert "t05" in library.clustering("run").clusters[2].members
+    assert "t05" in library.clustering("run").record.clusters[2].members
 
 
 def test_cluster_expert_links_export_and_remove(library: Library, planted: dict[str, Path]) -> None:
@@ -165,7 +170,7 @@ def test_cluster_expert_links_export_and_remove(library: Library, planted: dict[
     c = library.cluster(k=3, name="mbc-k3")
     e = _add(library, planted["late"], name="c1_expert", kind="cluster", cluster="mbc-k3:1")
     assert e.kind == "cluster" and e.cluster == "mbc-k3:1"
-    assert e.tasks == c.clusters[1].tasks == ("t01", "t04", "t07", "t10")
+    assert e.tasks == c.record.clusters[1].tasks == ("t01", "t04", "t07", "t10")
     assert library.clustering("mbc-k3").clusters[1].experts == ("c1_expert",)
     assert [x.name for x in library.experts("cluster=mbc-k3:1")] == ["c1_expert"]
     assert [x.name for x in library.experts("task=t07")] == ["c1_expert", "t07"]
@@ -184,13 +189,20 @@ def test_cluster_expert_links_export_and_remove(library: Library, planted: dict[
     with pytest.raises(ValidationError, match="json, csv"):
         library.export_clustering("mbc-k3", "xml")
 
-    with pytest.raises(ValidationError, match="--force"):
+    with pytest.raises(InUseError, match="--force") as in_use:
         library.remove_clustering("mbc-k3")
+    assert (in_use.value.what, in_use.value.name, in_use.value.used_by) == (
+        "clustering",
+        "mbc-k3",
+        ("c1_expert",),
+    )
+    assert library.clustering("mbc-k3").clusters[1].experts == ("c1_expert",)  # nothing changed
     assert library.remove_clustering("mbc-k3", force=True) == ["c1_expert"]
     assert library.get("c1_expert").cluster is None
     assert library.get("c1_expert").tasks == ("t01", "t04", "t07", "t10")
-    with pytest.raises(NotFoundError, match="clusters ls"):
+    with pytest.raises(NotFoundError, match="clusters ls") as missing:
         library.clustering("mbc-k3")
+    assert (missing.value.what, missing.value.name) == ("clustering", "mbc-k3")
 
 
 def test_degenerate_inputs(library: Library, planted: dict[str, Path]) -> None:
@@ -208,9 +220,9 @@ def test_degenerate_inputs(library: Library, planted: dict[str, Path]) -> None:
 
     # one expert: one cluster, silhouette undefined
     one = library.cluster(["t00"], name="one")
-    assert one.k == 1 and one.criterion["name"] == "too few experts" and one.silhouette is None
-    assert one.clusters[0].members == ("t00",) and one.clusters[0].within is None
-    assert one.query == "name=t00"
+    assert one.record.k == 1 and one.record.criterion["name"] == "too few experts" and one.silhouette is None
+    assert one.record.clusters[0].members == ("t00",) and one.clusters[0].within is None
+    assert one.record.query == "name=t00"
 
     # identical experts: a clustering, with no structure to find
     for i in range(3):
@@ -220,14 +232,14 @@ def test_degenerate_inputs(library: Library, planted: dict[str, Path]) -> None:
     pair = next(cl for cl in same.clusters if cl.size == 2)
     assert pair.within == pytest.approx(1.0) and same.silhouette == 0.0
     auto = library.cluster("kind=general", name="same-auto")
-    assert auto.k == 2 and "no cluster structure" in auto.criterion["note"]
+    assert auto.record.k == 2 and "no cluster structure" in auto.record.criterion["note"]
 
     # different ranks: flat refuses with the way out, delta takes them
     _add(library, planted["rank8"], name="t_rank8", tasks=["t_rank8"])
     with pytest.raises(IncompatibleExpertsError, match="--metric delta"):
         library.cluster(k=3)
     mixed = library.cluster(k=4, metric="delta")
-    assert any(cl.members == ("t_rank8",) for cl in mixed.clusters)
+    assert any(cl.members == ("t_rank8",) for cl in mixed.record.clusters)
 
 
 def test_different_base_models_refused(library: Library, planted: dict[str, Path]) -> None:
@@ -237,9 +249,9 @@ def test_different_base_models_refused(library: Library, planted: dict[str, Path
     with pytest.raises(BaseModelMismatchError, match="base="):
         library.cluster("kind=task", k=3)
     c = library.cluster("kind=task base=tiny", k=3)
-    assert _same_partition(c) and c.query == "kind=task base=tiny"
+    assert _same_partition(c) and c.record.query == "kind=task base=tiny"
     # a query that also matches other base models: only the clustering's base counts for staleness
-    assert not library.clustering(c.name).stale
+    assert not library.clustering(c.record.name).stale
 
 
 # --- streaming equals in-memory (SQLite only: no catalog difference) -----------------------------
@@ -272,32 +284,4 @@ def test_streamed_similarity_equals_in_memory(sqlite_lib: Library) -> None:
         got, fdim = ops.similarity_matrix(ctx, experts, metric="delta", budget_bytes=budget, device="cpu")
         assert fdim is None
         torch.testing.assert_close(got, want_delta, atol=1e-5, rtol=0)
-    assert ops._module_groups({m: 256 for m in modules}, N, one_module) == [[m] for m in modules]
-
-
-def test_partition_criteria() -> None:
-    S = torch.eye(2, dtype=torch.float64)
-    p = ops.partition(S)
-    assert p.k == 1 and p.criterion["name"] == "too few experts" and p.silhouette is None
-    block = torch.block_diag(torch.ones(3, 3), torch.ones(2, 2)).double()
-    p = ops.partition(block, seed=3)
-    assert p.k == 2 and p.labels == (0, 0, 0, 1, 1) and p.silhouette == pytest.approx(1.0)
-    assert p.stats[0] == {"within": 1.0, "between": 0.0, "silhouette": 1.0}
-
-
-def test_partition_on_row_embedding_equals_kmeans_on_rows_of_S() -> None:
-    """k-means runs on an isometric embedding of S's rows: same choices as mttl's k-means on S."""
-    from libstore.lowrank.clustering import cluster_similarity
-
-    g = torch.Generator().manual_seed(0)
-    truth = torch.randint(5, (120,), generator=g)
-    feats = torch.randn(5, 16, generator=g, dtype=torch.float64)[truth]
-    feats = feats + 1.2 * torch.randn(120, 16, generator=g, dtype=torch.float64)
-    S = torch.round(cosine_matrix(feats), decimals=12)
-    Y = ops.row_embedding(S)
-    assert Y.shape == (120, 16)  # rank of S: 64 columns instead of n in the paper's setting
-    torch.testing.assert_close(torch.cdist(Y, Y), torch.cdist(S, S), atol=1e-6, rtol=0)
-    for k, seed in ((2, 0), (5, 1), (9, 2)):
-        p = ops.partition(S, k=k, seed=seed)
-        km = cluster_similarity(S, k, seed=seed)
-        assert p.labels == tuple(km.labels.tolist()), (k, seed)
+    assert module_groups({m: 256 for m in modules}, N, one_module) == [[m] for m in modules]

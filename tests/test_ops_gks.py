@@ -61,9 +61,11 @@ def test_param_mode_stores_peft_equal_residuals_with_lineage(gkslib: Library) ->
         assert torch.equal(got_A, want_A) and torch.equal(got_B, want_B)
 
     lin = gkslib.lineage("a_res")
-    d = lin.derivation
-    assert d is not None and (d.method, d.method_version, d.params) == ("gks-param", 1, {"mode": "param"})
-    assert [(p.role, p.name, p.sha256, p.status) for p in d.parents] == [
+    assert lin.derivation is not None
+    d = lin.derivation.derivation
+    assert (d.method, d.method_version, d.params) == ("gks-param", 1, {"mode": "param"})
+    assert res.lineage == d  # the record the expert carries is the one lineage wraps
+    assert [(p.parent.role, p.parent.name, p.parent.sha256, p.status) for p in lin.derivation.parents] == [
         ("expert", "a", a.sha256, "ok"),
         ("general", "g1", gkslib.get("g1").sha256, "ok"),
         ("general", "g2", gkslib.get("g2").sha256, "ok"),
@@ -138,7 +140,7 @@ def test_delta_mode_is_exact_and_truncation_reports_energy(
     want = {m: a[m] - sum(g[m] for g in gens) / 3 for m in a}
     for m, d in _dense(gkslib, "a_x").items():
         torch.testing.assert_close(d, want[m], atol=1e-5, rtol=1e-5)
-    assert gkslib.lineage("a_x").derivation.params["energy_kept"] == 1.0
+    assert gkslib.lineage("a_x").derivation.derivation.params["energy_kept"] == 1.0
 
     trunc = gkslib.subtract_general(general="kind=general", experts="a", mode="delta", rank=2, suffix="_t")
     assert gkslib.get("a_t").rank == 2
@@ -148,7 +150,7 @@ def test_delta_mode_is_exact_and_truncation_reports_energy(
         torch.testing.assert_close(d, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-5)
         kept += float((s[:2] ** 2).sum())
         total += float((s**2).sum())
-    params = gkslib.lineage("a_t").derivation.params
+    params = gkslib.lineage("a_t").derivation.derivation.params
     assert params["rank"] == 2 and params["energy_kept"] == pytest.approx(kept / total, rel=1e-4)
     assert 0 < params["energy_kept_min"] <= params["energy_kept"] < 1
     assert trunc.items[0].energy_kept == params["energy_kept"]
@@ -190,7 +192,7 @@ def test_rerun_reuses_changed_parent_is_stale_and_refresh_recomputes_in_place(
     assert after.experts == ()
     # the old residual's cached prototypes are now orphaned
     assert [c.expert_sha256 for c in after.caches] == [old.sha256]
-    assert gkslib.lineage("a_res").derivation.parents[0].sha256 == gkslib.get("a").sha256
+    assert gkslib.lineage("a_res").derivation.parents[0].parent.sha256 == gkslib.get("a").sha256
 
 
 def test_gone_parent_and_downstream_staleness(gkslib: Library) -> None:
@@ -204,7 +206,7 @@ def test_gone_parent_and_downstream_staleness(gkslib: Library) -> None:
         "ab": ("expert 'a_res' is stale",),
     }
     parents = gkslib.lineage("a_res").derivation.parents
-    assert [(p.name, p.status, p.current_sha256) for p in parents][2] == ("g2", "gone", None)
+    assert [(p.parent.name, p.status, p.current_sha256) for p in parents][2] == ("g2", "gone", None)
 
 
 def test_errors(gkslib: Library, base_dir: Path, tmp_path: Path) -> None:
@@ -230,3 +232,121 @@ def test_errors(gkslib: Library, base_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BaseModelMismatchError, match="different base models"):
         gkslib.subtract_general(general="kind=general", experts="w")
     assert gkslib.experts("kind=residual") == []
+
+
+def test_same_weights_other_alpha_get_their_own_residuals(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 12 item 3: a derivation is keyed on everything that defines ΔW (weights *and* scale),
+    so experts sharing a weights file but not their lora_alpha never share a residual."""
+    library.add(make_adapter(base_dir, tmp_path / "lo", seed=1, alpha=8), name="lo", tasks=["t"])
+    library.add(make_adapter(base_dir, tmp_path / "hi", seed=1, alpha=32), name="hi", tasks=["t"])
+    for i in (1, 2):
+        library.add(make_adapter(base_dir, tmp_path / f"g{i}", seed=10 + i), name=f"g{i}", kind="general")
+    lo, hi = library.get("lo"), library.get("hi")
+    assert lo.sha256 == hi.sha256 and (lo.scale, hi.scale) == (2.0, 8.0)  # one weights file, two ΔW
+    g = [_tensors(library, n, torch.float64) for n in ("g1", "g2")]
+    scale_g = [library.get(n).scale for n in ("g1", "g2")]
+    for mode in ("param", "delta"):
+        report = library.subtract_general(
+            general="kind=general", experts="lo hi", mode=mode, suffix=f"_{mode}"
+        )
+        assert report.created == (f"hi_{mode}", f"lo_{mode}") and report.reused == ()
+        for name in ("lo", "hi"):
+            s = library.get(name).scale
+            want = {}
+            for m, (A, B) in _tensors(library, name, torch.float64).items():
+                if mode == "param":
+                    mean_A = (g[0][m][0] + g[1][m][0]) / 2
+                    mean_B = (g[0][m][1] + g[1][m][1]) / 2
+                    want[m] = s * (B - mean_B) @ (A - mean_A)
+                else:
+                    mean = sum(sg * x[m][1] @ x[m][0] for sg, x in zip(scale_g, g, strict=True)) / 2
+                    want[m] = s * B @ A - mean
+            got = _dense(library, f"{name}_{mode}")
+            for m in want:
+                torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+        again = library.subtract_general(
+            general="kind=general", experts="lo hi", mode=mode, suffix=f"_{mode}"
+        )
+        assert again.reused == (f"hi_{mode}", f"lo_{mode}")
+    assert library.stale().empty
+
+
+@sqlite_only
+def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    """A catalog written before derivations were keyed on ΔW (revisions before 0003: keys over the parents'
+    weights sha256, prototype values of s·B·A under method version 1) keeps working after the upgrade:
+    its derivations are re-keyed (a rerun reuses them), stale cache entries are gone, and an expert
+    with the same weights but another alpha is not served the old results."""
+    from sqlalchemy import text
+
+    from libstore.catalog.migrate import VERSION_TABLE
+    from libstore.ops.derive import OUTPUT_PARAMS, inputs_key
+
+    library.add(make_adapter(base_dir, tmp_path / "lo", seed=1, alpha=8), name="lo", tasks=["t"])
+    for i in (1, 2):
+        library.add(make_adapter(base_dir, tmp_path / f"g{i}", seed=10 + i), name=f"g{i}", kind="general")
+    library.subtract_general(general="kind=general", experts="lo")
+    library.merge(["lo", "g1"], name="m")
+    library.compute_prototypes("lo")
+    old_keys, new_keys = {}, {}
+    for name in ("lo_res", "m"):
+        d = library.get(name).lineage
+        assert d is not None
+        inputs = {k: v for k, v in d.params.items() if k not in OUTPUT_PARAMS}
+        old_keys[name] = inputs_key(
+            d.method, d.method_version, inputs, [(p.role, p.sha256) for p in d.parents]
+        )
+        new_keys[name] = d.inputs_key
+        assert old_keys[name] != d.inputs_key
+    engine = library.context.catalog.engine
+    with engine.begin() as conn:  # what libstore before this revision wrote
+        for name, key in old_keys.items():
+            conn.execute(
+                text(
+                    "UPDATE derivations SET inputs_key = :k "
+                    "WHERE child_id = (SELECT id FROM experts WHERE name = :n)"
+                ),
+                {"k": key, "n": name},
+            )
+        conn.execute(text("UPDATE prototype_cache SET method_version = 1"))
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0002'"))
+    path = library.path
+    library.close()
+
+    lib = Library.open(path)
+    try:
+        assert {n: lib.get(n).lineage.inputs_key for n in ("lo_res", "m")} == new_keys  # type: ignore[union-attr]
+        assert lib.prototype_cache() == []  # values of s·B·A of whichever expert came first: deleted
+        assert lib.stale().empty
+        assert lib.subtract_general(general="kind=general", experts="lo").reused == ("lo_res",)
+        assert lib.merge(["lo", "g1"], name="m").sha256 == lib.get("m").sha256
+        lib.add(make_adapter(base_dir, tmp_path / "hi", seed=1, alpha=32), name="hi", tasks=["t"])
+        assert lib.get("hi").sha256 == lib.get("lo").sha256
+        assert lib.subtract_general(general="kind=general", experts="hi").created == ("hi_res",)
+        e = lib.get("hi")
+        got = lib.prototypes("hi")["hi"]
+        for m, (A, B) in _tensors(lib, "hi", torch.float64).items():
+            want = torch.linalg.svdvals(e.scale * (B @ A))[:1]
+            torch.testing.assert_close(got.modules[m].values.double(), want, rtol=1e-5, atol=1e-6)
+    finally:
+        lib.close()
+
+
+def test_parent_scale_changed_with_same_weights_is_stale(gkslib: Library) -> None:
+    """A parent whose lora_alpha changed but not its weights (a pull can do that) has another ΔW:
+    its children are stale, and a rerun does not reuse them."""
+    from sqlalchemy import text
+
+    gkslib.subtract_general(general="kind=general", experts="kind=task")
+    assert gkslib.stale().empty
+    with gkslib.context.catalog.engine.begin() as conn:
+        conn.execute(text("UPDATE experts SET alpha = 32 WHERE name = 'a'"))
+    report = gkslib.stale()
+    assert [(s.name, s.method) for s in report.experts] == [("a_res", "gks-param")]
+    assert "LoRA scale" in report.experts[0].reasons[0]
+    assert gkslib.lineage("a_res").is_stale and not gkslib.lineage("b_res").is_stale
+    with pytest.raises(AlreadyExistsError, match="--refresh") as err:
+        gkslib.subtract_general(general="kind=general", experts="a")
+    assert (err.value.what, err.value.name) == ("expert", "a_res")

@@ -189,3 +189,30 @@ def test_memory_batches_and_double_record(lib3: Library) -> None:
             blob_size=1,
         )
     assert again is False and len(lib3.prototype_cache()) == 2
+
+
+def test_values_follow_each_experts_scale(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    """Issue 12 item 3: experts sharing a weights file but not their lora_alpha share the cached
+    vectors (a positive scale does not change them), and each gets the singular values of its own ΔW."""
+    library.add(make_adapter(base_dir, tmp_path / "lo", seed=1, alpha=8), name="lo")
+    library.add(make_adapter(base_dir, tmp_path / "hi", seed=1, alpha=32, use_rslora=True), name="hi")
+    lo, hi = library.get("lo"), library.get("hi")
+    assert lo.sha256 == hi.sha256 and lo.scale != hi.scale
+    for first in ("hi", "lo"):  # whichever expert is computed first, both come out right
+        for top_n in (1, 2):
+            got = library.prototypes(first, top_n=top_n) | library.prototypes("lo hi", top_n=top_n)
+            for e in (lo, hi):
+                for m, (A, B) in load_expert_tensors(library.context, e, dtype=torch.float64).items():
+                    dense = e.scale * (B @ A)
+                    want = torch.linalg.svdvals(dense)[:top_n]
+                    torch.testing.assert_close(
+                        got[e.name].modules[m].values.double(), want, rtol=1e-5, atol=1e-6
+                    )
+                    _, _, vh = torch.linalg.svd(dense)
+                    cos = (vh[:top_n] * got[e.name].modules[m].vectors.double()).sum(-1).abs()
+                    torch.testing.assert_close(cos, torch.ones(top_n, dtype=torch.float64), atol=1e-5, rtol=0)
+        with library.context.catalog.write() as s:  # start over for the other order
+            from libstore.catalog.models import PrototypeCacheRow
+
+            s.query(PrototypeCacheRow).delete()
+    assert len(library.prototype_cache()) == 0

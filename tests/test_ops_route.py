@@ -131,3 +131,31 @@ def test_cli_route_generates_and_explains(routed_lib: Library, base_dir: Path, t
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 4 and png.stat().st_size > 1000
+
+
+def test_missing_prototypes_come_from_the_tensors_in_hand(
+    routed_lib: Library, base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build computes the missing prototypes on the router's device from the weights it already
+    read, caches them once and never reads them back; a second build reads each cached set once."""
+    from libstore.store import safetensors_io
+
+    tasks = routed_lib.experts("kind=task")
+    cache_blobs: list[str] = []
+    real = safetensors_io.load_tensors
+
+    def counting(path, names=None):  # type: ignore[no-untyped-def]
+        if Path(path).name not in {e.sha256 for e in tasks}:
+            cache_blobs.append(Path(path).name)
+        return real(path, names)
+
+    monkeypatch.setattr(safetensors_io, "load_tensors", counting)
+    first = routed_lib.routed_model(load_base(base_dir), experts="kind=task", device="cpu")
+    assert cache_blobs == []  # computed from the tensors in hand, not read back from the blobs
+    entries = routed_lib.prototype_cache()
+    assert sorted(e.expert_sha256 for e in entries) == sorted(e.sha256 for e in tasks)
+    second = routed_lib.routed_model(load_base(base_dir), experts="kind=task", device="cpu")
+    assert sorted(cache_blobs) == sorted(e.blob_sha256 for e in entries)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(first(ids).logits, second(ids).logits, atol=1e-6, rtol=0)

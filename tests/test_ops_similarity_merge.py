@@ -171,3 +171,44 @@ def test_merge_errors(trio: Library, base_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(IncompatibleExpertsError, match="adapt different modules"):
         trio.merge(["a", "k"], name="x")
     assert trio.experts("kind=merged") == []
+
+
+def test_merge_keyed_on_scale_not_only_weights(library: Library, base_dir: Path, tmp_path: Path) -> None:
+    """Issue 12 item 3: experts with one weights file but other lora_alpha are other merge inputs."""
+    library.add(make_adapter(base_dir, tmp_path / "lo", seed=1, alpha=8), name="lo")
+    library.add(make_adapter(base_dir, tmp_path / "hi", seed=1, alpha=32), name="hi")
+    library.add(make_adapter(base_dir, tmp_path / "c", seed=3), name="c")
+    assert library.get("lo").sha256 == library.get("hi").sha256
+    c = _dense(library, "c")
+
+    def check(name: str, parent: str) -> None:
+        p = _dense(library, parent)
+        for m, d in _dense(library, name).items():
+            torch.testing.assert_close(d, (p[m] + c[m]) / 2, atol=1e-5, rtol=1e-5)
+
+    library.merge(["lo", "c"], name="m_lo")
+    library.merge(["hi", "c"], name="m_hi")
+    check("m_lo", "lo")
+    check("m_hi", "hi")
+    with pytest.raises(AlreadyExistsError, match="computed from other inputs"):
+        library.merge(["hi", "c"], name="m_lo")  # not "the same merge": hi's ΔW is not lo's
+    library.merge(["hi", "c"], name="m_lo", refresh=True)
+    check("m_lo", "hi")
+
+
+@sqlite_only
+def test_similarity_streams_within_any_budget(trio: Library) -> None:
+    """``similarity`` reads the experts one group of modules at a time (the clustering path): any
+    memory budget gives the matrix of the whole experts."""
+    from libstore.ops.similarity import similarity
+
+    for metric in ("delta", "flat"):
+        names = "a b c" if metric == "delta" else "a b"  # flat compares raw parameters: equal ranks
+        whole = similarity(trio.context, names, metric=metric)
+        for budget in (1, 4096):
+            streamed = similarity(trio.context, names, metric=metric, budget_bytes=budget)
+            assert streamed.names == whole.names
+            for row_s, row_w in zip(streamed.values, whole.values, strict=True):
+                assert row_s == pytest.approx(row_w, abs=1e-6)
+    with pytest.raises(IncompatibleExpertsError, match="--metric delta"):
+        trio.similarity("a c", metric="flat")  # ranks 4 and 8: refused with the way out

@@ -235,7 +235,7 @@ def test_rows_pointing_at_nothing_are_repaired_as_on_delete_would(
     report = library.verify()
     assert report.ok and all(p.severity == "warning" for p in report.problems)
     lineage = library.lineage("b_res").derivation
-    assert {p.name: p.status for p in lineage.parents}["g1"] == "gone"
+    assert {p.parent.name: p.status for p in lineage.parents}["g1"] == "gone"
     library.gc(grace_s=0)
     assert library.verify().problems == ()
 

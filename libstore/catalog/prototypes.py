@@ -1,9 +1,11 @@
 """Catalog queries and writes for the prototype cache.
 
 One row per (expert sha256, method, method version, params_key) points at a safetensors blob holding
-that expert's prototypes for every LoRA module. Keys use the expert's *content* hash, so renaming an
-expert keeps its cache and changing its weights misses it. ``params_key`` is the sha256 of the
-canonical JSON of the method's parameters (see :func:`params_key`).
+the prototypes of every LoRA module of the experts with those weights. Keys use the *content* hash,
+so renaming an expert keeps its cache and changing its weights misses it; the cached values are
+those of B·A, scale-free, so experts with one weights file and another ``lora_alpha`` share an entry
+and each scales the values by its own s on read (``libstore.ops.prototypes``). ``params_key`` is
+the sha256 of the canonical JSON of the method's parameters (see :func:`params_key`).
 
 Every function takes an open ``Session``; the caller owns the transaction.
 """

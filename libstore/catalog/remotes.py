@@ -6,17 +6,16 @@ expert name, the *record digest* both sides had at that sync (``synced_digest``:
 expert's manifest entry — weights and config hashes, kind, tasks, tags, metadata, derivation and
 cluster), which is what three-way sync planning compares. Tokens are never stored here.
 
-The rest reads and writes derivations, clusterings and base models in the shape a manifest needs,
-directly on the ORM tables. Every function takes an open ``Session``; the caller owns the
-transaction. ORM rows stay inside the catalog and ops layers.
+Derivations and clusterings are read and written by ``catalog.derivations`` and
+``catalog.clusterings`` (their one writers); this module registers the base models a manifest
+carries and :func:`link_experts` links the records kept by name to experts a pull has just added.
+Every function takes an open ``Session``; the caller owns the transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -26,11 +25,8 @@ from libstore.catalog.models import (
     BaseModelRow,
     BlobRow,
     ClusteringInputRow,
-    ClusteringRow,
     ClusterMemberRow,
-    ClusterRow,
     DerivationParentRow,
-    DerivationRow,
     ExpertRow,
     RemoteExpertRow,
     RemoteRow,
@@ -199,175 +195,7 @@ def same_base(session: Session, base: BaseModel) -> BaseModelRow | None:
     return row if row is not None and row.fingerprint == base.fingerprint else None
 
 
-# --- derivations -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DerivationData:
-    method: str
-    method_version: int
-    params: dict[str, Any]
-    inputs_key: str
-    parents: tuple[tuple[str, str, str], ...]  # (role, parent name, parent sha256 at derivation)
-
-
-def derivations_of(session: Session, expert_ids: Sequence[int]) -> dict[int, DerivationData]:
-    """``child expert id -> derivation`` for the ids that have one."""
-    out: dict[int, DerivationData] = {}
-    ids = list(expert_ids)
-    for i in range(0, len(ids), 500):
-        for d in session.scalars(select(DerivationRow).where(DerivationRow.child_id.in_(ids[i : i + 500]))):
-            out[d.child_id] = DerivationData(
-                method=d.method,
-                method_version=d.method_version,
-                params=dict(d.params or {}),
-                inputs_key=d.inputs_key,
-                parents=tuple((p.role, p.parent_name, p.parent_sha256) for p in d.parents),
-            )
-    return out
-
-
-def set_derivation(session: Session, child: ExpertRow, d: DerivationData | None) -> None:
-    """Replace the child's derivation record (``None`` removes it); parents resolved by name."""
-    old = session.scalar(select(DerivationRow).where(DerivationRow.child_id == child.id))
-    if old is not None:
-        session.delete(old)
-        session.flush()
-    if d is None:
-        return
-    row = DerivationRow(
-        child_id=child.id,
-        method=d.method,
-        method_version=d.method_version,
-        params=dict(d.params),
-        inputs_key=d.inputs_key,
-    )
-    parents = []
-    for i, (role, name, sha) in enumerate(d.parents):
-        pid = session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
-        parents.append(
-            DerivationParentRow(position=i, role=role, parent_id=pid, parent_name=name, parent_sha256=sha)
-        )
-    row.parents = parents
-    session.add(row)
-    session.flush()
-
-
-# --- clusterings -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClusterData:
-    index: int
-    label: str | None
-    stats: dict[str, Any]
-    members: tuple[str, ...]
-    tasks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ClusteringData:
-    name: str
-    base_model: str
-    method: str
-    metric: str
-    k: int
-    seed: int
-    params: dict[str, Any]
-    criterion: dict[str, Any]
-    query: str
-    inputs: tuple[tuple[str, str], ...]  # (expert name, sha256 seen)
-    clusters: tuple[ClusterData, ...]
-
-
-def _clustering_data(session: Session, row: ClusteringRow) -> ClusteringData:
-    base = session.get(BaseModelRow, row.base_model_id)
-    return ClusteringData(
-        name=row.name,
-        base_model=base.name if base else "",
-        method=row.method,
-        metric=row.metric,
-        k=row.k,
-        seed=row.seed,
-        params=dict(row.params or {}),
-        criterion=dict(row.criterion or {}),
-        query=row.query or "",
-        inputs=tuple((i.expert_name, i.expert_sha256) for i in row.inputs),
-        clusters=tuple(
-            ClusterData(
-                index=c.index,
-                label=c.label,
-                stats=dict(c.stats or {}),
-                members=tuple(m.expert_name for m in c.members),
-                tasks=tuple(t.name for t in c.tasks),
-            )
-            for c in row.clusters
-        ),
-    )
-
-
-def clusterings(session: Session) -> list[ClusteringData]:
-    return [
-        _clustering_data(session, r)
-        for r in session.scalars(select(ClusteringRow).order_by(ClusteringRow.name))
-    ]
-
-
-def clustering(session: Session, name: str) -> ClusteringData | None:
-    row = session.scalar(select(ClusteringRow).where(ClusteringRow.name == name))
-    return None if row is None else _clustering_data(session, row)
-
-
-def insert_clustering(session: Session, c: ClusteringData) -> ClusteringRow:
-    """Record a clustering (its base model must exist); expert links are resolved by name."""
-    base = repo.base_row(session, c.base_model)
-
-    def expert_id(name: str) -> int | None:
-        return session.scalar(select(ExpertRow.id).where(ExpertRow.name == name))
-
-    row = ClusteringRow(
-        name=c.name,
-        base_model_id=base.id,
-        method=c.method,
-        metric=c.metric,
-        k=c.k,
-        seed=c.seed,
-        params=dict(c.params),
-        criterion=dict(c.criterion),
-        query=c.query,
-    )
-    row.inputs = [
-        ClusteringInputRow(position=i, expert_id=expert_id(n), expert_name=n, expert_sha256=s)
-        for i, (n, s) in enumerate(c.inputs)
-    ]
-    clusters = []
-    for k in c.clusters:
-        cr = ClusterRow(index=k.index, label=k.label, stats=dict(k.stats))
-        cr.members = [
-            ClusterMemberRow(position=i, expert_id=expert_id(n), expert_name=n)
-            for i, n in enumerate(k.members)
-        ]
-        cr.tasks = [repo.task_row(session, t) for t in k.tasks]
-        clusters.append(cr)
-    row.clusters = clusters
-    session.add(row)
-    session.flush()
-    return row
-
-
-def cluster_id(session: Session, ref: str | None) -> int | None:
-    """The cluster row id of ``CLUSTERING:INDEX`` (``None`` for ``None``)."""
-    if ref is None:
-        return None
-    name, _, index = ref.rpartition(":")
-    cid = session.scalar(
-        select(ClusterRow.id)
-        .join(ClusteringRow, ClusterRow.clustering_id == ClusteringRow.id)
-        .where(ClusteringRow.name == name, ClusterRow.index == int(index))
-    )
-    if cid is None:
-        raise NotFoundError(f"no cluster {ref!r} in this library")
-    return cid
+# --- links of records kept by name ------------------------------------------------------------
 
 
 def link_experts(session: Session, names: Iterable[str]) -> None:

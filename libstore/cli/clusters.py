@@ -7,12 +7,16 @@ torch); ``ls``, ``show``, ``export`` and ``rm`` read the catalog only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from libstore.cli.app import State
-from libstore.cli.output import echo_json, echo_table, json_option
+from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
+from libstore.types import EXPORT_FORMATS, SIMILARITY_METRICS, ExportFormat, SimilarityMetric
+
+if TYPE_CHECKING:
+    from libstore.ops.clusters import Clustering
 
 
 def _num(x: float | None) -> str:
@@ -36,12 +40,46 @@ def _k_range(text: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected LO:HI or a list like 2,4,8; got {text!r}") from None
 
 
-def _show(c: Any, *, members: bool = True) -> None:
+def _json(c: Clustering) -> dict[str, Any]:
+    """A clustering as one flat object: the record's fields, each input and cluster with its state."""
+    rec = c.record
+    return {
+        **{k: v for k, v in to_jsonable(rec).items() if k not in ("inputs", "clusters")},
+        "silhouette": c.silhouette,
+        "clusters": [
+            {
+                **to_jsonable(cl.record),
+                "size": cl.size,
+                "within": cl.within,
+                "between": cl.between,
+                "silhouette": cl.silhouette,
+                "experts": list(cl.experts),
+            }
+            for cl in c.clusters
+        ],
+        "inputs": [
+            {
+                "name": i.input.name,
+                "sha256": i.input.sha256,
+                "current_name": i.current_name,
+                "current_sha256": i.current_sha256,
+                "status": i.status,
+            }
+            for i in c.inputs
+        ],
+        "added": list(c.added),
+        "stale": c.stale,
+        "stale_reasons": list(c.stale_reasons),
+    }
+
+
+def _show(c: Clustering, *, members: bool = True) -> None:
+    rec = c.record
     click.echo(
-        f"{c.name}: {c.method} ({c.metric} metric), k={c.k}, {len(c.inputs)} experts of "
-        f"base {c.base_model}, query {c.query!r}, seed {c.seed}"
+        f"{rec.name}: {rec.method} ({rec.metric} metric), k={rec.k}, {len(c.inputs)} experts of "
+        f"base {rec.base_model}, query {rec.query!r}, seed {rec.seed}"
     )
-    crit = c.criterion
+    crit = rec.criterion
     if crit.get("name") == "silhouette":
         scores = ", ".join(f"{k}: {_num(v)}" for k, v in crit.get("scores", {}).items())
         click.echo(f"k chosen by silhouette over {crit['k_range'][0]}..{crit['k_range'][-1]}: {scores}")
@@ -49,8 +87,8 @@ def _show(c: Any, *, members: bool = True) -> None:
         click.echo(f"k: {crit.get('name')} ({crit.get('note', '')})")
     if crit.get("note") and crit.get("name") == "silhouette":
         click.echo(f"note: {crit['note']}")
-    p = c.params
-    if c.metric == "flat":
+    p = rec.params
+    if rec.metric == "flat":
         click.echo(
             f"params: keep {p.get('keep')}, dim {p.get('dim')} (used {p.get('features_dim')}), "
             f"n_init {p.get('n_init')}"
@@ -58,8 +96,8 @@ def _show(c: Any, *, members: bool = True) -> None:
     else:
         click.echo(f"params: n_init {p.get('n_init')}")
     click.echo(
-        f"silhouette {_num(c.silhouette)}; created {c.created_at:%Y-%m-%d %H:%M:%S} UTC"
-        if c.created_at
+        f"silhouette {_num(c.silhouette)}; created {rec.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        if rec.created_at
         else f"silhouette {_num(c.silhouette)}"
     )
     if c.stale:
@@ -69,21 +107,21 @@ def _show(c: Any, *, members: bool = True) -> None:
         ["cluster", "size", "within", "between", "silhouette", "cluster experts", "tasks"],
         [
             [
-                cl.index,
+                cl.record.index,
                 cl.size,
                 _num(cl.within),
                 _num(cl.between),
                 _num(cl.silhouette),
                 _short_list(cl.experts, 3) or "-",
-                _short_list(cl.tasks),
+                _short_list(cl.record.tasks),
             ]
             for cl in c.clusters
         ],
     )
     if members:
         click.echo()
-        for cl in c.clusters:
-            click.echo(f"{c.name}:{cl.index} members: {', '.join(cl.members)}")
+        for r in rec.clusters:
+            click.echo(f"{rec.name}:{r.index} members: {', '.join(r.members)}")
 
 
 @click.command("cluster")
@@ -99,7 +137,7 @@ def _show(c: Any, *, members: bool = True) -> None:
 @click.option("--k-range", metavar="LO:HI", help="Without --k: the k to try (default 2:min(20, n-1)).")
 @click.option(
     "--metric",
-    type=click.Choice(["flat", "delta"]),
+    type=click.Choice(SIMILARITY_METRICS),
     default="flat",
     show_default=True,
     help="flat: mttl's MBC (flattened parameters, top --keep, SVD to --dim, cosine); "
@@ -124,7 +162,7 @@ def cluster(
     query: str,
     k: int | None,
     k_range: str | None,
-    metric: str,
+    metric: SimilarityMetric,
     seed: int,
     name: str | None,
     keep: float,
@@ -158,9 +196,9 @@ def cluster(
         device=device,
     )
     if as_json:
-        echo_json(c)
+        echo_json(_json(c))
         return
-    click.echo(f"Recorded clustering {c.name}")
+    click.echo(f"Recorded clustering {c.record.name}")
     _show(c, members=False)
 
 
@@ -191,21 +229,21 @@ def ls(state: State, as_json: bool) -> None:
     """
     items = state.lib.clusterings()
     if as_json:
-        echo_json(items)
+        echo_json([_json(c) for c in items])
         return
     echo_table(
         ["name", "base", "metric", "k", "experts", "silhouette", "stale", "query", "created"],
         [
             [
-                c.name,
-                c.base_model,
-                c.metric,
-                c.k,
+                c.record.name,
+                c.record.base_model,
+                c.record.metric,
+                c.record.k,
                 len(c.inputs),
                 _num(c.silhouette),
                 "STALE" if c.stale else "-",
-                c.query,
-                f"{c.created_at:%Y-%m-%d %H:%M}" if c.created_at else "-",
+                c.record.query,
+                f"{c.record.created_at:%Y-%m-%d %H:%M}" if c.record.created_at else "-",
             ]
             for c in items
         ],
@@ -227,19 +265,19 @@ def show(state: State, name: str, as_json: bool) -> None:
     """
     c = state.lib.clustering(name)
     if as_json:
-        echo_json(c)
+        echo_json(_json(c))
         return
     _show(c)
 
 
 @clusters.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="json", show_default=True)
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout."
 )
 @click.pass_obj
-def export(state: State, name: str, fmt: str, out: Path | None) -> None:
+def export(state: State, name: str, fmt: ExportFormat, out: Path | None) -> None:
     """Print the task list of every cluster, ready to train one cluster expert per cluster.
 
     \b

@@ -6,14 +6,18 @@ Thin wrappers over ``Library`` methods; the operations import torch when they ru
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from libstore.cli.app import State
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
+from libstore.types import GKS_MODES, PROTOTYPE_METHODS, SIMILARITY_METRICS, SimilarityMetric
 
-METHOD = click.Choice(["exact", "peft"])
+if TYPE_CHECKING:
+    from libstore.ops.lineage import ParentState
+
+METHOD = click.Choice(PROTOTYPE_METHODS)
 
 
 def _query(words: tuple[str, ...]) -> str | None:
@@ -22,6 +26,18 @@ def _query(words: tuple[str, ...]) -> str | None:
 
 def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
+
+
+def _parent_json(p: ParentState) -> dict[str, Any]:
+    """A derivation parent as recorded, with what it is now, as one flat object."""
+    return {
+        "role": p.parent.role,
+        "name": p.parent.name,
+        "sha256": p.parent.sha256,
+        "current_name": p.current_name,
+        "current_sha256": p.current_sha256,
+        "status": p.status,
+    }
 
 
 # --- prototypes --------------------------------------------------------------------------------
@@ -73,7 +89,7 @@ def _method_options(fn: Any) -> Any:
 @_method_options
 @json_option
 @click.pass_obj
-def prototypes_compute(state: State, query: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def prototypes_compute(state: State, /, query: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Compute and cache the prototypes of the experts matching QUERY (default: all).
 
     Only what is not cached yet is computed: a second call computes nothing.
@@ -106,7 +122,7 @@ def prototypes_compute(state: State, query: tuple[str, ...], as_json: bool, **kw
 @_method_options
 @json_option
 @click.pass_obj
-def prototypes_show(state: State, name: str, modules: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def prototypes_show(state: State, /, name: str, modules: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Show the prototypes of expert NAME (computed and cached first if missing).
 
     \b
@@ -184,7 +200,7 @@ def prototypes_ls(state: State, as_json: bool) -> None:
 @click.option("--experts", required=True, metavar="QUERY", help="The experts to purify, e.g. 'kind=task'.")
 @click.option(
     "--mode",
-    type=click.Choice(["param", "delta"]),
+    type=click.Choice(GKS_MODES),
     default="param",
     show_default=True,
     help="param: A−mean(A_g), B−mean(B_g) as PEFT (equal ranks); delta: ΔW−mean(ΔW_g) exactly (any ranks).",
@@ -197,7 +213,7 @@ def prototypes_ls(state: State, as_json: bool) -> None:
 @click.option("--device", help="Where to compute (default: cpu, so results do not depend on the machine).")
 @json_option
 @click.pass_obj
-def gks(state: State, general: str, experts: str, as_json: bool, **kw: Any) -> None:
+def gks(state: State, /, general: str, experts: str, as_json: bool, **kw: Any) -> None:
     """GenKnowSub: store residual experts (kind=residual) = expert minus the general experts' mean.
 
     Residuals computed before from the same inputs are reused, not recomputed.
@@ -234,7 +250,7 @@ def gks(state: State, general: str, experts: str, as_json: bool, **kw: Any) -> N
 @click.argument("query", nargs=-1)
 @click.option(
     "--metric",
-    type=click.Choice(["delta", "flat"]),
+    type=click.Choice(SIMILARITY_METRICS),
     default="delta",
     show_default=True,
     help="delta: cosine of ΔW (exact, trace formula); flat: cosine of flattened parameters.",
@@ -252,7 +268,7 @@ def gks(state: State, general: str, experts: str, as_json: bool, **kw: Any) -> N
 def similarity(
     state: State,
     query: tuple[str, ...],
-    metric: str,
+    metric: SimilarityMetric,
     plot_path: str | None,
     device: str | None,
     as_json: bool,
@@ -301,7 +317,7 @@ def _weights(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--device", help="Where to compute (default: cpu, so results do not depend on the machine).")
 @json_option
 @click.pass_obj
-def merge(state: State, names: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def merge(state: State, /, names: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Merge experts NAMES by averaging their ΔW (kind=merged), exactly re-factorised.
 
     \b
@@ -336,24 +352,40 @@ def lineage(state: State, name: str, as_json: bool) -> None:
     """
     info = state.lib.lineage(name)
     if as_json:
-        echo_json({**to_jsonable(info), "stale": info.is_stale})
+        state_ = info.derivation
+        echo_json(
+            {
+                "name": info.name,
+                "kind": info.kind,
+                "sha256": info.sha256,
+                "derivation": None
+                if state_ is None
+                else {
+                    **to_jsonable(state_.derivation),
+                    "parents": [_parent_json(p) for p in state_.parents],
+                },
+                "children": to_jsonable(info.children),
+                "stale": info.is_stale,
+                "stale_reasons": list(info.stale_reasons),
+            }
+        )
         return
     click.echo(f"{info.name} ({info.kind}, {_short(info.sha256)})")
-    d = info.derivation
-    if d is None:
+    if info.derivation is None:
         click.echo("  not derived (imported)")
     else:
+        d = info.derivation.derivation
         click.echo(f"  method  {d.method} v{d.method_version}")
         click.echo(f"  params  {d.params}")
         click.echo(f"  created {d.created_at.isoformat() if d.created_at else '-'}")
         click.echo("  parents:")
-        for p in d.parents:
+        for p in info.derivation.parents:
             note = {"ok": "", "changed": f"  CHANGED, now {_short(p.current_sha256)}", "gone": "  GONE"}[
                 p.status
             ]
-            click.echo(f"    {p.role:8} {p.name} ({_short(p.sha256)}){note}")
-        if d.is_stale:
-            click.echo("  stale: a parent changed; recompute with --refresh")
+            click.echo(f"    {p.parent.role:8} {p.parent.name} ({_short(p.parent.sha256)}){note}")
+        if info.is_stale:
+            click.echo("  stale: " + "; ".join(info.stale_reasons) + "; recompute with --refresh")
     if info.children:
         click.echo("  children:")
         for c in info.children:
@@ -374,7 +406,16 @@ def stale(state: State, as_json: bool) -> None:
     """
     report = state.lib.stale()
     if as_json:
-        echo_json(report)
+        echo_json(
+            {
+                "experts": [
+                    {**to_jsonable(e), "parents": [_parent_json(p) for p in e.parents]}
+                    for e in report.experts
+                ],
+                "caches": to_jsonable(report.caches),
+                "clusterings": to_jsonable(report.clusterings),
+            }
+        )
         return
     if report.empty:
         click.echo("Nothing is stale.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from libstore.cli.app import State
+from libstore.types import PROTOTYPE_METHODS, PrototypeMethod
 
 
 @click.command()
@@ -16,7 +17,7 @@ from libstore.cli.app import State
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option(
     "--method",
-    type=click.Choice(["exact", "peft"]),
+    type=click.Choice(PROTOTYPE_METHODS),
     default="exact",
     show_default=True,
     help="Prototype method.",
@@ -38,7 +39,7 @@ def route(
     prompt: str,
     top_k: int,
     temperature: float,
-    method: str,
+    method: PrototypeMethod,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,

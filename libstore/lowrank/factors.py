@@ -16,6 +16,7 @@ Dtypes: fp16/bf16/fp32 inputs are computed in fp32 and give fp32 results. float6
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,10 +31,14 @@ __all__ = [
     "LowRankDelta",
     "Scale",
     "as_scale",
+    "check_int",
     "check_module",
     "concat_factors",
     "factor_svd",
+    "fix_column_signs",
     "fix_sign",
+    "float64_matrix",
+    "square_matrix",
     "truncate",
     "work_dtype",
 ]
@@ -234,3 +239,46 @@ def concat_factors(
         As.append(A.to(dtype))
         Bs.append(B.to(dtype) * (as_scale(s, batch, dtype, device) * float(w)))
     return torch.cat(As, dim=-2), torch.cat(Bs, dim=-1)
+
+
+# --- checks of plain matrices and options (similarity matrices, features, k-means inputs) --------------
+
+
+def float64_matrix(x: Tensor, name: str) -> Tensor:
+    """A finite, non-empty 2-D real tensor as float64 (NaN/inf would silently poison every distance)."""
+    if not isinstance(x, Tensor):
+        raise ValidationError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValidationError(f"{name} must be a non-empty 2-D tensor, got shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValidationError(f"{name} must be real-valued, got dtype {x.dtype}")
+    x = x.detach().to(device="cpu", dtype=torch.float64, copy=True)  # callers' tensors are never mutated
+    if not bool(torch.isfinite(x).all()):
+        raise ValidationError(f"{name} contains NaN or infinite values; fix or drop those experts first")
+    return x
+
+
+def square_matrix(x: Tensor, name: str) -> Tensor:
+    x = float64_matrix(x, name)
+    if x.shape[0] != x.shape[1]:
+        raise ValidationError(f"{name} must be square (n, n), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ValidationError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValidationError(f"{name} must be an integer, got {value!r}") from None
+    if v < minimum:
+        raise ValidationError(f"{name} must be at least {minimum}, got {v}")
+    return v
+
+
+def fix_column_signs(u: Tensor) -> Tensor:
+    """Make each column's largest-magnitude entry positive (first one on ties): SVD signs are arbitrary."""
+    idx = u.abs().argmax(dim=0)
+    s = torch.sign(u[idx, torch.arange(u.shape[1])])
+    return u * torch.where(s == 0, torch.ones_like(s), s)

@@ -29,11 +29,13 @@ __all__ = [
     "peft_prototypes",
 ]
 
-EXACT_METHOD_VERSION = 1
-"""Version of :func:`exact_prototypes` results (QR + core SVD, sign rule, ΔW = 0 fallback)."""
+EXACT_METHOD_VERSION = 2
+"""Version of stored :func:`exact_prototypes` results (QR + core SVD, sign rule, ΔW = 0 fallback).
+2: stored for scale 1 (the values of B·A; the prototype cache scales them per expert on read)."""
 
-PEFT_METHOD_VERSION = 1
-"""Version of :func:`peft_prototypes` results (PEFT 0.21's ``top_right_singular_vec_from_BA``)."""
+PEFT_METHOD_VERSION = 2
+"""Version of stored :func:`peft_prototypes` results (PEFT 0.21's ``top_right_singular_vec_from_BA``).
+2: stored for scale 1, as the exact method."""
 
 
 @dataclass(frozen=True)

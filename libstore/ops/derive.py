@@ -1,52 +1,72 @@
 """Derived experts: GenKnowSub residuals and merges, their lineage, and what went stale.
 
 A derived expert is an ordinary stored expert (PEFT folder in the blob store, row in the catalog) plus
-a derivation record: method, version, parameters, and each parent's role and sha256 at the time. The
-record's ``inputs_key`` (sha256 over method, version, input parameters and parents' hashes) makes a
-repeated request find the earlier result instead of computing it again; a parent whose current hash
-differs from the recorded one (or that is gone) makes the child *stale*, and ``refresh`` recomputes a
-stale child in place (same name, new files, new record).
+a derivation record (:class:`libstore.types.Derivation`): method, version, parameters, and each
+parent's role, name and weights sha256 at the time. The record's ``inputs_key`` (:func:`inputs_key`:
+sha256 over method, version, input parameters and each parent's *ΔW key* — weights sha256 and LoRA
+scale, :attr:`libstore.types.Expert.delta_key`) makes a repeated request find the earlier result
+instead of computing it again, and never finds the result of another ΔW: two experts with one weights
+file and another ``lora_alpha`` get residuals of their own. A child whose parents changed since is
+*stale* (``libstore.ops.lineage``), and ``refresh`` recomputes it in place (same name, new files, new
+record).
 
 Tensors are computed outside any catalog transaction (files go to the blob store first, which is
 harmless if the transaction then fails: ``gc`` collects them); the catalog is written in one short
-transaction at the end, all or nothing. Torch is imported only by the functions that need it, so
-``lineage`` and ``stale`` stay cheap.
+transaction at the end, all or nothing. Torch is imported only by the functions that compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy.orm import Session
-
+from libstore.canonical import canonical_sha256
 from libstore.catalog import derivations as deriv
-from libstore.catalog import prototypes as cache
-from libstore.catalog import repo
-from libstore.catalog.models import ExpertRow
-from libstore.errors import AlreadyExistsError, LibstoreError, ValidationError
+from libstore.errors import AlreadyExistsError, ValidationError
 from libstore.ops.context import Context
-from libstore.ops.prototypes import Target, resolve_experts
-from libstore.ops.tensors import (
-    StagedExpert,
-    check_compatible,
-    read_config,
-    stage_expert,
-    write_expert,
-)
+from libstore.ops.select import Target, resolve_experts
+from libstore.ops.tensors import StagedExpert, check_compatible, read_config, stage_expert
 from libstore.store.adapter import validate_name
-from libstore.types import Expert
+from libstore.types import GKS_MODES, Derivation, DerivationParent, Expert, GksMode
 
 GKS_METHOD_VERSION = 1
 """Version of the stored GenKnowSub results (bump when the computation changes them)."""
 MERGE_METHOD_VERSION = 1
 """Version of the stored merge results."""
-GKS_MODES = ("param", "delta")
 DEFAULT_SUFFIX = "_res"
+#: What the methods record beside their input parameters (results, not inputs: not in the key).
+OUTPUT_PARAMS = ("energy_kept", "energy_kept_min")
+#: Parent roles whose order does not matter to a method (sorted in the key).
+UNORDERED_ROLES = ("general",)
+METHOD_VERSIONS = {
+    "gks-param": GKS_METHOD_VERSION,
+    "gks-delta": GKS_METHOD_VERSION,
+    "merge": MERGE_METHOD_VERSION,
+}
 
 Status = Literal["created", "reused", "refreshed"]
+
+
+def inputs_key(
+    method: str, method_version: int, params: Mapping[str, Any], parents: Sequence[tuple[str, str]]
+) -> str:
+    """sha256 over method, version, input parameters and ``(role, parent ΔW key)`` pairs.
+
+    Parents keep their order, except those of :data:`UNORDERED_ROLES`, which are sorted after the
+    others (the general experts of GenKnowSub: their mean does not depend on their order).
+    """
+    ordered = [p for p in parents if p[0] not in UNORDERED_ROLES]
+    ordered += sorted(p for p in parents if p[0] in UNORDERED_ROLES)
+    payload = {
+        "method": method,
+        "method_version": int(method_version),
+        "params": dict(params),
+        "parents": [[role, key] for role, key in ordered],
+    }
+    return canonical_sha256(payload)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -68,7 +88,7 @@ class GksReport:
     """What ``subtract_general`` did, per expert, in query order."""
 
     method: str
-    mode: str
+    mode: GksMode
     rank: int | None
     general: tuple[str, ...]
     items: tuple[GksItem, ...]
@@ -89,65 +109,6 @@ class GksReport:
         return self._names("refreshed")
 
 
-@dataclass(frozen=True)
-class ChildLink:
-    """An expert derived from the one shown: its name, the method, and the parent's role in it."""
-
-    name: str
-    method: str
-    role: str
-
-
-@dataclass(frozen=True)
-class LineageInfo:
-    """How an expert was made (``derivation`` is ``None`` for imported experts) and what was made from it."""
-
-    name: str
-    kind: str
-    sha256: str
-    derivation: deriv.DerivationRecord | None
-    children: tuple[ChildLink, ...]
-
-    @property
-    def is_stale(self) -> bool:
-        return self.derivation is not None and self.derivation.is_stale
-
-
-@dataclass(frozen=True)
-class StaleExpert:
-    """A derived expert whose inputs changed since it was computed, and why."""
-
-    name: str
-    kind: str
-    method: str
-    reasons: tuple[str, ...]
-    parents: tuple[deriv.ParentRecord, ...]
-
-
-@dataclass(frozen=True)
-class StaleClustering:
-    """A recorded clustering whose inputs changed, are gone, or gained experts (``libstore clusters``)."""
-
-    name: str
-    metric: str
-    k: int
-    reasons: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StaleReport:
-    """Derived experts whose inputs changed, prototype caches whose expert no longer exists, and
-    clusterings whose inputs changed."""
-
-    experts: tuple[StaleExpert, ...]
-    caches: tuple[cache.CacheEntry, ...]
-    clusterings: tuple[StaleClustering, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.experts and not self.caches and not self.clusterings
-
-
 # --- GenKnowSub --------------------------------------------------------------------------------
 
 
@@ -157,7 +118,6 @@ class _Plan:
     residual: str
     key: str
     status: Status
-    reused_name: str | None = None
     staged: StagedExpert | None = None
     params: dict[str, Any] | None = None
     energy_kept: float | None = None
@@ -168,7 +128,7 @@ def subtract_general(
     *,
     general: Target,
     experts: Target,
-    mode: str = "param",
+    mode: GksMode = "param",
     rank: int | None = None,
     suffix: str = DEFAULT_SUFFIX,
     refresh: bool = False,
@@ -179,8 +139,9 @@ def subtract_general(
     Args:
         general: the general-knowledge experts (a query such as ``"kind=general"``, or names).
         experts: the experts to purify (``"kind=task"``); general experts among them are skipped.
-        mode: ``param`` (A − mean A_g, B − mean B_g: what PEFT and the paper do; equal ranks) or
-            ``delta`` (ΔW − mean ΔW_g exactly, at rank r + Σ r_g, any ranks).
+        mode: ``param`` (A − mean A_g, B − mean B_g: what PEFT and the paper do; equal ranks; the
+            residual keeps the expert's lora_alpha) or ``delta`` (ΔW − mean ΔW_g exactly, at rank
+            r + Σ r_g, any ranks).
         rank: delta mode only: truncate each module to this rank by SVD; the energy kept is recorded.
         suffix: residual name = expert name + suffix.
         refresh: recompute, in place, residuals that exist but came from other inputs (a changed
@@ -192,21 +153,24 @@ def subtract_general(
     ``expert`` and ``general``). A residual computed before from the same inputs is reused as is.
     """
     if mode not in GKS_MODES:
-        raise ValidationError(f"unknown GenKnowSub mode {mode!r}; modes are {', '.join(GKS_MODES)}")
+        raise ValidationError(
+            f"unknown GenKnowSub mode {mode!r}; modes are {', '.join(GKS_MODES)}", field="mode"
+        )
     if rank is not None:
         if mode != "delta":
             raise ValidationError(
                 "--rank truncates delta-mode residuals; parameter mode keeps the expert's rank. "
-                "Use --mode delta --rank R"
+                "Use --mode delta --rank R",
+                field="rank",
             )
         if int(rank) < 1:
-            raise ValidationError(f"rank must be at least 1, got {rank}")
+            raise ValidationError(f"rank must be at least 1, got {rank}", field="rank")
     method = f"gks-{mode}"
     params: dict[str, Any] = {"mode": mode}
     if mode == "delta":
         params["rank"] = None if rank is None else int(rank)
 
-    gen = resolve_experts(ctx, general)
+    gen = resolve_experts(ctx, general, what="general expert")
     gen_names = {g.name for g in gen}
     targets = [e for e in resolve_experts(ctx, experts) if e.name not in gen_names]
     if not targets:
@@ -220,79 +184,81 @@ def subtract_general(
             "in function space for any ranks"
         ),
     )
-    gen_key = sorted(("general", g.sha256) for g in gen)
-
-    plans: list[_Plan] = []
+    gen_keys = [("general", g.delta_key) for g in gen]
+    plans = [_Plan(e, validate_name(f"{e.name}{suffix}"), "", "created") for e in targets]
+    for p in plans:
+        p.key = inputs_key(method, GKS_METHOD_VERSION, params, [("expert", p.expert.delta_key), *gen_keys])
     outdated: list[str] = []
     with ctx.catalog.read() as s:
-        for e in targets:
-            name = validate_name(f"{e.name}{suffix}")
-            key = deriv.inputs_key(method, GKS_METHOD_VERSION, params, [("expert", e.sha256), *gen_key])
-            found = deriv.child_by_inputs_key(s, key)
-            if found is not None:
-                plans.append(_Plan(e, found.name, key, "reused", reused_name=found.name))
-                continue
-            status: Status = "created"
-            if repo.expert_exists(s, name):
-                row = repo.expert_row(s, name)
-                d = deriv.derivation_row(s, row)
-                if d is None or not d.method.startswith("gks-"):
-                    raise AlreadyExistsError(
-                        f"an expert named {name!r} already exists and is not a GenKnowSub residual; "
-                        f"choose another --suffix, or remove or rename it"
-                    )
-                if not refresh:
-                    outdated.append(name)
-                status = "refreshed"
-            plans.append(_Plan(e, name, key, status))
+        found = deriv.children_by_inputs_key(s, [p.key for p in plans])
+        names = [p.residual for p in plans]
+        existing = set(deriv.experts_named(s, names))
+        derivations = deriv.derivations_of(s, names)
+        shas = {n: e.sha256 for n, e in deriv.experts_named(s, found.values()).items()}
+    for p in plans:
+        if p.key in found:
+            p.status, p.residual = "reused", found[p.key]
+        elif p.residual in existing:
+            d = derivations.get(p.residual)
+            if d is None or not d.method.startswith("gks-"):
+                raise AlreadyExistsError(
+                    f"an expert named {p.residual!r} already exists and is not a GenKnowSub residual; "
+                    f"choose another --suffix, or remove or rename it",
+                    what="expert",
+                    name=p.residual,
+                )
+            if not refresh:
+                outdated.append(p.residual)
+            p.status = "refreshed"
     if outdated:
         raise AlreadyExistsError(
             f"residual(s) {', '.join(outdated)} exist but were computed from other inputs (a parent "
             f"changed, or other general experts or parameters); recompute them in place with "
-            f"--refresh (Python: refresh=True), or choose another --suffix"
+            f"--refresh (Python: refresh=True), or choose another --suffix",
+            what="expert",
+            name=outdated[0],
         )
 
     todo = [p for p in plans if p.status != "reused"]
     if todo:
         _compute_residuals(ctx, todo, gen, mode, rank, params, device or "cpu")
         with ctx.catalog.write() as s:
-            gen_rows = _parent_rows(s, gen)
+            now = deriv.current_parents(s, [*gen, *(p.expert for p in todo)])
+            found = deriv.children_by_inputs_key(s, [p.key for p in todo])
+            shas.update({n: e.sha256 for n, e in deriv.experts_named(s, found.values()).items()})
+            existing = set(deriv.experts_named(s, [p.residual for p in todo]))
+            parents_g = tuple(DerivationParent("general", g.name, g.sha256) for g in gen)
             for p in todo:
                 assert p.staged is not None and p.params is not None
-                found = deriv.child_by_inputs_key(s, p.key)
-                if found is not None:  # a concurrent run made it meanwhile
-                    p.status, p.residual = "reused", found.name
+                if p.key in found:  # a concurrent run (or an equal ΔW earlier in this one) made it
+                    p.status, p.residual = "reused", found[p.key]
                     continue
-                (parent,) = _parent_rows(s, [p.expert])
-                replace = None
-                if p.status == "refreshed":
-                    replace = repo.expert_row(s, p.residual)
-                elif repo.expert_exists(s, p.residual):
+                if (p.residual in existing) != (p.status == "refreshed"):
                     raise AlreadyExistsError(
-                        f"an expert named {p.residual!r} was added while the residuals were computed; "
-                        f"run the command again"
+                        f"expert {p.residual!r} was added or removed while the residuals were computed; "
+                        f"run the command again",
+                        what="expert",
+                        name=p.residual,
                     )
-                row = write_expert(
-                    ctx,
-                    s,
+                parent = now[p.expert.name]
+                record = p.staged.expert(
                     name=p.residual,
                     kind="residual",
-                    base_row=parent.base_model,
-                    staged=p.staged,
-                    tasks=[t.name for t in parent.tasks],
+                    base_model=parent.base_model,
+                    tasks=parent.tasks,
                     metadata=_energy_meta(p.energy_kept),
-                    source=f"{method}:{p.expert.name}",
-                    replace=replace,
+                    source=f"{method}:{parent.name}",
                 )
-                deriv.record_derivation(
-                    s,
-                    row,
+                derivation = Derivation(
                     method=method,
                     method_version=GKS_METHOD_VERSION,
                     params=p.params,
                     inputs_key=p.key,
-                    parents=[("expert", parent), *(("general", g) for g in gen_rows)],
+                    parents=(DerivationParent("expert", parent.name, parent.sha256), *parents_g),
                 )
+                deriv.save_derived(s, record, derivation, replace=p.status == "refreshed")
+                found[p.key] = p.residual
+                shas[p.residual] = p.staged.sha256
     return GksReport(
         method=method,
         mode=mode,
@@ -303,9 +269,7 @@ def subtract_general(
                 p.expert.name,
                 p.residual,
                 p.status,
-                p.staged.sha256
-                if p.staged is not None and p.status != "reused"
-                else _sha_of(ctx, p.residual),
+                shas[p.residual],
                 p.energy_kept,
             )
             for p in plans
@@ -313,27 +277,8 @@ def subtract_general(
     )
 
 
-def _sha_of(ctx: Context, name: str) -> str:
-    with ctx.catalog.read() as s:
-        return repo.expert_row(s, name).sha256
-
-
 def _energy_meta(energy: float | None) -> dict[str, Any]:
     return {} if energy is None else {"energy_kept": energy}
-
-
-def _parent_rows(s: Session, experts: Sequence[Expert]) -> list[ExpertRow]:
-    """The catalog rows of the experts the computation read, checked unchanged since."""
-    rows = []
-    for e in experts:
-        row = repo.expert_row(s, e.name)
-        if row.sha256 != e.sha256:
-            raise LibstoreError(
-                f"expert {e.name!r} changed while derived experts were computed from it; "
-                f"run the command again"
-            )
-        rows.append(row)
-    return rows
 
 
 def _compute_residuals(
@@ -454,69 +399,66 @@ def merge(
     else:
         w = [float(x) for x in weights]
         if len(w) != len(names):
-            raise ValidationError(f"{len(w)} weights for {len(names)} experts; give one weight per expert")
+            raise ValidationError(
+                f"{len(w)} weights for {len(names)} experts; give one weight per expert", field="weights"
+            )
         if not all(math.isfinite(x) for x in w):
-            raise ValidationError(f"weights must be finite numbers, got {list(weights)}")
+            raise ValidationError(f"weights must be finite numbers, got {list(weights)}", field="weights")
     if rank is not None and int(rank) < 1:
-        raise ValidationError(f"rank must be at least 1, got {rank}")
+        raise ValidationError(f"rank must be at least 1, got {rank}", field="rank")
     experts = resolve_experts(ctx, names)
     check_compatible(experts, operation="merge")
     params: dict[str, Any] = {"weights": w, "rank": None if rank is None else int(rank)}
-    key = deriv.inputs_key("merge", MERGE_METHOD_VERSION, params, [("expert", e.sha256) for e in experts])
+    key = inputs_key("merge", MERGE_METHOD_VERSION, params, [("expert", e.delta_key) for e in experts])
 
-    replace_ok = False
     with ctx.catalog.read() as s:
-        if repo.expert_exists(s, name):
-            row = repo.expert_row(s, name)
-            d = deriv.derivation_row(s, row)
-            if d is not None and d.inputs_key == key:
-                return repo.to_expert(s, row)
-            if d is None or d.method != "merge":
-                raise AlreadyExistsError(
-                    f"an expert named {name!r} already exists and is not a merge; choose another --name"
-                )
-            if not refresh:
-                raise AlreadyExistsError(
-                    f"merge {name!r} exists but was computed from other inputs (a parent changed, or "
-                    f"other experts, weights or rank); recompute it in place with --refresh "
-                    f"(Python: refresh=True), or choose another --name"
-                )
-            replace_ok = True
+        existing = deriv.experts_named(s, [name]).get(name)
+        d = deriv.derivations_of(s, [name]).get(name)
+    if existing is not None:
+        if d is not None and d.inputs_key == key:
+            return dataclasses.replace(existing, lineage=d)
+        if d is None or d.method != "merge":
+            raise AlreadyExistsError(
+                f"an expert named {name!r} already exists and is not a merge; choose another --name",
+                what="expert",
+                name=name,
+            )
+        if not refresh:
+            raise AlreadyExistsError(
+                f"merge {name!r} exists but was computed from other inputs (a parent changed, or "
+                f"other experts, weights or rank); recompute it in place with --refresh "
+                f"(Python: refresh=True), or choose another --name",
+                what="expert",
+                name=name,
+            )
 
     staged, energy = _compute_merge(ctx, experts, w, rank, device or "cpu")
     recorded = {**params, "energy_kept": energy[0], "energy_kept_min": energy[1]}
     with ctx.catalog.write() as s:
-        parents = _parent_rows(s, experts)
-        replace = None
-        if repo.expert_exists(s, name):
-            if not replace_ok:
-                raise AlreadyExistsError(
-                    f"an expert named {name!r} was added while the merge was computed; run it again"
-                )
-            replace = repo.expert_row(s, name)
-        row = write_expert(
-            ctx,
-            s,
+        now = deriv.current_parents(s, experts)
+        exists_now = name in deriv.experts_named(s, [name])
+        if exists_now and existing is None:
+            raise AlreadyExistsError(
+                f"an expert named {name!r} was added while the merge was computed; run it again",
+                what="expert",
+                name=name,
+            )
+        record = staged.expert(
             name=name,
             kind="merged",
-            base_row=parents[0].base_model,
-            staged=staged,
-            tasks=sorted({t.name for p in parents for t in p.tasks}),
+            base_model=experts[0].base_model,
+            tasks=sorted({t for e in experts for t in now[e.name].tasks}),
             metadata=_energy_meta(energy[0] if rank is not None else None),
             source="merge:" + ",".join(names),
-            replace=replace,
         )
-        deriv.record_derivation(
-            s,
-            row,
+        derivation = Derivation(
             method="merge",
             method_version=MERGE_METHOD_VERSION,
             params=recorded,
             inputs_key=key,
-            parents=[("expert", p) for p in parents],
+            parents=tuple(DerivationParent("expert", e.name, e.sha256) for e in experts),
         )
-        s.flush()
-        return repo.to_expert(s, row)
+        return deriv.save_derived(s, record, derivation, replace=exists_now)
 
 
 def _compute_merge(
@@ -549,56 +491,3 @@ def _compute_merge(
         template_config=read_config(ctx, experts[0]),
     )
     return staged, energy
-
-
-# --- lineage and staleness ---------------------------------------------------------------------
-
-
-def lineage(ctx: Context, name: str) -> LineageInfo:
-    """Parents (with their current state), method and parameters of ``name``, and its children."""
-    with ctx.catalog.read() as s:
-        row = repo.expert_row(s, name)
-        d = deriv.derivation_row(s, row)
-        return LineageInfo(
-            name=row.name,
-            kind=row.kind,
-            sha256=row.sha256,
-            derivation=deriv.to_record(s, d, row) if d is not None else None,
-            children=tuple(ChildLink(*c) for c in deriv.children_of(s, row)),
-        )
-
-
-def stale(ctx: Context) -> StaleReport:
-    """Derived experts whose parents changed or are gone (and, transitively, their descendants), and
-    prototype caches whose expert content no longer exists in the catalog."""
-    with ctx.catalog.read() as s:
-        records = deriv.all_derivations(s)
-        orphans = cache.orphaned(s)
-    reasons: dict[str, list[str]] = {}
-    for r in records:
-        for p in r.parents:
-            if p.status == "changed":
-                reasons.setdefault(r.child, []).append(
-                    f"{p.role} {p.name!r} changed (was {p.sha256[:12]}, now {(p.current_sha256 or '')[:12]})"
-                )
-            elif p.status == "gone":
-                reasons.setdefault(r.child, []).append(f"{p.role} {p.name!r} is gone")
-    changed = True
-    while changed:  # descendants of stale experts are stale too
-        changed = False
-        for r in records:
-            for p in r.parents:
-                if p.status == "ok" and p.current_name in reasons and r.child not in reasons:
-                    reasons[r.child] = [f"{p.role} {p.current_name!r} is stale"]
-                    changed = True
-    experts = tuple(
-        StaleExpert(r.child, r.child_kind, r.method, tuple(reasons[r.child]), r.parents)
-        for r in records
-        if r.child in reasons
-    )
-    from libstore.ops import clusters as _clusters
-
-    clusterings = tuple(
-        StaleClustering(c.name, c.metric, c.k, c.stale_reasons) for c in _clusters.stale_clusterings(ctx)
-    )
-    return StaleReport(experts=experts, caches=tuple(orphans), clusterings=clusterings)

@@ -1,14 +1,23 @@
 """Arrow prototypes of stored experts, computed once and cached in the blob store.
 
-A cache entry is keyed by (expert weights sha256, method, method version, params_key), so renaming an
-expert keeps its prototypes, changed weights or a new method version miss the cache, and two experts
-with the same weights share one entry. Only what is missing is computed: every missing expert's
-tensors are read once, equal-shaped modules of all of them are stacked and go through one batched call
-of the math (``libstore.lowrank.prototypes``), on the GPU when one is available.
+**What is cached, and why it is keyed on the weights alone.** A cache entry is keyed by (expert
+weights sha256, method, method version, params_key) and holds the prototypes of the *unscaled*
+product B·A. The vectors do not depend on a positive LoRA scale s (ΔW = s·B·A has the right
+singular vectors of B·A for every s > 0, and libstore refuses ``lora_alpha`` ≤ 0; PEFT's power
+iteration does not scale at all), and the values are those of B·A: :func:`load` multiplies them by
+each expert's own s on read. So one entry serves every expert with those weights, whatever its
+``lora_alpha``, ``r`` or ``use_rslora``, and each still gets the singular values of its own ΔW.
+Renaming an expert keeps its prototypes; changed weights or a new method version miss the cache.
+Method version 2 marks this layout: version-1 entries (values of s·B·A for whichever expert came
+first) are never read, and the catalog migration ``delta_keys`` deletes them.
 
-Blob format (read by the Hub sync and the router; keep it exactly): one safetensors file per expert
-holding ``vectors::<module>`` (n, in) float32 and ``values::<module>`` (n,) float32, with metadata
-``{"format": "libstore-prototypes/1", "method", "method_version", "params" (canonical JSON),
+Only what is missing is computed: every missing expert's tensors are read once, equal-shaped modules
+of all of them are stacked and go through one batched call of the math (``libstore.lowrank.
+prototypes``), on the GPU when one is available.
+
+Blob format (read by the Hub sync and the router; keep it exactly): one safetensors file per weights
+hash holding ``vectors::<module>`` (n, in) float32 and ``values::<module>`` (n,) float32 (of B·A), with
+metadata ``{"format": "libstore-prototypes/1", "method", "method_version", "params" (canonical JSON),
 "expert_sha256"}``.
 """
 
@@ -16,22 +25,18 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from libstore.canonical import canonical_json
 from libstore.catalog import prototypes as cache
-from libstore.catalog import repo
-from libstore.errors import (
-    IncompatibleExpertsError,
-    IntegrityError,
-    NotFoundError,
-    ValidationError,
-)
+from libstore.catalog.prototypes import CacheEntry
+from libstore.errors import IncompatibleExpertsError, IntegrityError, NotFoundError, ValidationError
 from libstore.ops.context import Context
-from libstore.ops.query import parse_query
-from libstore.types import Expert, ExpertQuery
+from libstore.ops.select import Target, resolve_experts
+from libstore.ops.tensors import default_device
+from libstore.types import PROTOTYPE_METHODS, Expert, PrototypeMethod
 
 if TYPE_CHECKING:
     import torch
@@ -39,19 +44,30 @@ if TYPE_CHECKING:
     from libstore.lowrank.prototypes import Prototypes
     from libstore.ops.tensors import ModuleFactors
 
-PROTOTYPE_FORMAT = "libstore-prototypes/1"
-METHODS = ("exact", "peft")
-Method = Literal["exact", "peft"]
-DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
+__all__ = [
+    "PROTOTYPE_FORMAT",
+    "CacheEntry",
+    "ExpertPrototypes",
+    "PrototypeReport",
+    "PrototypeSpec",
+    "cache_entries",
+    "compute",
+    "ensure",
+    "load",
+    "method_spec",
+    "router_vectors",
+    "stacked",
+]
 
-Target = str | ExpertQuery | Expert | Sequence[str | Expert] | None
+PROTOTYPE_FORMAT = "libstore-prototypes/1"
+DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
 
 
 @dataclass(frozen=True)
 class PrototypeSpec:
     """A method and its parameters: what a cache entry is keyed on."""
 
-    method: str
+    method: PrototypeMethod
     method_version: int
     params: dict[str, Any]
 
@@ -61,30 +77,33 @@ class PrototypeSpec:
 
 
 def method_spec(
-    method: str = "exact", *, top_n: int = 1, iters: int = 15, seed: int = 0, eps: float = 1e-8
+    method: PrototypeMethod = "exact", *, top_n: int = 1, iters: int = 15, seed: int = 0, eps: float = 1e-8
 ) -> PrototypeSpec:
     """The cache key parts of a method. ``exact`` uses ``top_n``; ``peft`` uses iters, eps and seed."""
     from libstore.lowrank.prototypes import EXACT_METHOD_VERSION, PEFT_METHOD_VERSION
 
     if method == "exact":
         if int(top_n) < 1:
-            raise ValidationError(f"top_n must be at least 1, got {top_n}")
+            raise ValidationError(f"top_n must be at least 1, got {top_n}", field="top_n")
         return PrototypeSpec("exact", EXACT_METHOD_VERSION, {"top_n": int(top_n)})
     if method == "peft":
         if int(top_n) != 1:
             raise ValidationError(
                 "the peft method gives one prototype per module (PEFT's power iteration); "
-                "use method 'exact' for top_n > 1"
+                "use method 'exact' for top_n > 1",
+                field="top_n",
             )
         return PrototypeSpec(
             "peft", PEFT_METHOD_VERSION, {"iters": int(iters), "eps": float(eps), "seed": int(seed)}
         )
-    raise ValidationError(f"unknown prototype method {method!r}; methods are {', '.join(METHODS)}")
+    raise ValidationError(
+        f"unknown prototype method {method!r}; methods are {', '.join(PROTOTYPE_METHODS)}", field="method"
+    )
 
 
 @dataclass(frozen=True)
 class ExpertPrototypes:
-    """The cached prototypes of one expert: module -> Prototypes(vectors (n, in), values (n,))."""
+    """The prototypes of one expert: module -> Prototypes(vectors (n, in), values (n,) of its ΔW)."""
 
     expert: str
     expert_sha256: str
@@ -114,43 +133,6 @@ class PrototypeReport:
     device: str = "cpu"
 
 
-def default_device(device: str | None = None) -> str:
-    """``device`` if given, else ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_experts(ctx: Context, target: Target) -> list[Expert]:
-    """Experts named by a query string, an ``ExpertQuery``, an ``Expert`` or a list of names/Experts.
-
-    A query that matches nothing raises :class:`NotFoundError` (so does an unknown name in a list).
-    """
-    if isinstance(target, Expert):
-        return [target]
-    if target is None or isinstance(target, str | ExpertQuery):
-        q = parse_query(target)
-        with ctx.catalog.read() as s:
-            experts = [repo.to_expert(s, r, with_lineage=False) for r in repo.find_expert_rows(s, q)]
-        shown = target if isinstance(target, str) else "the query"
-        if not experts:
-            raise NotFoundError(f"no expert matches {shown!r}; list them with: libstore ls")
-        found = {e.name for e in experts}
-        missing = [n for n in q.names if "*" not in n and "?" not in n and n not in found]
-        if missing:  # a name asked for explicitly must not drop out silently
-            raise NotFoundError(
-                f"no expert named {missing[0]!r} matches {shown!r}; list them with: libstore ls"
-            )
-        return experts
-    with ctx.catalog.read() as s:
-        return [
-            item if isinstance(item, Expert) else repo.to_expert(s, repo.expert_row(s, item))
-            for item in target
-        ]
-
-
 # --- computing ---------------------------------------------------------------------------------
 
 
@@ -158,7 +140,7 @@ def compute(
     ctx: Context,
     target: Target = None,
     *,
-    method: str = "exact",
+    method: PrototypeMethod = "exact",
     top_n: int = 1,
     iters: int = 15,
     seed: int = 0,
@@ -171,52 +153,86 @@ def compute(
     return ensure(ctx, experts, spec, default_device(device), batch_bytes)
 
 
-def ensure(
-    ctx: Context,
-    experts: Sequence[Expert],
-    spec: PrototypeSpec,
-    device: str,
-    batch_bytes: int,
-    preloaded: Mapping[str, ModuleFactors] | None = None,
-) -> PrototypeReport:
-    """Compute and cache what of ``experts`` is missing; ``preloaded`` spares re-reading blobs."""
+def _cached(ctx: Context, experts: Iterable[Expert], spec: PrototypeSpec) -> dict[str, str]:
+    """``weights sha256 -> blob sha256`` of the cached entries of these experts."""
     with ctx.catalog.read() as s:
-        have = cache.find_cached(
+        return cache.find_cached(
             s,
             (e.sha256 for e in experts),
             method=spec.method,
             method_version=spec.method_version,
             key=spec.params_key,
         )
+
+
+def _todo(experts: Sequence[Expert], have: Mapping[str, str], spec: PrototypeSpec) -> list[Expert]:
+    """One expert per weights hash that is not cached (the first of each)."""
     todo: dict[str, Expert] = {}
     for e in experts:
         if e.sha256 not in have:
             todo.setdefault(e.sha256, e)
     _check_top_n(todo.values(), spec)
+    return list(todo.values())
+
+
+def ensure(
+    ctx: Context, experts: Sequence[Expert], spec: PrototypeSpec, device: str, batch_bytes: int
+) -> PrototypeReport:
+    """Compute and cache what of ``experts`` is missing, reading each missing expert's weights once."""
+    from libstore.ops.tensors import load_expert_tensors
+
+    todo = _todo(experts, _cached(ctx, experts, spec), spec)
     calls = 0
-    for chunk in _chunks(list(todo.values()), batch_bytes):
-        blobs, n_calls = _compute_chunk(ctx, chunk, spec, device, preloaded)
+    for chunk in _chunks(todo, batch_bytes):
+        results, n_calls = _compute(chunk, spec, device, lambda e: load_expert_tensors(ctx, e, device=device))
         calls += n_calls
-        with ctx.catalog.write() as s:
-            for sha, ref in blobs.items():
-                cache.record(
-                    s,
-                    expert_sha256=sha,
-                    method=spec.method,
-                    method_version=spec.method_version,
-                    params=spec.params,
-                    blob_sha256=ref.sha256,
-                    blob_size=ref.size,
-                )
+        _store(ctx, results, spec)
+    shas = {e.sha256 for e in todo}
     return PrototypeReport(
         method=spec.method,
         method_version=spec.method_version,
         params=dict(spec.params),
-        computed=tuple(e.name for e in experts if e.sha256 in todo),
-        cached=tuple(e.name for e in experts if e.sha256 not in todo),
+        computed=tuple(e.name for e in experts if e.sha256 in shas),
+        cached=tuple(e.name for e in experts if e.sha256 not in shas),
         batched_calls=calls,
         device=device,
     )
+
+
+def router_vectors(
+    ctx: Context,
+    experts: Sequence[Expert],
+    spec: PrototypeSpec,
+    device: str,
+    loaded: Mapping[str, ModuleFactors],
+) -> dict[str, torch.Tensor]:
+    """module -> (E_m, in) top prototype of each expert having it (rows in ``experts`` order), for the
+    router: cached ones read from the cache, missing ones computed on ``device`` from the factors in
+    hand (``loaded``: weights sha256 -> factors) and cached once, never read back."""
+    import torch
+
+    have = _cached(ctx, experts, spec)
+    todo = _todo(experts, have, spec)
+    vectors: dict[str, dict[str, torch.Tensor]] = {}  # weights sha -> module -> (in,)
+    for chunk in _chunks(todo, DEFAULT_BATCH_BYTES):
+        results, _ = _compute(chunk, spec, device, lambda e: loaded[e.sha256])
+        _store(ctx, results, spec)
+        for sha, tensors in results.items():
+            vectors[sha] = {
+                k.removeprefix("vectors::"): v[0] for k, v in tensors.items() if k.startswith("vectors::")
+            }
+    from libstore.store.safetensors_io import load_tensors
+
+    for e in experts:
+        if e.sha256 not in vectors:
+            names = [f"vectors::{m}" for m in sorted(e.modules)]
+            t = load_tensors(_checked_blob(ctx, e, have[e.sha256]), names)
+            vectors[e.sha256] = {m: t[f"vectors::{m}"][0] for m in sorted(e.modules)}
+    rows: dict[str, list[torch.Tensor]] = {}
+    for e in experts:
+        for m, v in vectors[e.sha256].items():
+            rows.setdefault(m, []).append(v.to(torch.float32))
+    return {m: torch.stack(vs) for m, vs in rows.items()}
 
 
 def _check_top_n(experts: Iterable[Expert], spec: PrototypeSpec) -> None:
@@ -227,7 +243,8 @@ def _check_top_n(experts: Iterable[Expert], spec: PrototypeSpec) -> None:
             if top_n > limit:
                 raise ValidationError(
                     f"top_n={top_n} but module {m!r} of expert {e.name!r} has rank {sh.rank}: "
-                    f"ΔW has at most {limit} singular vectors there; choose top_n <= {limit}"
+                    f"ΔW has at most {limit} singular vectors there; choose top_n <= {limit}",
+                    field="top_n",
                 )
 
 
@@ -246,56 +263,60 @@ def _chunks(experts: list[Expert], budget: int) -> Iterable[list[Expert]]:
         yield chunk
 
 
-def _compute_chunk(
-    ctx: Context,
+def _compute(
     experts: Sequence[Expert],
     spec: PrototypeSpec,
     device: str,
-    preloaded: Mapping[str, ModuleFactors] | None = None,
-) -> tuple[dict[str, Any], int]:
-    """Compute and store the prototypes of ``experts``; returns sha256 -> BlobRef and the call count.
-
-    ``preloaded`` (expert sha256 -> factors) lets a caller that already read the weights (the router
-    builder) avoid reading a blob twice.
-    """
+    factors_of: Callable[[Expert], ModuleFactors],
+) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """The blob tensors of ``experts`` (weights sha256 -> ``vectors::m`` / ``values::m``, of B·A, on
+    CPU) and the number of batched calls; computed on ``device``."""
     import torch
 
     from libstore.lowrank.prototypes import exact_prototypes, peft_prototypes
-    from libstore.ops.tensors import load_expert_tensors
 
-    # (rank, in, out) -> [(expert sha, module, A, B, scale)]
-    groups: dict[tuple[int, int, int], list[tuple[str, str, Any, Any, float]]] = {}
+    # (rank, in, out) -> [(expert sha, module, A, B)]
+    groups: dict[tuple[int, int, int], list[tuple[str, str, Any, Any]]] = {}
     for e in experts:
-        factors = (preloaded or {}).get(e.sha256)
-        if factors is None:
-            factors = load_expert_tensors(ctx, e, device=device)
-        for m, (a, b) in factors.items():
+        for m, (a, b) in factors_of(e).items():
             a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
-            key = (a.shape[0], a.shape[1], b.shape[0])
-            groups.setdefault(key, []).append((e.sha256, m, a, b, e.scale))
+            groups.setdefault((a.shape[0], a.shape[1], b.shape[0]), []).append((e.sha256, m, a, b))
     results: dict[str, dict[str, torch.Tensor]] = {e.sha256: {} for e in experts}
-    calls = 0
     with torch.no_grad():
         for items in groups.values():
             A = torch.stack([it[2] for it in items])
             B = torch.stack([it[3] for it in items])
-            scale = torch.tensor([it[4] for it in items], dtype=torch.float32, device=A.device)
             if spec.method == "exact":
-                p = exact_prototypes(A, B, scale, top_n=spec.params["top_n"])
+                p = exact_prototypes(A, B, 1.0, top_n=spec.params["top_n"])
             else:
                 p = peft_prototypes(
-                    A, B, scale, iters=spec.params["iters"], eps=spec.params["eps"], seed=spec.params["seed"]
+                    A, B, 1.0, iters=spec.params["iters"], eps=spec.params["eps"], seed=spec.params["seed"]
                 )
-            calls += 1
             vectors = p.vectors.to("cpu", torch.float32)
             values = p.values.to("cpu", torch.float32)
             for i, (sha, m, *_rest) in enumerate(items):
                 results[sha][f"vectors::{m}"] = vectors[i].clone()
                 results[sha][f"values::{m}"] = values[i].clone()
-    return {sha: _store_blob(ctx, sha, tensors, spec) for sha, tensors in results.items()}, calls
+    return results, len(groups)
 
 
-def _store_blob(ctx: Context, sha: str, tensors: dict[str, Any], spec: PrototypeSpec) -> Any:
+def _store(ctx: Context, results: Mapping[str, Mapping[str, torch.Tensor]], spec: PrototypeSpec) -> None:
+    """Write each expert's blob, then record them all in one transaction."""
+    blobs = {sha: _store_blob(ctx, sha, tensors, spec) for sha, tensors in results.items()}
+    with ctx.catalog.write() as s:
+        for sha, ref in blobs.items():
+            cache.record(
+                s,
+                expert_sha256=sha,
+                method=spec.method,
+                method_version=spec.method_version,
+                params=spec.params,
+                blob_sha256=ref.sha256,
+                blob_size=ref.size,
+            )
+
+
+def _store_blob(ctx: Context, sha: str, tensors: Mapping[str, Any], spec: PrototypeSpec) -> Any:
     from libstore.store.safetensors_io import save_tensors
 
     meta = {
@@ -320,7 +341,7 @@ def load(
     ctx: Context,
     target: Target,
     *,
-    method: str = "exact",
+    method: PrototypeMethod = "exact",
     top_n: int = 1,
     iters: int = 15,
     seed: int = 0,
@@ -328,7 +349,8 @@ def load(
     modules: Iterable[str] | None = None,
     compute_missing: bool = True,
 ) -> dict[str, ExpertPrototypes]:
-    """expert name -> its prototypes, computing (and caching) what is missing first.
+    """expert name -> its prototypes, computing (and caching) what is missing first. The values are
+    those of each expert's own ΔW = s·B·A (the cache holds them for B·A; see the module doc).
 
     Args:
         modules: only these modules (default: all of each expert's modules).
@@ -339,54 +361,60 @@ def load(
     experts = resolve_experts(ctx, target)
     if compute_missing:
         ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
-    with ctx.catalog.read() as s:
-        blobs = cache.find_cached(
-            s,
-            (e.sha256 for e in experts),
-            method=spec.method,
-            method_version=spec.method_version,
-            key=spec.params_key,
-        )
+    blobs = _cached(ctx, experts, spec)
     wanted = None if modules is None else list(modules)
     out: dict[str, ExpertPrototypes] = {}
     for e in experts:
         if e.sha256 not in blobs:
             raise NotFoundError(
                 f"no cached {spec.method} prototypes for {e.name!r}; compute them with: "
-                f"libstore prototypes compute {e.name}"
+                f"libstore prototypes compute {e.name}",
+                what="prototype set",
+                name=e.name,
             )
         out[e.name] = _read_blob(ctx, e, blobs[e.sha256], spec, wanted)
     return out
 
 
-def _read_blob(
-    ctx: Context, expert: Expert, blob: str, spec: PrototypeSpec, modules: list[str] | None
-) -> ExpertPrototypes:
-    from libstore.lowrank.prototypes import Prototypes
-    from libstore.store.safetensors_io import load_tensors, read_header
+def _checked_blob(ctx: Context, expert: Expert, blob: str) -> Any:
+    """The path of a prototype blob, checked to be a prototype file of ``expert``'s weights."""
+    from libstore.store.safetensors_io import read_header
 
     path = ctx.blobs.path(blob)
     meta = read_header(path).metadata
     if meta.get("format") != PROTOTYPE_FORMAT or meta.get("expert_sha256") != expert.sha256:
         raise IntegrityError(
             f"prototype blob {blob} of {expert.name!r} is not a {PROTOTYPE_FORMAT} file for weights "
-            f"{expert.sha256[:12]}; run: libstore verify"
+            f"{expert.sha256[:12]}; run: libstore verify",
+            sha256=blob,
         )
+    return path
+
+
+def _read_blob(
+    ctx: Context, expert: Expert, blob: str, spec: PrototypeSpec, modules: list[str] | None
+) -> ExpertPrototypes:
+    from libstore.lowrank.prototypes import Prototypes
+    from libstore.store.safetensors_io import load_tensors
+
+    path = _checked_blob(ctx, expert, blob)
     names = sorted(expert.modules) if modules is None else modules
     unknown = [m for m in names if m not in expert.modules]
     if unknown:
         raise NotFoundError(
             f"expert {expert.name!r} has no LoRA module {unknown[0]!r}; its modules are e.g. "
-            f"{', '.join(sorted(expert.modules)[:3])}"
+            f"{', '.join(sorted(expert.modules)[:3])}",
+            name=unknown[0],
         )
     t = load_tensors(path, [k for m in names for k in (f"vectors::{m}", f"values::{m}")])
+    scale = abs(expert.scale)
     return ExpertPrototypes(
         expert=expert.name,
         expert_sha256=expert.sha256,
         method=spec.method,
         method_version=spec.method_version,
         params=dict(spec.params),
-        modules={m: Prototypes(t[f"vectors::{m}"], t[f"values::{m}"]) for m in names},
+        modules={m: Prototypes(t[f"vectors::{m}"], t[f"values::{m}"] * scale) for m in names},
     )
 
 
@@ -394,16 +422,14 @@ def stacked(
     ctx: Context,
     experts: Sequence[Expert],
     *,
-    method: str = "exact",
+    method: PrototypeMethod = "exact",
     top_n: int = 1,
     iters: int = 15,
     seed: int = 0,
     device: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """module -> (E_m, n, in) prototypes of the experts having that module, rows in ``experts`` order.
-
-    For the router: cached prototypes of a list of experts, stacked per module, on CPU.
-    """
+    """module -> (E_m, n, in) prototypes of the experts having that module, rows in ``experts`` order,
+    on CPU (computed and cached first where missing)."""
     import torch
 
     loaded = load(ctx, list(experts), method=method, top_n=top_n, iters=iters, seed=seed, device=device)
@@ -419,7 +445,7 @@ def stacked(
     return out
 
 
-def cache_entries(ctx: Context) -> list[cache.CacheEntry]:
+def cache_entries(ctx: Context) -> list[CacheEntry]:
     """Every prototype cache entry, with the experts that currently have its weights hash."""
     with ctx.catalog.read() as s:
         return cache.entries(s)

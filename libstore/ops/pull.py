@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libstore import config
+from libstore.catalog import clusterings as clustering_repo
+from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
@@ -21,7 +23,6 @@ from libstore.errors import (
     BaseModelMismatchError,
     IntegrityError,
     LibstoreError,
-    NotFoundError,
     ValidationError,
 )
 from libstore.hub.client import HubClient, RemoteFile
@@ -31,14 +32,13 @@ from libstore.ops.context import Context
 from libstore.ops.sync_prototypes import check_pulled
 from libstore.ops.sync_state import (
     DOWNLOAD_WORKERS,
-    clustering_record,
     local_state,
     read_remote,
     select_experts,
     temp_dir,
 )
 from libstore.store.adapter import check_against_base, read_stored_adapter
-from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClusteringRecord, Derivation, Expert, ExpertQuery
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, ExpertQuery
 
 log = logging.getLogger(__name__)
 
@@ -325,20 +325,17 @@ def _apply(
     for name, c in sorted(m.clusterings.items()):
         if c.base_model not in bases:
             continue
-        mine = remote_repo.clustering(s, name)
+        mine = clustering_repo.clustering_record(s, name)
         if mine is None:
-            remote_repo.insert_clustering(s, _clustering_data(c))
+            clustering_repo.insert_clustering(s, c)
             new_clusterings.append(name)
-        elif not same_clustering(clustering_record(mine), c):
+        elif not same_clustering(mine, c):
             skipped.append(name)
     added, updated = [], []
     for e in entries:
         base_row = bases[e.base_model]
         files = sorted(e.files, key=lambda f: f.path)
-        try:
-            cid = remote_repo.cluster_id(s, e.cluster)
-        except NotFoundError:
-            cid = None
+        cid = clustering_repo.cluster_id(s, e.cluster)
         if repo.expert_exists(s, e.name):
             row = repo.expert_row(s, e.name)
             repo.replace_files(
@@ -384,7 +381,7 @@ def _apply(
             added.append(e.name)
         s.flush()
     for e in entries:
-        remote_repo.set_derivation(s, repo.expert_row(s, e.name), _derivation_data(e.lineage))
+        derivation_repo.set_derivation(s, e.name, e.lineage)
     for name in removes:
         if repo.expert_exists(s, name):
             repo.delete_expert(s, name)
@@ -401,32 +398,3 @@ def _apply(
             blob_size=ps.size,
         )
     return added, updated, new_clusterings, skipped
-
-
-# --- until catalog.derivations / catalog.clusterings take the shared records themselves -----------
-
-
-def _derivation_data(d: Derivation | None) -> remote_repo.DerivationData | None:
-    if d is None:
-        return None
-    parents = tuple((p.role, p.name, p.sha256) for p in d.parents)
-    return remote_repo.DerivationData(d.method, d.method_version, dict(d.params), d.inputs_key, parents)
-
-
-def _clustering_data(c: ClusteringRecord) -> remote_repo.ClusteringData:
-    return remote_repo.ClusteringData(
-        name=c.name,
-        base_model=c.base_model,
-        method=c.method,
-        metric=c.metric,
-        k=c.k,
-        seed=c.seed,
-        params=dict(c.params),
-        criterion=dict(c.criterion),
-        query=c.query,
-        inputs=tuple((i.name, i.sha256) for i in c.inputs),
-        clusters=tuple(
-            remote_repo.ClusterData(k.index, k.label, dict(k.stats), tuple(k.members), tuple(k.tasks))
-            for k in c.clusters
-        ),
-    )

@@ -1,18 +1,18 @@
 """Catalog query in, routed model out: load a base model, check its identity, read each expert blob
-once, take prototypes from the cache (computing only what is missing) and build the Arrow router."""
+once, take prototypes from the cache (computing only what is missing, on the router's device, from
+the weights already in hand; cached once, never read back) and build the Arrow router."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from libstore.errors import BaseModelMismatchError, NotFoundError, RouterError
+from libstore.errors import BaseModelMismatchError, RouterError
 from libstore.ops import prototypes as protos
 from libstore.ops.context import Context
-from libstore.ops.experts import experts as find_experts
 from libstore.ops.experts import get_base
-from libstore.ops.query import parse_query
-from libstore.types import BaseModel, Expert, ExpertQuery
+from libstore.ops.select import Target, resolve_experts
+from libstore.ops.tensors import load_expert_tensors
+from libstore.types import BaseModel, Expert, ExpertQuery, Mixing, PrototypeMethod
 
 if TYPE_CHECKING:
     import torch
@@ -25,12 +25,12 @@ def routed_model(
     ctx: Context,
     *,
     base: str | nn.Module | None = None,
-    experts: str | ExpertQuery | Sequence[str] = "kind=task",
+    experts: Target = "kind=task",
     top_k: int = 3,
     temperature: float = 1.0,
-    general: str | ExpertQuery | None = None,
-    method: str = "exact",
-    mixing: str = "output",
+    general: Target = None,
+    method: PrototypeMethod = "exact",
+    mixing: Mixing = "output",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     allow_base_mismatch: bool = False,
@@ -46,33 +46,27 @@ def routed_model(
             expert (PEFT's ``use_gks``); prototypes are then computed for the residuals at build time.
         method: ``"exact"`` prototypes (default) or ``"peft"`` (PEFT's power iteration, bit for bit).
         mixing: ``"output"`` (PEFT: Σ c_e s_e B_e A_e x) or ``"parameter"`` (mttl: per-token mixed A, B).
+        device: where the routed model runs (default: the base model's device); prototypes missing
+            from the cache are computed there, from the weights already read for the router.
     """
     import torch
 
-    from libstore.router.build import (
-        ExpertTensors,
-        build_router,
-        exact_prototype_fn,
-        peft_prototype_fn,
-    )
+    from libstore.router.build import ExpertTensors, build_router, exact_prototype_fn, peft_prototype_fn
 
     chosen = _select(ctx, experts)
-    base_rec = _common_base(ctx, chosen, general)
+    gen = resolve_experts(ctx, general, what="general expert") if general is not None else []
+    base_rec = _common_base(ctx, chosen)
     model = _load_base(base, base_rec, device=device, dtype=dtype)
     _check_identity(model, base_rec, allow_base_mismatch)
-    target_device = device if device is not None else _model_device(model)
+    target = torch.device(device if device is not None else _model_device(model))
 
-    loaded = {e.sha256: _factors(ctx, e) for e in chosen}
+    loaded = {e.sha256: load_expert_tensors(ctx, e) for e in chosen}  # each blob read once
     tensors = [ExpertTensors(e.name, e.scale, loaded[e.sha256]) for e in chosen]
-    general_tensors: list[Any] = []
+    general_tensors = [ExpertTensors(g.name, g.scale, load_expert_tensors(ctx, g)) for g in gen]
     prototypes = None
-    if general is not None:
-        gen = find_experts(ctx, general)
-        if not gen:
-            raise NotFoundError(f"no general expert matches {general!r}")
-        general_tensors = [ExpertTensors(g.name, g.scale, _factors(ctx, g)) for g in gen]
-    else:
-        prototypes = _cached_prototypes(ctx, chosen, loaded, method)
+    if not gen:  # with GenKnowSub the router computes the residuals' prototypes itself
+        spec = protos.method_spec(method)
+        prototypes = protos.router_vectors(ctx, chosen, spec, str(target), loaded)
     return build_router(
         model,
         tensors,
@@ -81,25 +75,22 @@ def routed_model(
         prototype_fn=peft_prototype_fn() if method == "peft" else exact_prototype_fn,
         top_k=top_k,
         temperature=temperature,
-        mixing=mixing,  # type: ignore[arg-type]
-        device=torch.device(target_device),
+        mixing=mixing,
+        device=target,
     )
 
 
-def _select(ctx: Context, experts: str | ExpertQuery | Sequence[str]) -> list[Expert]:
-    if isinstance(experts, str | ExpertQuery):
-        chosen = find_experts(ctx, parse_query(experts))
-    else:
-        chosen = find_experts(ctx, " ".join(f"name={n}" for n in experts)) if experts else []
-        missing = sorted(set(experts) - {e.name for e in chosen})
-        if missing:
-            raise NotFoundError(f"no expert named {missing[0]!r}; list them with: libstore ls")
-    if not chosen:
-        raise NotFoundError(f"no expert matches {experts!r}; list them with: libstore ls")
-    return chosen
+def _select(ctx: Context, experts: Target) -> list[Expert]:
+    """The routed experts in name order (a list of names too: routing order is the catalog's)."""
+    chosen = resolve_experts(ctx, experts)
+    return (
+        chosen
+        if experts is None or isinstance(experts, str | ExpertQuery)
+        else sorted(chosen, key=lambda e: e.name)
+    )
 
 
-def _common_base(ctx: Context, chosen: list[Expert], general: Any) -> BaseModel:
+def _common_base(ctx: Context, chosen: list[Expert]) -> BaseModel:
     names = sorted({e.base_model for e in chosen})
     if len(names) != 1:
         raise BaseModelMismatchError(
@@ -141,7 +132,7 @@ def _load_base(base: Any, rec: BaseModel, *, device: Any, dtype: Any) -> nn.Modu
         ) from e
     if device is not None:
         model = model.to(device)
-    model.train(False)
+    model.train(False)  # eval mode (``eval()`` is untyped in transformers)
     return model
 
 
@@ -163,23 +154,3 @@ def _model_device(model: nn.Module) -> str:
     for p in model.parameters():
         return str(p.device)
     return "cpu"
-
-
-def _factors(ctx: Context, expert: Expert) -> Any:
-    from libstore.ops.tensors import load_expert_tensors
-
-    return load_expert_tensors(ctx, expert)
-
-
-def _cached_prototypes(
-    ctx: Context, chosen: list[Expert], loaded: dict[str, Any], method: str
-) -> dict[str, torch.Tensor]:
-    """module -> (E_m, in) cached prototypes; missing ones computed from the tensors in memory."""
-    import torch
-
-    spec = protos.method_spec(method)
-    protos.ensure(
-        ctx, chosen, spec, protos.default_device(None), protos.DEFAULT_BATCH_BYTES, preloaded=loaded
-    )
-    stacked = protos.stacked(ctx, chosen, method=method)
-    return {m: v[:, 0, :].to(torch.float32) for m, v in stacked.items()}

@@ -6,7 +6,10 @@ Two metrics (math in ``libstore.lowrank.similarity``):
   invariant, by the trace formula ⟨ΔW₁, ΔW₂⟩ = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ)); ΔW is never formed.
 - ``flat``: the cosine of the flattened LoRA parameters, as the MBC paper computes it.
 
-Experts must share base model and LoRA modules; ranks may differ.
+Experts must share base model and LoRA modules; ranks may differ for ``delta`` (``flat`` compares raw
+parameters and needs equal ranks). Tensors are streamed from the
+store one group of modules at a time, the path ``libstore cluster`` uses (``ops.clusters``), so a
+library far larger than memory can be compared.
 """
 
 from __future__ import annotations
@@ -14,18 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from libstore.errors import ValidationError
 from libstore.ops.context import Context
-from libstore.ops.prototypes import Target, default_device, resolve_experts
-from libstore.ops.tensors import check_compatible, load_expert_tensors
+from libstore.ops.select import Target, resolve_experts
+from libstore.ops.tensors import check_compatible, default_device
+from libstore.types import SIMILARITY_METRICS, SimilarityMetric
 
 if TYPE_CHECKING:
     import torch
-
-Metric = Literal["delta", "flat"]
-METRICS = ("delta", "flat")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class SimilarityMatrix:
 
     names: tuple[str, ...]
     values: tuple[tuple[float, ...], ...]
-    metric: str
+    metric: SimilarityMetric
 
     def __getitem__(self, pair: tuple[str, str]) -> float:
         """``m["a", "b"]``: the similarity of two experts by name."""
@@ -54,33 +55,38 @@ class SimilarityMatrix:
 
 
 def similarity(
-    ctx: Context, target: Target = None, *, metric: str = "delta", device: str | None = None
+    ctx: Context,
+    target: Target = None,
+    *,
+    metric: SimilarityMetric = "delta",
+    device: str | None = None,
+    budget_bytes: int | None = None,
 ) -> SimilarityMatrix:
-    """The similarity matrix of the experts ``target`` names (a query, names, or Experts)."""
+    """The similarity matrix of the experts ``target`` names (a query, names, or Experts).
+
+    ``budget_bytes`` bounds the expert tensors held at once (default ``ops.clusters.STREAM_BYTES``).
+    """
     import torch
 
-    from libstore.lowrank.similarity import (
-        delta_cosine_matrix,
-        flat_cosine_matrix,
-        flatten_lora,
-    )
+    from libstore.lowrank.similarity import flat_similarity, module_groups
+    from libstore.ops import clusters
 
-    if metric not in METRICS:
-        raise ValidationError(f"unknown metric {metric!r}; metrics are {', '.join(METRICS)}")
+    if metric not in SIMILARITY_METRICS:
+        raise ValidationError(
+            f"unknown metric {metric!r}; metrics are {', '.join(SIMILARITY_METRICS)}", field="metric"
+        )
     experts = resolve_experts(ctx, target)
     check_compatible(experts, operation="similarity")
+    clusters.check_experts(experts, metric)
     dev = default_device(device)
-    modules = sorted(experts[0].modules)
+    budget = clusters.STREAM_BYTES if budget_bytes is None else budget_bytes
     with torch.no_grad():
         if metric == "delta":
-            per_expert = []
-            for e in experts:
-                t = load_expert_tensors(ctx, e, device=dev)
-                per_expert.append([(t[m][0], t[m][1], e.scale) for m in modules])
-            cos = delta_cosine_matrix(per_expert)
+            cos = clusters.delta_similarity(ctx, experts, device=dev, budget=budget)
         else:
-            vectors = torch.stack([flatten_lora(load_expert_tensors(ctx, e, device=dev)) for e in experts])
-            cos = flat_cosine_matrix(vectors)
+            widths = {m: s.rank * (s.in_features + s.out_features) for m, s in experts[0].modules.items()}
+            groups = module_groups(widths, len(experts), budget)
+            cos = flat_similarity(clusters.flat_blocks(ctx, experts, groups, device=dev))
     values = cos.to("cpu", torch.float64).tolist()
     return SimilarityMatrix(
         names=tuple(e.name for e in experts),

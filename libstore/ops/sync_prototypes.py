@@ -2,17 +2,19 @@
 
 A prototype cache entry is shared by every expert with the same weights, so a remote that lists the
 wrong vectors (a poisoned cache) would silently change how every such expert is routed. Each pulled
-set is therefore recomputed from the expert's factors and scale — exact prototypes cost milliseconds
-— and compared: the values within a relative 1e-3, each vector within |cos| 1e-3 of ours; where ΔW
-has repeated top singular values (so any orthonormal basis of that subspace is right) an exact
-vector is accepted when it is unit norm, orthogonal to the others and an eigenvector of ΔWᵀΔW with
-its value. A set that fails is refused (:class:`~libstore.errors.IntegrityError`, nothing changes); a
-set this libstore cannot recompute (another method or method version) is not taken: it would be
-recomputed here when needed.
+set is therefore recomputed from the expert's factors — exact prototypes cost milliseconds — in the
+layout the cache holds (the scale-free prototypes of B·A, see :mod:`libstore.ops.prototypes`; each
+expert's scale is applied on read) and compared: the values within a relative 1e-3, each vector
+within |cos| 1e-3 of ours; where B·A has repeated top singular values (so any orthonormal basis of
+that subspace is right) an exact vector is accepted when it is unit norm, orthogonal to the others
+and an eigenvector of (BA)ᵀBA with its value. A set that fails is refused
+(:class:`~libstore.errors.IntegrityError`, nothing changes); a set this libstore cannot recompute
+(another method or method version) is not taken: it would be recomputed here when needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from libstore.canonical import canonical_json
 from libstore.errors import IntegrityError, LibstoreError
 from libstore.hub.manifest import PrototypeEntry
 from libstore.ops.context import Context
-from libstore.types import Expert
+from libstore.types import PROTOTYPE_METHODS, Expert, PrototypeMethod
 
 if TYPE_CHECKING:
     import torch
@@ -38,10 +40,11 @@ def check_pulled(
     good, skipped = [], []
     for p in entries:
         ps = p.prototypes
-        try:
-            spec = protos.method_spec(ps.method, **_spec_args(ps.params))
-        except (LibstoreError, TypeError, ValueError):
-            spec = None
+        spec = None
+        if ps.method in PROTOTYPE_METHODS:
+            method: PrototypeMethod = "exact" if ps.method == "exact" else "peft"
+            with contextlib.suppress(LibstoreError, TypeError, ValueError):
+                spec = protos.method_spec(method, **_spec_args(ps.params))
         if spec is None or spec.method_version != ps.method_version or spec.params != ps.params:
             skipped.append(p.path)
             continue
@@ -94,19 +97,20 @@ def _problem(ctx: Context, p: PrototypeEntry, expert: Expert) -> str | None:
         extra = sorted(set(tensors) ^ wanted)
         return f"its tensors are not one vectors/values pair per LoRA module (e.g. {extra[0]!r:.80})"
     factors = load_expert_tensors(ctx, expert, dtype=torch.float32)
+    scale = 1.0  # the cache's layout: prototypes of B·A, each expert's own scale applied on read
     for m, (a, b) in sorted(factors.items()):
         if ps.method == "exact":
-            ours = exact_prototypes(a, b, expert.scale, top_n=int(ps.params["top_n"]))
+            ours = exact_prototypes(a, b, scale, top_n=int(ps.params["top_n"]))
         else:
             ours = peft_prototypes(
                 a,
                 b,
-                expert.scale,
+                scale,
                 iters=int(ps.params["iters"]),
                 eps=float(ps.params["eps"]),
                 seed=int(ps.params["seed"]),
             )
-        why = _compare(a, b, expert.scale, tensors[f"vectors::{m}"], tensors[f"values::{m}"], ours, ps.method)
+        why = _compare(a, b, scale, tensors[f"vectors::{m}"], tensors[f"values::{m}"], ours, ps.method)
         if why is not None:
             return f"module {m}: {why}"
     return None

@@ -9,7 +9,6 @@ digests, :func:`libstore.hub.manifest.record_digest`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import time
@@ -18,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from libstore.catalog import clusterings as clustering_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
@@ -31,11 +31,7 @@ from libstore.ops.context import Context
 from libstore.ops.query import parse_query
 from libstore.types import (
     BaseModel,
-    ClusteringInput,
     ClusteringRecord,
-    ClusterRecord,
-    Derivation,
-    DerivationParent,
     Expert,
     ExpertQuery,
     PrototypeSet,
@@ -99,23 +95,15 @@ class LocalState:
 
 def local_state(s: Transaction) -> LocalState:
     """Everything of the library that travels, read in the caller's (read) transaction."""
-    rows = repo.find_expert_rows(s, ExpertQuery())
-    derivs = remote_repo.derivations_of(s, [r.id for r in rows])
     experts = {}
-    for row in rows:
-        e = repo.to_expert(s, row, with_lineage=False)
+    for e in repo.find_experts(s, ExpertQuery(), with_lineage=True):
         paths = {f.path for f in e.files}
         if paths != set(EXPERT_FILES):
             raise ValidationError(
                 f"expert {e.name!r} has files {sorted(paths)}; only PEFT folders of exactly "
                 f"{', '.join(EXPERT_FILES)} can be synced"
             )
-        d = derivs.get(row.id)
-        lineage = None
-        if d is not None:  # until the catalog returns Derivation records itself
-            parents = tuple(DerivationParent(*p) for p in d.parents)
-            lineage = Derivation(d.method, d.method_version, dict(d.params), d.inputs_key, parents)
-        experts[e.name] = dataclasses.replace(e, lineage=lineage)
+        experts[e.name] = e
     cached = proto_repo.entries(s)
     sizes = remote_repo.blob_sizes(s, (c.blob_sha256 for c in cached))
     protos: dict[str, list[PrototypeSet]] = {}
@@ -135,28 +123,8 @@ def local_state(s: Transaction) -> LocalState:
     return LocalState(
         experts=experts,
         bases={b.name: b for b in repo.list_bases(s)},
-        clusterings={c.name: clustering_record(c) for c in remote_repo.clusterings(s)},
+        clusterings={c.name: c for c in clustering_repo.clustering_records(s)},
         prototypes=protos,
-    )
-
-
-def clustering_record(c: remote_repo.ClusteringData) -> ClusteringRecord:
-    """The shared record of a clustering read by ``catalog.remotes`` (until it returns records)."""
-    return ClusteringRecord(
-        name=c.name,
-        base_model=c.base_model,
-        method=c.method,
-        metric=c.metric,
-        k=c.k,
-        seed=c.seed,
-        query=c.query,
-        params=dict(c.params),
-        criterion=dict(c.criterion),
-        inputs=tuple(ClusteringInput(n, sha) for n, sha in c.inputs),
-        clusters=tuple(
-            ClusterRecord(k.index, tuple(k.members), tuple(k.tasks), k.label, dict(k.stats))
-            for k in c.clusters
-        ),
     )
 
 

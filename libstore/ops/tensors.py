@@ -7,9 +7,8 @@
 
 ``stage_expert`` turns computed factors into a PEFT folder's two files in the blob store (the config
 derived from a parent's ``adapter_config.json``), validated by the same reader ``libstore add`` uses;
-``write_expert`` records such a staged expert in the catalog, new or in place of an existing one. So a
-derived expert is an ordinary expert: exported, pushed and loaded with ``PeftModel.from_pretrained``
-like any other.
+:meth:`StagedExpert.expert` is the catalog record to write for it. So a derived expert is an ordinary
+expert: exported, pushed and loaded with ``PeftModel.from_pretrained`` like any other.
 """
 
 from __future__ import annotations
@@ -21,10 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
-from libstore.catalog import repo
-from libstore.catalog.models import BaseModelRow, ExpertRow
 from libstore.errors import (
     BaseModelMismatchError,
     IncompatibleExpertsError,
@@ -39,6 +34,7 @@ from libstore.types import (
     ADAPTER_WEIGHTS,
     AdapterFile,
     Expert,
+    ExpertKind,
     StoredFile,
 )
 
@@ -46,6 +42,15 @@ if TYPE_CHECKING:
     import torch
 
 ModuleFactors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+
+
+def default_device(device: str | None = None) -> str:
+    """``device`` if given, else ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def peft_key(module: str, part: str) -> str:
@@ -92,6 +97,36 @@ class StagedExpert:
     @property
     def sha256(self) -> str:
         return self.adapter.weights_sha256
+
+    def expert(
+        self,
+        *,
+        name: str,
+        kind: ExpertKind,
+        base_model: str,
+        tasks: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        source: str | None = None,
+    ) -> Expert:
+        """The catalog record of these files as expert ``name``."""
+        a = self.adapter
+        return Expert(
+            name=name,
+            kind=kind,
+            base_model=base_model,
+            rank=a.rank,
+            alpha=a.alpha,
+            use_rslora=a.use_rslora,
+            target_modules=tuple(a.target_modules),
+            modules=dict(a.modules),
+            dtype=a.dtype,
+            sha256=a.weights_sha256,
+            bytes=sum(f.size for f in self.files),
+            files=self.files,
+            source=source,
+            tasks=tuple(dict.fromkeys(tasks)),
+            metadata=dict(metadata or {}),
+        )
 
 
 def read_config(ctx: Context, expert: Expert) -> dict[str, Any]:
@@ -186,83 +221,6 @@ def stage_expert(
         StoredFile(ADAPTER_WEIGHTS, w_ref.sha256, w_ref.size),
     )
     return StagedExpert(adapter=adapter, files=files)
-
-
-def write_expert(
-    ctx: Context,
-    session: Session,
-    *,
-    name: str,
-    kind: str,
-    base_row: BaseModelRow,
-    staged: StagedExpert | None = None,
-    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    rank: int | None = None,
-    alpha: float | None = None,
-    use_rslora: bool = False,
-    template_config: Mapping[str, Any] | None = None,
-    dtype: str = "float32",
-    tasks: Iterable[str] = (),
-    tags: Iterable[str] = (),
-    metadata: dict[str, Any] | None = None,
-    source: str | None = None,
-    replace: ExpertRow | None = None,
-) -> ExpertRow:
-    """Record a derived expert in the catalog (inside the caller's write ``session``).
-
-    Pass either ``staged`` (from :func:`stage_expert`, done before the transaction so the write lock
-    is not held while files are written) or ``modules`` + ``rank`` + ``alpha`` + ``template_config``
-    to stage here. With ``replace`` the existing row is pointed at the new files in place (same name
-    and id, so records that link to it stay valid); otherwise a new expert is inserted.
-    """
-    if staged is None:
-        if modules is None or rank is None or alpha is None or template_config is None:
-            raise TypeError("write_expert needs staged=, or modules=, rank=, alpha= and template_config=")
-        staged = stage_expert(
-            ctx,
-            modules=modules,
-            rank=rank,
-            alpha=alpha,
-            use_rslora=use_rslora,
-            template_config=template_config,
-            dtype=dtype,
-        )
-    a = staged.adapter
-    shapes = {k: [v.in_features, v.out_features, v.rank] for k, v in a.modules.items()}
-    if replace is not None:
-        repo.replace_files(
-            session,
-            replace,
-            staged.files,
-            ADAPTER_WEIGHTS,
-            rank=a.rank,
-            alpha=a.alpha,
-            use_rslora=a.use_rslora,
-            target_modules=list(a.target_modules),
-            module_shapes=shapes,
-            dtype=a.dtype,
-            extra=dict(metadata or {}),
-            kind=kind,
-        )
-        return replace
-    return repo.insert_expert(
-        session,
-        name=name,
-        kind=kind,
-        base=base_row,
-        rank=a.rank,
-        alpha=a.alpha,
-        use_rslora=a.use_rslora,
-        target_modules=a.target_modules,
-        modules=a.modules,
-        dtype=a.dtype,
-        files=staged.files,
-        weights_file=ADAPTER_WEIGHTS,
-        source=source,
-        metadata=metadata,
-        tasks=tasks,
-        tags=tags,
-    )
 
 
 # --- compatibility -----------------------------------------------------------------------------

@@ -5,8 +5,8 @@ hash: it is renamed ``synced_digest``. ``base_models.origin`` is NULL for base m
 registered and the remote commit (``hf://ORG/REPO@COMMIT``) for those a pull registered, so that
 weights are never loaded from a source a remote named without the user saying so.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
