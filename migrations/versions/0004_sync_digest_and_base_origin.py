@@ -20,25 +20,28 @@ branch_labels = None
 depends_on = None
 
 
+def _sqlite() -> bool:
+    return op.get_bind().dialect.name == "sqlite"
+
+
+def _rename(old: str, new: str) -> None:
+    # native RENAME COLUMN (SQLite >= 3.25) rather than a batch table copy: no data is moved
+    if _sqlite():
+        op.execute(f"ALTER TABLE remote_experts RENAME COLUMN {old} TO {new}")
+    else:
+        op.alter_column("remote_experts", old, new_column_name=new)
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("remote_experts", schema=None) as batch_op:
-        batch_op.alter_column(
-            "synced_sha256",
-            new_column_name="synced_digest",
-            existing_type=sa.String(64),
-            existing_nullable=False,
-        )
-    with op.batch_alter_table("base_models", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("origin", sa.String(length=1024), nullable=True))
+    _rename("synced_sha256", "synced_digest")
+    op.add_column("base_models", sa.Column("origin", sa.String(length=1024), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("base_models", schema=None) as batch_op:
-        batch_op.drop_column("origin")
-    with op.batch_alter_table("remote_experts", schema=None) as batch_op:
-        batch_op.alter_column(
-            "synced_digest",
-            new_column_name="synced_sha256",
-            existing_type=sa.String(64),
-            existing_nullable=False,
-        )
+    # native DROP COLUMN (SQLite >= 3.35): a batch copy of base_models would drop a table that
+    # experts reference, which foreign keys forbid
+    if _sqlite():
+        op.execute("ALTER TABLE base_models DROP COLUMN origin")
+    else:
+        op.drop_column("base_models", "origin")
+    _rename("synced_digest", "synced_sha256")
