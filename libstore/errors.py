@@ -218,6 +218,24 @@ class CatalogBusyError(LibstoreError, TimeoutError):
     exit_code = 9
 
 
+class BlobsRemovedError(LibstoreError):
+    """Blobs an operation had stored (or found stored) were removed by a concurrent ``gc`` before the
+    operation recorded them: it staged them for longer than gc's grace period, or gc ran with
+    ``--grace 0``. Nothing was changed; run the operation again. Exit code 9, like a busy catalog:
+    both mean "others were working on the library at the same time; try again".
+
+    Attributes:
+        sha256s: the blobs that were gone (empty when a temp file vanished before its digest was
+            known).
+    """
+
+    exit_code = 9
+
+    def __init__(self, message: str = "", *, sha256s: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.sha256s = sha256s
+
+
 class StorageError(LibstoreError, OSError):
     """The library folder, the catalog database or the blob store cannot be used: read-only, full,
     unreachable, or refused the credentials. Nothing was changed.

@@ -29,8 +29,9 @@ if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs 
 
     from libstore.ops.clusters import Clustering
     from libstore.ops.derive import GksReport
+    from libstore.ops.gc import GcReport
     from libstore.ops.lineage import LineageInfo, StaleReport
-    from libstore.ops.maintenance import GcReport, VerifyReport
+    from libstore.ops.problems import VerifyReport
     from libstore.ops.prototypes import CacheEntry, ExpertPrototypes, PrototypeReport
     from libstore.ops.pull import PullReport
     from libstore.ops.push import PushReport
@@ -421,19 +422,19 @@ class Library:
         """Check that catalog and blob store agree: every blob hashes right, every expert's stored
         weights match its record, every reference points at a row. ``repair`` fixes only what is
         safe (never deletes an expert); temp files older than ``grace_s`` (default 1 h) go too."""
-        from libstore.ops import maintenance
+        from libstore.ops.maintenance import DEFAULT_GRACE_S
+        from libstore.ops.verify import verify
 
-        grace = maintenance.DEFAULT_GRACE_S if grace_s is None else grace_s
-        return maintenance.verify(self._ctx, repair=repair, grace_s=grace)
+        return verify(self._ctx, repair=repair, grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s)
 
     def gc(self, *, dry_run: bool = False, grace_s: float | None = None) -> GcReport:
         """Remove unreferenced blobs, prototype caches of weights no expert has, and stale temp
         files. Blobs written or re-used within ``grace_s`` (default 1 h) are kept, so a concurrent
         import never loses a blob it has stored but not yet committed."""
-        from libstore.ops import maintenance
+        from libstore.ops.gc import gc
+        from libstore.ops.maintenance import DEFAULT_GRACE_S
 
-        grace = maintenance.DEFAULT_GRACE_S if grace_s is None else grace_s
-        return maintenance.gc(self._ctx, dry_run=dry_run, grace_s=grace)
+        return gc(self._ctx, dry_run=dry_run, grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s)
 
     # --- Hub sync (issue 6) ----------------------------------------------------------------
     # Imported per call: opening a library must not pay for the Hub client.

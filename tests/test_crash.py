@@ -52,6 +52,8 @@ PRELOAD = [
     "libstore.ops.prototypes",
     "libstore.ops.derive",
     "libstore.ops.maintenance",
+    "libstore.ops.verify",
+    "libstore.ops.gc",
     "libstore.ops.sync",
     "libstore.ops.push",
     "libstore.ops.pull",

@@ -7,8 +7,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
@@ -16,9 +22,11 @@ from sqlalchemy import select, update
 
 from libstore import Library
 from libstore.catalog.models import BlobRow, ExpertRow, PrototypeCacheRow
+from libstore.catalog.prototypes import CacheEntry
 from libstore.cli import cli
+from libstore.errors import BlobsRemovedError
 from libstore.ops import maintenance
-from libstore.ops.maintenance import (
+from libstore.ops.problems import (
     BadPrototypeCache,
     BlobRowWithoutFile,
     BlobSizeMismatch,
@@ -31,8 +39,13 @@ from libstore.ops.maintenance import (
     TempLeftover,
     UnrecordedBlob,
     UntrackedBlob,
+    VerifyReport,
 )
+from libstore.store.blob_upkeep import TOMB_PREFIX
 from tests.factories import make_adapter
+
+if TYPE_CHECKING:
+    import torch
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", [None], ids=["sqlite"])
 HOUR = 3600
@@ -49,7 +62,7 @@ def _stock(lib: Library, base_dir: Path, tmp: Path) -> dict[str, Path]:
     return src
 
 
-def _codes(report: maintenance.VerifyReport) -> list[str]:
+def _codes(report: VerifyReport) -> list[str]:
     return sorted(p.code for p in report.problems)
 
 
@@ -114,6 +127,23 @@ def test_cli_verify_and_gc_json_and_exit_codes(library: Library, base_dir: Path,
     assert list(library.context.blobs) == []
     result = CliRunner().invoke(cli, ["-L", str(library.path), "gc", "--grace", "soon"])
     assert result.exit_code == 2 and "not a duration" in result.output
+
+
+def test_verify_and_gc_import_torch_only_to_recompute_prototypes(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """``verify`` and ``gc`` of a library without prototype caches stay torch-free (fast)."""
+    library.add(make_adapter(base_dir, tmp_path / "src" / "x", seed=3), name="x")
+    script = textwrap.dedent(f"""
+        import sys
+        from libstore import Library
+        lib = Library.open({str(library.path)!r}, db_url={library.context.catalog.url!r})
+        assert lib.verify().ok and lib.gc(dry_run=True).blobs == ()
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
 
 
 def test_corrupt_expert_blob_is_quarantined_never_deleted(
@@ -196,6 +226,73 @@ def test_bad_prototype_caches_are_dropped_and_recomputed(
     assert repaired.ok and all(r.fixed for r in repaired.repairs if r.problem.severity == "error")
     assert {n for c in library.prototype_cache() for n in c.experts} == {"a_res", "b_res", "g2"}
     assert library.compute_prototypes().computed == ("a", "b", "g1")
+    assert library.verify().ok
+    library.gc(grace_s=0)
+    assert library.verify().problems == ()
+
+
+def _poison(lib: Library, entry: CacheEntry, change: Callable[[str, torch.Tensor], torch.Tensor]) -> str:
+    """Store a prototype file with the entry's own metadata but changed tensors, and point the entry
+    at it: what a lying remote or a buggy writer leaves (the right format under the right hash)."""
+    from libstore.store.safetensors_io import load_tensors, read_header, save_tensors
+
+    path = lib.context.blobs.path(entry.blob_sha256)
+    meta = read_header(path).metadata
+    tensors = {k: change(k, t) for k, t in load_tensors(path).items()}
+    out = save_tensors(tensors, lib.path.parent / "poisoned.safetensors", metadata=meta)
+    ref = lib.context.blobs.put_file(out)
+    blob = ref.sha256
+    with lib.context.catalog.write() as s:
+        s.add(BlobRow(sha256=blob, size=ref.size))
+        s.execute(
+            update(PrototypeCacheRow)
+            .where(PrototypeCacheRow.blob_sha256 == entry.blob_sha256)
+            .values(blob_sha256=blob)
+        )
+    return blob
+
+
+def test_poisoned_prototype_caches_are_errors_and_repair_drops_them(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """A cached prototype set that is not the prototypes of its weights — other vectors, or values at
+    another scale — is an error even though its format, hash and metadata are right; repair drops it
+    and it is recomputed. Sound caches of every method pass (exact top 2, PEFT's power iteration)."""
+    import torch
+
+    _stock(library, base_dir, tmp_path)
+    library.compute_prototypes(top_n=2)
+    library.compute_prototypes(method="peft", seed=3)
+    assert library.verify().ok
+    exact = {
+        c.experts[0]: c for c in library.prototype_cache() if c.method == "exact" and c.params["top_n"] == 1
+    }
+    peft = {c.experts[0]: c for c in library.prototype_cache() if c.method == "peft"}
+    gen = torch.Generator().manual_seed(0)
+
+    def other_vectors(key: str, t: torch.Tensor) -> torch.Tensor:
+        if not key.startswith("vectors::"):
+            return t
+        v = torch.randn(t.shape, generator=gen)
+        return v / v.norm(dim=-1, keepdim=True)
+
+    poisoned = {
+        _poison(library, exact["a"], other_vectors),
+        _poison(
+            library, exact["b"], lambda k, t: t * 4 if k.startswith("values::") else t
+        ),  # alpha 32, not 8
+        _poison(library, peft["g1"], other_vectors),
+    }
+    report = library.verify()
+    bad = [p for p in report.errors if isinstance(p, BadPrototypeCache)]
+    assert {p.blob_sha256 for p in bad} == poisoned and len(report.errors) == 3
+    assert all("not the prototypes of its weights" in p.reason for p in bad)
+    assert {p.method for p in bad} == {"exact", "peft"}
+
+    repaired = library.verify(repair=True)
+    assert repaired.ok and {type(r.problem) for r in repaired.repairs if r.fixed} >= {BadPrototypeCache}
+    assert library.compute_prototypes().computed == ("a", "b")
+    assert library.compute_prototypes(method="peft", seed=3).computed == ("g1",)
     assert library.verify().ok
     library.gc(grace_s=0)
     assert library.verify().problems == ()
@@ -360,7 +457,7 @@ def test_gc_never_deletes_a_blob_claimed_while_it_deletes(
         real_rename(src, dst)
 
     _age(blobs.path(sha), 2 * HOUR)
-    monkeypatch.setattr(maintenance.os, "rename", claim_then_rename)
+    monkeypatch.setattr(os, "rename", claim_then_rename)
     report = library.gc()
     assert report.blobs == () and report.kept == (sha,)
     assert blobs.verify(sha) and not list(blobs.path(sha).parent.glob(".gc-*"))
@@ -370,9 +467,56 @@ def test_gc_never_deletes_a_blob_claimed_while_it_deletes(
         blobs.put_bytes(data)  # finds no blob: stores it anew
 
     _age(blobs.path(sha), 2 * HOUR)
-    monkeypatch.setattr(maintenance.os, "rename", rename_then_write)
+    monkeypatch.setattr(os, "rename", rename_then_write)
     library.gc()
     assert blobs.verify(sha) and not list(blobs.path(sha).parent.glob(".gc-*"))
+
+
+def test_gc_with_no_grace_never_deletes_a_blob_an_import_records(
+    library: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import stores its blobs inside the transaction that records them, and gc deletes inside its
+    own write transaction: even ``--grace 0`` cannot take a blob an import records. Here the import
+    re-uses the very blobs gc is deleting, at the worst moment: it waits for gc's transaction, then
+    finds them gone and stores them anew."""
+    src = make_adapter(base_dir, tmp_path / "src" / "x", seed=5)
+    library.add(src, name="x")
+    library.remove("x")  # its two blobs are unreferenced now
+    real_rename = os.rename
+    imports: list[threading.Thread] = []
+
+    def import_then_rename(a: object, b: object) -> None:
+        if not imports:  # as gc takes the first file, an import of the same adapter starts
+            imports.append(threading.Thread(target=library.add, args=(src,), kwargs={"name": "x"}))
+            imports[0].start()
+            imports[0].join(timeout=2)  # it finishes unless it has to wait for gc's transaction
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", import_then_rename)
+    library.gc(grace_s=0)
+    monkeypatch.undo()
+    imports[0].join(timeout=60)
+    assert [e.name for e in library.experts()] == ["x"]
+    assert library.verify().ok
+    assert all(library.context.blobs.verify(f.sha256) for f in library.get("x").files)
+
+
+def test_claims_mark_blobs_in_use_and_report_those_gc_took(library: Library) -> None:
+    """``claim`` keeps a stored blob from gc for the grace period; ``claim_all`` (what writers call in
+    the transaction that records their blobs) raises ``BlobsRemovedError`` naming the ones gone."""
+    blobs = library.context.blobs
+    old = blobs.put_bytes(b"found in the store by a pull").sha256
+    _age(blobs.path(old), 2 * HOUR)
+    gone = blobs.put_bytes(b"staged, then taken by gc").sha256
+    assert blobs.claim(old) and not blobs.claim("0" * 64)
+    st = blobs.stat(old)
+    assert st is not None and time.time() - st.claimed_at < 60
+    assert library.gc().kept == tuple(sorted([old, gone]))
+    assert library.gc(grace_s=0).blobs == tuple(sorted([old, gone]))
+    assert blobs.put_bytes(b"found in the store by a pull").sha256 == old
+    with pytest.raises(BlobsRemovedError) as err:
+        blobs.claim_all([old, gone])
+    assert err.value.sha256s == (gone,) and err.value.exit_code == 9
 
 
 @SQLITE_ONLY
@@ -382,12 +526,12 @@ def test_gc_settles_tombstones_left_by_a_crash(library: Library) -> None:
     old = blobs.put_bytes(b"really garbage").sha256
     for sha in (young, old):
         p = blobs.path(sha)
-        os.rename(p, p.with_name(f"{maintenance.TOMB_PREFIX}{sha}-dead"))
-    _age(blobs.path(old).with_name(f"{maintenance.TOMB_PREFIX}{old}-dead"), 2 * HOUR)
+        os.rename(p, p.with_name(f"{TOMB_PREFIX}{sha}-dead"))
+    _age(blobs.path(old).with_name(f"{TOMB_PREFIX}{old}-dead"), 2 * HOUR)
     assert library.verify().ok  # tombstones are temp leftovers, not errors
     report = library.gc()
     assert young in blobs and old not in blobs and len(report.temp) == 2
-    assert not list(blobs.root.rglob(f"{maintenance.TOMB_PREFIX}*"))
+    assert not list(blobs.root.rglob(f"{TOMB_PREFIX}*"))
 
 
 def test_gc_rejects_a_negative_grace(library: Library) -> None:

@@ -1,6 +1,6 @@
 """``libstore verify`` and ``libstore gc``: is the library sound, and reclaim what nothing uses.
 
-Neither imports torch.
+``gc`` never imports torch; ``verify`` does only to recompute cached prototypes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float, Any]):
     """Seconds, or a number with a unit: ``90``, ``90s``, ``30m``, ``1h``, ``2d``."""
 
     name = "duration"
@@ -45,8 +45,8 @@ def _grace_option(fn: Any) -> Any:
         default="1h",
         show_default=True,
         help="Keep unreferenced blobs and temp files written or re-used more recently than this: "
-        "an import in flight stores its blobs before it commits. 0 only when nothing else "
-        "writes to the library.",
+        "an import in flight stores its blobs before it commits (one that stages for longer "
+        "fails with exit 9 and changes nothing). 0 only when nothing else writes to the library.",
     )(fn)
 
 
@@ -54,8 +54,8 @@ def _grace_option(fn: Any) -> Any:
 @click.option(
     "--repair",
     is_flag=True,
-    help="Fix what is safe: re-record blob rows, drop bad prototype caches (recomputed on "
-    "demand), quarantine corrupt blobs, drop rows pointing at deleted rows, remove "
+    help="Fix what is safe: re-record blob rows, drop bad or wrong prototype caches (recomputed "
+    "on demand), quarantine corrupt blobs, drop rows pointing at deleted rows, remove "
     "old temp files. Never deletes an expert.",
 )
 @_grace_option
@@ -64,8 +64,9 @@ def _grace_option(fn: Any) -> Any:
 def verify(state: State, repair: bool, grace_s: float, as_json: bool) -> None:
     """Check that catalog and blob store agree.
 
-    Every blob is re-hashed; every expert's stored config and weights header must match its record
-    (modules, shapes, rank, dtype, alpha, hashes, sizes) and fit its base model; every reference
+    Every blob is re-hashed; every expert's stored files must pass the importer's checks, match its
+    record (modules, shapes, rank, dtype, alpha, hashes, sizes) and fit its base model; every cached
+    prototype set must be the prototypes of its weights (recomputed and compared); every reference
     (derivation parents, prototype caches, clusterings, sync records) must point at an existing row.
     Warnings (temp files, blobs of an import in flight, orphaned caches) do not fail verify. Exits
     with 7 if errors remain.
@@ -75,7 +76,7 @@ def verify(state: State, repair: bool, grace_s: float, as_json: bool) -> None:
       libstore verify
       libstore verify --repair --json
     """
-    from libstore.ops.maintenance import iter_problem_dicts
+    from libstore.ops.problems import iter_problem_dicts
 
     report = state.lib.verify(repair=repair, grace_s=grace_s)
     if as_json:
@@ -126,7 +127,8 @@ def gc(state: State, dry_run: bool, grace_s: float, as_json: bool) -> None:
     more, and temp files of crashed writes.
 
     Safe while others import: a blob written or re-used within the grace period is kept even if no
-    row references it yet, and a blob re-used while gc deletes it is put back.
+    row references it yet, a blob re-used while gc deletes it is put back, and a writer whose blob
+    gc took anyway fails (exit 9) instead of recording it.
 
     \b
     Example:

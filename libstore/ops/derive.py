@@ -256,6 +256,7 @@ def subtract_general(
                     inputs_key=p.key,
                     parents=(DerivationParent("expert", parent.name, parent.sha256), *parents_g),
                 )
+                ctx.blobs.claim_all(f.sha256 for f in p.staged.files)  # staged before: gc may have run
                 deriv.save_derived(s, record, derivation, replace=p.status == "refreshed")
                 found[p.key] = p.residual
                 shas[p.residual] = p.staged.sha256
@@ -458,6 +459,7 @@ def merge(
             inputs_key=key,
             parents=tuple(DerivationParent("expert", e.name, e.sha256) for e in experts),
         )
+        ctx.blobs.claim_all(f.sha256 for f in staged.files)  # staged before: gc may have run
         return deriv.save_derived(s, record, derivation, replace=exists_now)
 
 

@@ -52,14 +52,20 @@ __all__ = [
     "PrototypeSpec",
     "cache_entries",
     "compute",
+    "compute_modules",
     "ensure",
     "load",
     "method_spec",
+    "read_cached",
     "router_vectors",
     "stacked",
 ]
 
 PROTOTYPE_FORMAT = "libstore-prototypes/1"
+TEMP_PREFIX = ".prototypes-"
+#: What computing leaves in the library folder while it runs (or after a crash): the file it
+#: writes, and ``save_tensors``' own temp file of it (``.<name>.tmp-*``).
+TEMP_PREFIXES = (TEMP_PREFIX, f".{TEMP_PREFIX}")
 DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
 
 
@@ -263,6 +269,24 @@ def _chunks(experts: list[Expert], budget: int) -> Iterable[list[Expert]]:
         yield chunk
 
 
+def compute_modules(
+    experts: Sequence[Expert],
+    spec: PrototypeSpec,
+    device: str,
+    factors_of: Callable[[Expert], ModuleFactors],
+) -> dict[str, dict[str, Prototypes]]:
+    """The prototypes of ``experts`` (weights sha256 -> module -> prototypes of B·A, on CPU), computed
+    by the cache's own code and not stored: what ``verify`` compares cached entries with."""
+    from libstore.lowrank.prototypes import Prototypes
+
+    results, _ = _compute(experts, spec, device, factors_of)
+    out: dict[str, dict[str, Prototypes]] = {}
+    for sha, tensors in results.items():
+        mods = {k.removeprefix("vectors::") for k in tensors if k.startswith("vectors::")}
+        out[sha] = {m: Prototypes(tensors[f"vectors::{m}"], tensors[f"values::{m}"]) for m in mods}
+    return out
+
+
 def _compute(
     experts: Sequence[Expert],
     spec: PrototypeSpec,
@@ -304,6 +328,7 @@ def _store(ctx: Context, results: Mapping[str, Mapping[str, torch.Tensor]], spec
     """Write each expert's blob, then record them all in one transaction."""
     blobs = {sha: _store_blob(ctx, sha, tensors, spec) for sha, tensors in results.items()}
     with ctx.catalog.write() as s:
+        ctx.blobs.claim_all(ref.sha256 for ref in blobs.values())  # written before: gc may have run
         for sha, ref in blobs.items():
             cache.record(
                 s,
@@ -326,7 +351,7 @@ def _store_blob(ctx: Context, sha: str, tensors: Mapping[str, Any], spec: Protot
         "params": canonical_json(spec.params),
         "expert_sha256": sha,
     }
-    tmp = ctx.path / f".prototypes-{os.getpid()}-{secrets.token_hex(6)}.safetensors"
+    tmp = ctx.path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.safetensors"
     try:
         save_tensors(dict(sorted(tensors.items())), tmp, metadata=meta)
         return ctx.blobs.put_file(tmp)
@@ -372,7 +397,7 @@ def load(
                 what="prototype set",
                 name=e.name,
             )
-        out[e.name] = _read_blob(ctx, e, blobs[e.sha256], spec, wanted)
+        out[e.name] = read_cached(ctx, e, blobs[e.sha256], spec, wanted)
     return out
 
 
@@ -391,9 +416,17 @@ def _checked_blob(ctx: Context, expert: Expert, blob: str) -> Any:
     return path
 
 
-def _read_blob(
-    ctx: Context, expert: Expert, blob: str, spec: PrototypeSpec, modules: list[str] | None
+def read_cached(
+    ctx: Context,
+    expert: Expert,
+    blob: str,
+    spec: PrototypeSpec,
+    modules: list[str] | None = None,
+    *,
+    scaled: bool = True,
 ) -> ExpertPrototypes:
+    """The prototypes of ``expert`` stored in cache blob ``blob`` (computed by ``spec``); values at
+    the expert's own scale, or as stored (of B·A) with ``scaled=False``."""
     from libstore.lowrank.prototypes import Prototypes
     from libstore.store.safetensors_io import load_tensors
 
@@ -407,7 +440,7 @@ def _read_blob(
             name=unknown[0],
         )
     t = load_tensors(path, [k for m in names for k in (f"vectors::{m}", f"values::{m}")])
-    scale = abs(expert.scale)
+    scale = abs(expert.scale) if scaled else 1.0
     return ExpertPrototypes(
         expert=expert.name,
         expert_sha256=expert.sha256,

@@ -139,12 +139,14 @@ def pull(
         for p in protos:
             needed.setdefault(p.prototypes.blob_sha256, (p.path, p.prototypes.size))
         _check_sizes(rem.repo_id, needed)
-        missing = {sha: v for sha, v in needed.items() if not ctx.blobs.exists(sha)}
+        missing = {sha: v for sha, v in needed.items() if not ctx.blobs.claim(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
+        ctx.blobs.claim_all(needed)  # the downloads may have outlasted gc's grace period
         _validate_experts(ctx, entries, manifest)
         protos, skipped_protos = check_pulled(ctx, protos, manifest.experts)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
+            ctx.blobs.claim_all(needed)
             added, updated, new_clusterings, skipped_clusterings = _apply(
                 s, manifest, entries, removes, protos, source
             )

@@ -37,7 +37,6 @@ from libstore.errors import ValidationError
 from libstore.hub.client import HubClient, check_repo_id
 from libstore.hub.plan import ExpertPlan, State, plan
 from libstore.ops.context import Context
-from libstore.ops.sync_state import TMP_DIR as TMP_DIR  # where ops.maintenance finds sync temp folders
 from libstore.ops.sync_state import head_or_none, local_state, read_remote, temp_dir, why_remote_moved
 from libstore.store.adapter import validate_name
 from libstore.types import Remote

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 ModuleFactors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+#: The folder ``stage_expert`` writes a derived expert's files to (in the library folder) first.
+TEMP_PREFIX = ".derive-"
 
 
 def default_device(device: str | None = None) -> str:
@@ -208,7 +210,7 @@ def stage_expert(
         tensors[peft_key(m, "A")] = a.detach().to("cpu", torch_dtype).contiguous()
         tensors[peft_key(m, "B")] = b.detach().to("cpu", torch_dtype).contiguous()
     cfg = derived_config(template_config, rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules)
-    with tempfile.TemporaryDirectory(prefix=".derive-", dir=ctx.path) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=ctx.path) as tmp:
         folder = Path(tmp)
         (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=dict(metadata or {"format": "pt"}))

@@ -20,6 +20,9 @@ they are older than its grace period; commit sets a staged file's mtime to now, 
 A write the file system refuses (read-only, full disk, quota, permissions) raises
 :class:`StorageError` saying what to do, and leaves no temp file.
 
+Re-using a stored blob (deduplication) *claims* it, so a concurrent ``gc`` keeps it; claims,
+listing, re-hashing and deletion live in :mod:`libstore.store.blob_upkeep`.
+
 No torch here: the CLI's torch-free commands use this module.
 """
 
@@ -29,26 +32,34 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import secrets
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from libstore.errors import IntegrityError, LibstoreError, NotFoundError, StorageError, ValidationError
+from libstore.errors import (
+    BlobsRemovedError,
+    IntegrityError,
+    LibstoreError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
+from libstore.store.blob_upkeep import (
+    _DIGEST,
+    ALGORITHM,
+    TEMP_PREFIX,
+    BlobUpkeep,
+    fsync_dir,
+)
 from libstore.store.sources import open_regular, read_chunks, read_failed
 from libstore.types import StagedBlob
 
-ALGORITHM = "sha256"
 CHUNK = 1 << 20
-TEMP_PREFIX = ".tmp-"
 #: The shard folder staged copies are written to (their digest, hence their shard, is not known
 #: before they are copied; the rename into the real shard is on the same file system).
 STAGING_SHARD = "00"
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-_SHARD = re.compile(r"[0-9a-f]{2}")
 
 
 @dataclass(frozen=True)
@@ -79,20 +90,6 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(folder: Path) -> None:
-    """Persist a rename: fsync the folder that holds the new entry (a no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_temp(tmp: Path) -> None:
     """Best-effort removal of a temp file (on a read-only disk it stays for gc to collect)."""
     with contextlib.suppress(OSError):
@@ -100,8 +97,12 @@ def _remove_temp(tmp: Path) -> None:
         tmp.unlink()
 
 
-class BlobStore:
-    """Content-addressed, deduplicated, write-once file store rooted at ``<library>/blobs``."""
+class BlobStore(BlobUpkeep):
+    """Content-addressed, deduplicated, write-once file store rooted at ``<library>/blobs``.
+
+    Listing, re-hashing, claims and deletion (what ``verify`` and ``gc`` use) are inherited from
+    :class:`~libstore.store.blob_upkeep.BlobUpkeep`.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -132,18 +133,6 @@ class BlobStore:
             return self.path(sha256).stat().st_size
         except FileNotFoundError:
             raise self._missing(sha256) from None
-
-    def __iter__(self) -> Iterator[str]:
-        """Every stored digest, sorted; temp files and stray names are skipped."""
-        if not self._algo_dir.is_dir():
-            return
-        for shard in sorted(self._algo_dir.iterdir()):
-            if not (_SHARD.fullmatch(shard.name) and shard.is_dir()):
-                continue
-            for entry in sorted(shard.iterdir()):
-                name = entry.name
-                if _DIGEST.fullmatch(name) and name.startswith(shard.name) and entry.is_file():
-                    yield name
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -210,26 +199,14 @@ class BlobStore:
         return BlobRef(digest, len(data))
 
     def _already_stored(self, digest: str, size: int) -> bool:
-        """True if the blob is in place with the right size. Dedup never rewrites a good blob.
+        """True if the blob is in place with the right size, and now claimed. Dedup never rewrites a
+        good blob; if ``gc`` removed it meanwhile, the caller writes it anew.
 
         A blob of the wrong size is corrupt (it cannot have these bytes); returning False lets the
         caller replace it atomically with the verified bytes.
-
-        A blob re-used here is *claimed*: its atime is set to now (mtime and content untouched), so
-        a concurrent ``gc`` keeps it for its grace period even if no row references it yet (the
-        caller's transaction commits later). If ``gc`` removed it meanwhile, it is written anew.
         """
-        path = self.path(digest)
-        try:
-            st = path.stat()
-            if st.st_size != size:
-                return False
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
-        except FileNotFoundError:
-            return False
-        except OSError:  # not ours to touch (a shared store): dedup still holds
-            return path.exists()
-        return True
+        st = self.stat(digest)
+        return st is not None and st.size == size and self.claim(digest)
 
     def _write(self, digest: str, fill: Callable[[BinaryIO], str], *, what: str) -> None:
         """Write via ``fill(file) -> sha256`` to a temp file in the shard, check, fsync, rename."""
@@ -264,11 +241,18 @@ class BlobStore:
             raise self._storage_error(e, f"store {what}") from e
         return tmp, os.fdopen(fd, "wb")
 
-    def _storage_error(self, e: OSError, doing: str) -> OSError:
-        """The :class:`StorageError` for a write the file system refused (libstore errors pass)."""
+    def _storage_error(self, e: OSError, doing: str) -> Exception:
+        """The :class:`StorageError` for a write the file system refused (libstore errors pass); a
+        temp file that vanished under a write was taken by a concurrent gc: :class:`BlobsRemovedError`."""
         if isinstance(e, LibstoreError):
             return e
         where = str(self.root)
+        if e.errno == errno.ENOENT and self.root.is_dir():
+            return BlobsRemovedError(
+                f"could not {doing}: its temp file in the blob store was removed while it was "
+                f"written, by a concurrent gc with --grace 0 (or a grace period shorter than the "
+                f"write). Nothing was stored; run the operation again"
+            )
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             advice = (
                 "the disk is full (or the quota is used up): free space — `libstore gc` removes "
@@ -358,11 +342,11 @@ class BlobStore:
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except FileNotFoundError:
-            raise StorageError(
+            raise BlobsRemovedError(
                 f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc with a grace period "
                 f"shorter than this operation removed it. Nothing was stored; run the operation "
                 f"again (and give gc a longer --grace while imports run)",
-                location=str(self.root),
+                sha256s=(staged.sha256,),
             ) from None
         except OSError as e:
             self.discard(staged)
@@ -403,52 +387,3 @@ class BlobStore:
     def read_bytes(self, sha256: str) -> bytes:
         with self.open(sha256) as f:
             return f.read()
-
-    def verify(self, sha256: str) -> bool:
-        """True if the blob exists and its bytes still hash to its name (re-reads the file)."""
-        p = self.path(sha256)
-        try:
-            return sha256_file(p) == sha256
-        except FileNotFoundError:
-            return False
-
-    # --- removing ----------------------------------------------------------------------------
-
-    def delete(self, sha256: str) -> bool:
-        """Remove a blob (gc decides which are unreferenced). Returns False if it was absent."""
-        p = self.path(sha256)
-        try:
-            os.chmod(p, 0o644)  # Windows refuses to delete read-only files
-            p.unlink()
-        except FileNotFoundError:
-            return False
-        fsync_dir(p.parent)
-        return True
-
-    def temp_files(self) -> list[Path]:
-        """Temp files left in shard folders (in-flight writes, or leftovers of a crash)."""
-        if not self._algo_dir.is_dir():
-            return []
-        found: list[Path] = []
-        for shard in sorted(self._algo_dir.iterdir()):
-            if shard.is_dir():
-                found.extend(sorted(shard.glob(f"{TEMP_PREFIX}*")))
-        return found
-
-    def remove_temp_files(self, older_than_s: float = 3600.0) -> list[Path]:
-        """Delete temp files untouched for ``older_than_s`` seconds; younger ones may be in flight.
-
-        Age, not the pid in the name, decides: the store may be shared by several hosts.
-        """
-        now = time.time()
-        removed: list[Path] = []
-        for tmp in self.temp_files():
-            try:
-                if now - tmp.stat().st_mtime < older_than_s:
-                    continue
-                os.chmod(tmp, 0o644)
-                tmp.unlink()
-            except FileNotFoundError:
-                continue  # another gc or the writer itself got there first
-            removed.append(tmp)
-        return removed

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
 from libstore.errors import UnsafeFileError, ValidationError
-from libstore.store.blobs import fsync_dir
+from libstore.store.blob_upkeep import fsync_dir
 from libstore.store.sources import open_regular, read_failed
 from libstore.store.strict_json import strict_loads
 
