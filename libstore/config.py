@@ -59,3 +59,41 @@ def hub_token(explicit: str | None = None) -> str | None:
 def hub_endpoint() -> str | None:
     """``$HF_ENDPOINT`` at the time of the call."""
     return os.environ.get("HF_ENDPOINT") or None
+
+
+DEFAULT_HUB_STALL_TIMEOUT = 60.0
+DEFAULT_HUB_MIN_RATE = 64 * 1024
+
+
+def hub_stall_timeout() -> float:
+    """Seconds a Hub download may go without receiving a byte before it is abandoned:
+    ``$LIBSTORE_HUB_STALL_TIMEOUT``, else 60."""
+    return _positive_float("LIBSTORE_HUB_STALL_TIMEOUT", DEFAULT_HUB_STALL_TIMEOUT)
+
+
+def hub_min_rate() -> float:
+    """Slowest average rate (bytes/s) a Hub download may have: a file of N bytes is abandoned after
+    ``stall timeout + N / rate`` seconds. ``$LIBSTORE_HUB_MIN_RATE``, else 64 KiB/s."""
+    return _positive_float("LIBSTORE_HUB_MIN_RATE", DEFAULT_HUB_MIN_RATE)
+
+
+class SettingError(ValueError):
+    """An environment setting that cannot be used; ``variable`` names it (callers raise their own
+    error with the text: config stays below every other layer)."""
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+def _positive_float(variable: str, default: float) -> float:
+    text = os.environ.get(variable)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SettingError(f"${variable} must be a positive number, got {text!r}", variable=variable)
+    return value

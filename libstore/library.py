@@ -21,6 +21,7 @@ from libstore.types import (
     Granularity,
     Mixing,
     PrototypeMethod,
+    Remote,
     RouterName,
     RouterSpec,
     SimilarityMetric,
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs 
     import torch
     from torch import nn
 
-    from libstore.catalog.remotes import Remote
     from libstore.ops.clusters import Clustering
     from libstore.ops.derive import GksReport
     from libstore.ops.evaluate import Comparison, Evaluation
@@ -39,8 +39,10 @@ if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs 
     from libstore.ops.lineage import LineageInfo, StaleReport
     from libstore.ops.problems import VerifyReport
     from libstore.ops.prototypes import CacheEntry, ExpertPrototypes, PrototypeReport
+    from libstore.ops.pull import PullReport
+    from libstore.ops.push import PushReport
     from libstore.ops.similarity import SimilarityMatrix
-    from libstore.ops.sync import PullReport, PushReport, StatusReport
+    from libstore.ops.sync import StatusReport
     from libstore.router.model import RoutedModel
 
 PathLike = str | os.PathLike[str]

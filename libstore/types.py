@@ -69,6 +69,9 @@ class BaseModel:
         model_type: ``config.model_type``.
         fingerprint: sha256 of the canonical config (identity check for routers and imports).
         linear_shapes: every ``nn.Linear`` module name -> its shape.
+        origin: ``None`` when the user registered it here; else where the record came from (the
+            remote commit a pull took it from, ``hf://ORG/REPO@COMMIT``). Weights are never loaded
+            from a ``source`` a remote named unless the user names the model themselves.
     """
 
     name: str
@@ -79,6 +82,7 @@ class BaseModel:
     fingerprint: str
     linear_shapes: dict[str, LinearShape]
     created_at: dt.datetime | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -485,3 +489,27 @@ class EvalRecord:
     experts: tuple[ClusteringInput, ...]
     metrics: dict[str, dict[str, EvalMetrics]]
     created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A Hub repo the library syncs with, and where the last sync left it.
+
+    Attributes:
+        name: the library's name for it (``origin``).
+        repo_id: ``namespace/name`` of a model repo.
+        revision: the branch push writes to and pull reads by default.
+        private: visibility used when push creates the repo.
+        last_commit: the remote commit of the last push or pull of the branch (``None``: never).
+        last_synced_at: when that was.
+        synced: number of experts with a sync record.
+    """
+
+    name: str
+    repo_id: str
+    revision: str
+    private: bool
+    last_commit: str | None
+    last_synced_at: dt.datetime | None
+    created_at: dt.datetime | None = None
+    synced: int = 0

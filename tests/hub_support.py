@@ -78,6 +78,6 @@ def snapshot(lib: Library) -> tuple[list[tuple], list, list]:
         from libstore.catalog.models import RemoteExpertRow
 
         records = sorted(
-            s.execute(select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_sha256)).tuples()
+            s.execute(select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_digest)).tuples()
         )
     return experts, remotes, records

@@ -49,7 +49,9 @@ token.
 
 Fault injection and counters (see :class:`Faults`, ``HubServer.counts`` and ``HubServer.log``) let tests
 simulate
-5xx answers, dropped connections, commits applied whose answer is lost, truncated and corrupted downloads.
+5xx answers (also after the request was applied, optionally holding the answer until the test releases
+it, so another client can act in between), dropped connections, commits applied whose answer is lost,
+truncated, corrupted, endless and trickling downloads.
 
 Client setup (what a fixture must do). ``huggingface_hub`` reads its configuration when it is imported, so
 setting
@@ -91,6 +93,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -192,10 +195,26 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     cut_after: int | None = None  # send this many body bytes, then close the connection
+    endless: bool = False  # no Content-Length; after the body, send zeros until the client hangs up
+    trickle: tuple[int, float] | None = None  # send the body in pieces of n bytes, one every s seconds
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
         return cls(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+
+@dataclass
+class Pause:
+    """A held answer: ``reached`` is set when the request was applied and its answer is being held;
+    the answer goes out when the test sets ``release`` (or after ``timeout`` seconds)."""
+
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    timeout: float = 60.0
+
+    def hold(self) -> None:
+        self.reached.set()
+        self.release.wait(self.timeout)
 
 
 @dataclass
@@ -240,13 +259,15 @@ class RequestRecord:
 @dataclass
 class _Rule:
     kind: str
-    action: str  # "fail" | "drop" | "cut" | "corrupt"
+    action: str  # "fail" | "drop" | "cut" | "corrupt" | "endless" | "trickle"
     remaining: int | None  # None: until cleared
     status: int = 500
     message: str = ""
     glob: str = "*"
     after_bytes: int = 0
     after_apply: bool = False
+    pause: Pause | None = None
+    every_s: float = 0.0
 
 
 class Faults:
@@ -263,10 +284,25 @@ class Faults:
         self._rules: list[_Rule] = []
 
     def fail_next(
-        self, kind: str, status: int = 500, count: int | None = 1, message: str = "injected failure"
-    ) -> None:
-        """Answer ``status`` with an error body instead of handling the request."""
-        self._add(_Rule(_check_kind(kind), "fail", count, status=status, message=message))
+        self,
+        kind: str,
+        status: int = 500,
+        count: int | None = 1,
+        message: str = "injected failure",
+        *,
+        after_apply: bool = False,
+        hold: bool = False,
+    ) -> Pause | None:
+        """Answer ``status`` with an error body instead of handling the request — or, with
+        ``after_apply``, after applying it (a gateway error the server's work survived). ``hold``
+        keeps that answer back until the returned :class:`Pause` is released."""
+        pause = Pause() if hold else None
+        rule = _Rule(
+            _check_kind(kind), "fail", count, status=status, message=message, after_apply=after_apply
+        )
+        rule.pause = pause
+        self._add(rule)
+        return pause
 
     def drop_next(self, kind: str, count: int | None = 1, *, after_apply: bool = False) -> None:
         """Close the connection without any answer, before handling the request or after applying it."""
@@ -280,6 +316,18 @@ class Faults:
         """Send headers announcing the full length, then only ``after_bytes`` bytes, then close the
         connection."""
         self._add(_Rule("download", "cut", count, glob=path_glob, after_bytes=after_bytes))
+
+    def endless_download(self, path_glob: str, count: int | None = None) -> None:
+        """Serve the file without a Content-Length, then zeros without end (until the client hangs up,
+        at most :data:`ENDLESS_LIMIT` bytes); ``HubServer.counts["endless_bytes"]`` counts what was sent."""
+        self._add(_Rule("download", "endless", count, glob=path_glob))
+
+    def trickle_download(
+        self, path_glob: str, chunk: int = 2048, every_s: float = 0.5, count: int | None = None
+    ) -> None:
+        """Serve the file (announcing its full length) ``chunk`` bytes at a time, one piece every
+        ``every_s`` seconds."""
+        self._add(_Rule("download", "trickle", count, glob=path_glob, after_bytes=chunk, every_s=every_s))
 
     def wrong_bytes(self, path_glob: str, count: int | None = None) -> None:
         """Serve corrupted bytes of the right length with the right headers (ETag, X-Linked-Etag, size)."""
@@ -347,6 +395,7 @@ _ROUTES: list[tuple[frozenset[str], re.Pattern[str], str, str]] = [
 KINDS = frozenset(kind for _, _, kind, _ in _ROUTES)
 _SIGNED_KINDS = frozenset({"lfs_upload", "lfs_download"})  # hrefs authorised by their signature, not a token
 _CORRUPT = bytes(b ^ 0x5A for b in range(256))  # translation table that changes every byte
+ENDLESS_LIMIT = 256 << 20  # an "endless" body stops here, so that a client that never hangs up ends
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -414,21 +463,50 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.status < 400 and hub.faults.take(kind, "drop", path, after_apply=True):
             self.close_connection = True
             return
+        if reply.status < 400 and (rule := hub.faults.take(kind, "fail", path, after_apply=True)):
+            if rule.pause is not None:
+                rule.pause.hold()
+            reply = HubError(rule.status, rule.message).reply()
         self._send(reply)
 
     def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
         for key, value in reply.headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(reply.body)))
+        if reply.endless and self.command != "HEAD":
+            self.send_header("Connection", "close")  # the body ends when the connection does
+        else:
+            self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
         if self.command == "HEAD":
             return
         if reply.cut_after is not None:
             self.wfile.write(reply.body[: reply.cut_after])
             self.close_connection = True
+        elif reply.endless:
+            self.close_connection = True
+            self._send_endless(reply.body)
+        elif reply.trickle is not None:
+            size, every = reply.trickle
+            with contextlib.suppress(OSError):
+                for i in range(0, len(reply.body), size):
+                    self.wfile.write(reply.body[i : i + size])
+                    self.wfile.flush()
+                    time.sleep(every)
         else:
             self.wfile.write(reply.body)
+
+    def _send_endless(self, body: bytes) -> None:
+        sent = 0
+        zeros = bytes(64 << 10)
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+            sent = len(body)
+            while sent < ENDLESS_LIMIT:
+                self.wfile.write(zeros)
+                sent += len(zeros)
+        with self.server.hub._lock:
+            self.server.hub.counts["endless_bytes"] += sent
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -989,6 +1067,10 @@ class HubServer:
         reply = Reply(status, data, headers)
         if request.method == "GET" and (rule := self.faults.take("download", "cut", path)):
             reply.cut_after = rule.after_bytes
+        if request.method == "GET" and self.faults.take("download", "endless", path):
+            reply.endless = True
+        if request.method == "GET" and (rule := self.faults.take("download", "trickle", path)):
+            reply.trickle = (rule.after_bytes, rule.every_s)
         return reply
 
 

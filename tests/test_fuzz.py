@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from libstore import Library
 from libstore.errors import LibstoreError
-from libstore.hub.manifest import parse_manifest
+from libstore.hub.manifest_reader import parse_manifest
 from libstore.store.adapter import read_adapter
 from libstore.store.blobs import BlobStore
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS

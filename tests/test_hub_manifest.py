@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 
 import pytest
 
-from libstore.hub.manifest import (
-    FORMAT,
-    BaseEntry,
-    ClusterEntry,
-    ClusteringEntry,
-    DerivationEntry,
-    ExpertEntry,
-    FileEntry,
-    Manifest,
-    ManifestError,
-    PrototypeEntry,
-    parse_manifest,
-)
+from libstore.hub.manifest import FORMAT, Manifest, ManifestError, PrototypeEntry, record_digest
+from libstore.hub.manifest_reader import parse_manifest
 from libstore.hub.modelcard import render
 from libstore.hub.plan import classify, matches, plan
 from libstore.ops.query import parse_query
+from libstore.types import (
+    BaseModel,
+    ClusteringInput,
+    ClusteringRecord,
+    ClusterRecord,
+    Derivation,
+    DerivationParent,
+    Expert,
+    LinearShape,
+    ModuleShape,
+    PrototypeSet,
+    StoredFile,
+)
 
 H = [f"{i:x}" * 64 for i in range(10)]
 
@@ -33,8 +37,8 @@ def _expert(
     tags: tuple[str, ...] = ("v1",),
     cluster: str | None = None,
     kind: str = "task",
-) -> ExpertEntry:
-    return ExpertEntry(
+) -> Expert:
+    return Expert(
         name=name,
         kind=kind,
         base_model="tiny",
@@ -42,12 +46,14 @@ def _expert(
         alpha=8.0,
         use_rslora=False,
         target_modules=("q_proj",),
-        modules={"model.layers.0.self_attn.q_proj": (32, 32, 4)},
+        modules={"model.layers.0.self_attn.q_proj": ModuleShape(32, 32, 4)},
         dtype="float32",
-        files={
-            "adapter_config.json": FileEntry(H[0], 500),
-            "adapter_model.safetensors": FileEntry(sha, 5000),
-        },
+        sha256=sha,
+        bytes=5500,
+        files=(
+            StoredFile("adapter_config.json", H[0], 500),
+            StoredFile("adapter_model.safetensors", sha, 5000),
+        ),
         tasks=(name,),
         tags=tags,
         metadata={"note": "x"},
@@ -56,35 +62,37 @@ def _expert(
 
 
 def _manifest() -> Manifest:
-    base = BaseEntry(
+    base = BaseModel(
         "tiny",
         "org/tiny-llama",
         None,
         "LlamaForCausalLM",
         "llama",
         H[9],
-        {"model.layers.0.self_attn.q_proj": (32, 32)},
+        {"model.layers.0.self_attn.q_proj": LinearShape(32, 32)},
     )
-    res = ExpertEntry(
-        **{
-            **_expert("arc_res", sha=H[3], kind="residual").__dict__,
-            "derivation": DerivationEntry(
-                "gks", 1, {"mode": "param"}, H[4], (("expert", "arc", H[1]), ("general", "wiki", H[2]))
-            ),
-        }
+    res = dataclasses.replace(
+        _expert("arc_res", sha=H[3], kind="residual"),
+        lineage=Derivation(
+            "gks",
+            1,
+            {"mode": "param"},
+            H[4],
+            (DerivationParent("expert", "arc", H[1]), DerivationParent("general", "wiki", H[2])),
+        ),
     )
-    clustering = ClusteringEntry(
-        "mbc",
-        "tiny",
-        "mbc",
-        "cosine",
-        2,
-        0,
-        {},
-        {},
-        "kind=task",
-        (("arc", H[1]),),
-        (ClusterEntry(0, "c0", {}, ("arc",), ("arc",)),),
+    clustering = ClusteringRecord(
+        name="mbc",
+        base_model="tiny",
+        method="mbc",
+        metric="cosine",
+        k=2,
+        seed=0,
+        query="kind=task",
+        params={},
+        criterion={},
+        inputs=(ClusteringInput("arc", H[1]),),
+        clusters=(ClusterRecord(0, ("arc",), ("arc",), "c0", {}),),
     )
     return Manifest(
         base_models={"tiny": base},
@@ -95,7 +103,7 @@ def _manifest() -> Manifest:
             "c0": _expert("c0", sha=H[5], kind="cluster", cluster="mbc:0"),
         },
         clusterings={"mbc": clustering},
-        prototypes=(PrototypeEntry("arc", H[1], "exact", 1, H[6], {"top_n": 1}, H[7], 700),),
+        prototypes=(PrototypeEntry("arc", PrototypeSet(H[1], "exact", 1, {"top_n": 1}, H[6], H[7], 700)),),
         generator="libstore test",
     )
 
@@ -114,7 +122,15 @@ def test_round_trip_is_exact_and_deterministic() -> None:
         ),
         f"prototypes/arc/exact-v1-{H[6][:16]}.safetensors",
     }
-    assert _expert("a").digest() == _expert("a").digest() != _expert("a", tags=("v2",)).digest()
+    assert (
+        record_digest(_expert("a"))
+        == record_digest(_expert("a"))
+        != record_digest(_expert("a", tags=("v2",)))
+    )
+    # what the catalog adds to a record (where it came from, when) is not part of the digest
+    assert record_digest(
+        dataclasses.replace(_expert("a"), source="/x", created_at=dt.datetime.now(dt.UTC))
+    ) == (record_digest(_expert("a")))
     card = render(m, "org/lib")
     assert "subfolder='experts/arc'" in card and 'base_model:\n- "org/tiny-llama"' in card
 
@@ -172,6 +188,24 @@ def test_json_level_tricks_are_refused() -> None:
         parse_manifest(b" " * (64 << 20 | 1))
     with pytest.raises(ManifestError, match="object"):
         parse_manifest(b"[]")
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["metadata key", "cluster label", "generator", "derivation params"],
+)
+def test_manifest_reader_refuses_lone_surrogates_everywhere(where: str) -> None:
+    raw = json.loads(_manifest().to_bytes())
+    if where == "metadata key":
+        raw["experts"]["arc"]["metadata"] = {"\udfff": 1}
+    elif where == "cluster label":
+        raw["clusterings"]["mbc"]["clusters"][0]["label"] = "c\ud83d"
+    elif where == "generator":
+        raw["generator"] = "\ud800"
+    else:
+        raw["experts"]["arc_res"]["derivation"]["params"]["mode"] = "\udc80"
+    with pytest.raises(ManifestError, match="surrogate"):
+        parse_manifest(json.dumps(raw).encode())
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,19 @@ from safetensors.torch import load_file
 
 from libstore import Library
 from libstore.catalog import clusterings as clustering_repo
-from libstore.errors import HubError, IntegrityError, RemoteMovedError, SyncConflictError
+from libstore.errors import (
+    AlreadyExistsError,
+    HubError,
+    IntegrityError,
+    NotFoundError,
+    RemoteMovedError,
+    SyncConflictError,
+)
 from libstore.hub.manifest import MANIFEST_FILE, ManifestError
 from libstore.ops import pull, push
+from libstore.ops.sync import StatusReport
 from libstore.store.blobs import sha256_file
-from libstore.types import ClusteringInput, ClusteringRecord, ClusterRecord
+from libstore.types import ClusteringInput, ClusteringRecord, ClusterRecord, Remote
 from tests import hub_support as support
 from tests.factories import load_base, make_adapter
 from tests.hub_support import REPO, add_experts, snapshot
@@ -413,6 +422,52 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
 
 
 @SQLITE_ONLY
+def test_two_libraries_pushing_at_once_never_drop_each_others_experts(
+    library: Library,
+    other: Library,
+    hub: HubServer,
+    base_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A batched push whose first commit lands but answers 502; while it waits for that answer the
+    other library pushes its own expert. The first push must not then write its stale manifest."""
+    _setup_pushed(library, base_dir, tmp_path, ["shared"])
+    other.add_remote("origin", REPO)
+    other.pull()
+    add_experts(library, base_dir, tmp_path, ["mine"], seed0=10)
+    add_experts(other, base_dir, tmp_path, ["theirs"], seed0=20)
+    pause = hub.faults.fail_next("commit", 502, after_apply=True, hold=True)
+    assert pause is not None
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:  # 2 files + manifest + card > 3: the files go in a commit of their own first
+            push.push(library.context, max_files_per_commit=3)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert pause.reached.wait(30)  # the files of "mine" are committed; the answer is held
+    assert other.push().uploaded == ("theirs",)
+    pause.release.set()
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], RemoteMovedError), errors
+    assert errors[0].repo_id == REPO
+    assert set(json.loads(hub.read_file(REPO, MANIFEST_FILE))["experts"]) == {"shared", "theirs"}
+    assert library.remotes()[0].last_commit != hub.head(REPO)  # the failed push recorded nothing
+
+    assert library.pull().added == ("theirs",)
+    hub.reset_stats()
+    assert library.push().uploaded == ("mine",) and hub.counts["lfs_upload"] == 0  # files were there
+    assert set(json.loads(hub.read_file(REPO, MANIFEST_FILE))["experts"]) == {"mine", "shared", "theirs"}
+    r = other.pull(prune=True)
+    assert r.removed == () and r.added == ("mine",)
+    assert sorted(e.name for e in other.experts()) == ["mine", "shared", "theirs"]
+    assert other.verify().ok and library.verify().ok
+
+
+@SQLITE_ONLY
 def test_cut_download_leaves_library_unchanged_and_next_pull_resumes(
     library: Library,
     other: Library,
@@ -625,3 +680,67 @@ def test_sha256_of_pulled_files_matches_the_original(
     out = other.export("x", tmp_path / "out")
     assert sha256_file(out / "adapter_model.safetensors") == sha256_file(src / "adapter_model.safetensors")
     assert (out / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
+
+
+# --- typed results and errors ----------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+def test_reports_are_typed_and_errors_carry_fields(library: Library, hub: HubServer) -> None:
+    with pytest.raises(NotFoundError) as none:
+        library.push()
+    assert none.value.what == "remote" and none.value.name is None
+    added = library.add_remote("origin", REPO)
+    assert isinstance(added, Remote) and added == library.remotes()[0]
+    with pytest.raises(AlreadyExistsError) as taken:
+        library.add_remote("origin", REPO)
+    assert (taken.value.what, taken.value.name) == ("remote", "origin")
+    with pytest.raises(NotFoundError) as missing:
+        library.pull("upstream")
+    assert (missing.value.what, missing.value.name) == ("remote", "upstream")
+    with pytest.raises(HubError) as no_repo:
+        library.pull()  # the repo does not exist yet
+    assert no_repo.value.repo_id == REPO and no_repo.value.status == 404
+    st = library.status()
+    assert isinstance(st, StatusReport) and st.remote == added and st.head is None
+
+
+def test_sync_records_keep_their_digests_through_the_rename_to_synced_digest(tmp_path: Path) -> None:
+    """Migration 0005: remote_experts.synced_sha256 (which always held record digests) becomes
+    synced_digest with its values; base models registered before it count as the user's own."""
+    from sqlalchemy import text
+
+    from libstore.catalog import migrate
+    from libstore.catalog.engine import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    migrate.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO remotes (id, name, repo_id, repo_type, revision, private, created_at) "
+                "VALUES (1, 'origin', 'a/b', 'model', 'main', 0, '2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO remote_experts (remote_id, expert_name, synced_sha256, synced_at) "
+                "VALUES (1, 'arc', :d, '2026-01-01 00:00:00')"
+            ),
+            {"d": "d" * 64},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO base_models (name, source, architecture, model_type, fingerprint, "
+                "linear_shapes, created_at) VALUES ('tiny', '/m', 'X', 'llama', :f, '{}', "
+                "'2026-01-01 00:00:00')"
+            ),
+            {"f": "f" * 64},
+        )
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT expert_name, synced_digest FROM remote_experts")).all() == [
+            ("arc", "d" * 64)
+        ]
+        assert conn.execute(text("SELECT origin FROM base_models")).all() == [(None,)]
+    engine.dispose()

@@ -302,7 +302,8 @@ def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: 
         new_keys[name] = d.inputs_key
         assert old_keys[name] != d.inputs_key
     engine = library.context.catalog.engine
-    migrate.downgrade(engine, "0003")  # later migrations' tables go first: the catalog of then had none
+
+    migrate.downgrade(engine, "0003")  # the later revisions' own changes undone first
     with engine.begin() as conn:  # what libstore before this revision wrote
         for name, key in old_keys.items():
             conn.execute(

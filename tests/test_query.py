@@ -86,9 +86,9 @@ def glob_library(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
 
 def _entry(name: str):  # type: ignore[no-untyped-def]
-    from libstore.hub.manifest import ExpertEntry
+    from libstore.types import Expert
 
-    return ExpertEntry(
+    return Expert(
         name=name,
         kind="task",
         base_model="tiny",
@@ -98,7 +98,9 @@ def _entry(name: str):  # type: ignore[no-untyped-def]
         target_modules=("q_proj",),
         modules={},
         dtype="float32",
-        files={},
+        sha256="0" * 64,
+        bytes=0,
+        files=(),
     )
 
 

@@ -18,7 +18,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from libstore import Library
 from libstore.cli import cli
 from libstore.errors import ValidationError
-from libstore.hub.manifest import ManifestError, parse_manifest
+from libstore.hub.manifest import ManifestError
+from libstore.hub.manifest_reader import parse_manifest
 from libstore.store.adapter import read_adapter
 from libstore.store.blobs import BlobStore
 from libstore.store.safetensors_io import load_tensors, read_header, save_tensors

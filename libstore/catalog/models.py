@@ -79,6 +79,8 @@ class BaseModelRow(Base):
     fingerprint: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
     linear_shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    #: NULL: registered by the user; else the remote commit a pull registered it from.
+    origin: Mapped[str | None] = mapped_column(String(1024))
 
 
 class BlobRow(Base):
@@ -326,13 +328,14 @@ class RemoteRow(Base):
 
 
 class RemoteExpertRow(Base):
-    """Per remote and expert name: the content hash both sides had at the last sync."""
+    """Per remote and expert name: the record digest (sha256 of the expert's manifest entry) both
+    sides had at the last sync."""
 
     __tablename__ = "remote_experts"
 
     remote_id: Mapped[int] = mapped_column(ForeignKey("remotes.id", ondelete="CASCADE"), primary_key=True)
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
-    synced_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
+    synced_digest: Mapped[str] = mapped_column(String(SHA_LEN))
     remote_commit: Mapped[str | None] = mapped_column(String(64))
     synced_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 

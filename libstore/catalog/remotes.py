@@ -2,28 +2,28 @@
 
 ``remotes`` holds where a library syncs to (repo id, tracked branch, visibility) and ``last_commit``,
 the remote commit the library last pushed or pulled. ``remote_experts`` holds, per remote and
-expert name, the *record digest* both sides had at that sync (the sha256 of the expert's manifest
-entry: weights and config hashes, kind, tasks, tags, metadata, derivation and cluster), which is
-what three-way sync planning compares. Tokens are never stored here.
+expert name, the *record digest* both sides had at that sync (``synced_digest``: the sha256 of the
+expert's manifest entry — weights and config hashes, kind, tasks, tags, metadata, derivation and
+cluster), which is what three-way sync planning compares. Tokens are never stored here.
 
 Derivations and clusterings are read and written by ``catalog.derivations`` and
-``catalog.clusterings`` (their one writers); :func:`link_experts` links the records they keep by
-name to experts a pull has just added. Every function takes an open ``Session``; the caller owns the
-transaction. ORM rows stay inside the catalog and ops layers.
+``catalog.clusterings`` (their one writers); this module registers the base models a manifest
+carries and :func:`link_experts` links the records kept by name to experts a pull has just added.
+Every function takes an open ``Session``; the caller owns the transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from libstore.catalog import repo
 from libstore.catalog.models import (
     BaseModelRow,
+    BlobRow,
     ClusteringInputRow,
     ClusterMemberRow,
     DerivationParentRow,
@@ -32,31 +32,7 @@ from libstore.catalog.models import (
     RemoteRow,
 )
 from libstore.errors import AlreadyExistsError, BaseModelMismatchError, NotFoundError
-from libstore.types import BaseModel
-
-
-@dataclass(frozen=True)
-class Remote:
-    """A Hub repo the library syncs with.
-
-    Attributes:
-        name: the library's name for it (``origin``).
-        repo_id: ``namespace/name`` of a model repo.
-        revision: the branch push writes to and pull reads by default.
-        private: visibility used when push creates the repo.
-        last_commit: the remote commit of the last push or pull (``None``: never synced).
-        last_synced_at: when that was.
-        synced: number of experts with a sync record.
-    """
-
-    name: str
-    repo_id: str
-    revision: str
-    private: bool
-    last_commit: str | None
-    last_synced_at: dt.datetime | None
-    created_at: dt.datetime | None = None
-    synced: int = 0
+from libstore.types import BaseModel, Remote
 
 
 def _now() -> dt.datetime:
@@ -67,8 +43,8 @@ def _now() -> dt.datetime:
 
 
 def to_remote(session: Session, row: RemoteRow) -> Remote:
-    n = len(
-        session.scalars(select(RemoteExpertRow.expert_name).where(RemoteExpertRow.remote_id == row.id)).all()
+    n = session.scalar(
+        select(func.count()).select_from(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id)
     )
     return Remote(
         name=row.name,
@@ -78,7 +54,7 @@ def to_remote(session: Session, row: RemoteRow) -> Remote:
         last_commit=row.last_commit,
         last_synced_at=row.last_synced_at,
         created_at=row.created_at,
-        synced=n,
+        synced=int(n or 0),
     )
 
 
@@ -87,23 +63,34 @@ def remote_row(session: Session, name: str) -> RemoteRow:
     if row is None:
         known = ", ".join(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name))) or "none yet"
         raise NotFoundError(
-            f"no remote named {name!r} (remotes: {known}); add one with: libstore remote add {name} ORG/REPO"
+            f"no remote named {name!r} (remotes: {known}); add one with: libstore remote add {name} ORG/REPO",
+            what="remote",
+            name=name,
         )
     return row
 
 
-def only_remote_name(session: Session) -> str | None:
-    """The remote to use when none is named: ``origin``, else the only one, else ``None``."""
+def resolve_remote(session: Session, name: str | None) -> RemoteRow:
+    """The named remote, or when none is named ``origin``, else the only one."""
+    if name is not None:
+        return remote_row(session, name)
     names = list(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name)))
-    if "origin" in names:
-        return "origin"
-    return names[0] if len(names) == 1 else None
+    found = "origin" if "origin" in names else names[0] if len(names) == 1 else None
+    if found is None:
+        raise NotFoundError(
+            "no remote given and none is the default (origin, or the only one); add one with: "
+            "libstore remote add origin ORG/REPO",
+            what="remote",
+        )
+    return remote_row(session, found)
 
 
 def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> RemoteRow:
     if session.scalar(select(RemoteRow.id).where(RemoteRow.name == name)) is not None:
         raise AlreadyExistsError(
-            f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})"
+            f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})",
+            what="remote",
+            name=name,
         )
     row = RemoteRow(name=name, repo_id=repo_id, revision=revision, private=private)
     session.add(row)
@@ -122,7 +109,7 @@ def remove_remote(session: Session, name: str) -> None:
 
 def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
     """``expert name -> record digest`` both sides had at the last sync."""
-    stmt = select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_sha256).where(
+    stmt = select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_digest).where(
         RemoteExpertRow.remote_id == row.id
     )
     return {n: d for n, d in session.execute(stmt)}
@@ -158,24 +145,35 @@ def record_sync(
                 RemoteExpertRow(
                     remote_id=row.id,
                     expert_name=name,
-                    synced_sha256=digest,
+                    synced_digest=digest,
                     remote_commit=commit,
                     synced_at=now,
                 )
             )
-        elif rec.synced_sha256 != digest or rec.remote_commit != commit:
-            rec.synced_sha256, rec.remote_commit, rec.synced_at = digest, commit, now
+        elif rec.synced_digest != digest or rec.remote_commit != commit:
+            rec.synced_digest, rec.remote_commit, rec.synced_at = digest, commit, now
     if last_commit:
         row.last_commit = commit
     row.last_synced_at = now
     session.flush()
 
 
-# --- base models -----------------------------------------------------------------------------------
+# --- what a manifest carries -------------------------------------------------------------------------
+
+
+def blob_sizes(session: Session, shas: Iterable[str]) -> dict[str, int]:
+    """``blob sha256 -> size`` of the blobs the catalog records (of those asked for)."""
+    wanted = sorted(set(shas))
+    sizes: dict[str, int] = {}
+    for i in range(0, len(wanted), 500):
+        stmt = select(BlobRow.sha256, BlobRow.size).where(BlobRow.sha256.in_(wanted[i : i + 500]))
+        sizes.update((h, n) for h, n in session.execute(stmt))
+    return sizes
 
 
 def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:
-    """The local base model named like ``base``; registered from the record if absent.
+    """The local base model named like ``base``; registered from the record if absent (with the
+    record's ``origin``: where a pull took it from).
 
     A local base of that name with another config fingerprint is a different model: refused.
     """
@@ -189,6 +187,12 @@ def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:
             f"fingerprint {row.fingerprint[:12]}); its experts cannot be pulled into this library"
         )
     return row
+
+
+def same_base(session: Session, base: BaseModel) -> BaseModelRow | None:
+    """The local base model of that name if it is the same model (same fingerprint), else ``None``."""
+    row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
+    return row if row is not None and row.fingerprint == base.fingerprint else None
 
 
 # --- links of records kept by name ------------------------------------------------------------

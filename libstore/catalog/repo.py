@@ -74,6 +74,7 @@ def to_base(row: BaseModelRow) -> BaseModel:
         fingerprint=row.fingerprint,
         linear_shapes={k: LinearShape(*v) for k, v in row.linear_shapes.items()},
         created_at=row.created_at,
+        origin=row.origin,
     )
 
 
@@ -113,6 +114,7 @@ def add_base(session: Session, base: BaseModel) -> BaseModelRow:
         model_type=base.model_type,
         fingerprint=base.fingerprint,
         linear_shapes={k: [v.in_features, v.out_features] for k, v in base.linear_shapes.items()},
+        origin=base.origin,
     )
     session.add(row)
     session.flush()

@@ -273,7 +273,7 @@ def status_cmd(
 @_token_option
 @json_option
 @click.pass_obj
-def import_hub(state: State, repo_id: str, as_json: bool, **kw: Any) -> None:
+def import_hub(state: State, /, repo_id: str, as_json: bool, **kw: Any) -> None:
     """Import one PEFT adapter from Hub repo REPO_ID, validated like `libstore add`.
 
     \b
@@ -312,7 +312,7 @@ def import_hub(state: State, repo_id: str, as_json: bool, **kw: Any) -> None:
 @_token_option
 @json_option
 @click.pass_obj
-def import_mttl(state: State, source: str, experts: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def import_mttl(state: State, /, source: str, experts: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Import a library in microsoft/mttl's expert-library format (folder or Hub repo), all or nothing.
 
     Files are read with torch.load(weights_only=True) only; anything else is refused.

@@ -8,14 +8,18 @@ through :meth:`HubClient._scrub` and is raised ``from`` the original exception.
 
 Downloads land in a caller-given folder inside the library (a unique temp folder) and are *not*
 trusted: the caller checks each file's sha256 before it enters the blob store, because the client
-does not check plain downloads.
+does not check plain downloads. They are bounded while they stream: never more bytes than the size
+the caller expects (an endless body is cut off at that size, not after it filled the disk), no
+longer than a deadline that grows with the size (``$LIBSTORE_HUB_MIN_RATE``), and no longer than
+``$LIBSTORE_HUB_STALL_TIMEOUT`` without a byte (see :class:`DownloadLimits`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,41 @@ class RemoteFile:
     sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class DownloadLimits:
+    """How long one file may take to arrive.
+
+    Attributes:
+        stall_s: longest wait for the connection or the next bytes (``$LIBSTORE_HUB_STALL_TIMEOUT``,
+            default 60 s).
+        min_rate: slowest average rate accepted, bytes/s (``$LIBSTORE_HUB_MIN_RATE``, default 64 KiB/s):
+            a file of ``size`` bytes must be complete within ``stall_s + size / min_rate`` seconds.
+        retries: further attempts after a connection failure or a 5xx answer.
+    """
+
+    stall_s: float
+    min_rate: float
+    retries: int = 2
+
+    def deadline_s(self, size: int) -> float:
+        return self.stall_s + size / self.min_rate
+
+    @classmethod
+    def from_config(cls) -> DownloadLimits:
+        try:
+            return cls(stall_s=config.hub_stall_timeout(), min_rate=config.hub_min_rate())
+        except config.SettingError as e:
+            raise ValidationError(str(e), field=e.variable) from None
+
+
+class _Retryable(Exception):
+    """A download attempt that failed in a way worth another try (never leaves this module)."""
+
+    def __init__(self, error: HubError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def git_blob_id(data: bytes) -> str:
     """The git object id of a regular (non-LFS) file, as the Hub reports it."""
     import hashlib
@@ -61,11 +100,14 @@ class HubClient:
     >>> client.resolve("org/lib", "main")       # the commit id main points at
     """
 
-    def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
+    def __init__(
+        self, *, token: str | None = None, endpoint: str | None = None, limits: DownloadLimits | None = None
+    ) -> None:
         from huggingface_hub import HfApi
 
         self._token = config.hub_token(token)
         self.endpoint = (endpoint or config.hub_endpoint() or "").rstrip("/") or None
+        self.limits = limits or DownloadLimits.from_config()
         self._api = HfApi(
             endpoint=self.endpoint, token=self._token, library_name="libstore", library_version=_version()
         )
@@ -91,7 +133,8 @@ class HubClient:
 
     @contextlib.contextmanager
     def _errors(self, what: str, repo_id: str, revision: str | None = None) -> Iterator[None]:
-        """Turn any client or network failure into :class:`HubError` (or a subclass)."""
+        """Turn any client or network failure into :class:`HubError` (or a subclass) that carries
+        ``repo_id`` and the HTTP ``status`` (``None``: no answer)."""
         from huggingface_hub.errors import (
             EntryNotFoundError,
             HfHubHTTPError,
@@ -100,48 +143,52 @@ class HubClient:
         )
 
         where = f"{repo_id}" + (f"@{revision}" if revision else "")
+
+        def err(cls: type[HubError], text: str, status: int | None) -> HubError:
+            return cls(self._scrub(text), repo_id=repo_id, status=status)
+
         try:
             yield
         except LibstoreError:
             raise
         except RepositoryNotFoundError as e:
-            raise HubError(
-                self._scrub(
-                    f"{what}: repo {repo_id!r} not found on {self.endpoint or 'the Hub'}, or it is "
-                    f"private and the token cannot see it (log in with `hf auth login`, set HF_TOKEN "
-                    f"or pass --token)"
-                )
+            raise err(
+                HubError,
+                f"{what}: repo {repo_id!r} not found on {self.endpoint or 'the Hub'}, or it is "
+                f"private and the token cannot see it (log in with `hf auth login`, set HF_TOKEN "
+                f"or pass --token)",
+                _status(e),
             ) from e
         except RevisionNotFoundError as e:
-            raise HubError(
-                self._scrub(f"{what}: {repo_id!r} has no branch, tag or commit {revision!r}")
+            raise err(
+                HubError, f"{what}: {repo_id!r} has no branch, tag or commit {revision!r}", _status(e)
             ) from e
         except EntryNotFoundError as e:
-            raise HubError(self._scrub(f"{what}: a file is missing from {where}: {_first_line(e)}")) from e
+            raise err(
+                HubError, f"{what}: a file is missing from {where}: {_first_line(e)}", _status(e)
+            ) from e
         except HfHubHTTPError as e:
-            status = getattr(getattr(e, "response", None), "status_code", None)
+            status = _status(e)
             detail = e.server_message or _first_line(e)
             if status == 412 or (status == 409 and "commit" in what):
-                raise RemoteMovedError(
-                    self._scrub(
-                        f"{what}: {where} moved while this push was running (someone else pushed); "
-                        f"run `libstore pull` and push again"
-                    )
+                raise err(
+                    RemoteMovedError,
+                    f"{what}: {where} moved while this push was running (someone else pushed); "
+                    f"run `libstore pull` and push again",
+                    status,
                 ) from e
             if status in (401, 403):
-                raise HubError(
-                    self._scrub(
-                        f"{what}: not allowed on {where} (HTTP {status}: {detail}); log in with "
-                        f"`hf auth login`, set HF_TOKEN or pass --token with write access"
-                    )
+                raise err(
+                    HubError,
+                    f"{what}: not allowed on {where} (HTTP {status}: {detail}); log in with "
+                    f"`hf auth login`, set HF_TOKEN or pass --token with write access",
+                    status,
                 ) from e
-            err = HubError(self._scrub(f"{what} failed on {where}: HTTP {status}: {detail}"))
-            err.transient = status is None or status >= 500 or status in (408, 429)  # type: ignore[attr-defined]
-            raise err from e
+            raise err(HubError, f"{what} failed on {where}: HTTP {status}: {detail}", status) from e
         except Exception as e:
-            err = HubError(self._scrub(f"{what} failed on {where}: {type(e).__name__}: {_first_line(e)}"))
-            err.transient = True  # type: ignore[attr-defined]
-            raise err from e
+            raise err(
+                HubError, f"{what} failed on {where}: {type(e).__name__}: {_first_line(e)}", None
+            ) from e
 
     # --- repos and revisions -------------------------------------------------------------------
 
@@ -164,7 +211,7 @@ class HubClient:
         with self._errors("resolving the revision", repo_id, revision):
             info = self._api.repo_info(repo_id, repo_type="model", revision=revision)
         if not info.sha:
-            raise HubError(f"{repo_id}@{revision} has no commit yet")
+            raise HubError(f"{repo_id}@{revision} has no commit yet", repo_id=repo_id)
         return str(info.sha)
 
     def list_files(self, repo_id: str, commit: str) -> dict[str, RemoteFile]:
@@ -220,36 +267,117 @@ class HubClient:
 
     # --- files ---------------------------------------------------------------------------------
 
-    def download(self, repo_id: str, path: str, commit: str, dest: Path) -> Path:
-        """Download one file of ``commit`` below folder ``dest`` (inside the library); unverified."""
-        from huggingface_hub import hf_hub_download
+    def download(self, repo_id: str, path: str, commit: str, dest: Path, *, size: int) -> Path:
+        """Download one file of ``commit`` into folder ``dest`` (inside the library); unverified.
 
-        with self._errors(f"downloading {path}", repo_id, commit):
-            out = hf_hub_download(
-                repo_id,
-                path,
-                revision=commit,
-                repo_type="model",
-                local_dir=dest,
-                token=self._token,
-                endpoint=self.endpoint,
-                library_name="libstore",
-                library_version=_version(),
-            )
-        return Path(out)
+        ``size`` is the size the caller was told (manifest, listing): more bytes are refused as they
+        arrive (:class:`IntegrityError`), and the download is abandoned with :class:`HubError` when
+        it stalls or misses its deadline (:class:`DownloadLimits`). Connection failures and 5xx
+        answers are retried from the start, within the deadline.
+        """
+        from huggingface_hub import hf_hub_url
 
-    def read_small(self, repo_id: str, path: str, commit: str, dest: Path, *, max_bytes: int) -> bytes:
-        """Download and read a small file (the manifest, a config) with a size cap."""
-        p = self.download(repo_id, path, commit, dest)
-        size = p.stat().st_size
-        if size > max_bytes:
-            raise HubError(
-                f"{repo_id}@{commit[:12]}: {path} is {size} bytes, over the {max_bytes}-byte limit"
-            )
-        data = p.read_bytes()
-        with contextlib.suppress(OSError):
-            os.unlink(p)
-        return data
+        url = hf_hub_url(repo_id, path, revision=commit, repo_type="model", endpoint=self.endpoint)
+        dest.mkdir(parents=True, exist_ok=True)
+        out = dest / f"{uuid.uuid4().hex}.part"
+        deadline = time.monotonic() + self.limits.deadline_s(size)
+        attempt = 0
+        while True:
+            try:
+                self._stream(url, repo_id, path, commit, out, size, deadline)
+                return out
+            except _Retryable as r:
+                attempt += 1
+                wait = 0.2 * 2 ** (attempt - 1)
+                if attempt > self.limits.retries or time.monotonic() + wait > deadline:
+                    raise r.error from r.error.__cause__
+                log.info("retrying the download of %s from %s: %s", path, repo_id, r.error)
+                time.sleep(wait)
+            finally:
+                if out.exists() and out.stat().st_size != size:
+                    out.unlink()
+
+    def _stream(
+        self, url: str, repo_id: str, path: str, commit: str, out: Path, size: int, deadline: float
+    ) -> None:
+        """One attempt: stream ``url`` to ``out``, holding the size and time limits while it streams."""
+        import httpx2
+        from huggingface_hub import get_session, hf_raise_for_status
+        from huggingface_hub.utils._headers import (
+            build_hf_headers,
+        )  # the lazy utils facade hides it from mypy
+
+        where = f"{repo_id}@{commit[:12]}:{path}"
+        headers = build_hf_headers(token=self._token, library_name="libstore", library_version=_version())
+        headers["Accept-Encoding"] = "identity"
+        limits = self.limits
+        try:
+            with (
+                self._errors(f"downloading {path}", repo_id, commit),
+                get_session().stream(
+                    "GET", url, headers=headers, timeout=limits.stall_s, follow_redirects=True
+                ) as response,
+            ):
+                announced = response.headers.get("Content-Length")
+                small = announced is not None and announced.isdigit() and int(announced) <= 1 << 20
+                if response.status_code >= 400 and not small:
+                    raise HubError(  # an error page too big to read is not worth reading
+                        f"downloading {path} failed on {repo_id}@{commit}: HTTP {response.status_code}",
+                        repo_id=repo_id,
+                        status=response.status_code,
+                    )
+                hf_raise_for_status(response)
+                if announced is not None and announced.isdigit() and int(announced) > size:
+                    raise IntegrityError(
+                        f"{where}: the server announces {announced} bytes, but it is {size} bytes; "
+                        f"the remote is inconsistent — nothing was changed",
+                        path=path,
+                    )
+                got = 0
+                with open(out, "wb") as f:
+                    for chunk in response.iter_bytes():
+                        got += len(chunk)
+                        if got > size:
+                            raise IntegrityError(
+                                f"{where}: the server sends more than the {size} bytes the file has; "
+                                f"stopped reading — nothing was changed",
+                                path=path,
+                            )
+                        f.write(chunk)
+                        if time.monotonic() > deadline:
+                            raise HubError(
+                                f"{where}: {got} of {size} bytes after {limits.deadline_s(size):.0f} s, "
+                                f"slower than LIBSTORE_HUB_MIN_RATE={limits.min_rate:.0f} bytes/s; "
+                                f"nothing was changed — pull again later (or raise the limit)",
+                                repo_id=repo_id,
+                            )
+                if got < size:
+                    raise IntegrityError(
+                        f"{where} has {got} bytes, the manifest says {size}; the download is incomplete "
+                        f"or the remote is inconsistent — nothing was changed, pull again to resume",
+                        path=path,
+                    )
+        except HubError as e:
+            cause = e.__cause__
+            if isinstance(cause, httpx2.TimeoutException):
+                raise HubError(
+                    f"{where}: no data for {limits.stall_s:.0f} s (LIBSTORE_HUB_STALL_TIMEOUT); the "
+                    f"download was abandoned — nothing was changed, pull again later",
+                    repo_id=repo_id,
+                ) from None
+            if type(e) is HubError and (
+                isinstance(cause, httpx2.TransportError) or (e.status is not None and is_transient(e))
+            ):
+                raise _Retryable(e) from None
+            raise
+
+    def read_small(self, repo_id: str, path: str, commit: str, dest: Path, *, size: int) -> bytes:
+        """Download and read a small file (the manifest, a config) of the given size."""
+        p = self.download(repo_id, path, commit, dest, size=size)
+        try:
+            return p.read_bytes()
+        finally:
+            p.unlink(missing_ok=True)
 
     # --- commits -------------------------------------------------------------------------------
 
@@ -305,13 +433,17 @@ class HubClient:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a :class:`HubError` came from a failure worth retrying (network, 5xx, 429)."""
-    return bool(getattr(error, "transient", False))
+    """Whether a :class:`HubError` came from a failure worth retrying: no answer at all (network) or
+    HTTP 5xx, 408, 429. A moved branch is not transient: it needs a pull."""
+    if not isinstance(error, HubError) or isinstance(error, RemoteMovedError):
+        return False
+    return error.status is None or error.status >= 500 or error.status in (408, 429)
 
 
 def check_repo_id(repo_id: str) -> str:
     """``namespace/name`` as the Hub accepts it, else :class:`ValidationError`."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils._validators import validate_repo_id  # the lazy utils facade hides it from mypy
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
         raise ValidationError(
@@ -322,6 +454,11 @@ def check_repo_id(repo_id: str) -> str:
     except HFValidationError as e:
         raise ValidationError(f"{repo_id!r} is not a valid Hub repo id: {_first_line(e)}") from None
     return repo_id
+
+
+def _status(e: BaseException) -> int | None:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
 
 
 def _first_line(e: BaseException) -> str:

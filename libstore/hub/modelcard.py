@@ -70,7 +70,7 @@ def render(manifest: Manifest, repo_id: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in experts[:MAX_ROWS]:
-        derived = e.derivation.method if e.derivation else ""
+        derived = e.lineage.method if e.lineage else ""
         lines.append(
             f"| {e.name} | {e.kind} | {e.base_model} | {e.rank} | {_cell(', '.join(e.tasks))} | "
             f"{_cell(', '.join(e.tags))} | {_cell(derived)} | {e.sha256[:12]} |"

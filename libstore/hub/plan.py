@@ -1,6 +1,6 @@
 """Pure sync planning: the library's experts vs the remote's vs what both had at the last sync.
 
-Each side is a mapping ``name -> record digest`` (see ``ExpertEntry.digest``); ``synced`` holds the
+Each side is a mapping ``name -> record digest`` (see ``manifest.record_digest``); ``synced`` holds the
 digest both sides had when they were last synced (the ``remote_experts`` table). A three-way
 comparison, as git does for files, tells who changed what:
 
@@ -33,8 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from libstore.hub.manifest import ExpertEntry
-from libstore.types import ExpertQuery
+from libstore.types import Expert, ExpertQuery
 
 State = Literal[
     "in_sync",
@@ -186,8 +185,9 @@ def stale_sync_records(
     return sorted(n for n in synced if n not in local and n not in remote)
 
 
-def matches(entry: ExpertEntry, query: ExpertQuery) -> bool:
-    """Does a manifest entry match a catalog query (same semantics as ``libstore ls``)?"""
+def matches(entry: Expert, query: ExpertQuery) -> bool:
+    """Does an expert record (a manifest's or the library's) match a catalog query (same semantics as
+    ``libstore ls``)?"""
     if not query.matches_name(entry.name):
         return False
     if query.kinds and entry.kind not in query.kinds:

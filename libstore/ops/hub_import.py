@@ -1,8 +1,9 @@
 """Import adapters that were not made by libstore: any PEFT adapter repo on the Hub, and libraries in
 microsoft/mttl's expert-library format (a local folder or a Hub repo).
 
-Downloads go to a unique temp folder inside the library and are checked against the sha256 the Hub
-lists for LFS files (the client does not check plain downloads); every adapter is then validated
+Downloads go to a unique temp folder inside the library, bounded in size and time while they stream,
+and are checked against what the Hub lists for each file — the sha256 of LFS files, the git blob id
+of small ones (the client checks neither); every adapter is then validated
 exactly like ``libstore add`` before anything is written, and an mttl library is imported all or
 nothing in one transaction.
 """
@@ -15,6 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from libstore import config
 from libstore.catalog import repo
 from libstore.errors import (
     BaseModelMismatchError,
@@ -25,10 +27,10 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.hub import mttl
-from libstore.hub.client import HubClient, RemoteFile, check_repo_id
+from libstore.hub.client import HubClient, RemoteFile, check_repo_id, git_blob_id
 from libstore.ops import experts as experts_ops
 from libstore.ops.context import Context
-from libstore.ops.sync import temp_dir
+from libstore.ops.sync_state import temp_dir
 from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert
@@ -48,19 +50,36 @@ def _check_subfolder(subfolder: str | None) -> str:
     return "/".join(parts)
 
 
+def _check_sizes(repo_id: str, commit: str, files: Iterable[RemoteFile]) -> None:
+    """Refuse, before anything is downloaded, files the Hub lists as over ``$LIBSTORE_MAX_FILE_BYTES``."""
+    limit = config.max_file_bytes()
+    for rf in files:
+        if rf.size > limit:
+            raise ValidationError(
+                f"{repo_id}@{commit[:12]}:{rf.path} is {rf.size} bytes, over the {limit}-byte limit "
+                f"(LIBSTORE_MAX_FILE_BYTES); nothing was downloaded",
+                path=rf.path,
+            )
+
+
 def _fetch_checked(
     client: HubClient, repo_id: str, path: str, commit: str, rf: RemoteFile, dest: Path
 ) -> Path:
-    local = client.download(repo_id, path, commit, dest)
-    size = local.stat().st_size
-    if size != rf.size:
+    """Download one file (bounded by the Hub's size for it), checked against the Hub's record of it:
+    the LFS sha256, else the git blob id."""
+    where = f"{repo_id}@{commit[:12]}:{path}"
+    local = client.download(repo_id, path, commit, dest, size=rf.size)
+    if rf.sha256 is not None:
+        good = sha256_file(local) == rf.sha256
+    else:
+        good = git_blob_id(local.read_bytes()) == rf.blob_id
+    if not good:
+        local.unlink(missing_ok=True)
         raise IntegrityError(
-            f"{repo_id}@{commit[:12]}:{path} arrived with {size} bytes, expected {rf.size}; try again"
-        )
-    if rf.sha256 is not None and sha256_file(local) != rf.sha256:
-        raise IntegrityError(
-            f"{repo_id}@{commit[:12]}:{path} does not match the sha256 the Hub lists for it; the download "
-            f"was corrupted — nothing was imported, try again"
+            f"{where} does not match the {'sha256' if rf.sha256 else 'git blob id'} the Hub lists for "
+            f"it; the download was corrupted — nothing was imported, try again",
+            sha256=rf.sha256,
+            path=path,
         )
     return local
 
@@ -102,6 +121,7 @@ def import_hub(
                 f"environment and save_pretrained(..., safe_serialization=True)), then import that"
             )
         raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    _check_sizes(repo_id, commit, [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)])
     with temp_dir(ctx, "import-hub") as tmp:
         folder = tmp / "adapter"
         folder.mkdir()
@@ -245,7 +265,11 @@ def _download_mttl(
             continue
         wanted.append((path, rf))
     if not any(p.endswith(mttl.META_SUFFIX) for p, _ in wanted):
-        raise HubError(f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)")
+        raise HubError(
+            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)",
+            repo_id=repo_id,
+        )
+    _check_sizes(repo_id, commit, [rf for _, rf in wanted])
     folder = tmp / "mttl"
     folder.mkdir()
     for path, rf in wanted:

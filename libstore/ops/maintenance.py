@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libstore.ops import prototypes, sync, tensors
+from libstore.ops import prototypes, sync_state, tensors
 from libstore.ops.context import Context
 from libstore.store.leftovers import Leftover, find
 
@@ -31,7 +31,7 @@ def library_leftovers(ctx: Context) -> list[Leftover]:
     return find(
         ctx.path,
         prefixes=(tensors.TEMP_PREFIX, *prototypes.TEMP_PREFIXES),
-        folders=(sync.TMP_DIR,),
+        folders=(sync_state.TMP_DIR,),
     )
 
 

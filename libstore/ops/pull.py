@@ -1,5 +1,6 @@
-"""Pull a library from its Hub remote: download only missing blobs, check each against its sha256
-before it enters the store, validate every expert, then apply everything in one transaction.
+"""Pull a library from its Hub remote: download only missing blobs (bounded in size and time), check
+each against its sha256 before it enters the store, validate every expert and every prototype set
+against the pulled weights, then apply everything in one transaction.
 """
 
 from __future__ import annotations
@@ -7,64 +8,74 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
+from libstore import config
 from libstore.catalog import clusterings as clustering_repo
 from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
-from libstore.catalog.models import BaseModelRow
+from libstore.catalog.engine import Transaction
 from libstore.errors import (
     BaseModelMismatchError,
     IntegrityError,
     LibstoreError,
     ValidationError,
 )
-from libstore.hub.client import (
-    HubClient,
-    RemoteFile,
-)
-from libstore.hub.manifest import (
-    MANIFEST_FILE,
-    ExpertEntry,
-    Manifest,
-    PrototypeEntry,
-)
-from libstore.hub.plan import (
-    plan,
-    stale_sync_records,
-)
+from libstore.hub.client import HubClient, RemoteFile
+from libstore.hub.manifest import MANIFEST_FILE, Manifest, PrototypeEntry, expert_repo_files, same_clustering
+from libstore.hub.plan import ExpertPlan, plan, stale_sync_records
 from libstore.ops.context import Context
-from libstore.ops.sync import (
+from libstore.ops.sync_prototypes import check_pulled
+from libstore.ops.sync_state import (
     DOWNLOAD_WORKERS,
-    PullReport,
-    _base_model,
-    _clustering_record,
-    _local_state,
-    _read_remote,
-    _remote_name,
-    _select,
+    local_state,
+    read_remote,
+    select_experts,
     temp_dir,
 )
 from libstore.store.adapter import check_against_base, read_stored_adapter
-from libstore.types import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    Derivation,
-    DerivationParent,
-    ExpertQuery,
-    ModuleShape,
-    StoredFile,
-)
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, ExpertQuery
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PullReport:
+    """What a pull did.
+
+    Attributes:
+        remote, repo_id, revision: where it pulled from; ``commit`` the commit id read.
+        files_downloaded, bytes_downloaded: blobs fetched from the remote.
+        files_reused: blobs the store already had (not downloaded).
+        added, updated, removed: expert names changed in the library.
+        conflicts: experts changed on both sides, left alone (pull with ``force`` to take theirs).
+        prototypes: prototype cache entries added (each checked against the pulled weights).
+        prototypes_skipped: repo paths of prototype sets of a method or method version this
+            libstore cannot check; not taken (they are computed here when needed).
+        clusterings: clusterings added; ``clusterings_skipped``: same name locally, different content.
+        experts: per-expert plan.
+    """
+
+    remote: str
+    repo_id: str
+    revision: str
+    commit: str
+    files_downloaded: int
+    bytes_downloaded: int
+    files_reused: int
+    added: tuple[str, ...]
+    updated: tuple[str, ...]
+    removed: tuple[str, ...]
+    conflicts: tuple[str, ...]
+    prototypes: int
+    prototypes_skipped: tuple[str, ...] = ()
+    clusterings: tuple[str, ...] = ()
+    clusterings_skipped: tuple[str, ...] = ()
+    experts: tuple[ExpertPlan, ...] = ()
 
 
 def pull(
@@ -84,14 +95,13 @@ def pull(
     that were deleted on the remote (and not changed here) since the last sync.
     """
     with ctx.catalog.read() as s:
-        row = remote_repo.remote_row(s, _remote_name(s, remote))
-        rem = remote_repo.to_remote(s, row)
+        rem = remote_repo.to_remote(s, remote_repo.resolve_remote(s, remote))
     client = HubClient(token=token)
     rev = revision or rem.revision
     commit = client.resolve(rem.repo_id, rev)
     at_head = rev == rem.revision or commit == client.resolve(rem.repo_id, rem.revision)
     with temp_dir(ctx, "pull") as tmp:
-        view = _read_remote(client, rem.repo_id, commit, tmp)
+        view = read_remote(client, rem.repo_id, commit, tmp)
         if view.manifest is None:
             raise ValidationError(
                 f"{rem.repo_id}@{rev} has no {MANIFEST_FILE}, so it is not a libstore library; import a "
@@ -101,9 +111,9 @@ def pull(
         _check_remote_files(rem.repo_id, commit, manifest, view.files)
         with ctx.catalog.read() as s:
             synced = remote_repo.sync_state(s, remote_repo.remote_row(s, rem.name))
-            local = _local_state(s)
-        selection = _select(experts, manifest.experts, local.experts)
-        remote_d = {n: e.digest() for n, e in manifest.experts.items()}
+            local = local_state(s)
+        selection = select_experts(experts, manifest.experts, local.experts)
+        remote_d = manifest.digests()
         local_d = local.digests()
         plans = plan(local_d, remote_d, synced, selected=selection, force=force, prune=prune)
         fetch = [p.name for p in plans if p.pull == "download"]
@@ -119,42 +129,26 @@ def pull(
                     f"{rb.fingerprint[:12]}) "
                     f"is not this library's {base!r} ({lb.fingerprint[:12]}); nothing was pulled"
                 )
-        # prototypes for experts whose weights will equal the manifest's after this pull
-        in_scope = set(fetch) | {p.name for p in plans if p.state == "in_sync" and p.selected}
-        with ctx.catalog.read() as s:
-            protos = [
-                p
-                for p in manifest.prototypes
-                if p.expert in in_scope
-                and not proto_repo.find_cached(
-                    s, [p.expert_sha256], method=p.method, method_version=p.method_version, key=p.params_key
-                )
-            ]
-        for p in protos:
-            if proto_repo.params_key(p.params) != p.params_key:
-                raise IntegrityError(
-                    f"{p.path}: its params_key does not match its params in the manifest; nothing was changed"
-                )
+        protos = _wanted_prototypes(
+            ctx, manifest, set(fetch) | {p.name for p in plans if p.state == "in_sync" and p.selected}
+        )
         needed: dict[str, tuple[str, int]] = {}  # sha256 -> (repo path, size)
         for e in entries:
-            for path, f in e.repo_files().items():
+            for path, f in expert_repo_files(e).items():
                 needed.setdefault(f.sha256, (path, f.size))
         for p in protos:
-            needed.setdefault(p.sha256, (p.path, p.size))
+            needed.setdefault(p.prototypes.blob_sha256, (p.path, p.prototypes.size))
+        _check_sizes(rem.repo_id, needed)
         missing = {sha: v for sha, v in needed.items() if not ctx.blobs.claim(sha)}
         _download(ctx, client, rem.repo_id, commit, missing, tmp, workers)
         ctx.blobs.claim_all(needed)  # the downloads may have outlasted gc's grace period
         _validate_experts(ctx, entries, manifest)
+        protos, skipped_protos = check_pulled(ctx, protos, manifest.experts)
         source = f"hf://{rem.repo_id}@{commit}"
         with ctx.catalog.write() as s:
             ctx.blobs.claim_all(needed)
             added, updated, new_clusterings, skipped_clusterings = _apply(
-                s,
-                manifest,
-                entries,
-                removes,
-                protos,
-                source,
+                s, manifest, entries, removes, protos, source
             )
             row = remote_repo.remote_row(s, rem.name)
             in_sync = [p.name for p in plans if p.state == "in_sync"]
@@ -176,10 +170,36 @@ def pull(
         removed=tuple(removes),
         conflicts=tuple(conflicts),
         prototypes=len(protos),
+        prototypes_skipped=tuple(skipped_protos),
         clusterings=tuple(new_clusterings),
         clusterings_skipped=tuple(skipped_clusterings),
         experts=tuple(plans),
     )
+
+
+def _wanted_prototypes(ctx: Context, m: Manifest, in_scope: set[str]) -> list[PrototypeEntry]:
+    """Prototype sets of experts whose weights will equal the manifest's after this pull, that the
+    library does not cache yet."""
+    with ctx.catalog.read() as s:
+        protos = [
+            p
+            for p in m.prototypes
+            if p.expert in in_scope
+            and not proto_repo.find_cached(
+                s,
+                [p.prototypes.expert_sha256],
+                method=p.prototypes.method,
+                method_version=p.prototypes.method_version,
+                key=p.prototypes.params_key,
+            )
+        ]
+    for p in protos:
+        if proto_repo.params_key(p.prototypes.params) != p.prototypes.params_key:
+            raise IntegrityError(
+                f"{p.path}: its params_key does not match its params in the manifest; nothing was changed",
+                path=p.path,
+            )
+    return protos
 
 
 def _check_remote_files(repo_id: str, commit: str, m: Manifest, files: Mapping[str, RemoteFile]) -> None:
@@ -196,8 +216,21 @@ def _check_remote_files(repo_id: str, commit: str, m: Manifest, files: Mapping[s
         what = "missing from" if missing else "different in"
         raise IntegrityError(
             f"the manifest of {repo_id}@{commit[:12]} names {len(bad)} file(s) {what} that commit, e.g. "
-            f"{bad[0]}; the remote library is incomplete or inconsistent — nothing was changed"
+            f"{bad[0]}; the remote library is incomplete or inconsistent — nothing was changed",
+            path=bad[0],
         )
+
+
+def _check_sizes(repo_id: str, needed: Mapping[str, tuple[str, int]]) -> None:
+    """Refuse, before any download, files bigger than ``$LIBSTORE_MAX_FILE_BYTES``."""
+    limit = config.max_file_bytes()
+    for path, size in sorted(needed.values()):
+        if size > limit:
+            raise ValidationError(
+                f"{repo_id}: {path} is {size} bytes, over the {limit}-byte limit (LIBSTORE_MAX_FILE_BYTES); "
+                f"nothing was downloaded. Raise the limit if the remote is right",
+                path=path,
+            )
 
 
 def _download(
@@ -209,30 +242,24 @@ def _download(
     tmp: Path,
     workers: int,
 ) -> None:
-    """Fetch blobs into the store, each checked against its sha256 and size; parallel, fail fast."""
+    """Fetch blobs into the store, each bounded by its size and checked against its sha256;
+    parallel, fail fast."""
     if not missing:
         return
 
     def one(sha: str, path: str, size: int) -> None:
-        dest = tmp / "dl" / uuid.uuid4().hex
-        local = client.download(repo_id, path, commit, dest)
+        local = client.download(repo_id, path, commit, tmp / "dl", size=size)
         try:
-            got = local.stat().st_size
-            if got != size:
-                raise IntegrityError(
-                    f"{path} from {repo_id}@{commit[:12]} has {got} bytes, the manifest says {size}; "
-                    f"the download is incomplete or the remote is inconsistent — nothing was changed, "
-                    f"pull again to resume"
-                )
-            try:
-                ctx.blobs.put_file(local, expected_sha256=sha)
-            except IntegrityError as e:
-                raise IntegrityError(
-                    f"{path} from {repo_id}@{commit[:12]} does not match its sha256 in the manifest "
-                    f"({e}); nothing was changed, pull again to resume"
-                ) from None
+            ctx.blobs.put_file(local, expected_sha256=sha)
+        except IntegrityError as e:
+            raise IntegrityError(
+                f"{path} from {repo_id}@{commit[:12]} does not match its sha256 in the manifest "
+                f"({e}); nothing was changed, pull again to resume",
+                sha256=sha,
+                path=path,
+            ) from None
         finally:
-            shutil.rmtree(dest, ignore_errors=True)
+            local.unlink(missing_ok=True)
 
     pool = cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="libstore-pull")
     try:
@@ -245,16 +272,17 @@ def _download(
     pool.shutdown(wait=True)
 
 
-def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest) -> None:
-    """Re-validate every pulled expert's PEFT folder and check the manifest's claims against it."""
+def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest) -> None:
+    """Re-validate every pulled expert's stored files and check the manifest's claims against them."""
     for e in entries:
+        files = {f.path: f for f in e.files}
         try:
-            if ADAPTER_CONFIG not in e.files or ADAPTER_WEIGHTS not in e.files:
+            if ADAPTER_CONFIG not in files or ADAPTER_WEIGHTS not in files:
                 raise ValidationError(f"it lacks {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS}")
             adapter = read_stored_adapter(
                 ctx.blobs,
-                e.files[ADAPTER_CONFIG].sha256,
-                e.files[ADAPTER_WEIGHTS].sha256,
+                files[ADAPTER_CONFIG].sha256,
+                files[ADAPTER_WEIGHTS].sha256,
                 where=f"experts/{e.name}",
             )
         except LibstoreError as err:
@@ -265,25 +293,23 @@ def _validate_experts(ctx: Context, entries: Sequence[ExpertEntry], m: Manifest)
             "use_rslora": (e.use_rslora, adapter.use_rslora),
             "dtype": (e.dtype, adapter.dtype),
             "target_modules": (tuple(e.target_modules), tuple(adapter.target_modules)),
-            "modules": (
-                {k: tuple(v) for k, v in e.modules.items()},
-                {k: (s.in_features, s.out_features, s.rank) for k, s in adapter.modules.items()},
-            ),
+            "modules": (e.modules, adapter.modules),
         }
         for what, (said, real) in claims.items():
             if said != real:
                 raise IntegrityError(
                     f"expert {e.name!r}: the manifest says {what}={str(said)[:80]} but its files say "
-                    f"{str(real)[:80]}; the remote is inconsistent — nothing was changed"
+                    f"{str(real)[:80]}; the remote is inconsistent — nothing was changed",
+                    path=f"experts/{e.name}",
                 )
         # the base's identity is its fingerprint (checked before); shapes are checked here
-        check_against_base(adapter, _base_model(m.base_models[e.base_model]), allow_base_mismatch=True)
+        check_against_base(adapter, m.base_models[e.base_model], allow_base_mismatch=True)
 
 
 def _apply(
-    s: Session,
+    s: Transaction,
     m: Manifest,
-    entries: Sequence[ExpertEntry],
+    entries: Sequence[Expert],
     removes: Sequence[str],
     protos: Sequence[PrototypeEntry],
     source: str,
@@ -292,30 +318,26 @@ def _apply(
     entry_bases = {e.base_model for e in entries}
     bases = {}
     for name in sorted(entry_bases | {c.base_model for c in m.clusterings.values()}):
-        rb = _base_model(m.base_models[name])
-        if name in entry_bases:
-            bases[name] = remote_repo.ensure_base(s, rb)
-            continue
-        have = s.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
-        if have is not None and have.fingerprint == rb.fingerprint:
+        rb = m.base_models[name]
+        if name in entry_bases:  # registered from the remote's record: remember where it came from
+            bases[name] = remote_repo.ensure_base(s, dataclasses.replace(rb, origin=source))
+        elif (have := remote_repo.same_base(s, rb)) is not None:
             bases[name] = have  # clusterings of bases this library has come along
     new_clusterings, skipped = [], []
     for name, c in sorted(m.clusterings.items()):
         if c.base_model not in bases:
             continue
         mine = clustering_repo.clustering_record(s, name)
-        data = _clustering_record(c)
         if mine is None:
-            clustering_repo.insert_clustering(s, data)
+            clustering_repo.insert_clustering(s, c)
             new_clusterings.append(name)
-        elif dataclasses.replace(mine, created_at=None) != data:
+        elif not same_clustering(mine, c):
             skipped.append(name)
     added, updated = [], []
     for e in entries:
         base_row = bases[e.base_model]
-        files = [StoredFile(fname, f.sha256, f.size) for fname, f in sorted(e.files.items())]
+        files = sorted(e.files, key=lambda f: f.path)
         cid = clustering_repo.cluster_id(s, e.cluster)
-        modules = {k: ModuleShape(*v) for k, v in e.modules.items()}
         if repo.expert_exists(s, e.name):
             row = repo.expert_row(s, e.name)
             repo.replace_files(
@@ -329,7 +351,7 @@ def _apply(
                 alpha=e.alpha,
                 use_rslora=e.use_rslora,
                 target_modules=list(e.target_modules),
-                module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in modules.items()},
+                module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in e.modules.items()},
                 dtype=e.dtype,
                 extra=dict(e.metadata),
                 cluster_id=cid,
@@ -339,7 +361,7 @@ def _apply(
             row.tags = [repo.tag_row(s, t) for t in e.tags]
             updated.append(e.name)
         else:
-            row = repo.insert_expert(
+            repo.insert_expert(
                 s,
                 name=e.name,
                 kind=e.kind,
@@ -348,7 +370,7 @@ def _apply(
                 alpha=e.alpha,
                 use_rslora=e.use_rslora,
                 target_modules=e.target_modules,
-                modules=modules,
+                modules=e.modules,
                 dtype=e.dtype,
                 files=files,
                 weights_file=ADAPTER_WEIGHTS,
@@ -361,32 +383,20 @@ def _apply(
             added.append(e.name)
         s.flush()
     for e in entries:
-        d = e.derivation
-        derivation_repo.set_derivation(
-            s,
-            e.name,
-            None
-            if d is None
-            else Derivation(
-                method=d.method,
-                method_version=d.method_version,
-                params=dict(d.params),
-                inputs_key=d.inputs_key,
-                parents=tuple(DerivationParent(*p) for p in d.parents),
-            ),
-        )
+        derivation_repo.set_derivation(s, e.name, e.lineage)
     for name in removes:
         if repo.expert_exists(s, name):
             repo.delete_expert(s, name)
     remote_repo.link_experts(s, [e.name for e in entries])
     for p in protos:
+        ps = p.prototypes
         proto_repo.record(
             s,
-            expert_sha256=p.expert_sha256,
-            method=p.method,
-            method_version=p.method_version,
-            params=dict(p.params),
-            blob_sha256=p.sha256,
-            blob_size=p.size,
+            expert_sha256=ps.expert_sha256,
+            method=ps.method,
+            method_version=ps.method_version,
+            params=dict(ps.params),
+            blob_sha256=ps.blob_sha256,
+            blob_size=ps.size,
         )
     return added, updated, new_clusterings, skipped

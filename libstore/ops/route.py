@@ -109,25 +109,39 @@ def _common_base(ctx: Context, chosen: list[Expert]) -> BaseModel:
 
 
 def _load_base(base: Any, rec: BaseModel, *, device: Any, dtype: Any) -> nn.Module:
+    """The caller's model, or one loaded from safetensors weights only (never a pickle, never code);
+    never from a source a remote named unless the caller names it (``base``)."""
     from torch import nn
 
     if isinstance(base, nn.Module):
         return base
     from transformers import AutoModelForCausalLM
 
+    if base is None and rec.origin is not None:
+        raise RouterError(
+            f"base model {rec.name!r} was registered by a pull ({rec.origin}), so its source "
+            f"{rec.source!r} was named by the remote; libstore does not load weights from there unless "
+            f"you say so. Pass the model yourself: --base {rec.source} if you trust it, or --base with a "
+            f"local folder of the same model (in Python: routed_model(base=...))"
+        )
     source = rec.source if base is None else str(base)
-    kwargs: dict[str, Any] = {"revision": rec.revision} if base is None and rec.revision else {}
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if base is None and rec.revision:
+        kwargs["revision"] = rec.revision
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise RouterError(f"cannot load base model {source!r}: {e}") from e
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RouterError(
+            f"cannot load base model {source!r} from safetensors weights: {e}. libstore never loads "
+            f"pickled weights (pytorch_model.bin); convert the model with "
+            f"save_pretrained(..., safe_serialization=True) in a trusted environment"
+        ) from e
     if device is not None:
         model = model.to(device)
     model.train(False)  # eval mode (``eval()`` is untyped in transformers)
-    loaded: nn.Module = model
-    return loaded
+    return model
 
 
 def _check_identity(model: nn.Module, rec: BaseModel, allow: bool) -> None:
