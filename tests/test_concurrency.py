@@ -253,9 +253,11 @@ def _gc_loop(lib_path: str, grace_s: float | None, ready: Any, go: Any, stop: An
         lib.gc(dry_run=True)  # warm up: imports done, connection open
         ready.set()
         go.wait(timeout=300)
-        while not stop.is_set():
+        while True:  # at least one run after ``go``, even when ``stop`` came with it
             out["removed"] += len(lib.gc(grace_s=grace_s).blobs)
             out["runs"] += 1
+            if stop.is_set():
+                break
         lib.close()
     except BaseException:
         out["unexpected"].append(traceback.format_exc())
@@ -381,28 +383,36 @@ def test_gc_beside_a_resumed_pull_keeps_the_blobs_it_reuses(
 
 @pytest.mark.slow
 def test_a_pull_staging_longer_than_the_grace_period_fails_cleanly(
-    tmp_path: Path, hub_with_library: tuple[Any, Any]
+    tmp_path: Path, hub_with_library: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pull that downloads for longer than gc's grace period loses its first downloads to a gc
     running beside it. Re-claiming its blobs before it records them, the pull notices and fails with
-    ``BlobsRemovedError`` (exit 9), changing nothing; run again, it completes."""
+    ``BlobsRemovedError`` (exit 9), changing nothing; run again, it completes.
+
+    Deterministic: when the downloads are done, their blobs are made older than the grace period and a
+    gc (default grace) runs in another process before the pull goes on, as a slow pull would meet it."""
     from libstore import Library
     from libstore.errors import BlobsRemovedError
-    from libstore.ops.pull import pull
+    from libstore.ops import pull as pull_mod
 
-    hub, _remote = hub_with_library
+    _hub, _remote = hub_with_library
     lib = Library.open(tmp_path / "lib")
-    gc = _GcBeside(lib.path, 2.0)
-    gc.go.set()
-    # one download at a time, four of them cut short once: the client retries each after 1 s, so
-    # the pull stages its blobs for 4 s or more while gc removes what is older than 2 s
-    for i in range(4):
-        hub.faults.cut_download(f"experts/r{i}/adapter_model.safetensors", after_bytes=16)
+    gc = _GcBeside(lib.path, None)
+    real_download = pull_mod._download
+    gc_runs: list[dict[str, Any]] = []
+
+    def slow_download(ctx: Any, client: Any, repo_id: str, commit: str, missing: Any, *a: Any) -> None:
+        real_download(ctx, client, repo_id, commit, missing, *a)
+        _age_unreferenced(lib, set(missing))
+        gc_runs.append(gc.finish())
+
+    monkeypatch.setattr(pull_mod, "_download", slow_download)
     with pytest.raises(BlobsRemovedError) as err:
-        pull(lib.context, workers=1)
-    assert gc.finish()["removed"] >= 1
+        pull_mod.pull(lib.context, workers=1)
+    assert gc_runs[0]["removed"] >= 1
     assert err.value.exit_code == 9 and err.value.sha256s
     assert lib.experts() == [] and lib.verify().ok
+    monkeypatch.setattr(pull_mod, "_download", real_download)
     lib.pull()
     assert sorted(e.name for e in lib.experts()) == [f"r{i}" for i in range(6)]
     _nothing_missing(lib)

@@ -236,7 +236,7 @@ def test_sigkill_at_random_moments_leaves_a_sound_library(
                     before.remove(name)
         with Library.open(path) as before:
             n_weights = len({e.sha256 for e in before.experts()})
-        killed, _ = h.run(op, path, arg, delay=rng.uniform(0.0, 1.2 * est[op]))
+        killed, _ = h.run(op, path, arg, delay=rng.uniform(0.0, 0.9 * est[op]))
         mid_op += killed
 
         with Library.open(path) as after:  # the library opens
