@@ -63,6 +63,14 @@ def test_each_revision_up_down_up(db_url: str | None, tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_revision_chain_read_without_alembic_is_alembics() -> None:
+    """``migrate.revisions`` reads the chain from the files' text (no Alembic import on open); it must
+    be exactly the chain Alembic loads, and its head Alembic's head."""
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    assert migrate.revisions() == {s.revision: s.down_revision for s in script.walk_revisions()}
+    assert migrate.head_revision() == script.get_current_head()
+
+
 def test_catalog_from_a_newer_libstore_is_refused(tmp_path: Path) -> None:
     engine = make_engine(_url(None, tmp_path))
     migrate.upgrade(engine)

@@ -115,6 +115,28 @@ def test_catalog_commands_do_not_import_torch(base_dir: Path, tmp_path: Path) ->
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr + done.stdout
 
 
+def test_reading_commands_on_a_current_catalog_do_not_import_alembic(base_dir: Path, tmp_path: Path) -> None:
+    """Start-up: the schema check on open reads the version row with plain SQL; Alembic (half a second
+    of imports) loads only when a catalog needs upgrading."""
+    lib = tmp_path / "lib"
+    run = cli_invoker("-L", str(lib))
+    run("init")
+    run("base", "add", "tiny", "--from", str(base_dir))
+    run("add", str(make_adapter(base_dir, tmp_path / "a", seed=1)), "--name", "a")
+    script = textwrap.dedent(f"""
+        import sys
+        from click.testing import CliRunner
+        from libstore.cli import cli
+        for args in (["ls"], ["ls", "--json"], ["show", "a"], ["tags"], ["--help"]):
+            r = CliRunner().invoke(cli, ["-L", {str(lib)!r}, *args])
+            assert r.exit_code == 0, (args, r.output)
+            assert "alembic" not in sys.modules, args
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr + done.stdout
+
+
 # --- storage that cannot be used: read-only, full, unreachable; exit 13, nothing changed ------------
 
 

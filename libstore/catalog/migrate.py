@@ -3,21 +3,28 @@
 Concurrent first opens are serialised (SQLite: ``BEGIN IMMEDIATE`` holds the write lock for the whole
 upgrade; PostgreSQL: a transaction-scoped advisory lock). A catalog written by a newer libstore is
 detected and refused with a clear message instead of Alembic's "Can't locate revision".
+
+Opening a current catalog costs no Alembic import: the check reads the version row with one plain
+``SELECT`` and compares it with the head of the revision chain read from the migration files' own
+``revision =`` / ``down_revision =`` lines. Alembic (about half a second of imports) loads only when
+an upgrade or downgrade runs.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from libstore.errors import SchemaError
+
+if TYPE_CHECKING:  # Alembic is imported only where a migration actually runs
+    from alembic.config import Config
 
 VERSION_TABLE = "libstore_alembic_version"
 _PG_LOCK_KEY = 0x6C696273746F7265  # "libstore"
@@ -32,6 +39,8 @@ def script_location() -> Path:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location()))
     cfg.set_main_option("version_table", VERSION_TABLE)
@@ -40,28 +49,58 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\s*(?::[^=]+)?=\s*(?:[\"']([^\"']+)[\"']|None)", re.M)
+
+
+@functools.cache
+def revisions() -> dict[str, str | None]:
+    """``revision -> down_revision`` of every packaged migration, read from the files' text (the
+    module-level assignments Alembic itself reads), so checking a catalog needs no Alembic."""
+    chain: dict[str, str | None] = {}
+    for file in sorted((script_location() / "versions").glob("*.py")):
+        found = dict((m[1], m[2] or None) for m in _REVISION_LINE.finditer(file.read_text(encoding="utf-8")))
+        if found.get("revision"):
+            chain[str(found["revision"])] = found.get("down_revision")
+    return chain
+
+
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
+    """The newest revision: the one no other revision follows."""
+    chain = revisions()
+    heads = sorted(set(chain) - {d for d in chain.values() if d is not None})
+    assert len(heads) == 1, f"the migrations have {len(heads)} heads: {heads}"
+    return heads[0]
 
 
 def current_revision(connection: Connection) -> str | None:
-    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return ctx.get_current_revision()
+    """The catalog's revision from its version row (``None`` for an empty database), plain SQL."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    rows = [r[0] for r in connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+    if len(rows) > 1:
+        raise SchemaError(
+            f"the catalog's {VERSION_TABLE} table has {len(rows)} rows ({', '.join(rows)}); libstore "
+            f"writes one — restore the catalog from a backup or ask for help",
+            revision=",".join(rows),
+        )
+    return rows[0] if rows else None
 
 
 def upgrade(engine: Engine, target: str = "head") -> str:
     """Bring the catalog to ``target``; return the revision it is at afterwards."""
+    from alembic import command
+
     return _run(engine, lambda cfg: command.upgrade(cfg, target))
 
 
 def downgrade(engine: Engine, target: str) -> str:
+    from alembic import command
+
     return _run(engine, lambda cfg: command.downgrade(cfg, target))
 
 
 def ensure_current(engine: Engine) -> None:
-    """Upgrade if behind; refuse a catalog made by a newer libstore. Cheap when already current."""
+    """Upgrade if behind; refuse a catalog made by a newer libstore. One ``SELECT`` when current."""
     head = head_revision()
     with engine.connect() as conn:
         rev = current_revision(conn)
@@ -73,9 +112,7 @@ def ensure_current(engine: Engine) -> None:
 
 
 def _check_known(rev: str) -> None:
-    script = ScriptDirectory.from_config(alembic_config())
-    known = {s.revision for s in script.walk_revisions()}
-    if rev not in known:
+    if rev not in revisions():
         raise SchemaError(
             f"this catalog is at schema revision {rev}, which this libstore does not know: it was "
             f"written by a newer libstore. Upgrade libstore (pip install -U libstore).",
