@@ -95,81 +95,12 @@ def _adapters(proto: Path, dest: Path, n: int) -> int:
 
 def _bulk_copy(lib_path: Path, db: str | None, n: int) -> None:
     """Grow the library to ``n`` experts named e00000.. by copying its one expert's rows in bulk."""
-    from sqlalchemy import insert, select
-
     from libstore import Library
-    from libstore.catalog.models import (
-        ClusteringRow,
-        ClusterRow,
-        DerivationParentRow,
-        DerivationRow,
-        ExpertFileRow,
-        ExpertRow,
-        ExpertTagRow,
-        ExpertTaskRow,
-        TagRow,
-        TaskRow,
-    )
+    from tests.catalog_support import clone_experts
 
     lib = Library.open(lib_path, db_url=db)
-    cols = [c.key for c in ExpertRow.__table__.columns if c.key != "id"]
-    with lib.context.catalog.write() as s:
-        proto = s.scalars(select(ExpertRow)).one()
-        values = {c: getattr(proto, "extra" if c == "metadata" else c) for c in cols}
-        files = [(f.path, f.blob_sha256, f.size) for f in proto.files]
-        run = ClusteringRow(name="mbc", base_model_id=proto.base_model_id, method="mbc")
-        run.metric, run.k, run.seed = "flat", 1, 0
-        run.clusters = [ClusterRow(index=0)]
-        s.add(run)
-        s.flush()
-        cluster_id = run.clusters[0].id
-        s.execute(insert(TagRow), [{"name": f"g{j}"} for j in range(10)])
-        tag_ids = dict(s.execute(select(TagRow.name, TagRow.id)).all())
-        s.delete(proto)
-        s.flush()
-        step = 5000
-        for lo in range(0, n, step):
-            names = [f"e{i:05d}" for i in range(lo, min(n, lo + step))]
-            s.execute(
-                insert(ExpertRow),
-                [
-                    {**values, "name": nm, "cluster_id": cluster_id if i % 100 == 0 else None}
-                    for i, nm in enumerate(names, lo)
-                ],
-            )
-            s.execute(insert(TaskRow), [{"name": f"task_{nm}"} for nm in names])
-            ids = dict(s.execute(select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(names))).all())
-            task_ids = dict(
-                s.execute(
-                    select(TaskRow.name, TaskRow.id).where(TaskRow.name.in_([f"task_{nm}" for nm in names]))
-                ).all()
-            )
-            s.execute(
-                insert(ExpertFileRow),
-                [
-                    {"expert_id": ids[nm], "path": p, "blob_sha256": h, "size": z}
-                    for nm in names
-                    for p, h, z in files
-                ],
-            )
-            s.execute(
-                insert(ExpertTagRow),
-                [{"expert_id": ids[nm], "tag_id": tag_ids[f"g{i % 10}"]} for i, nm in enumerate(names, lo)],
-            )
-            s.execute(
-                insert(ExpertTaskRow),
-                [{"expert_id": ids[nm], "task_id": task_ids[f"task_{nm}"]} for nm in names],
-            )
-            for i, nm in enumerate(names, lo):
-                if i % 500 == 499:
-                    d = DerivationRow(child_id=ids[nm], method="merge", inputs_key=f"{i:064d}")
-                    d.parents = [
-                        DerivationParentRow(
-                            position=0, role="expert", parent_name=f"e{i - 1:05d}", parent_sha256="1" * 64
-                        )
-                    ]
-                    s.add(d)
-            s.flush()
+    clone_experts(lib, "proto", n)
+    lib.remove("proto")
     lib.close()
 
 

@@ -16,6 +16,8 @@ from libstore.types import (
     Expert,
     ExpertKind,
     ExpertQuery,
+    ExpertSort,
+    ExpertSummary,
     ExportFormat,
     GksMode,
     Granularity,
@@ -172,9 +174,34 @@ class Library:
             allow_nonfinite=allow_nonfinite,
         )
 
-    def experts(self, query: str | ExpertQuery | None = None) -> list[Expert]:
-        """Experts matching a query such as ``"kind=task tag=v1"`` (see ``libstore.ops.query``)."""
-        return _experts.experts(self._ctx, query)
+    def experts(
+        self,
+        query: str | ExpertQuery | None = None,
+        *,
+        sort: ExpertSort = "name",
+        descending: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Expert]:
+        """Experts matching a query such as ``"kind=task tag=v1"`` (see ``libstore.ops.query``),
+        ordered by ``sort`` (then name); ``limit``/``offset`` take one page of them."""
+        return _experts.experts(
+            self._ctx, query, sort=sort, descending=descending, limit=limit, offset=offset
+        )
+
+    def summaries(
+        self,
+        query: str | ExpertQuery | None = None,
+        *,
+        sort: ExpertSort = "name",
+        descending: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[ExpertSummary]:
+        """:meth:`experts` without module shapes, files, metadata or parents: the fast listing."""
+        return _experts.summaries(
+            self._ctx, query, sort=sort, descending=descending, limit=limit, offset=offset
+        )
 
     def get(self, name: str) -> Expert:
         return _experts.get(self._ctx, name)

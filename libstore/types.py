@@ -14,6 +14,9 @@ from libstore.errors import QueryError
 # --- the named choices of the public API (one place; the CLI's click.Choice lists come from here) ---
 
 ExpertKind = Literal["task", "general", "residual", "cluster", "merged"]
+#: What a listing can be ordered by (then by name): ``libstore ls --sort``.
+ExpertSort = Literal["name", "created", "size", "rank", "kind"]
+EXPERT_SORTS: tuple[str, ...] = get_args(ExpertSort)
 EXPERT_KINDS: tuple[str, ...] = get_args(ExpertKind)
 
 GksMode = Literal["param", "delta"]
@@ -253,6 +256,27 @@ class Expert:
             if f.path == path:
                 return f
         raise KeyError(f"expert {self.name!r} has no file {path!r}")
+
+
+@dataclass(frozen=True)
+class ExpertSummary:
+    """What a listing shows of one expert: everything but module shapes, files, metadata and
+    parents, so listing 100,000 experts reads no JSON columns (``Expert`` has the rest)."""
+
+    name: str
+    kind: str
+    base_model: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    dtype: str
+    sha256: str
+    bytes: int
+    tasks: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    cluster: str | None = None
+    derived_by: str | None = None  # the derivation method, for derived experts
+    created_at: dt.datetime | None = None
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:

@@ -51,6 +51,18 @@ def test_catalog_commands_end_to_end(run, base_dir: Path, tmp_path: Path) -> Non
     ]
     table = run("ls").stdout
     assert "arc_easy" in table and "sha256" in table.splitlines()[0]
+    # compact by default: module shapes only with --full (and in show)
+    assert "modules" not in listing[0] and listing[0]["tasks"] == ["arc_easy"]
+    full = json.loads(run("ls", "--full", "--json").stdout)
+    assert "model.layers.0.self_attn.q_proj" in full[0]["modules"] and len(full[0]["files"]) == 2
+    assert "modules" in run("ls", "--full").stdout.splitlines()[0]
+    lines = run("ls", "--jsonl", "--sort", "name", "--desc").stdout.splitlines()
+    assert [json.loads(x)["name"] for x in lines] == ["wiki1", "wiki0", "arc_easy"]
+    paged = json.loads(run("ls", "--json", "--limit", "1", "--offset", "1").stdout)
+    assert [e["name"] for e in paged] == ["wiki0"]
+    by_kind = json.loads(run("ls", "--json", "--sort", "kind", "--limit", "2").stdout)
+    assert [e["name"] for e in by_kind] == ["wiki0", "wiki1"]  # general < task, then by name
+    assert "--offset" in run("ls", "--offset", "-1", code=2).stderr
 
     shown = json.loads(run("show", "arc_easy", "--json").stdout)
     assert shown["rank"] == 4 and shown["tasks"] == ["arc_easy"] and len(shown["sha256"]) == 64

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -312,64 +314,61 @@ def test_a_library_from_a_newer_libstore_is_refused_untouched(tmp_path: Path) ->
     assert (tmp_path / "lib" / "library.json").read_bytes() == b'{"format": 1, "note": "extra keys are kept"}'
 
 
-def _statements_to_list(lib: Library) -> tuple[int, list]:
-    from sqlalchemy import event
+@contextlib.contextmanager
+def _counting_statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine runs meanwhile (SQLAlchemy's ``before_cursor_execute``)."""
+    from sqlalchemy import Engine, event
 
-    count = 0
+    seen: list[str] = []
 
-    def on_execute(*_args: object) -> None:
-        nonlocal count
-        count += 1
+    def on_execute(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        seen.append(statement)
 
-    engine = lib.context.catalog.engine
-    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(Engine, "before_cursor_execute", on_execute)
     try:
-        experts = lib.experts()
+        yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
-    return count, experts
+        event.remove(Engine, "before_cursor_execute", on_execute)
 
 
-def test_listing_costs_the_same_statements_for_5_or_60_experts(
-    library: Library, base_dir: Path, tmp_path: Path
+def test_listing_costs_the_same_statements_for_5_or_1005_experts(
+    library: Library, base_dir: Path, tmp_path: Path, db_url: str | None
 ) -> None:
     """No N+1: experts, files, tags, tasks, cluster links and lineage load in a fixed number of
-    statements whatever the number of experts."""
-    from libstore.catalog.models import (
-        ClusteringRow,
-        ClusterRow,
-        DerivationParentRow,
-        DerivationRow,
-        ExpertRow,
-    )
+    statements whatever the number of experts — in the Python API and in `libstore ls` (every
+    output form), counted with ``before_cursor_execute``."""
+    from tests.catalog_support import clone_experts
+    from tests.conftest import cli_invoker
 
     src = make_adapter(base_dir, tmp_path / "a", seed=1)
+    for i in range(4):
+        library.add(src, name=f"a{i}", tags=["t", f"t{i}"], tasks=[f"task_a{i}"])
+    clone_experts(library, "a0", 1, prefix="b", derive_every=1)  # cluster link, tag g0, lineage
+    run = cli_invoker("-L", str(library.path), *(["--db", db_url] if db_url else []))
+    forms = (["ls"], ["ls", "--json"], ["ls", "--jsonl"], ["ls", "--full"], ["ls", "--full", "--json"])
 
-    def stock(names: list[str]) -> None:
-        for n in names:
-            library.add(src, name=n, tags=["t", f"t{n}"], tasks=[f"task_{n}"])
-        with library.context.catalog.write() as s:
-            rows = {r.name: r for r in s.query(ExpertRow).filter(ExpertRow.name.in_(names))}
-            run = ClusteringRow(
-                name=f"mbc_{names[0]}", base_model_id=rows[names[0]].base_model_id, method="mbc"
-            )
-            run.metric, run.k, run.seed = "flat", 1, 0
-            run.clusters = [ClusterRow(index=0)]
-            s.add(run)
-            s.flush()
-            for n in names[:2]:
-                rows[n].cluster_id = run.clusters[0].id
-            d = DerivationRow(child_id=rows[names[-1]].id, method="merge", inputs_key="0" * 64)
-            d.parents = [
-                DerivationParentRow(position=0, role="expert", parent_name=names[0], parent_sha256="1" * 64)
-            ]
-            s.add(d)
+    def counts() -> list[int]:
+        out = []
+        for call in (library.experts, library.summaries):
+            with _counting_statements() as seen:
+                call()
+            out.append(len(seen))
+        for args in forms:
+            with _counting_statements() as seen:
+                run(*args)
+            out.append(len(seen))
+        return out
 
-    stock([f"a{i:02d}" for i in range(5)])
-    few, listed = _statements_to_list(library)
-    assert len(listed) == 5 and listed[-1].lineage is not None and listed[0].cluster == "mbc_a00:0"
-    stock([f"b{i:02d}" for i in range(55)])
-    many, listed = _statements_to_list(library)
-    assert len(listed) == 60 and all(len(e.files) == 2 and len(e.tags) == 2 for e in listed)
-    assert [e.lineage is not None for e in listed].count(True) == 2
-    assert many == few <= 8, (few, many)
+    few = counts()
+    listed = library.experts()
+    assert len(listed) == 5 and listed[-1].cluster == "mbc_b:0" and listed[-1].lineage is not None
+    clone_experts(library, "a1", 1000, prefix="c")  # lineage on 2, clusters on 10
+    many = counts()
+    listed = library.experts()
+    assert len(listed) == 1005 and all(len(e.files) == 2 and e.tasks for e in listed)
+    assert sum(e.lineage is not None for e in listed) == 3
+    assert sum(e.cluster is not None for e in listed) == 11
+    summaries = library.summaries()
+    assert [s.name for s in summaries] == [e.name for e in listed]
+    assert sum(s.derived_by == "merge" for s in summaries) == 3
+    assert many == few and max(few) <= 12, (few, many)

@@ -296,7 +296,7 @@ def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
 
 def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
     """The experts ``query`` matches, in name order, in a constant number of statements."""
-    return _load(session, query_condition(session, query), with_lineage=with_lineage)
+    return load_experts(session, query_condition(session, query), with_lineage=with_lineage)
 
 
 def expert_names(session: Session, query: ExpertQuery) -> list[str]:
@@ -306,7 +306,7 @@ def expert_names(session: Session, query: ExpertQuery) -> list[str]:
 
 
 def get_expert(session: Session, name: str) -> Expert:
-    found = _load(session, ExpertRow.name == name)
+    found = load_experts(session, ExpertRow.name == name)
     if not found:
         raise _no_expert(name)
     return found[0]
@@ -330,7 +330,7 @@ def expert_sha256(session: Session, name: str) -> str | None:
 
 def to_expert(session: Session, row: ExpertRow, *, with_lineage: bool = True) -> Expert:
     session.flush()
-    return _load(session, ExpertRow.id == row.id, with_lineage=with_lineage)[0]
+    return load_experts(session, ExpertRow.id == row.id, with_lineage=with_lineage)[0]
 
 
 def _no_expert(name: str) -> NotFoundError:
@@ -358,7 +358,13 @@ _EXPERT_COLUMNS = (
 )
 
 
-def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = True) -> list[Expert]:
+def load_experts(
+    session: Session,
+    cond: ColumnElement[bool],
+    *,
+    with_lineage: bool = True,
+    order: Sequence[Any] = (),
+) -> list[Expert]:
     """The experts ``cond`` selects, with files, tags, tasks, cluster and lineage: 1 statement for the
     experts, then one per linked table (the ``IN (SELECT id ...)`` repeats ``cond``), never one per
     expert. Callers read inside one transaction, so every statement sees the same snapshot."""
@@ -368,7 +374,7 @@ def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = T
         .outerjoin(ClusterRow, ClusterRow.id == ExpertRow.cluster_id)
         .outerjoin(ClusteringRow, ClusteringRow.id == ClusterRow.clustering_id)
         .where(cond)
-        .order_by(ExpertRow.name)
+        .order_by(*(order or [ExpertRow.name]))
     )
     rows = session.execute(stmt).all()
     if not rows:
@@ -381,8 +387,8 @@ def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = T
         .order_by(ExpertFileRow.expert_id, ExpertFileRow.path)
     ):
         files[eid].append(StoredFile(path, sha, size))
-    tags = _names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
-    tasks = _names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
+    tags = names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
+    tasks = names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
     lineage = _lineages(session, ids) if with_lineage else {}
     return [
         Expert(
@@ -410,7 +416,7 @@ def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = T
     ]
 
 
-def _names_by_expert(
+def names_by_expert(
     session: Session,
     expert_id: InstrumentedAttribute[int],
     named_id: InstrumentedAttribute[int],

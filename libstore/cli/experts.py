@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from libstore.cli.app import State
-from libstore.cli.output import echo_json, echo_table, human_bytes, json_option
-from libstore.types import EXPERT_KINDS
+from libstore.cli.output import (
+    echo_json,
+    echo_jsonl,
+    echo_table,
+    echo_table_stream,
+    human_bytes,
+    json_option,
+)
+from libstore.types import EXPERT_KINDS, EXPERT_SORTS, Expert, ExpertSummary
 
 KIND = click.Choice(EXPERT_KINDS)
 
@@ -109,46 +117,69 @@ def _query(query: tuple[str, ...], **fields: tuple[str, ...]) -> str:
 @click.option("--base", "bases", multiple=True)
 @click.option("--tag", "tags", multiple=True)
 @click.option("--task", "tasks", multiple=True)
+@click.option("--sort", type=click.Choice(EXPERT_SORTS), default="name", show_default=True)
+@click.option("--desc", "descending", is_flag=True, help="Largest / newest / last first.")
+@click.option("--limit", type=click.IntRange(min=0), help="Show at most this many experts.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many first.")
+@click.option("--full", is_flag=True, help="Whole records: module shapes, files, metadata, lineage.")
 @json_option
+@click.option("--jsonl", is_flag=True, help="One JSON object per line, streamed (for pipelines).")
 @click.pass_obj
 def ls(
     state: State,
+    /,
     query: tuple[str, ...],
     kinds: tuple[str, ...],
     bases: tuple[str, ...],
     tags: tuple[str, ...],
     tasks: tuple[str, ...],
+    full: bool,
     as_json: bool,
+    jsonl: bool,
+    **page: Any,
 ) -> None:
     """List experts, optionally filtered by a QUERY such as 'kind=task tag=v1' or 'arc_*'.
+
+    A compact summary per expert; module shapes are in `show NAME` or `ls --full`.
 
     \b
     Example:
       libstore ls --kind task --tag v1
       libstore ls 'kind=residual base=phi3' --json
+      libstore ls --sort created --desc --limit 20
+      libstore ls --jsonl | jq -r .name
     """
     q = _query(query, kind=kinds, base=bases, tag=tags, task=tasks)
-    experts = state.lib.experts(q)
-    if as_json:
-        echo_json(experts)
-        return
-    echo_table(
-        ["name", "kind", "base", "rank", "modules", "tasks", "tags", "size", "sha256"],
-        [
-            [
-                e.name,
-                e.kind,
-                e.base_model,
-                e.rank,
-                len(e.modules),
-                ",".join(e.tasks),
-                ",".join(e.tags),
-                human_bytes(e.bytes),
-                e.sha256[:12],
-            ]
-            for e in experts
-        ],
+    experts: Sequence[Expert | ExpertSummary] = (
+        state.lib.experts(q, **page) if full else state.lib.summaries(q, **page)
     )
+    if jsonl:
+        echo_jsonl(experts)
+    elif as_json:
+        echo_json(experts)
+    elif full:
+        echo_table_stream(
+            [*_COLUMNS[:4], "modules", *_COLUMNS[4:]],
+            ([*_row(e)[:4], len(e.modules), *_row(e)[4:]] for e in experts if isinstance(e, Expert)),
+        )
+    else:
+        echo_table_stream(_COLUMNS, (_row(e) for e in experts))
+
+
+_COLUMNS = ["name", "kind", "base", "rank", "tasks", "tags", "size", "sha256"]
+
+
+def _row(e: Expert | ExpertSummary) -> list[Any]:
+    return [
+        e.name,
+        e.kind,
+        e.base_model,
+        e.rank,
+        ",".join(e.tasks),
+        ",".join(e.tags),
+        human_bytes(e.bytes),
+        e.sha256[:12],
+    ]
 
 
 @click.command()

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import PurePath
 from typing import Any, TypeVar
 
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Rows per write when streaming (and the rows a streamed table sizes its columns from).
+_CHUNK = 1000
 
 
 def json_option(fn: F) -> F:
@@ -20,6 +24,8 @@ def json_option(fn: F) -> F:
 
 
 def to_jsonable(obj: Any) -> Any:
+    if obj is None or type(obj) in (str, int, float, bool):
+        return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -45,6 +51,39 @@ def echo_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+
+
+def echo_jsonl(items: Iterable[Any]) -> None:
+    """One JSON object per line (for pipelines), written in chunks as the items come."""
+    out = sys.stdout
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(json.dumps(to_jsonable(item)))
+        if len(chunk) == _CHUNK:
+            out.write("\n".join(chunk) + "\n")
+            chunk = []
+    if chunk:
+        out.write("\n".join(chunk) + "\n")
+    out.flush()
+
+
+def echo_table_stream(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """:func:`echo_table` that streams: column widths come from the header and the first
+    rows, and later rows are written as they come (a wider cell just pushes its line right)."""
+    it = iter(rows)
+    first = [["" if c is None else str(c) for c in r] for r in itertools.islice(it, _CHUNK)]
+    widths = [max([len(h)] + [len(r[i]) for r in first]) for i, h in enumerate(headers)]
+    out = sys.stdout
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    out.write(line(headers) + "\n" + "  ".join("-" * w for w in widths) + "\n")
+    batch = first
+    while batch:
+        out.write("".join(line(r) + "\n" for r in batch))
+        batch = [["" if c is None else str(c) for c in r] for r in itertools.islice(it, _CHUNK)]
+    out.flush()
 
 
 def human_bytes(n: int) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from libstore.catalog import repo
+from libstore.catalog import listing, repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     AlreadyExistsError,
@@ -28,10 +28,13 @@ from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     EXPERT_KINDS,
+    EXPERT_SORTS,
     AdapterFile,
     BaseModel,
     Expert,
     ExpertQuery,
+    ExpertSort,
+    ExpertSummary,
     StoredFile,
     parse_cluster_ref,
 )
@@ -275,11 +278,48 @@ def import_dir(
 # --- reading -----------------------------------------------------------------------------------
 
 
-def experts(ctx: Context, query: str | ExpertQuery | None = None) -> list[Expert]:
-    """The experts a query matches, in name order (one snapshot, a constant number of statements)."""
+def experts(
+    ctx: Context,
+    query: str | ExpertQuery | None = None,
+    *,
+    sort: ExpertSort = "name",
+    descending: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Expert]:
+    """The experts a query matches, ordered by ``sort`` then name, the page ``offset``/``limit`` of
+    them (one snapshot, a constant number of statements)."""
     q = parse_query(query)
+    _check_page(sort, limit, offset)
     with ctx.catalog.read() as s:
-        return repo.find_experts(s, q)
+        return listing.list_experts(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
+
+
+def summaries(
+    ctx: Context,
+    query: str | ExpertQuery | None = None,
+    *,
+    sort: ExpertSort = "name",
+    descending: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[ExpertSummary]:
+    """As :func:`experts`, without module shapes, files, metadata or parents: what a listing shows."""
+    q = parse_query(query)
+    _check_page(sort, limit, offset)
+    with ctx.catalog.read() as s:
+        return listing.list_summaries(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
+
+
+def _check_page(sort: str, limit: int | None, offset: int) -> None:
+    if sort not in EXPERT_SORTS:
+        raise ValidationError(
+            f"unknown sort {sort!r}; sort by one of {', '.join(EXPERT_SORTS)}", field="sort"
+        )
+    if limit is not None and limit < 0:
+        raise ValidationError(f"limit must be 0 or more, got {limit}", field="limit")
+    if offset < 0:
+        raise ValidationError(f"offset must be 0 or more, got {offset}", field="offset")
 
 
 def get(ctx: Context, name: str) -> Expert:
