@@ -54,7 +54,8 @@ class ModuleShape:
 
 @dataclass(frozen=True)
 class LinearShape:
-    """Shape of one ``nn.Linear`` of a base model."""
+    """Shape of one adaptable layer of a base model: an ``nn.Linear``, or a transformers ``Conv1D``
+    (GPT-2), whose weight is stored as (in, out) but which LoRA adapts like a Linear."""
 
     in_features: int
     out_features: int
@@ -71,7 +72,7 @@ class BaseModel:
         architecture: ``config.architectures[0]``.
         model_type: ``config.model_type``.
         fingerprint: sha256 of the canonical config (identity check for routers and imports).
-        linear_shapes: every ``nn.Linear`` module name -> its shape.
+        linear_shapes: every ``nn.Linear`` and ``Conv1D`` module name -> its shape.
         origin: ``None`` when the user registered it here; else where the record came from (the
             remote commit a pull took it from, ``hf://ORG/REPO@COMMIT``). Weights are never loaded
             from a ``source`` a remote named unless the user names the model themselves.

@@ -33,16 +33,19 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
+    GPT2Config,
     LlamaConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
 )
 
-Arch = Literal["llama", "phi3"]
+Arch = Literal["llama", "phi3", "gpt2"]
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+#: GPT-2's layers are transformers Conv1D (weight (in, out)), not nn.Linear
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 def tiny_llama_config(**overrides: Any) -> LlamaConfig:
@@ -84,12 +87,29 @@ def tiny_phi3_config(**overrides: Any) -> Phi3Config:
     return Phi3Config(**kwargs)
 
 
+def tiny_gpt2_config(**overrides: Any) -> GPT2Config:
+    """GPT-2 (Conv1D layers: c_attn, c_proj, c_fc) with n_embd 32, 2 layers, 4 heads, vocab 128."""
+    kwargs: dict[str, Any] = {
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "vocab_size": 128,
+        "n_positions": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
 def tiny_config(arch: Arch = "llama", **overrides: Any) -> PretrainedConfig:
+    if arch == "gpt2":
+        return tiny_gpt2_config(**overrides)
     if arch == "llama":
         return tiny_llama_config(**overrides)
     if arch == "phi3":
         return tiny_phi3_config(**overrides)
-    raise ValueError(f"unknown arch {arch!r}; use 'llama' or 'phi3'")
+    raise ValueError(f"unknown arch {arch!r}; use 'llama', 'phi3' or 'gpt2'")
 
 
 def build_model(arch: Arch = "llama", seed: int = 0, **overrides: Any) -> PreTrainedModel:

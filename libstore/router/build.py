@@ -3,8 +3,9 @@
 The input is plain typed data - one :class:`ExpertTensors` per expert - so the caller (the catalog's
 loader, a test, a benchmark) decides where tensors come from. :func:`build_router` reads each expert's
 tensors once, stacks them per module in rank space, computes the prototypes it was not given in a few
-batched calls, and replaces each targeted ``nn.Linear`` by a :class:`~libstore.router.layer.RoutedLinear`
-(set on its parent; the base Linear lives on inside it, its parameters untouched). One walk over the
+batched calls, and replaces each targeted ``nn.Linear`` (or transformers ``Conv1D``, GPT-2) by a
+:class:`~libstore.router.layer.RoutedLinear` (set on its parent; the base layer lives on inside it,
+its parameters untouched). One walk over the
 module tree, whatever the number of experts.
 
 API::
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 
 from libstore.errors import LibstoreError, RouterError
 from libstore.lowrank.gks import subtract_general_param
-from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
+from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy, layer_features
 from libstore.router.model import RoutedModel
 from libstore.router.routers import (
     Arrow,
@@ -127,9 +128,9 @@ def build_router(
 
     Raises:
         RouterError: no experts, duplicate names, bad settings, a module that is missing or not an
-            ``nn.Linear`` or already routed, factor shapes that do not fit the module, GenKnowSub with
-            general experts that miss a module or have another rank, bad precomputed keys, an unknown
-            router or a ``prototype_fn`` given with a router that is not Arrow.
+            ``nn.Linear`` / ``Conv1D`` or already routed, factor shapes that do not fit the module,
+            GenKnowSub with general experts that miss a module or have another rank, bad precomputed
+            keys, an unknown router or a ``prototype_fn`` given with a router that is not Arrow.
     """
     _check_settings(experts, general, top_k, temperature, mixing, strategy)
     rt = _make(router, prototype_fn)
@@ -138,7 +139,7 @@ def build_router(
     linears = {m: _resolve_linear(named, m) for m in per_module}
     for m, entries in per_module.items():
         for en in entries:
-            _check_shapes(m, experts[en.expert].name, en.A, en.B, linears[m])
+            _check_shapes(m, experts[en.expert].name, en.A, en.B, linears[m][1])
     if general:
         _gen_know_sub(per_module, general, [e.name for e in experts])
     given = dict(prototypes or {})
@@ -148,7 +149,7 @@ def build_router(
 
     layers: dict[str, RoutedLinear] = {}
     for m, entries in per_module.items():
-        lin = linears[m]
+        lin = linears[m][0]
         ranks = [en.A.shape[0] for en in entries]
         # one copy of each factor: A rows (R, in), B^T rows (R, out) in >= fp32 (scale folded below)
         wide = torch.float32
@@ -162,7 +163,7 @@ def build_router(
         keys = _module_keys(m, ranks, rows, scales, A_cat, Bt_cat, given.get(m), rt)
         row_scale = [en.scale for en in entries for _ in range(en.A.shape[0])]
         Bt_cat.mul_(torch.tensor(row_scale, dtype=wide, device=Bt_cat.device).unsqueeze(1))
-        dev = torch.device(device) if device is not None else lin.weight.device
+        dev = torch.device(device) if device is not None else next(lin.parameters()).device
         dt = dtype or torch.float32
         layers[m] = RoutedLinear(
             lin,
@@ -239,29 +240,35 @@ def _collect(experts: Sequence[ExpertTensors]) -> dict[str, list[_Entry]]:
     return per_module
 
 
-def _resolve_linear(named: Mapping[str, nn.Module], m: str) -> nn.Linear:
+def _resolve_linear(named: Mapping[str, nn.Module], m: str) -> tuple[nn.Module, tuple[int, int]]:
+    """The module ``m`` and its (in, out) features; it must be an ``nn.Linear`` or ``Conv1D``."""
     mod = named.get(m)
     if mod is None:
         raise RouterError(
-            f"the model has no module {m!r}; experts must target this base model's Linear layers"
+            f"the model has no module {m!r}; experts must target this base model's Linear or Conv1D layers"
         )
     if isinstance(mod, RoutedLinear):
         raise RouterError(f"module {m!r} is already routed; unpatch() the existing router first")
-    if not isinstance(mod, nn.Linear):
-        raise RouterError(f"module {m!r} is a {type(mod).__name__}; only nn.Linear layers can be routed")
-    return mod
+    features = layer_features(mod)
+    if features is None:
+        raise RouterError(
+            f"module {m!r} is a {type(mod).__module__}.{type(mod).__name__}; only nn.Linear and "
+            f"transformers Conv1D layers can be routed"
+        )
+    return mod, features
 
 
-def _check_shapes(m: str, expert: str, A: Tensor, B: Tensor, lin: nn.Linear) -> None:
+def _check_shapes(m: str, expert: str, A: Tensor, B: Tensor, features: tuple[int, int]) -> None:
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
         raise RouterError(
             f"expert {expert!r}, module {m!r}: expected A (r, in) and B (out, r), "
             f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
         )
-    if A.shape[1] != lin.in_features or B.shape[0] != lin.out_features:
+    n_in, n_out = features
+    if A.shape[1] != n_in or B.shape[0] != n_out:
         raise RouterError(
             f"expert {expert!r}, module {m!r}: factors are for a ({B.shape[0]} x {A.shape[1]}) layer but "
-            f"the model's Linear is ({lin.out_features} x {lin.in_features}); wrong base model?"
+            f"the model's layer is ({n_out} x {n_in}); wrong base model?"
         )
     if not (A.dtype.is_floating_point and B.dtype.is_floating_point):
         raise RouterError(f"expert {expert!r}, module {m!r}: factors must be floating point")

@@ -183,15 +183,37 @@ def choose_strategy(
     return best
 
 
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer LoRA can adapt, else ``None``.
+
+    Those are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's ``c_attn``/``c_proj``/``c_fc``),
+    whose weight is (in, out) (PEFT's ``fan_in_fan_out``); both compute ``x @ W + b`` on the last
+    dimension, so the routed update ``x A^T B^T`` is the same for either. ``Conv1D`` is recognised by
+    its class and attributes, so this module does not import transformers.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers.")
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    ):
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
 class RoutedLinear(nn.Module):
-    """A base ``nn.Linear`` whose output adds the routed sum of its experts' LoRA updates.
+    """A base ``nn.Linear`` (or ``Conv1D``) whose output adds the routed sum of its experts' LoRA updates.
 
     Built by :func:`libstore.router.build.build_router`; the constructor takes already stacked
     tensors. Expert weights and router keys are non-persistent buffers, so ``.to()`` moves them with
     the model and ``state_dict()`` holds only the base weights.
 
     Attributes:
-        base_layer: the original ``nn.Linear`` (its parameters are never changed).
+        base_layer: the original ``nn.Linear`` or ``Conv1D`` (its parameters are never changed).
         name: the module's name in the base model (``model.layers.0.self_attn.q_proj``).
         router: how tokens are scored (:mod:`libstore.router.routers`; Arrow by default).
         top_k, temperature, mixing, strategy: routing settings; plain attributes, may be changed.
@@ -211,7 +233,7 @@ class RoutedLinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         *,
         name: str,
         prototypes: Tensor,
@@ -231,15 +253,19 @@ class RoutedLinear(nn.Module):
         R = sum(ranks)
         if E == 0:
             raise RouterError(f"{name}: a routed module needs at least one expert")
+        features = layer_features(base_layer)
+        if features is None:
+            raise RouterError(f"{name}: a {type(base_layer).__name__} cannot be routed (nn.Linear or Conv1D)")
+        n_in, n_out = features
         rows = tuple(int(n) for n in key_rows) if key_rows is not None else (1,) * E
-        if len(rows) != E or tuple(prototypes.shape) != (sum(rows), base_layer.in_features):
+        if len(rows) != E or tuple(prototypes.shape) != (sum(rows), n_in):
             raise RouterError(
                 f"{name}: router keys have shape {tuple(prototypes.shape)}, "
-                f"expected ({sum(rows)}, {base_layer.in_features}) for key rows {list(rows)}"
+                f"expected ({sum(rows)}, {n_in}) for key rows {list(rows)}"
             )
-        if tuple(lora_A.shape) != (R, base_layer.in_features) or tuple(lora_Bt.shape) != (
+        if tuple(lora_A.shape) != (R, n_in) or tuple(lora_Bt.shape) != (
             R,
-            base_layer.out_features,
+            n_out,
         ):
             raise RouterError(f"{name}: stacked factors do not match ranks {list(ranks)}")
         if mixing not in MIXINGS:
@@ -254,8 +280,8 @@ class RoutedLinear(nn.Module):
         self.router: Router = router if router is not None else Arrow()
         self.key_rows: tuple[int, ...] = rows
         self._rows_each: int | None = rows[0] if len(set(rows)) == 1 else None
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features = n_in
+        self.out_features = n_out
         self.ranks: tuple[int, ...] = tuple(int(r) for r in ranks)
         self.uniform_rank = len(set(self.ranks)) == 1
         self.max_rank = max(self.ranks)

@@ -1,12 +1,12 @@
 """Validate PEFT LoRA adapter folders, check them against a base model, and check names. No torch.
 
 libstore accepts exactly what its math and router implement: plain LoRA (optionally rsLoRA) on
-``nn.Linear`` modules, one rank for every module, weights in safetensors. Everything else PEFT can
-write (DoRA, per-module rank/alpha patterns, LoRA bias, modules_to_save, activated LoRA,
-initialisations that modify the base weights such as PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA, ...) is
-refused by name: a catalog entry whose math silently differs from what
-``PeftModel.from_pretrained`` computes is worse than no entry. Everything is read from headers and
-JSON; tensors are only scanned (numpy, memory-mapped) for NaN/Inf.
+``nn.Linear`` and transformers ``Conv1D`` (GPT-2) modules, one rank for every module, weights in
+safetensors. Everything else PEFT can write (DoRA, per-module rank/alpha patterns, LoRA bias,
+modules_to_save, activated LoRA, initialisations that modify the base weights such as
+PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA, ...) is refused by name: a catalog entry whose math silently
+differs from what ``PeftModel.from_pretrained`` computes is worse than no entry. Everything is read
+from headers and JSON; tensors are only scanned (numpy, memory-mapped) for NaN/Inf.
 """
 
 from __future__ import annotations
@@ -539,30 +539,42 @@ def _same_source(a: str, b: str) -> bool:
 def check_against_base(adapter: AdapterFile, base: BaseModel, *, allow_base_mismatch: bool = False) -> None:
     """Refuse an adapter that does not fit ``base``.
 
-    Shapes are never overridable: every LoRA module must be an ``nn.Linear`` of the base with
-    matching in/out features. The recorded ``base_model_name_or_path`` is advisory (the same weights
-    live under many paths and hub ids), so a mismatch there can be overridden with
-    ``allow_base_mismatch``.
+    Shapes are never overridable: every LoRA module must be an ``nn.Linear`` or ``Conv1D`` of the
+    base with matching in/out features (``fan_in_fan_out`` does not change the factors' shapes: PEFT
+    sets it from the layer type when it loads). The recorded ``base_model_name_or_path`` is advisory
+    (the same weights live under many paths and hub ids), so a mismatch there can be overridden
+    with ``allow_base_mismatch``.
     """
     where = f"adapter {adapter.folder}"
     problems: list[str] = []
+    missing = 0
     for module, shape in adapter.modules.items():
         lin = base.linear_shapes.get(module)
         if lin is None:
-            problems.append(f"module {module!r} is not an nn.Linear of base model {base.name!r}")
+            missing += 1
+            problems.append(
+                f"module {module!r} is not an nn.Linear or Conv1D layer of base model {base.name!r} "
+                f"(libstore adapts those two layer types; `libstore base show {base.name}` lists them)"
+            )
         elif (lin.in_features, lin.out_features) != (shape.in_features, shape.out_features):
             problems.append(
                 f"module {module!r}: the adapter has lora_A ({shape.rank}, {shape.in_features}) "
                 f"and lora_B ({shape.out_features}, {shape.rank}), i.e. in={shape.in_features} "
-                f"out={shape.out_features}, but base model {base.name!r} has "
-                f"Linear(in_features={lin.in_features}, out_features={lin.out_features})"
+                f"out={shape.out_features}, but base model {base.name!r} has a layer with "
+                f"in_features={lin.in_features}, out_features={lin.out_features}"
             )
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        hint = (
+            "If it was trained on another model, register that base and add it with --base."
+            if missing < len(problems)
+            else "If the base has a module of that name of another type, LoRA on it is not supported; "
+            "otherwise the adapter was trained on another model: register that base and add it "
+            "with --base."
+        )
         raise BaseModelMismatchError(
             f"{where} does not fit base model {base.name!r} ({base.architecture}): "
-            f"{problems[0]}{more}. It was trained on another model; register that base and add "
-            f"it with --base."
+            f"{problems[0]}{more}. {hint}"
         )
     recorded = adapter.base_model_name_or_path
     if not recorded or allow_base_mismatch:

@@ -1,4 +1,8 @@
-"""Describe a base model from its config alone: architecture, ``nn.Linear`` shapes, fingerprint.
+"""Describe a base model from its config alone: architecture, adaptable layer shapes, fingerprint.
+
+The layers LoRA can adapt are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's ``c_attn``,
+``c_proj``, ``c_fc``: a Linear whose weight is stored transposed, (in, out)); PEFT adapts both with
+the same ``lora_A`` (r, in) / ``lora_B`` (out, r) factors, so both are recorded as (in, out) shapes.
 
 The model is built on the meta device, so registering a 70B base reads one JSON file and allocates
 no weights. torch and transformers are imported inside the functions, so importing this is cheap.
@@ -140,14 +144,19 @@ def fingerprint_config(config: Mapping[str, Any] | Any) -> str:
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, LinearShape]:
-    """Every ``nn.Linear`` of ``model`` by its module name (as PEFT targets it), in module order."""
+    """Every ``nn.Linear`` and ``Conv1D`` of ``model`` by its module name (as PEFT targets it), in
+    module order. A ``Conv1D``'s weight is (in, out) (PEFT's ``fan_in_fan_out``)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return {
-        name: LinearShape(in_features=m.in_features, out_features=m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }
+    shapes: dict[str, LinearShape] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[name] = LinearShape(in_features=m.in_features, out_features=m.out_features)
+        elif isinstance(m, Conv1D):
+            n_in, n_out = m.weight.shape
+            shapes[name] = LinearShape(in_features=int(n_in), out_features=int(n_out))
+    return shapes
 
 
 def inspect_base_model(source: str, *, name: str, revision: str | None = None) -> BaseModel:
@@ -183,7 +192,7 @@ def inspect_base_model(source: str, *, name: str, revision: str | None = None) -
         ) from e
     shapes = linear_shapes(model)
     if not shapes:
-        raise ValidationError(f"{source!r} has no nn.Linear modules for LoRA to target")
+        raise ValidationError(f"{source!r} has no nn.Linear or Conv1D modules for LoRA to target")
     architectures = getattr(config, "architectures", None) or []
     return BaseModel(
         name=name,

@@ -1,0 +1,163 @@
+"""GPT-2 style models (transformers ``Conv1D`` layers, weight (in, out)) end to end, PEFT as the oracle.
+
+PEFT's own Arrow tests put LoRA on a tiny GPT-2's ``c_attn``; here the same adapters are registered,
+added, given prototypes, routed (with and without GenKnowSub), exported and exported as a routed
+mixture, and each result is compared with what PEFT computes from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from libstore import Library
+from libstore.errors import BaseModelMismatchError, RouterError
+from libstore.router.build import ExpertTensors, build_router
+from tests.factories import GPT2_TARGETS, load_base, make_adapter, make_base_model
+from tests.test_ops_routers import save_tokenizer
+
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = make_base_model(tmp_path_factory.mktemp("gpt2"), arch="gpt2")
+    save_tokenizer(base)
+    return base
+
+
+@pytest.fixture
+def gpt2_lib(tmp_path: Path, db_url: str | None, gpt2_dir: Path) -> Library:
+    lib = Library.init(tmp_path / "lib", db_url=db_url)
+    lib.add_base("gpt2", str(gpt2_dir))
+    for i in range(4):  # PEFT's Arrow needs every task adapter on the same modules
+        lib.add(
+            make_adapter(gpt2_dir, tmp_path / "src" / f"task{i}", seed=i, targets=GPT2_TARGETS),
+            name=f"task{i}",
+        )
+    for i in range(2):
+        folder = make_adapter(gpt2_dir, tmp_path / "src" / f"gen{i}", seed=50 + i, targets=GPT2_TARGETS)
+        lib.add(folder, name=f"gen{i}", kind="general")
+    return lib
+
+
+def _peft_arrow(lib: Library, gpt2_dir: Path, tmp: Path, *, top_k: int, gks: bool, seed: int) -> nn.Module:
+    from peft import ArrowConfig, create_arrow_model
+
+    def out(kind: str) -> list[str]:
+        return [str(lib.export(e.name, tmp / "peft" / e.name)) for e in lib.experts(f"kind={kind}")]
+
+    cfg = ArrowConfig(top_k=top_k, router_temperature=1.0, use_gks=gks, rng_seed=seed)
+    model = create_arrow_model(
+        load_base(gpt2_dir),
+        task_specific_adapter_paths=out("task"),
+        general_adapter_paths=out("general") if gks else None,
+        arrow_config=cfg,
+    )
+    return model.eval()
+
+
+def test_register_records_conv1d_layers_as_in_out(gpt2_lib: Library) -> None:
+    base = gpt2_lib.base("gpt2")
+    shapes = {m: (s.in_features, s.out_features) for m, s in base.linear_shapes.items()}
+    assert shapes["transformer.h.0.attn.c_attn"] == (32, 96)  # Conv1D weight is (in, out) = (32, 96)
+    assert shapes["transformer.h.1.mlp.c_fc"] == (32, 128)
+    assert shapes["transformer.h.1.mlp.c_proj"] == (128, 32)
+    assert shapes["lm_head"] == (32, 128)
+    task0 = gpt2_lib.get("task0")
+    assert task0.target_modules == ("c_attn", "c_fc", "c_proj") and task0.base_model == "gpt2"
+
+
+@pytest.mark.parametrize(("top_k", "gks"), [(1, False), (2, True), (4, False)])
+def test_routed_gpt2_matches_peft_arrow(
+    gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path, top_k: int, gks: bool
+) -> None:
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours = gpt2_lib.routed_model(
+        load_base(gpt2_dir), top_k=top_k, method="peft", general="kind=general" if gks else None
+    )
+    ref = _peft_arrow(gpt2_lib, gpt2_dir, tmp_path, top_k=top_k, gks=gks, seed=SEED)
+    with torch.no_grad():
+        got, want = ours(ids).logits, ref(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(load_base(gpt2_dir)(ids).logits, want, atol=1e-3)  # adapters act
+
+
+@torch.no_grad()
+def test_routed_gpt2_float64_matches_peft_within_1e6(
+    gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from peft import ArrowConfig, create_arrow_model
+
+    tasks = [str(gpt2_lib.export(e.name, tmp_path / e.name)) for e in gpt2_lib.experts("kind=task")]
+    ref = create_arrow_model(
+        load_base(gpt2_dir).double(),
+        task_specific_adapter_paths=tasks,
+        arrow_config=ArrowConfig(top_k=2, rng_seed=SEED),
+    ).eval()
+    ref.double()
+    ours = gpt2_lib.routed_model(load_base(gpt2_dir).double(), top_k=2, method="peft", dtype=torch.float64)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_export_of_a_gpt2_expert_loads_in_peft(gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    out = gpt2_lib.export("task1", tmp_path / "exported")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True  # as PEFT saved
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    routed = gpt2_lib.routed_model(load_base(gpt2_dir), experts=["task1"], top_k=1)
+    with torch.no_grad():
+        peft_out = PeftModel.from_pretrained(load_base(gpt2_dir), str(out)).eval()(ids).logits
+        torch.testing.assert_close(routed(ids).logits, peft_out, atol=1e-5, rtol=1e-5)
+
+
+def test_export_routed_gpt2_is_the_routed_model(gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    prompt = "w5 w17 w3 w99 w42"
+    report = gpt2_lib.export_routed(tmp_path / "served", prompt=prompt, top_k=2, base=str(gpt2_dir))
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    routed = gpt2_lib.routed_model(load_base(gpt2_dir), top_k=2)
+    with torch.no_grad():
+        with routed.sequence_routing() as routes:
+            routed.model(input_ids=ids)
+        with routed.pinned(routes):
+            ours = routed.model(input_ids=ids).logits
+        served = PeftModel.from_pretrained(load_base(gpt2_dir), str(report.path)).eval()
+        torch.testing.assert_close(served(input_ids=ids).logits, ours, atol=2e-5, rtol=1e-5)
+
+
+def test_prototypes_of_gpt2_experts_are_those_the_router_uses(gpt2_lib: Library, gpt2_dir: Path) -> None:
+    report = gpt2_lib.compute_prototypes("kind=task")
+    assert len(report.computed) == 4
+    routed = gpt2_lib.routed_model(load_base(gpt2_dir))
+    assert "transformer.h.0.attn.c_attn" in routed.layers and "transformer.h.1.mlp.c_fc" in routed.layers
+
+
+def test_gpt2_adapter_on_a_llama_base_names_the_layer_types(
+    library: Library, gpt2_dir: Path, tmp_path: Path
+) -> None:
+    """Before Conv1D support every GPT-2 adapter got 'It was trained on another model' even on GPT-2."""
+    folder = make_adapter(gpt2_dir, tmp_path / "g", targets=("c_attn",))
+    with pytest.raises(BaseModelMismatchError) as err:
+        library.add(folder, name="g", base="tiny")
+    msg = str(err.value)
+    assert "'transformer.h.0.attn.c_attn' is not an nn.Linear or Conv1D layer of base model 'tiny'" in msg
+    assert "of another type, LoRA on it is not supported" in msg
+
+
+def test_router_names_an_unsupported_module_type(gpt2_dir: Path) -> None:
+    model = load_base(gpt2_dir)
+    ex = ExpertTensors("e", 1.0, {"transformer.h.0.ln_1": (torch.zeros(2, 32), torch.zeros(32, 2))})
+    with pytest.raises(
+        RouterError, match=r"'transformer.h.0.ln_1' is a torch.nn.modules.normalization.LayerNorm"
+    ):
+        build_router(model, [ex])
