@@ -246,9 +246,8 @@ class Library:
         from libstore.ops import prototypes as _protos
 
         target = None if query is None else _selection(query)
-        return _protos.compute(
-            self._ctx, target, method=method, top_n=top_n, iters=iters, seed=seed, device=device
-        )
+        options = _protos.PrototypeOptions(method=method, top_n=top_n, iters=iters, seed=seed, device=device)
+        return _protos.compute(self._ctx, target, options=options)
 
     def prototypes(
         self,
@@ -273,16 +272,8 @@ class Library:
             if isinstance(expert_or_query, str | Expert | ExpertQuery)
             else list(expert_or_query)
         )
-        return _protos.load(
-            self._ctx,
-            target,
-            method=method,
-            top_n=top_n,
-            iters=iters,
-            seed=seed,
-            modules=modules,
-            device=device,
-        )
+        options = _protos.PrototypeOptions(method=method, top_n=top_n, iters=iters, seed=seed, device=device)
+        return _protos.load(self._ctx, target, options=options, modules=modules)
 
     def prototype_cache(self) -> list[CacheEntry]:
         """Every cached prototype set, with the experts that currently have its weights."""
@@ -314,11 +305,7 @@ class Library:
             self._ctx,
             general=_selection(general),
             experts=_selection(experts),
-            mode=mode,
-            rank=rank,
-            suffix=suffix,
-            refresh=refresh,
-            device=device,
+            options=_derive.GksOptions(mode=mode, rank=rank, suffix=suffix, refresh=refresh, device=device),
         )
 
     def similarity(
@@ -333,7 +320,9 @@ class Library:
         from libstore.ops import similarity as _sim
 
         target = None if query is None else _selection(query)
-        return _sim.similarity(self._ctx, target, metric=metric, device=device)
+        return _sim.similarity(
+            self._ctx, target, options=_sim.SimilarityOptions(metric=metric, device=device)
+        )
 
     def plot_similarity(self, matrix: SimilarityMatrix, path: PathLike) -> Path:
         """Write a heatmap PNG of a similarity matrix."""
@@ -359,10 +348,12 @@ class Library:
             self._ctx,
             list(names),
             name=name,
-            rank=rank,
-            weights=None if weights is None else list(weights),
-            refresh=refresh,
-            device=device,
+            options=_derive.MergeOptions(
+                rank=rank,
+                weights=None if weights is None else tuple(weights),
+                refresh=refresh,
+                device=device,
+            ),
         )
 
     def lineage(self, name: str) -> LineageInfo:
@@ -404,19 +395,18 @@ class Library:
         from libstore.ops import clusters as _clusters
 
         target = None if experts is None else _selection(experts)
-        return _clusters.cluster(
-            self._ctx,
-            target,
+        options = _clusters.ClusterOptions(
             k=k,
             metric=metric,
             seed=seed,
             name=name,
             keep=keep,
             dim=dim,
-            k_range=None if k_range is None else list(k_range),
+            k_range=None if k_range is None else tuple(k_range),
             n_init=n_init,
             device=device,
         )
+        return _clusters.cluster(self._ctx, target, options=options)
 
     def clusterings(self) -> list[Clustering]:
         """Every recorded clustering (with ``stale`` and ``stale_reasons``)."""
@@ -508,16 +498,10 @@ class Library:
         last). Refuses if the remote moved (pull first) or on conflicts. Returns a ``PushReport``."""
         from libstore.ops import push
 
-        return push.push(
-            self._ctx,
-            remote,
-            experts=experts,
-            message=message,
-            tag=tag,
-            token=token,
-            force=force,
-            prune=prune,
+        options = push.PushOptions(
+            experts=experts, message=message, tag=tag, token=token, force=force, prune=prune
         )
+        return push.push(self._ctx, remote, options=options)
 
     def pull(
         self,
@@ -533,16 +517,15 @@ class Library:
         it in one transaction. Conflicts are reported, not overwritten. Returns a ``PullReport``."""
         from libstore.ops import pull
 
-        return pull.pull(
-            self._ctx, remote, revision=revision, experts=experts, token=token, force=force, prune=prune
-        )
+        options = pull.PullOptions(revision=revision, experts=experts, token=token, force=force, prune=prune)
+        return pull.pull(self._ctx, remote, options=options)
 
     def status(self, remote: str | None = None, *, token: str | None = None) -> StatusReport:
         """Per expert: local only, remote only, in sync, changed, conflict; and what push and pull
         would do. Returns a ``StatusReport``."""
         from libstore.ops import sync
 
-        return sync.status(self._ctx, remote, token=token)
+        return sync.status(self._ctx, remote, options=sync.StatusOptions(token=token))
 
     def import_hub(
         self,
@@ -669,15 +652,10 @@ class Library:
     ) -> RoutedExport:
         """Route ``prompt`` once and write that mixture as one exact PEFT adapter at ``dest``
         (see ``libstore.ops.export_routed``): ``PeftModel.from_pretrained(base, dest)`` serves it."""
-        from libstore.ops.export_routed import export_routed
+        from libstore.ops.export_routed import ExportRoutedOptions, export_routed
 
-        return export_routed(
-            self._ctx,
-            dest,
-            prompt=prompt,
+        options = ExportRoutedOptions(
             experts=experts,
-            base=base,
-            tokenizer=tokenizer,
             router=router,
             top_k=top_k,
             temperature=temperature,
@@ -688,6 +666,7 @@ class Library:
             overwrite=overwrite,
             allow_base_mismatch=allow_base_mismatch,
         )
+        return export_routed(self._ctx, dest, prompt=prompt, options=options, base=base, tokenizer=tokenizer)
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -696,7 +675,7 @@ class Library:
         data: PathLike,
         *,
         experts: str | ExpertQuery = "kind=task",
-        routers: Iterable[str | RouterSpec] = ("arrow",),
+        routers: Iterable[str | RouterSpec] = ("arrow", "spectr", "uniform"),
         base: Any = None,
         tokenizer: Any = None,
         top_k: int = 3,
@@ -705,25 +684,24 @@ class Library:
         name: str | None = None,
         record: bool = True,
         device: str | None = None,
+        allow_base_mismatch: bool = False,
     ) -> EvalRecord:
         """Held-out loss, exact match and routing accuracy of each router on a JSONL file of
         ``{"input", "target", "task"}`` examples, recorded in the catalog (``libstore.ops.evaluate``)."""
-        from libstore.ops.evaluate import evaluate
+        from libstore.ops.evaluate import EvalOptions, evaluate
 
-        return evaluate(
-            self._ctx,
-            data,
+        options = EvalOptions(
             experts=experts,
-            routers=list(routers),
-            base=base,
-            tokenizer=tokenizer,
+            routers=tuple(routers),
             top_k=top_k,
             temperature=temperature,
             batch_size=batch_size,
             name=name,
             record=record,
             device=device,
+            allow_base_mismatch=allow_base_mismatch,
         )
+        return evaluate(self._ctx, data, options=options, base=base, tokenizer=tokenizer)
 
     def evals(self) -> list[Evaluation]:
         """Every recorded evaluation (oldest first), each with ``.stale`` and ``.stale_reasons``."""

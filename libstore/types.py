@@ -38,6 +38,7 @@ EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 Mixing = Literal["output", "parameter"]
 """Routed models: mix experts' ``output`` (PEFT: Σ cₑ·sₑ·BₑAₑx) or ``parameter`` (mttl: per-token A, B)."""
+MIXINGS: tuple[str, ...] = get_args(Mixing)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

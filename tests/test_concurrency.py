@@ -408,7 +408,7 @@ def test_a_pull_staging_longer_than_the_grace_period_fails_cleanly(
 
     monkeypatch.setattr(pull_mod, "_download", slow_download)
     with pytest.raises(BlobsRemovedError) as err:
-        pull_mod.pull(lib.context, workers=1)
+        pull_mod.pull(lib.context, options=pull_mod.PullOptions(), workers=1)
     assert gc_runs[0]["removed"] >= 1
     assert err.value.exit_code == 9 and err.value.sha256s
     assert lib.experts() == [] and lib.verify().ok

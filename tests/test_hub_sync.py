@@ -409,13 +409,13 @@ def test_interrupted_batched_push_keeps_manifest_consistent_and_resumes(
 
     monkeypatch.setattr(push.HubClient, "commit", failing_last)
     with pytest.raises(HubError):
-        push.push(library.context, max_files_per_commit=4, retries=0)
+        push.push(library.context, options=push.PushOptions(), max_files_per_commit=4, retries=0)
     assert len(calls) == 3 + 1  # 12 files in batches of 4, then the manifest commit (failed)
     assert hub.head(REPO) != head and hub.read_file(REPO, MANIFEST_FILE) == old_manifest
     assert library.remotes()[0].last_commit == head
     monkeypatch.setattr(push.HubClient, "commit", real)
     hub.reset_stats()
-    r = push.push(library.context, max_files_per_commit=4)
+    r = push.push(library.context, options=push.PushOptions(), max_files_per_commit=4)
     assert hub.counts["lfs_upload"] == 0 and r.commits == 1  # files already there: manifest only
     manifest = json.loads(hub.read_file(REPO, MANIFEST_FILE))
     assert len(manifest["experts"]) == 7
@@ -442,7 +442,7 @@ def test_two_libraries_pushing_at_once_never_drop_each_others_experts(
 
     def first() -> None:
         try:  # 2 files + manifest + card > 3: the files go in a commit of their own first
-            push.push(library.context, max_files_per_commit=3)
+            push.push(library.context, options=push.PushOptions(), max_files_per_commit=3)
         except BaseException as e:
             errors.append(e)
 
@@ -488,7 +488,7 @@ def test_cut_download_leaves_library_unchanged_and_next_pull_resumes(
     before = snapshot(other)
     hub.faults.cut_download(f"experts/{cut}/adapter_model.safetensors", 100, count=None)
     with pytest.raises(HubError):
-        pull.pull(other.context, workers=1)
+        pull.pull(other.context, options=pull.PullOptions(), workers=1)
     assert snapshot(other) == before
     stored = set(other.context.blobs)
     assert library.get(cut).sha256 not in stored

@@ -173,9 +173,11 @@ def test_stacked_prototypes_for_the_router(lib3: Library) -> None:
 @pytest.mark.parametrize("db_url", [None], ids=["sqlite"])
 def test_memory_batches_and_double_record(lib3: Library) -> None:
     from libstore.catalog import prototypes as cache
-    from libstore.ops.prototypes import compute
+    from libstore.ops.prototypes import PrototypeOptions, compute
 
-    report = compute(lib3.context, "a b", batch_bytes=1, device="cpu")  # one expert per batch
+    report = compute(
+        lib3.context, "a b", options=PrototypeOptions(device="cpu"), batch_bytes=1
+    )  # one expert per batch
     assert report.computed == ("a", "b") and report.batched_calls == 2 and report.device == "cpu"
     (entry,) = [c for c in lib3.prototype_cache() if c.experts == ("a",)]
     with lib3.context.catalog.write() as s:

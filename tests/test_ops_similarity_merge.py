@@ -200,13 +200,15 @@ def test_merge_keyed_on_scale_not_only_weights(library: Library, base_dir: Path,
 def test_similarity_streams_within_any_budget(trio: Library) -> None:
     """``similarity`` reads the experts one group of modules at a time (the clustering path): any
     memory budget gives the matrix of the whole experts."""
-    from libstore.ops.similarity import similarity
+    from libstore.ops.similarity import SimilarityOptions, similarity
 
     for metric in ("delta", "flat"):
         names = "a b c" if metric == "delta" else "a b"  # flat compares raw parameters: equal ranks
-        whole = similarity(trio.context, names, metric=metric)
+        whole = similarity(trio.context, names, options=SimilarityOptions(metric=metric))
         for budget in (1, 4096):
-            streamed = similarity(trio.context, names, metric=metric, budget_bytes=budget)
+            streamed = similarity(
+                trio.context, names, options=SimilarityOptions(metric=metric), budget_bytes=budget
+            )
             assert streamed.names == whole.names
             for row_s, row_w in zip(streamed.values, whole.values, strict=True):
                 assert row_s == pytest.approx(row_w, abs=1e-6)

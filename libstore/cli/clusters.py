@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from libstore.cli.app import State
+from libstore.cli.options import option_kwargs
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
-from libstore.types import EXPORT_FORMATS, SIMILARITY_METRICS, ExportFormat, SimilarityMetric
+from libstore.types import EXPORT_FORMATS, SIMILARITY_METRICS, ExportFormat
 
 if TYPE_CHECKING:
     from libstore.ops.clusters import Clustering
@@ -127,7 +128,6 @@ def _show(c: Clustering, *, members: bool = True) -> None:
 @click.command("cluster")
 @click.option(
     "--experts",
-    "query",
     default="kind=task",
     show_default=True,
     metavar="QUERY",
@@ -157,20 +157,7 @@ def _show(c: Clustering, *, members: bool = True) -> None:
 @click.option("--device", help="delta: where ΔW inner products run (default cuda if available).")
 @json_option
 @click.pass_obj
-def cluster(
-    state: State,
-    query: str,
-    k: int | None,
-    k_range: str | None,
-    metric: SimilarityMetric,
-    seed: int,
-    name: str | None,
-    keep: float,
-    dim: int,
-    n_init: int,
-    device: str | None,
-    as_json: bool,
-) -> None:
+def cluster(state: State, /, experts: str, k_range: str | None, as_json: bool, **kw: Any) -> None:
     """Cluster experts by the similarity of their parameters (MBC) and record the run.
 
     The run is recorded with every parameter and the hash of every expert it saw: a changed or added
@@ -183,18 +170,9 @@ def cluster(
       libstore cluster --experts 'kind=task tag=v2' --k-range 2:30 --metric delta
       libstore clusters export mbc-k10 --format csv
     """
-    c = state.lib.cluster(
-        query,
-        k=k,
-        metric=metric,
-        seed=seed,
-        name=name,
-        keep=keep,
-        dim=dim,
-        k_range=_k_range(k_range),
-        n_init=n_init,
-        device=device,
-    )
+    from libstore.ops.clusters import ClusterOptions
+
+    c = state.lib.cluster(experts, **option_kwargs(ClusterOptions, {**kw, "k_range": _k_range(k_range)}))
     if as_json:
         echo_json(_json(c))
         return

@@ -10,11 +10,12 @@ from typing import Any
 import click
 
 from libstore.cli.app import State
+from libstore.cli.options import option_kwargs
 from libstore.cli.output import echo_json, echo_table, json_option
 from libstore.types import EVAL_METRICS
 
 METRICS = list(EVAL_METRICS)
-DEFAULT_ROUTERS = ("arrow", "spectr", "uniform")
+DEFAULT_ROUTERS = ("arrow", "spectr", "uniform")  # = ops.evaluate.DEFAULT_ROUTERS, without importing it
 
 _metric_for_plot = click.option(
     "--metric", type=click.Choice(METRICS), default="exact_match", show_default=True, help="For --plot."
@@ -52,6 +53,7 @@ def _echo_metrics(rec: Any) -> None:
     "--router",
     "routers",
     multiple=True,
+    default=DEFAULT_ROUTERS,
     metavar="SPEC",
     help="A router to evaluate, repeatable: arrow, arrow:top_n=2, spectr, uniform, oracle, "
     "spectr:granularity=sequence, arrow:general=kind=general ... (default: arrow, spectr, uniform).",
@@ -61,27 +63,21 @@ def _echo_metrics(rec: Any) -> None:
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--name", help="Name of the recorded evaluation (default: eval-N).")
-@click.option("--no-record", is_flag=True, help="Print the results without recording them.")
+@click.option(
+    "--record/--no-record", default=True, help="--no-record: print the results without recording them."
+)
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Route experts whose base model is not the one loaded (shapes must still fit).",
+)
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write a routers x tasks heatmap.")
 @_metric_for_plot
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
 @json_option
 @click.pass_obj
 def eval_(
-    state: State,
-    data: str,
-    experts: str,
-    routers: tuple[str, ...],
-    base: str | None,
-    top_k: int,
-    temperature: float,
-    batch_size: int,
-    name: str | None,
-    no_record: bool,
-    plot_png: str | None,
-    metric: str,
-    device: str | None,
-    as_json: bool,
+    state: State, /, data: str, base: str | None, plot_png: str | None, metric: str, as_json: bool, **kw: Any
 ) -> None:
     """Evaluate routers on DATA, a JSONL file of {"input", "target", "task"} examples.
 
@@ -95,20 +91,9 @@ def eval_(
       libstore eval heldout.jsonl --experts kind=task --router arrow --router spectr \\
           --router "arrow:general=kind=general" --router oracle --router uniform --plot eval.png
     """
-    from libstore.ops.evaluate import plot
+    from libstore.ops.evaluate import EvalOptions, plot
 
-    rec = state.lib.evaluate(
-        data,
-        experts=experts,
-        routers=routers or DEFAULT_ROUTERS,
-        base=base,
-        top_k=top_k,
-        temperature=temperature,
-        batch_size=batch_size,
-        name=name,
-        record=not no_record,
-        device=device,
-    )
+    rec = state.lib.evaluate(data, base=base, **option_kwargs(EvalOptions, kw))
     if plot_png:
         plot(rec, plot_png, metric=metric)
     if as_json:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from libstore.cli.app import State
+from libstore.cli.options import option_kwargs
 from libstore.cli.output import echo_json, echo_table, human_bytes, json_option
 from libstore.types import EXPERT_KINDS
 
@@ -106,9 +107,7 @@ def remote_rm(state: State, name: str) -> None:
 
 @click.command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
-@click.option(
-    "--experts", "query", metavar="QUERY", help="Push only the experts matching QUERY (e.g. 'tag=v1')."
-)
+@click.option("--experts", metavar="QUERY", help="Push only the experts matching QUERY (e.g. 'tag=v1').")
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--tag", help="Tag the pushed commit (e.g. v1).")
 @click.option("--force", is_flag=True, help="Upload this library's version of experts that conflict.")
@@ -118,17 +117,7 @@ def remote_rm(state: State, name: str) -> None:
 @_token_option
 @json_option
 @click.pass_obj
-def push(
-    state: State,
-    remote_name: str | None,
-    query: str | None,
-    message: str | None,
-    tag: str | None,
-    force: bool,
-    prune: bool,
-    token: str | None,
-    as_json: bool,
-) -> None:
+def push(state: State, /, remote_name: str | None, as_json: bool, **kw: Any) -> None:
     """Upload what changed since the last sync to REMOTE (default: origin).
 
     Only changed experts' files and the manifest travel; one commit (bounded batches, manifest last,
@@ -139,9 +128,9 @@ def push(
       libstore push origin -m "add arc experts" --tag v1
       libstore push --experts 'tag=v2'
     """
-    r = state.lib.push(
-        remote_name, experts=query, message=message, tag=tag, token=token, force=force, prune=prune
-    )
+    from libstore.ops.push import PushOptions
+
+    r = state.lib.push(remote_name, **option_kwargs(PushOptions, kw))
     if as_json:
         echo_json(r)
         return
@@ -165,7 +154,7 @@ def push(
 @click.command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
 @click.option("--revision", help="Branch, tag or commit id to pull (default: the remote's branch).")
-@click.option("--experts", "query", metavar="QUERY", help="Pull only the remote experts matching QUERY.")
+@click.option("--experts", metavar="QUERY", help="Pull only the remote experts matching QUERY.")
 @click.option("--force", is_flag=True, help="Take the remote's version of experts that conflict.")
 @click.option(
     "--prune", is_flag=True, help="Remove here the experts deleted on the remote since the last sync."
@@ -173,16 +162,7 @@ def push(
 @_token_option
 @json_option
 @click.pass_obj
-def pull(
-    state: State,
-    remote_name: str | None,
-    revision: str | None,
-    query: str | None,
-    force: bool,
-    prune: bool,
-    token: str | None,
-    as_json: bool,
-) -> None:
+def pull(state: State, /, remote_name: str | None, as_json: bool, **kw: Any) -> None:
     """Download what is missing or changed from REMOTE (default: origin), hash-checked, applied at once.
 
     \b
@@ -190,7 +170,9 @@ def pull(
       libstore pull origin
       libstore pull origin --revision v1 --experts 'kind=task'
     """
-    r = state.lib.pull(remote_name, revision=revision, experts=query, token=token, force=force, prune=prune)
+    from libstore.ops.pull import PullOptions
+
+    r = state.lib.pull(remote_name, **option_kwargs(PullOptions, kw))
     if as_json:
         echo_json(r)
         return
@@ -222,9 +204,7 @@ def pull(
 @_token_option
 @json_option
 @click.pass_obj
-def status_cmd(
-    state: State, remote_name: str | None, show_all: bool, token: str | None, as_json: bool
-) -> None:
+def status_cmd(state: State, /, remote_name: str | None, show_all: bool, as_json: bool, **kw: Any) -> None:
     """Per expert: local only, remote only, in sync, changed, conflict; and what push/pull would do.
 
     \b
@@ -232,7 +212,9 @@ def status_cmd(
       libstore status origin
       libstore status --json
     """
-    r = state.lib.status(remote_name, token=token)
+    from libstore.ops.sync import StatusOptions
+
+    r = state.lib.status(remote_name, **option_kwargs(StatusOptions, kw))
     if as_json:
         echo_json(r)
         return

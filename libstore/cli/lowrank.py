@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from libstore.cli.app import State
+from libstore.cli.options import option_kwargs
 from libstore.cli.output import echo_json, echo_table, json_option, to_jsonable
-from libstore.types import GKS_MODES, PROTOTYPE_METHODS, SIMILARITY_METRICS, SimilarityMetric
+from libstore.types import GKS_MODES, PROTOTYPE_METHODS, SIMILARITY_METRICS
 
 if TYPE_CHECKING:
     from libstore.ops.lineage import ParentState
@@ -99,7 +100,9 @@ def prototypes_compute(state: State, /, query: tuple[str, ...], as_json: bool, *
       libstore prototypes compute 'kind=task,residual'
       libstore prototypes compute arc_easy --method peft --seed 0
     """
-    report = state.lib.compute_prototypes(_query(query), **kw)
+    from libstore.ops.prototypes import PrototypeOptions
+
+    report = state.lib.compute_prototypes(_query(query), **option_kwargs(PrototypeOptions, kw))
     if as_json:
         echo_json(report)
         return
@@ -130,7 +133,9 @@ def prototypes_show(state: State, /, name: str, modules: tuple[str, ...], as_jso
       libstore prototypes show arc_easy
       libstore prototypes show arc_easy --module model.layers.0.self_attn.q_proj --json
     """
-    found = state.lib.prototypes([name], modules=list(modules) or None, **kw)
+    from libstore.ops.prototypes import PrototypeOptions
+
+    found = state.lib.prototypes([name], modules=list(modules) or None, **option_kwargs(PrototypeOptions, kw))
     p = found[name]
     if as_json:
         echo_json(
@@ -223,7 +228,9 @@ def gks(state: State, /, general: str, experts: str, as_json: bool, **kw: Any) -
       libstore gks --general kind=general --experts kind=task
       libstore gks --general 'wiki_*' --experts kind=task --mode delta --rank 16
     """
-    report = state.lib.subtract_general(general=general, experts=experts, **kw)
+    from libstore.ops.derive import GksOptions
+
+    report = state.lib.subtract_general(general=general, experts=experts, **option_kwargs(GksOptions, kw))
     if as_json:
         echo_json(
             {
@@ -266,12 +273,7 @@ def gks(state: State, /, general: str, experts: str, as_json: bool, **kw: Any) -
 @json_option
 @click.pass_obj
 def similarity(
-    state: State,
-    query: tuple[str, ...],
-    metric: SimilarityMetric,
-    plot_path: str | None,
-    device: str | None,
-    as_json: bool,
+    state: State, /, query: tuple[str, ...], plot_path: str | None, as_json: bool, **kw: Any
 ) -> None:
     """Cosine-similarity matrix of the experts matching QUERY (default: all).
 
@@ -280,7 +282,9 @@ def similarity(
       libstore similarity 'kind=task' --metric delta --plot sim.png
       libstore similarity arc_easy arc_challenge --json
     """
-    m = state.lib.similarity(_query(query), metric=metric, device=device)
+    from libstore.ops.similarity import SimilarityOptions
+
+    m = state.lib.similarity(_query(query), **option_kwargs(SimilarityOptions, kw))
     if plot_path:
         state.lib.plot_similarity(m, plot_path)
     if as_json:
@@ -317,7 +321,7 @@ def _weights(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--device", help="Where to compute (default: cpu, so results do not depend on the machine).")
 @json_option
 @click.pass_obj
-def merge(state: State, /, names: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def merge(state: State, /, names: tuple[str, ...], name: str, as_json: bool, **kw: Any) -> None:
     """Merge experts NAMES by averaging their ΔW (kind=merged), exactly re-factorised.
 
     \b
@@ -325,7 +329,9 @@ def merge(state: State, /, names: tuple[str, ...], as_json: bool, **kw: Any) -> 
       libstore merge arc_easy arc_challenge boolq --name qa_avg --rank 16
       libstore merge a b --name ab --weights 0.7,0.3
     """
-    e = state.lib.merge(names, **kw)
+    from libstore.ops.derive import MergeOptions
+
+    e = state.lib.merge(names, name=name, **option_kwargs(MergeOptions, kw))
     if as_json:
         echo_json(e)
         return

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from libstore.cli.app import State
+from libstore.cli.options import option_kwargs
 from libstore.cli.output import echo_json, json_option
-from libstore.types import PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMethod, RouterName
+from libstore.types import MIXINGS, PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMethod, RouterName
 
 _top_n = click.option(
     "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
@@ -111,22 +114,30 @@ def route(
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @_top_n
+@click.option(
+    "--method",
+    type=click.Choice(PROTOTYPE_METHODS),
+    default="exact",
+    show_default=True,
+    help="Prototype method.",
+)
+@click.option(
+    "--mixing",
+    type=click.Choice(MIXINGS),
+    default="output",
+    show_default=True,
+    help="output: mix the experts' outputs (PEFT); parameter: mix their A and B (mttl).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Route experts whose base model is not the one loaded (shapes must still fit).",
+)
 @json_option
 @click.pass_obj
 def export_routed(
-    state: State,
-    dest: str,
-    experts: str,
-    prompt: str,
-    base: str | None,
-    router: RouterName,
-    general: str | None,
-    top_k: int,
-    temperature: float,
-    top_n: int,
-    overwrite: bool,
-    as_json: bool,
+    state: State, /, dest: str, prompt: str, base: str | None, as_json: bool, **kw: Any
 ) -> None:
     """Write the experts PROMPT is routed to (per sequence) as one exact PEFT adapter at DEST.
 
@@ -138,18 +149,9 @@ def export_routed(
     Example:
       libstore export-routed ./served/q17 --experts kind=task --prompt "Question: ..." --top-k 2
     """
-    report = state.lib.export_routed(
-        dest,
-        prompt=prompt,
-        experts=experts,
-        base=base,
-        router=router,
-        general=general,
-        top_k=top_k,
-        temperature=temperature,
-        top_n=top_n,
-        overwrite=overwrite,
-    )
+    from libstore.ops.export_routed import ExportRoutedOptions
+
+    report = state.lib.export_routed(dest, prompt=prompt, base=base, **option_kwargs(ExportRoutedOptions, kw))
     if as_json:
         echo_json(report)
         return

@@ -37,6 +37,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Cluster",
+    "ClusterOptions",
     "Clustering",
     "InputState",
     "cluster",
@@ -89,23 +91,25 @@ ExpertsArg = str | ExpertQuery | Sequence[str] | None
 # --- running -----------------------------------------------------------------------------------
 
 
-def cluster(
-    ctx: Context,
-    experts: ExpertsArg = DEFAULT_QUERY,
-    *,
-    k: int | None = None,
-    metric: SimilarityMetric = "flat",
-    seed: int = 0,
-    name: str | None = None,
-    keep: float = 0.2,
-    dim: int = 64,
-    k_range: Iterable[int] | None = None,
-    n_init: int = 10,
-    device: str | None = None,
-) -> Clustering:
-    """Cluster the experts ``experts`` selects and record the run as ``name``.
+@dataclass(frozen=True)
+class ClusterOptions:
+    """The options of one MBC run (``libstore cluster``, ``Library.cluster``); see :func:`cluster`."""
 
-    Args:
+    k: int | None = None
+    metric: SimilarityMetric = "flat"
+    seed: int = 0
+    name: str | None = None
+    keep: float = 0.2
+    dim: int = 64
+    k_range: tuple[int, ...] | None = None
+    n_init: int = 10
+    device: str | None = None
+
+
+def cluster(ctx: Context, experts: ExpertsArg = DEFAULT_QUERY, *, options: ClusterOptions) -> Clustering:
+    """Cluster the experts ``experts`` selects and record the run as ``options.name``.
+
+    Args (``experts``, then the fields of ``options``):
         experts: a query (``"kind=task"``), an ``ExpertQuery`` or a list of expert names.
         k: number of clusters; ``None`` chooses it by the best mean silhouette over ``k_range``
             (default 2..min(20, n − 1)); every score is recorded.
@@ -120,6 +124,9 @@ def cluster(
 
     from libstore.lowrank.partition import MAX_ITER, partition
 
+    o = options
+    k, metric, seed, name, keep, dim = o.k, o.metric, o.seed, o.name, o.keep, o.dim
+    k_range, n_init, device = o.k_range, o.n_init, o.device
     _check_params(metric=metric, keep=keep, dim=dim, n_init=n_init, seed=seed)
     query = _as_query(experts)
     query_text = format_query(query)

@@ -50,6 +50,28 @@ METHOD_VERSIONS = {
 Status = Literal["created", "reused", "refreshed"]
 
 
+@dataclass(frozen=True)
+class GksOptions:
+    """The options of GenKnowSub (``libstore gks``, ``Library.subtract_general``); see
+    :func:`subtract_general` for their meaning."""
+
+    mode: GksMode = "param"
+    rank: int | None = None
+    suffix: str = DEFAULT_SUFFIX
+    refresh: bool = False
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """The options of a merge (``libstore merge``, ``Library.merge``); see :func:`merge`."""
+
+    rank: int | None = None
+    weights: tuple[float, ...] | None = None
+    refresh: bool = False
+    device: str | None = None
+
+
 def inputs_key(
     method: str, method_version: int, params: Mapping[str, Any], parents: Sequence[tuple[str, str]]
 ) -> str:
@@ -128,15 +150,11 @@ def subtract_general(
     *,
     general: Target,
     experts: Target,
-    mode: GksMode = "param",
-    rank: int | None = None,
-    suffix: str = DEFAULT_SUFFIX,
-    refresh: bool = False,
-    device: str | None = None,
+    options: GksOptions,
 ) -> GksReport:
     """GenKnowSub: a residual expert per expert, minus the average of the general experts.
 
-    Args:
+    Args (``general``, ``experts``, then the fields of ``options``):
         general: the general-knowledge experts (a query such as ``"kind=general"``, or names).
         experts: the experts to purify (``"kind=task"``); general experts among them are skipped.
         mode: ``param`` (A − mean A_g, B − mean B_g: what PEFT and the paper do; equal ranks; the
@@ -152,6 +170,13 @@ def subtract_general(
     Residuals are stored as kind ``residual`` with the parent's tasks and a derivation record (roles
     ``expert`` and ``general``). A residual computed before from the same inputs is reused as is.
     """
+    mode, rank, suffix, refresh, device = (
+        options.mode,
+        options.rank,
+        options.suffix,
+        options.refresh,
+        options.device,
+    )
     if mode not in GKS_MODES:
         raise ValidationError(
             f"unknown GenKnowSub mode {mode!r}; modes are {', '.join(GKS_MODES)}", field="mode"
@@ -373,10 +398,7 @@ def merge(
     names: Sequence[str],
     *,
     name: str,
-    rank: int | None = None,
-    weights: Sequence[float] | None = None,
-    refresh: bool = False,
-    device: str | None = None,
+    options: MergeOptions,
 ) -> Expert:
     """Average experts in ΔW space (optionally weighted) into a new expert ``name`` of kind ``merged``.
 
@@ -386,6 +408,7 @@ def merge(
     recomputes an existing merge of that name whose inputs changed. ``device`` defaults to ``cpu``
     (see :func:`subtract_general`).
     """
+    rank, weights, refresh, device = options.rank, options.weights, options.refresh, options.device
     names = list(names)
     if not names:
         raise ValidationError("merge needs at least one expert")

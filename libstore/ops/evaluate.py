@@ -151,31 +151,50 @@ class _Row:
     majority: bool | None = None
 
 
+DEFAULT_ROUTERS = ("arrow", "spectr", "uniform")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The options of ``libstore eval`` and ``Library.evaluate``; see :func:`evaluate`."""
+
+    experts: str | ExpertQuery = "kind=task"
+    routers: tuple[str | RouterSpec, ...] = DEFAULT_ROUTERS
+    top_k: int = 3
+    temperature: float = 1.0
+    batch_size: int = 32
+    name: str | None = None
+    record: bool = True
+    device: str | None = None
+    allow_base_mismatch: bool = False
+
+
 def evaluate(
     ctx: Context,
     data: str | os.PathLike[str],
     *,
-    experts: str | ExpertQuery = "kind=task",
-    routers: Sequence[str | RouterSpec] = ("arrow",),
+    options: EvalOptions,
     base: Any = None,
     tokenizer: Any = None,
-    top_k: int = 3,
-    temperature: float = 1.0,
-    batch_size: int = 32,
-    name: str | None = None,
-    record: bool = True,
-    device: str | None = None,
-    allow_base_mismatch: bool = False,
 ) -> EvalRecord:
     """Run every router on every example and return (and, with ``record``, store) the results.
 
-    Args:
+    Args (``data``, ``base``, ``tokenizer``, then the fields of ``options``):
         base: a model folder or Hub id, a loaded ``PreTrainedModel`` (then ``tokenizer`` is needed),
             or ``None`` for the base model's registered source.
         tokenizer: default: ``AutoTokenizer`` of the base folder / source.
         top_k, temperature: defaults for routers whose spec does not set them.
         name: the evaluation's name (default ``eval-N``).
     """
+    o = options
+    experts, routers, top_k, temperature, batch_size = (
+        o.experts,
+        o.routers,
+        o.top_k,
+        o.temperature,
+        o.batch_size,
+    )
+    name, record, device, allow_base_mismatch = o.name, o.record, o.device, o.allow_base_mismatch
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValidationError(
             f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size"

@@ -53,25 +53,36 @@ class RoutedExport:
     routes: dict[str, list[tuple[str, float]]]
 
 
+@dataclass(frozen=True)
+class ExportRoutedOptions:
+    """The options of ``libstore export-routed`` and ``Library.export_routed``: which experts, how
+    they are routed (as ``routed_model``), and whether ``dest`` may be replaced."""
+
+    experts: str | ExpertQuery = "kind=task"
+    router: RouterName = "arrow"
+    top_k: int = 3
+    temperature: float = 1.0
+    general: str | ExpertQuery | None = None
+    top_n: int = 1
+    method: PrototypeMethod = "exact"
+    mixing: Mixing = "output"
+    overwrite: bool = False
+    allow_base_mismatch: bool = False
+
+
 def export_routed(
     ctx: Context,
     dest: str | os.PathLike[str],
     *,
     prompt: str,
-    experts: str | ExpertQuery = "kind=task",
+    options: ExportRoutedOptions,
     base: Any = None,
     tokenizer: Any = None,
-    router: RouterName = "arrow",
-    top_k: int = 3,
-    temperature: float = 1.0,
-    general: str | ExpertQuery | None = None,
-    top_n: int = 1,
-    method: PrototypeMethod = "exact",
-    mixing: Mixing = "output",
-    overwrite: bool = False,
-    allow_base_mismatch: bool = False,
 ) -> RoutedExport:
     """Route ``prompt`` once (per-sequence), write the mixture as a PEFT adapter at ``dest``.
+
+    ``base`` is a folder, a Hub id, a loaded model (then ``tokenizer`` is needed) or ``None`` (the
+    registered source).
 
     Raises:
         AlreadyExistsError: ``dest`` exists and is not empty (unless ``overwrite``).
@@ -80,6 +91,11 @@ def export_routed(
     import torch
 
     from libstore.router.export import mixture_factors
+
+    o = options
+    experts, router, top_k, temperature, general = o.experts, o.router, o.top_k, o.temperature, o.general
+    top_n, method, mixing, overwrite = o.top_n, o.method, o.mixing, o.overwrite
+    allow_base_mismatch = o.allow_base_mismatch
 
     if not prompt:
         raise ValidationError("the prompt is empty", field="prompt")

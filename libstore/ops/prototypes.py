@@ -52,6 +52,7 @@ __all__ = [
     "PROTOTYPE_FORMAT",
     "CacheEntry",
     "ExpertPrototypes",
+    "PrototypeOptions",
     "PrototypeReport",
     "PrototypeSpec",
     "cache_entries",
@@ -71,6 +72,22 @@ TEMP_PREFIX = ".prototypes-"
 #: writes, and ``save_tensors``' own temp file of it (``.<name>.tmp-*``).
 TEMP_PREFIXES = (TEMP_PREFIX, f".{TEMP_PREFIX}")
 DEFAULT_BATCH_BYTES = 512 << 20  # expert tensors held in memory at once while computing
+
+
+@dataclass(frozen=True)
+class PrototypeOptions:
+    """How prototypes are computed (``libstore prototypes compute``, ``Library.compute_prototypes``
+    and ``Library.prototypes``): ``exact`` uses ``top_n``; ``peft`` uses ``iters`` and ``seed``;
+    ``device`` is where the math runs (default cuda if available)."""
+
+    method: PrototypeMethod = "exact"
+    top_n: int = 1
+    iters: int = 15
+    seed: int = 0
+    device: str | None = None
+
+    def spec(self) -> PrototypeSpec:
+        return method_spec(self.method, top_n=self.top_n, iters=self.iters, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -152,17 +169,13 @@ def compute(
     ctx: Context,
     target: Target = None,
     *,
-    method: PrototypeMethod = "exact",
-    top_n: int = 1,
-    iters: int = 15,
-    seed: int = 0,
-    device: str | None = None,
+    options: PrototypeOptions,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> PrototypeReport:
     """Make sure the prototypes of every expert in ``target`` are cached; compute only what is missing."""
-    spec = method_spec(method, top_n=top_n, iters=iters, seed=seed)
+    spec = options.spec()
     experts = resolve_experts(ctx, target)
-    return ensure(ctx, experts, spec, default_device(device), batch_bytes)
+    return ensure(ctx, experts, spec, default_device(options.device), batch_bytes)
 
 
 def _cached(ctx: Context, experts: Iterable[Expert], spec: PrototypeSpec) -> dict[str, str]:
@@ -371,11 +384,7 @@ def load(
     ctx: Context,
     target: Target,
     *,
-    method: PrototypeMethod = "exact",
-    top_n: int = 1,
-    iters: int = 15,
-    seed: int = 0,
-    device: str | None = None,
+    options: PrototypeOptions,
     modules: Iterable[str] | None = None,
     compute_missing: bool = True,
 ) -> dict[str, ExpertPrototypes]:
@@ -385,12 +394,12 @@ def load(
     Args:
         modules: only these modules (default: all of each expert's modules).
         compute_missing: ``False`` raises :class:`NotFoundError` for uncached experts instead.
-        device: where computations run; loaded tensors are on CPU.
+        options.device: where computations run; loaded tensors are on CPU.
     """
-    spec = method_spec(method, top_n=top_n, iters=iters, seed=seed)
+    spec = options.spec()
     experts = resolve_experts(ctx, target)
     if compute_missing:
-        ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
+        ensure(ctx, experts, spec, default_device(options.device), DEFAULT_BATCH_BYTES)
     blobs = _cached(ctx, experts, spec)
     wanted = None if modules is None else list(modules)
     out: dict[str, ExpertPrototypes] = {}
@@ -459,18 +468,13 @@ def read_cached(
 def stacked(
     ctx: Context,
     experts: Sequence[Expert],
-    *,
-    method: PrototypeMethod = "exact",
-    top_n: int = 1,
-    iters: int = 15,
-    seed: int = 0,
-    device: str | None = None,
+    options: PrototypeOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """module -> (E_m, n, in) prototypes of the experts having that module, rows in ``experts`` order,
     on CPU (computed and cached first where missing)."""
     import torch
 
-    loaded = load(ctx, list(experts), method=method, top_n=top_n, iters=iters, seed=seed, device=device)
+    loaded = load(ctx, list(experts), options=options or PrototypeOptions())
     rows: dict[str, list[torch.Tensor]] = {}
     for e in experts:
         for m, p in loaded[e.name].modules.items():

@@ -9,7 +9,7 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from libstore import config
@@ -78,15 +78,23 @@ class PullReport:
     experts: tuple[ExpertPlan, ...] = ()
 
 
+@dataclass(frozen=True)
+class PullOptions:
+    """The options of ``libstore pull`` and ``Library.pull``: what to pull (``revision``, ``experts``),
+    the token (never shown), and what to do with conflicts (``force``) and deletions (``prune``)."""
+
+    revision: str | None = None
+    experts: str | ExpertQuery | None = None
+    token: str | None = field(default=None, repr=False)
+    force: bool = False
+    prune: bool = False
+
+
 def pull(
     ctx: Context,
     remote: str | None = None,
     *,
-    revision: str | None = None,
-    experts: str | ExpertQuery | None = None,
-    token: str | None = None,
-    force: bool = False,
-    prune: bool = False,
+    options: PullOptions,
     workers: int = DOWNLOAD_WORKERS,
 ) -> PullReport:
     """Pull the remote's experts (or those matching ``experts``) at a branch, tag or commit.
@@ -94,6 +102,8 @@ def pull(
     ``force`` takes the remote's version of conflicting experts; ``prune`` removes experts here
     that were deleted on the remote (and not changed here) since the last sync.
     """
+    revision, experts, token = options.revision, options.experts, options.token
+    force, prune = options.force, options.prune
     with ctx.catalog.read() as s:
         rem = remote_repo.to_remote(s, remote_repo.resolve_remote(s, remote))
     client = HubClient(token=token)

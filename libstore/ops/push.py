@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from libstore.catalog import remotes as remote_repo
@@ -87,16 +87,24 @@ class PushReport:
         return self.commits > 0
 
 
+@dataclass(frozen=True)
+class PushOptions:
+    """The options of ``libstore push`` and ``Library.push``: which experts, the commit's message and
+    tag, the token (never shown), and what to do with conflicts (``force``) and deletions (``prune``)."""
+
+    experts: str | ExpertQuery | None = None
+    message: str | None = None
+    tag: str | None = None
+    token: str | None = field(default=None, repr=False)
+    force: bool = False
+    prune: bool = False
+
+
 def push(
     ctx: Context,
     remote: str | None = None,
     *,
-    experts: str | ExpertQuery | None = None,
-    message: str | None = None,
-    tag: str | None = None,
-    token: str | None = None,
-    force: bool = False,
-    prune: bool = False,
+    options: PushOptions,
     retries: int = COMMIT_RETRIES,
     max_files_per_commit: int = MAX_FILES_PER_COMMIT,
 ) -> PushReport:
@@ -106,6 +114,8 @@ def push(
     remote the experts deleted here since the last sync. Refuses with :class:`RemoteMovedError` when
     the remote changed since the last sync, and with :class:`SyncConflictError` on conflicts.
     """
+    experts, message, tag, token = options.experts, options.message, options.tag, options.token
+    force, prune = options.force, options.prune
     if tag is not None:
         validate_name(tag)
     if message is not None and any("\ud800" <= c <= "\udfff" for c in message):

@@ -54,12 +54,20 @@ class SimilarityMatrix:
         return torch.tensor(self.values, dtype=torch.float64)
 
 
+@dataclass(frozen=True)
+class SimilarityOptions:
+    """The options of ``libstore similarity`` and ``Library.similarity``: the metric, and where the
+    math runs (default cuda if available)."""
+
+    metric: SimilarityMetric = "delta"
+    device: str | None = None
+
+
 def similarity(
     ctx: Context,
     target: Target = None,
     *,
-    metric: SimilarityMetric = "delta",
-    device: str | None = None,
+    options: SimilarityOptions,
     budget_bytes: int | None = None,
 ) -> SimilarityMatrix:
     """The similarity matrix of the experts ``target`` names (a query, names, or Experts).
@@ -71,6 +79,7 @@ def similarity(
     from libstore.lowrank.similarity import flat_similarity, module_groups
     from libstore.ops import clusters
 
+    metric, device = options.metric, options.device
     if metric not in SIMILARITY_METRICS:
         raise ValidationError(
             f"unknown metric {metric!r}; metrics are {', '.join(SIMILARITY_METRICS)}", field="metric"

@@ -96,9 +96,17 @@ def _check_branch(revision: str) -> None:
 # --- status --------------------------------------------------------------------------------------
 
 
-def status(ctx: Context, remote: str | None = None, *, token: str | None = None) -> StatusReport:
+@dataclass(frozen=True)
+class StatusOptions:
+    """The options of ``libstore status`` and ``Library.status``: the Hub token (never shown)."""
+
+    token: str | None = field(default=None, repr=False)
+
+
+def status(ctx: Context, remote: str | None = None, *, options: StatusOptions) -> StatusReport:
     """Per expert: local only, remote only, in sync, changed (which side), conflict; and what
     push and pull would do. Reads the remote head's manifest; changes nothing."""
+    token = options.token
     with ctx.catalog.read() as s:
         row = remote_repo.resolve_remote(s, remote)
         rem = remote_repo.to_remote(s, row)
