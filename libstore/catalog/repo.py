@@ -1,4 +1,4 @@
-"""Catalog reads and writes for base models, experts, blobs, tags and tasks.
+"""Catalog reads and writes for base models, experts and blobs (tags and tasks: ``catalog/tags.py``).
 
 Every function takes an open ``Session``: the operation calling it owns the transaction. Operations
 hand in and get back the dataclasses of ``libstore.types`` (``Expert``, ``BaseModel``); the ``*_row``
@@ -21,11 +21,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
-    delete,
-    exists,
-    func,
     insert,
-    literal,
     select,
     update,
 )
@@ -47,6 +43,7 @@ from libstore.catalog.models import (
     TagRow,
     TaskRow,
 )
+from libstore.catalog.tags import ensure_named
 from libstore.errors import AlreadyExistsError, InUseError, NotFoundError, ValidationError
 from libstore.types import (
     ADAPTER_WEIGHTS,
@@ -212,81 +209,7 @@ def referenced_blobs(session: Session) -> set[str]:
     return set(files) | set(protos)
 
 
-# --- tags and tasks ----------------------------------------------------------------------------
-
-
-def tag_row(session: Session, name: str) -> TagRow:
-    row = session.scalar(select(TagRow).where(TagRow.name == name))
-    if row is None:
-        row = TagRow(name=name)
-        session.add(row)
-        session.flush()
-    return row
-
-
-def task_row(session: Session, name: str) -> TaskRow:
-    row = session.scalar(select(TaskRow).where(TaskRow.name == name))
-    if row is None:
-        row = TaskRow(name=name)
-        session.add(row)
-        session.flush()
-    return row
-
-
-def _ensure_named(
-    session: Session, table: type[TagRow] | type[TaskRow], names: Sequence[str]
-) -> dict[str, int]:
-    """``name -> id`` of the tag or task rows named ``names``, inserting the missing ones (two
-    statements, however many names)."""
-    if not names:
-        return {}
-    have = {n: i for n, i in session.execute(select(table.name, table.id).where(table.name.in_(names)))}
-    missing = [n for n in dict.fromkeys(names) if n not in have]
-    if missing:
-        session.execute(insert(table), [{"name": n} for n in missing])
-        have.update(
-            (n, i) for n, i in session.execute(select(table.name, table.id).where(table.name.in_(missing)))
-        )
-    return have
-
-
-def list_tags(session: Session) -> list[tuple[str, int]]:
-    """Every tag with the number of experts carrying it."""
-    stmt = (
-        select(TagRow.name, func.count(ExpertTagRow.expert_id))
-        .outerjoin(ExpertTagRow, ExpertTagRow.tag_id == TagRow.id)
-        .group_by(TagRow.name)
-        .order_by(TagRow.name)
-    )
-    return [(name, int(n)) for name, n in session.execute(stmt)]
-
-
-def add_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
-    """Tag every expert ``query`` matches with ``tags`` (one statement per tag, however many experts)."""
-    cond = query_condition(session, query)
-    for tag_id in _ensure_named(session, TagRow, tags).values():
-        already = exists().where(ExpertTagRow.expert_id == ExpertRow.id, ExpertTagRow.tag_id == tag_id)
-        rows = select(ExpertRow.id, literal(tag_id)).where(cond, ~already)
-        session.execute(insert(ExpertTagRow).from_select(["expert_id", "tag_id"], rows))
-    session.expire_all()
-
-
-def remove_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
-    """Take ``tags`` off every expert ``query`` matches (one statement)."""
-    tag_ids = select(TagRow.id).where(TagRow.name.in_(tags))
-    session.execute(
-        delete(ExpertTagRow).where(
-            ExpertTagRow.tag_id.in_(tag_ids), ExpertTagRow.expert_id.in_(_matching_ids(session, query))
-        )
-    )
-    session.expire_all()
-
-
 # --- querying experts --------------------------------------------------------------------------
-
-
-def _matching_ids(session: Session, query: ExpertQuery) -> Select[int]:
-    return select(ExpertRow.id).where(query_condition(session, query)).correlate(None)
 
 
 def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
@@ -572,7 +495,7 @@ def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | No
         (ExpertTaskRow, TaskRow, "task_id", expert.tasks),
         (ExpertTagRow, TagRow, "tag_id", expert.tags),
     ):
-        ids = _ensure_named(session, named, list(dict.fromkeys(names)))
+        ids = ensure_named(session, named, list(dict.fromkeys(names)))
         if ids:
             session.execute(insert(link), [{"expert_id": row.id, key: i} for i in ids.values()])
     return row

@@ -18,6 +18,7 @@ from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
+from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     BaseModelMismatchError,
@@ -367,8 +368,8 @@ def _apply(
                 cluster_id=cid,
                 source=source,
             )
-            row.tasks = [repo.task_row(s, t) for t in e.tasks]
-            row.tags = [repo.tag_row(s, t) for t in e.tags]
+            row.tasks = [tags_repo.task_row(s, t) for t in e.tasks]
+            row.tags = [tags_repo.tag_row(s, t) for t in e.tags]
             updated.append(e.name)
         else:
             repo.insert_expert(
