@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from libstore.api.base import Facade, PathLike, Selection, selection
-from libstore.types import Expert, ExpertQuery, ExportFormat, GksMode, PrototypeMethod, SimilarityMetric
+from libstore.types import (
+    Expert,
+    ExpertQuery,
+    ExportFormat,
+    GksMode,
+    PrototypeMethod,
+    PrototypeSet,
+    SimilarityMetric,
+)
 
 if TYPE_CHECKING:
     from libstore.ops.clusters import Clustering
     from libstore.ops.derive import GksReport
     from libstore.ops.lineage import LineageInfo, StaleReport
-    from libstore.ops.prototypes import CacheEntry, ExpertPrototypes, PrototypeReport
+    from libstore.ops.prototypes import ExpertPrototypes, PrototypeReport
     from libstore.ops.similarity import SimilarityMatrix
 
 
@@ -69,7 +77,7 @@ class LowRankMethods(Facade):
         options = _protos.PrototypeOptions(method=method, top_n=top_n, iters=iters, seed=seed, device=device)
         return _protos.load(self._ctx, target, options=options, modules=modules)
 
-    def prototype_cache(self) -> list[CacheEntry]:
+    def prototype_cache(self) -> list[PrototypeSet]:
         """Every cached prototype set, with the experts that currently have its weights."""
         from libstore.ops import prototypes as _protos
 
