@@ -298,20 +298,7 @@ def save_derived(session: Session, expert: Expert, derivation: Derivation, *, re
     name and id, tasks, tags and creation time, so records that link to it stay valid): a refresh."""
     if replace:
         row = repo.expert_row(session, expert.name)
-        repo.replace_files(
-            session,
-            row,
-            expert.files,
-            ADAPTER_WEIGHTS,
-            rank=expert.rank,
-            alpha=expert.alpha,
-            use_rslora=expert.use_rslora,
-            target_modules=list(expert.target_modules),
-            module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
-            dtype=expert.dtype,
-            extra=dict(expert.metadata),
-            kind=expert.kind,
-        )
+        repo.replace_files(session, row, expert.files, ADAPTER_WEIGHTS, **repo.expert_columns(expert))
     else:
         repo.add_expert(session, expert)
     set_derivation(session, expert.name, derivation)

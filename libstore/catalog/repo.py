@@ -459,6 +459,21 @@ def insert_expert(
     return _insert(session, expert, base.id, cluster_id)
 
 
+def expert_columns(expert: Expert) -> dict[str, Any]:
+    """The ``experts`` columns the record sets from its LoRA config and metadata (name, base, files,
+    links and provenance aside): what inserting and replacing an expert's content both write."""
+    return {
+        "kind": expert.kind,
+        "rank": expert.rank,
+        "alpha": expert.alpha,
+        "use_rslora": expert.use_rslora,
+        "target_modules": list(expert.target_modules),
+        "module_shapes": {k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
+        "dtype": expert.dtype,
+        "extra": dict(expert.metadata),
+    }
+
+
 def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | None) -> ExpertRow:
     """The one writer of expert rows and their file, tag and task links."""
     if expert_exists(session, expert.name):
@@ -473,18 +488,11 @@ def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | No
         ensure_blob(session, f.sha256, f.size)
     row = ExpertRow(
         name=expert.name,
-        kind=expert.kind,
         base_model_id=base_id,
-        rank=expert.rank,
-        alpha=expert.alpha,
-        use_rslora=expert.use_rslora,
-        target_modules=list(expert.target_modules),
-        module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
-        dtype=expert.dtype,
+        **expert_columns(expert),
         sha256=expert.sha256,
         bytes=sum(f.size for f in expert.files),
         source=expert.source,
-        extra=dict(expert.metadata),
         cluster_id=cluster_id,
         created_at=expert.created_at or dt.datetime.now(dt.UTC),
     )
