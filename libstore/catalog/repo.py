@@ -33,8 +33,6 @@ from libstore.catalog.models import (
     BlobRow,
     ClusteringRow,
     ClusterRow,
-    DerivationParentRow,
-    DerivationRow,
     ExpertFileRow,
     ExpertRow,
     ExpertTagRow,
@@ -48,8 +46,6 @@ from libstore.errors import AlreadyExistsError, InUseError, NotFoundError, Valid
 from libstore.types import (
     ADAPTER_WEIGHTS,
     BaseModel,
-    Derivation,
-    DerivationParent,
     Expert,
     ExpertQuery,
     LinearShape,
@@ -306,7 +302,9 @@ def _load(session: Session, cond: ColumnElement[bool], *, with_lineage: bool = T
         files[eid].append(StoredFile(path, sha, size))
     tags = _names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
     tasks = _names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
-    lineage = _lineages(session, ids) if with_lineage else {}
+    from libstore.catalog.derivations import by_expert_id  # that module builds on this one
+
+    lineage = by_expert_id(session, ids) if with_lineage else {}
     return [
         Expert(
             name=r.name,
@@ -351,47 +349,6 @@ def _names_by_expert(
     for eid, name in session.execute(stmt):
         out[eid].append(name)
     return out
-
-
-def _lineages(session: Session, ids: Select[int]) -> dict[int, Derivation]:
-    """``expert id -> how it was derived`` for the derived experts among ``ids`` (two statements)."""
-    derivations = session.execute(
-        select(
-            DerivationRow.id,
-            DerivationRow.child_id,
-            DerivationRow.method,
-            DerivationRow.method_version,
-            DerivationRow.params,
-            DerivationRow.inputs_key,
-            DerivationRow.created_at,
-        ).where(DerivationRow.child_id.in_(ids))
-    ).all()
-    if not derivations:
-        return {}
-    parents: dict[int, list[DerivationParent]] = defaultdict(list)
-    for did, role, name, sha in session.execute(
-        select(
-            DerivationParentRow.derivation_id,
-            DerivationParentRow.role,
-            DerivationParentRow.parent_name,
-            DerivationParentRow.parent_sha256,
-        )
-        .join(DerivationRow, DerivationRow.id == DerivationParentRow.derivation_id)
-        .where(DerivationRow.child_id.in_(ids))
-        .order_by(DerivationParentRow.derivation_id, DerivationParentRow.position)
-    ):
-        parents[did].append(DerivationParent(role, name, sha))
-    return {
-        child: Derivation(
-            method=method,
-            method_version=version,
-            params=dict(params or {}),
-            inputs_key=key,
-            parents=tuple(parents[did]),
-            created_at=created,
-        )
-        for did, child, method, version, params, key, created in derivations
-    }
 
 
 # --- writing experts ---------------------------------------------------------------------------
