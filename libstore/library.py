@@ -2,63 +2,49 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libstore import config
+from libstore.api.base import PathLike, Selection
+from libstore.api.evaluation import EvalMethods
+from libstore.api.lowrank import LowRankMethods
 from libstore.ops import experts as _experts
 from libstore.ops.context import Context, SchemaState, init_library, open_library, schema_state
 from libstore.types import (
     BaseModel,
-    EvalRecord,
     Expert,
     ExpertKind,
     ExpertQuery,
     ExpertSort,
     ExpertSummary,
-    ExportFormat,
-    GksMode,
     Granularity,
     Mixing,
     PrototypeMethod,
     Remote,
     RouterName,
-    RouterSpec,
-    SimilarityMetric,
 )
 
 if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs them
     import torch
     from torch import nn
 
-    from libstore.ops.clusters import Clustering
-    from libstore.ops.derive import GksReport
-    from libstore.ops.evaluate import Comparison, Evaluation
-    from libstore.ops.export_routed import RoutedExport
     from libstore.ops.gc import GcReport
-    from libstore.ops.lineage import LineageInfo, StaleReport
     from libstore.ops.problems import VerifyReport
-    from libstore.ops.prototypes import CacheEntry, ExpertPrototypes, PrototypeReport
     from libstore.ops.pull import PullReport
     from libstore.ops.push import PushReport
-    from libstore.ops.similarity import SimilarityMatrix
     from libstore.ops.sync import StatusReport
     from libstore.router.model import RoutedModel
 
-PathLike = str | os.PathLike[str]
-#: What selects experts: a query string (``"kind=task tag=v1"``), a parsed query, or names.
-Selection = str | ExpertQuery | Iterable[str]
+__all__ = ["Library", "PathLike", "Selection"]
 
 
-def _selection(target: Selection) -> str | ExpertQuery | list[str]:
-    """A selection the operations take: queries as they are, an iterable of names as a list."""
-    return target if isinstance(target, str | ExpertQuery) else list(target)
-
-
-class Library:
+class Library(LowRankMethods, EvalMethods):
     """A library of LoRA experts: one catalog database plus one content-addressed blob store.
+
+    The methods of low-rank work and clustering are in ``libstore/api/lowrank.py``, those of
+    routed-adapter export and evaluation in ``libstore/api/evaluation.py``.
 
     >>> lib = Library.init("./mylib")
     >>> lib.add_base("tiny", "./tiny-model")
@@ -224,220 +210,6 @@ class Library:
 
     def tags(self) -> list[tuple[str, int]]:
         return _experts.tags(self._ctx)
-
-    # --- low-rank core: prototypes, GenKnowSub, similarity, merge, lineage ----------------------
-
-    def compute_prototypes(
-        self,
-        query: Selection | None = None,
-        *,
-        method: PrototypeMethod = "exact",
-        top_n: int = 1,
-        iters: int = 15,
-        seed: int = 0,
-        device: str | None = None,
-    ) -> PrototypeReport:
-        """Cache the Arrow prototypes of the matching experts; computes only what is missing.
-
-        ``method="exact"`` (default): top ``top_n`` right singular vectors of ΔW, exact.
-        ``method="peft"``: PEFT's power iteration (``iters`` steps, start vector seeded by ``seed``).
-        The report says which experts were computed and which were already cached.
-        """
-        from libstore.ops import prototypes as _protos
-
-        target = None if query is None else _selection(query)
-        options = _protos.PrototypeOptions(method=method, top_n=top_n, iters=iters, seed=seed, device=device)
-        return _protos.compute(self._ctx, target, options=options)
-
-    def prototypes(
-        self,
-        expert_or_query: str | Expert | ExpertQuery | Iterable[str],
-        method: PrototypeMethod = "exact",
-        top_n: int = 1,
-        *,
-        iters: int = 15,
-        seed: int = 0,
-        modules: Iterable[str] | None = None,
-        device: str | None = None,
-    ) -> dict[str, ExpertPrototypes]:
-        """Expert name -> its prototypes (``.modules[m].vectors`` (n, in), ``.values`` (n,)).
-
-        Computed and cached first where missing. ``expert_or_query`` is a name, a query such as
-        ``"kind=residual"``, an ``Expert`` or a list of names.
-        """
-        from libstore.ops import prototypes as _protos
-
-        target = (
-            expert_or_query
-            if isinstance(expert_or_query, str | Expert | ExpertQuery)
-            else list(expert_or_query)
-        )
-        options = _protos.PrototypeOptions(method=method, top_n=top_n, iters=iters, seed=seed, device=device)
-        return _protos.load(self._ctx, target, options=options, modules=modules)
-
-    def prototype_cache(self) -> list[CacheEntry]:
-        """Every cached prototype set, with the experts that currently have its weights."""
-        from libstore.ops import prototypes as _protos
-
-        return _protos.cache_entries(self._ctx)
-
-    def subtract_general(
-        self,
-        *,
-        general: Selection,
-        experts: Selection,
-        mode: GksMode = "param",
-        rank: int | None = None,
-        suffix: str = "_res",
-        refresh: bool = False,
-        device: str | None = None,
-    ) -> GksReport:
-        """GenKnowSub: store ``<expert><suffix>`` = expert minus the mean of the general experts.
-
-        ``mode="param"`` subtracts mean A and mean B (PEFT's ``use_gks``; equal ranks);
-        ``mode="delta"`` subtracts mean ΔW exactly (any ranks), truncated to ``rank`` if given.
-        Residuals computed before from the same inputs are reused; ``refresh=True`` recomputes in
-        place those whose inputs changed.
-        """
-        from libstore.ops import derive as _derive
-
-        return _derive.subtract_general(
-            self._ctx,
-            general=_selection(general),
-            experts=_selection(experts),
-            options=_derive.GksOptions(mode=mode, rank=rank, suffix=suffix, refresh=refresh, device=device),
-        )
-
-    def similarity(
-        self,
-        query: Selection | None = None,
-        *,
-        metric: SimilarityMetric = "delta",
-        device: str | None = None,
-    ) -> SimilarityMatrix:
-        """Cosine similarity of the matching experts: ``delta`` (of ΔW, exact) or ``flat``
-        (of the flattened parameters, as the MBC paper)."""
-        from libstore.ops import similarity as _sim
-
-        target = None if query is None else _selection(query)
-        return _sim.similarity(
-            self._ctx, target, options=_sim.SimilarityOptions(metric=metric, device=device)
-        )
-
-    def plot_similarity(self, matrix: SimilarityMatrix, path: PathLike) -> Path:
-        """Write a heatmap PNG of a similarity matrix."""
-        from libstore.ops import similarity as _sim
-
-        return _sim.plot(matrix, path)
-
-    def merge(
-        self,
-        names: Iterable[str],
-        *,
-        name: str,
-        rank: int | None = None,
-        weights: Iterable[float] | None = None,
-        refresh: bool = False,
-        device: str | None = None,
-    ) -> Expert:
-        """Store ``name`` (kind ``merged``) = the (weighted) average of the experts' ΔW, exactly
-        re-factorised, truncated to ``rank`` by SVD if given."""
-        from libstore.ops import derive as _derive
-
-        return _derive.merge(
-            self._ctx,
-            list(names),
-            name=name,
-            options=_derive.MergeOptions(
-                rank=rank,
-                weights=None if weights is None else tuple(weights),
-                refresh=refresh,
-                device=device,
-            ),
-        )
-
-    def lineage(self, name: str) -> LineageInfo:
-        """How ``name`` was derived (parents with their current state, method, params), and its children."""
-        from libstore.ops import lineage as _lineage
-
-        return _lineage.lineage(self._ctx, name)
-
-    def stale(self) -> StaleReport:
-        """Derived experts whose parents changed or are gone, and orphaned prototype caches."""
-        from libstore.ops import lineage as _lineage
-
-        return _lineage.stale(self._ctx)
-
-    # --- MBC clustering (issue 5) -----------------------------------------------------------
-
-    def cluster(
-        self,
-        experts: Selection | None = "kind=task",
-        *,
-        k: int | None = None,
-        metric: SimilarityMetric = "flat",
-        seed: int = 0,
-        name: str | None = None,
-        keep: float = 0.2,
-        dim: int = 64,
-        k_range: Iterable[int] | None = None,
-        n_init: int = 10,
-        device: str | None = None,
-    ) -> Clustering:
-        """Cluster the experts ``experts`` selects (MBC) and record the run as ``name``.
-
-        ``metric="flat"``: mttl's MBC (flattened parameters, top ``keep`` by magnitude, SVD to
-        ``dim``, cosine); ``"delta"``: exact cosine of ΔW. Without ``k``, k is the best silhouette
-        over ``k_range`` (default 2..min(20, n-1)). Deterministic for a ``seed``; default name
-        ``mbc-k<k>``. The record holds every parameter and the hash of every expert seen, so a
-        changed or added expert marks it stale.
-        """
-        from libstore.ops import clusters as _clusters
-
-        target = None if experts is None else _selection(experts)
-        options = _clusters.ClusterOptions(
-            k=k,
-            metric=metric,
-            seed=seed,
-            name=name,
-            keep=keep,
-            dim=dim,
-            k_range=None if k_range is None else tuple(k_range),
-            n_init=n_init,
-            device=device,
-        )
-        return _clusters.cluster(self._ctx, target, options=options)
-
-    def clusterings(self) -> list[Clustering]:
-        """Every recorded clustering (with ``stale`` and ``stale_reasons``)."""
-        from libstore.ops import clusters as _clusters
-
-        return _clusters.clusterings(self._ctx)
-
-    def clustering(self, name: str) -> Clustering:
-        """One recorded clustering: parameters, criterion, clusters (members, tasks, statistics)."""
-        from libstore.ops import clusters as _clusters
-
-        return _clusters.get(self._ctx, name)
-
-    def export_clustering(self, name: str, format: ExportFormat = "json") -> str:
-        """The task lists of the clusters as ``json`` or ``csv`` text (to train cluster experts)."""
-        from libstore.ops import clusters as _clusters
-
-        return _clusters.export(self._ctx, name, format)
-
-    def remove_clustering(self, name: str, *, force: bool = False) -> list[str]:
-        """Remove a clustering; refuses while cluster experts link to it unless ``force``.
-        Returns the cluster experts whose link was cleared."""
-        from libstore.ops import clusters as _clusters
-
-        return _clusters.remove(self._ctx, name, force=force)
-
-    def plot_clustering(self, name: str, path: PathLike) -> Path:
-        """Write a PNG: similarity matrix ordered by cluster, and a 2-D embedding."""
-        from libstore.ops import clusters as _clusters
-
-        return _clusters.plot(self._ctx, name, path)
 
     # --- maintenance (issue 9) ---------------------------------------------------------------
 
@@ -631,101 +403,3 @@ class Library:
             top_n=top_n,
             granularity=granularity,
         )
-
-    def export_routed(
-        self,
-        dest: PathLike,
-        *,
-        prompt: str,
-        experts: str | ExpertQuery = "kind=task",
-        base: Any = None,
-        tokenizer: Any = None,
-        router: RouterName = "arrow",
-        top_k: int = 3,
-        temperature: float = 1.0,
-        general: str | ExpertQuery | None = None,
-        top_n: int = 1,
-        method: PrototypeMethod = "exact",
-        mixing: Mixing = "output",
-        overwrite: bool = False,
-        allow_base_mismatch: bool = False,
-    ) -> RoutedExport:
-        """Route ``prompt`` once and write that mixture as one exact PEFT adapter at ``dest``
-        (see ``libstore.ops.export_routed``): ``PeftModel.from_pretrained(base, dest)`` serves it."""
-        from libstore.ops.export_routed import ExportRoutedOptions, export_routed
-
-        options = ExportRoutedOptions(
-            experts=experts,
-            router=router,
-            top_k=top_k,
-            temperature=temperature,
-            general=general,
-            top_n=top_n,
-            method=method,
-            mixing=mixing,
-            overwrite=overwrite,
-            allow_base_mismatch=allow_base_mismatch,
-        )
-        return export_routed(self._ctx, dest, prompt=prompt, options=options, base=base, tokenizer=tokenizer)
-
-    # --- evaluation ------------------------------------------------------------------------
-
-    def evaluate(
-        self,
-        data: PathLike,
-        *,
-        experts: str | ExpertQuery = "kind=task",
-        routers: Iterable[str | RouterSpec] = ("arrow", "spectr", "uniform"),
-        base: Any = None,
-        tokenizer: Any = None,
-        top_k: int = 3,
-        temperature: float = 1.0,
-        batch_size: int = 32,
-        name: str | None = None,
-        record: bool = True,
-        device: str | None = None,
-        allow_base_mismatch: bool = False,
-    ) -> EvalRecord:
-        """Held-out loss, exact match and routing accuracy of each router on a JSONL file of
-        ``{"input", "target", "task"}`` examples, recorded in the catalog (``libstore.ops.evaluate``)."""
-        from libstore.ops.evaluate import EvalOptions, evaluate
-
-        options = EvalOptions(
-            experts=experts,
-            routers=tuple(routers),
-            top_k=top_k,
-            temperature=temperature,
-            batch_size=batch_size,
-            name=name,
-            record=record,
-            device=device,
-            allow_base_mismatch=allow_base_mismatch,
-        )
-        return evaluate(self._ctx, data, options=options, base=base, tokenizer=tokenizer)
-
-    def evals(self) -> list[Evaluation]:
-        """Every recorded evaluation (oldest first), each with ``.stale`` and ``.stale_reasons``."""
-        from libstore.ops.evaluate import evaluations
-
-        return evaluations(self._ctx)
-
-    def evaluation(self, name: str) -> Evaluation:
-        from libstore.ops.evaluate import evaluation
-
-        return evaluation(self._ctx, name)
-
-    def compare_evals(self, names: Iterable[str], *, metric: str = "exact_match") -> Comparison:
-        from libstore.ops.evaluate import compare
-
-        return compare(self._ctx, list(names), metric=metric)
-
-    def remove_eval(self, name: str) -> None:
-        from libstore.ops.evaluate import remove
-
-        remove(self._ctx, name)
-
-    def plot_eval(self, name: str, path: PathLike, *, metric: str = "exact_match") -> Path:
-        """A heatmap of one metric, routers x tasks (matplotlib)."""
-        from libstore.ops.evaluate import evaluation, plot
-
-        return plot(evaluation(self._ctx, name).record, path, metric=metric)

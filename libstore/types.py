@@ -39,6 +39,9 @@ EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 Mixing = Literal["output", "parameter"]
 """Routed models: mix experts' ``output`` (PEFT: Σ cₑ·sₑ·BₑAₑx) or ``parameter`` (mttl: per-token A, B)."""
 MIXINGS: tuple[str, ...] = get_args(Mixing)
+Strategy = Literal["auto", "dense", "gather", "grouped"]
+"""How a routed layer computes its mixture (``libstore.router.layer.choose_strategy``; ``auto`` picks)."""
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -203,6 +206,8 @@ class PrototypeSet:
         method, method_version, params, params_key: how it was computed (``params_key`` = sha256
             of the canonical JSON of ``params``).
         blob_sha256, size: the safetensors blob holding it.
+        experts: where the catalog lists its cache, the experts that have these weights now (empty:
+            orphaned); not part of the record (not compared, not serialised).
     """
 
     expert_sha256: str
@@ -213,6 +218,7 @@ class PrototypeSet:
     blob_sha256: str
     size: int
     created_at: dt.datetime | None = None
+    experts: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "catalog": BASE,
     "hub": BASE | {"store"},
     "ops": BASE | {"catalog", "store", "hub", "lowrank", "router"},
-    "library": BASE | {"ops"},
+    "library": BASE | {"ops", "api"},
+    "api": BASE | {"ops"},
     "cli": BASE | {"library", "ops"},
     "__init__": BASE | {"library"},
 }

@@ -22,7 +22,6 @@ from sqlalchemy import select, update
 
 from libstore import Library
 from libstore.catalog.models import BlobRow, ExpertRow, PrototypeCacheRow
-from libstore.catalog.prototypes import CacheEntry
 from libstore.cli import cli
 from libstore.errors import BlobsRemovedError
 from libstore.ops import maintenance
@@ -42,6 +41,7 @@ from libstore.ops.problems import (
     VerifyReport,
 )
 from libstore.store.blob_upkeep import TOMB_PREFIX
+from libstore.types import PrototypeSet
 from tests.factories import make_adapter
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def test_bad_prototype_caches_are_dropped_and_recomputed(
     assert library.verify().problems == ()
 
 
-def _poison(lib: Library, entry: CacheEntry, change: Callable[[str, torch.Tensor], torch.Tensor]) -> str:
+def _poison(lib: Library, entry: PrototypeSet, change: Callable[[str, torch.Tensor], torch.Tensor]) -> str:
     """Store a prototype file with the entry's own metadata but changed tensors, and point the entry
     at it: what a lying remote or a buggy writer leaves (the right format under the right hash)."""
     from libstore.store.safetensors_io import load_tensors, read_header, save_tensors

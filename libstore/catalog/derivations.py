@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, select, true
+from sqlalchemy import ColumnElement, Select, select, true
 from sqlalchemy.orm import Session
 
 from libstore.catalog import repo
@@ -91,13 +91,13 @@ _Record = tuple[str, str, str, Derivation, tuple[int | None, ...]]
 """(child name, child kind, child sha256, record, the parents' expert ids or ``None`` where unlinked)"""
 
 
-def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
-    """The derivations of the children ``names`` (``None``: all), ordered by child name (two
-    statements)."""
-    cond, keep = _children(names)
+def _read(session: Session, where: ColumnElement[bool]) -> list[tuple[int, _Record]]:
+    """``(child expert id, record)`` of the derivations matching ``where`` (on ``DerivationRow`` or
+    the child's ``ExpertRow``), ordered by child name: the one reader of the two tables (two statements)."""
     heads = session.execute(
         select(
             DerivationRow.id,
+            ExpertRow.id,
             ExpertRow.name,
             ExpertRow.kind,
             ExpertRow.sha256,
@@ -108,11 +108,9 @@ def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
             DerivationRow.created_at,
         )
         .join(ExpertRow, ExpertRow.id == DerivationRow.child_id)
-        .where(cond)
+        .where(where)
         .order_by(ExpertRow.name)
     ).all()
-    if keep is not None:
-        heads = [h for h in heads if h[1] in keep]
     if not heads:
         return []
     parents: dict[int, list[DerivationParent]] = {}
@@ -127,7 +125,7 @@ def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
         )
         .join(DerivationRow, DerivationRow.id == DerivationParentRow.derivation_id)
         .join(ExpertRow, ExpertRow.id == DerivationRow.child_id)
-        .where(cond)
+        .where(where)
         .order_by(DerivationParentRow.derivation_id, DerivationParentRow.position)
     )
     for did, role, name, sha, pid in session.execute(stmt):
@@ -135,21 +133,37 @@ def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
         parent_ids.setdefault(did, []).append(pid)
     return [
         (
-            child,
-            kind,
-            sha,
-            Derivation(
-                method=method,
-                method_version=version,
-                params=dict(params or {}),
-                inputs_key=key,
-                parents=tuple(parents.get(did, ())),
-                created_at=created,
+            child_id,
+            (
+                child,
+                kind,
+                sha,
+                Derivation(
+                    method=method,
+                    method_version=version,
+                    params=dict(params or {}),
+                    inputs_key=key,
+                    parents=tuple(parents.get(did, ())),
+                    created_at=created,
+                ),
+                tuple(parent_ids.get(did, ())),
             ),
-            tuple(parent_ids.get(did, ())),
         )
-        for did, child, kind, sha, method, version, params, key, created in heads
+        for did, child_id, child, kind, sha, method, version, params, key, created in heads
     ]
+
+
+def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
+    """The derivations of the children ``names`` (``None``: all), ordered by child name (two
+    statements)."""
+    cond, keep = _children(names)
+    return [r for _, r in _read(session, cond) if keep is None or r[0] in keep]
+
+
+def by_expert_id(session: Session, ids: Select[int]) -> dict[int, Derivation]:
+    """``expert id -> how it was derived`` for the derived experts among ``ids`` (two statements;
+    what listing experts attaches as ``Expert.lineage``)."""
+    return {child_id: r[3] for child_id, r in _read(session, DerivationRow.child_id.in_(ids))}
 
 
 def derivations_of(session: Session, expert_names: Iterable[str]) -> dict[str, Derivation]:
@@ -298,20 +312,7 @@ def save_derived(session: Session, expert: Expert, derivation: Derivation, *, re
     name and id, tasks, tags and creation time, so records that link to it stay valid): a refresh."""
     if replace:
         row = repo.expert_row(session, expert.name)
-        repo.replace_files(
-            session,
-            row,
-            expert.files,
-            ADAPTER_WEIGHTS,
-            rank=expert.rank,
-            alpha=expert.alpha,
-            use_rslora=expert.use_rslora,
-            target_modules=list(expert.target_modules),
-            module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
-            dtype=expert.dtype,
-            extra=dict(expert.metadata),
-            kind=expert.kind,
-        )
+        repo.replace_files(session, row, expert.files, ADAPTER_WEIGHTS, **repo.expert_columns(expert))
     else:
         repo.add_expert(session, expert)
     set_derivation(session, expert.name, derivation)

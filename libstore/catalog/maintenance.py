@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from libstore.catalog import prototypes as cache
 from libstore.catalog import repo
 from libstore.catalog.models import Base, BlobRow, ExpertFileRow, ExpertRow, PrototypeCacheRow
-from libstore.types import BaseModel, Expert, ExpertQuery
+from libstore.types import BaseModel, Expert, ExpertQuery, PrototypeSet
 
 #: Digests per ``IN (...)`` list: within every driver's parameter limit.
 IN_CHUNK = 500
@@ -57,7 +57,7 @@ class CatalogSnapshot:
 
     experts: tuple[Expert, ...]
     bases: dict[str, BaseModel]
-    caches: tuple[cache.CacheEntry, ...]
+    caches: tuple[PrototypeSet, ...]
     blob_sizes: dict[str, int]
     dangling: tuple[DanglingRow, ...]
 

@@ -12,40 +12,17 @@ Every function takes an open ``Session``; the caller owns the transaction.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from libstore.canonical import canonical_sha256
-from libstore.catalog.models import ExpertRow, PrototypeCacheRow
+from libstore.catalog.models import BlobRow, ExpertRow, PrototypeCacheRow
 from libstore.catalog.repo import ensure_blob
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One cached prototype set.
-
-    Attributes:
-        expert_sha256: weights hash of the expert it was computed from.
-        method, method_version, params: how it was computed.
-        params_key: sha256 of the canonical JSON of ``params``.
-        blob_sha256: the safetensors blob in the store.
-        experts: names of the experts that currently have ``expert_sha256`` (empty: orphaned).
-    """
-
-    expert_sha256: str
-    method: str
-    method_version: int
-    params_key: str
-    params: dict[str, Any]
-    blob_sha256: str
-    experts: tuple[str, ...] = ()
-    created_at: dt.datetime | None = None
+from libstore.types import PrototypeSet
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -53,16 +30,24 @@ def params_key(params: dict[str, Any]) -> str:
     return canonical_sha256(params)
 
 
-def _entry(row: PrototypeCacheRow, experts: Iterable[str] = ()) -> CacheEntry:
-    return CacheEntry(
+def _entry(row: PrototypeCacheRow, size: int, experts: Iterable[str] = ()) -> PrototypeSet:
+    return PrototypeSet(
         expert_sha256=row.expert_sha256,
         method=row.method,
         method_version=row.method_version,
-        params_key=row.params_key,
         params=dict(row.params or {}),
+        params_key=row.params_key,
         blob_sha256=row.blob_sha256,
-        experts=tuple(sorted(experts)),
+        size=size,
         created_at=row.created_at,
+        experts=tuple(sorted(experts)),
+    )
+
+
+def _with_size() -> Select[PrototypeCacheRow, int]:
+    """The cache rows with their blob's size (the foreign key guarantees a blob row)."""
+    return select(PrototypeCacheRow, BlobRow.size).join(
+        BlobRow, BlobRow.sha256 == PrototypeCacheRow.blob_sha256
     )
 
 
@@ -120,35 +105,35 @@ def record(
     return True
 
 
-def entries(session: Session, expert_sha256: str | None = None) -> list[CacheEntry]:
+def entries(session: Session, expert_sha256: str | None = None) -> list[PrototypeSet]:
     """Cache entries (of one expert hash, or all), each with the experts that have that hash now."""
-    stmt = select(PrototypeCacheRow).order_by(
+    stmt = _with_size().order_by(
         PrototypeCacheRow.expert_sha256, PrototypeCacheRow.method, PrototypeCacheRow.created_at
     )
     if expert_sha256 is not None:
         stmt = stmt.where(PrototypeCacheRow.expert_sha256 == expert_sha256)
-    rows = list(session.scalars(stmt))
+    rows = list(session.execute(stmt).tuples())
     names: dict[str, list[str]] = {}
-    shas = sorted({r.expert_sha256 for r in rows})
+    shas = sorted({r.expert_sha256 for r, _ in rows})
     for i in range(0, len(shas), 500):
         q = select(ExpertRow.sha256, ExpertRow.name).where(ExpertRow.sha256.in_(shas[i : i + 500]))
         for sha, name in session.execute(q):
             names.setdefault(sha, []).append(name)
-    return [_entry(r, names.get(r.expert_sha256, ())) for r in rows]
+    return [_entry(r, size, names.get(r.expert_sha256, ())) for r, size in rows]
 
 
-def orphaned(session: Session) -> list[CacheEntry]:
+def orphaned(session: Session) -> list[PrototypeSet]:
     """Cache entries whose expert content no longer exists in the catalog."""
     live = select(ExpertRow.sha256)
     stmt = (
-        select(PrototypeCacheRow)
+        _with_size()
         .where(PrototypeCacheRow.expert_sha256.not_in(live))
         .order_by(PrototypeCacheRow.expert_sha256, PrototypeCacheRow.method)
     )
-    return [_entry(r) for r in session.scalars(stmt)]
+    return [_entry(r, size) for r, size in session.execute(stmt).tuples()]
 
 
-def delete_orphaned(session: Session) -> list[CacheEntry]:
+def delete_orphaned(session: Session) -> list[PrototypeSet]:
     """Delete the orphaned entries (their blobs go at the next ``gc``); returns what was deleted."""
     gone = orphaned(session)
     live = select(ExpertRow.sha256)

@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 from libstore.catalog import repo
 from libstore.catalog.models import (
     BaseModelRow,
-    BlobRow,
     ClusteringInputRow,
     ClusterMemberRow,
     DerivationParentRow,
@@ -159,16 +158,6 @@ def record_sync(
 
 
 # --- what a manifest carries -------------------------------------------------------------------------
-
-
-def blob_sizes(session: Session, shas: Iterable[str]) -> dict[str, int]:
-    """``blob sha256 -> size`` of the blobs the catalog records (of those asked for)."""
-    wanted = sorted(set(shas))
-    sizes: dict[str, int] = {}
-    for i in range(0, len(wanted), 500):
-        stmt = select(BlobRow.sha256, BlobRow.size).where(BlobRow.sha256.in_(wanted[i : i + 500]))
-        sizes.update((h, n) for h, n in session.execute(stmt))
-    return sizes
 
 
 def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:

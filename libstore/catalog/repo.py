@@ -1,4 +1,4 @@
-"""Catalog reads and writes for base models, experts, blobs, tags and tasks.
+"""Catalog reads and writes for base models, experts and blobs (tags and tasks: ``catalog/tags.py``).
 
 Every function takes an open ``Session``: the operation calling it owns the transaction. Operations
 hand in and get back the dataclasses of ``libstore.types`` (``Expert``, ``BaseModel``); the ``*_row``
@@ -21,11 +21,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
-    delete,
-    exists,
-    func,
     insert,
-    literal,
     select,
     update,
 )
@@ -37,8 +33,6 @@ from libstore.catalog.models import (
     BlobRow,
     ClusteringRow,
     ClusterRow,
-    DerivationParentRow,
-    DerivationRow,
     ExpertFileRow,
     ExpertRow,
     ExpertTagRow,
@@ -47,12 +41,11 @@ from libstore.catalog.models import (
     TagRow,
     TaskRow,
 )
+from libstore.catalog.tags import ensure_named
 from libstore.errors import AlreadyExistsError, InUseError, NotFoundError, ValidationError
 from libstore.types import (
     ADAPTER_WEIGHTS,
     BaseModel,
-    Derivation,
-    DerivationParent,
     Expert,
     ExpertQuery,
     LinearShape,
@@ -212,81 +205,7 @@ def referenced_blobs(session: Session) -> set[str]:
     return set(files) | set(protos)
 
 
-# --- tags and tasks ----------------------------------------------------------------------------
-
-
-def tag_row(session: Session, name: str) -> TagRow:
-    row = session.scalar(select(TagRow).where(TagRow.name == name))
-    if row is None:
-        row = TagRow(name=name)
-        session.add(row)
-        session.flush()
-    return row
-
-
-def task_row(session: Session, name: str) -> TaskRow:
-    row = session.scalar(select(TaskRow).where(TaskRow.name == name))
-    if row is None:
-        row = TaskRow(name=name)
-        session.add(row)
-        session.flush()
-    return row
-
-
-def _ensure_named(
-    session: Session, table: type[TagRow] | type[TaskRow], names: Sequence[str]
-) -> dict[str, int]:
-    """``name -> id`` of the tag or task rows named ``names``, inserting the missing ones (two
-    statements, however many names)."""
-    if not names:
-        return {}
-    have = {n: i for n, i in session.execute(select(table.name, table.id).where(table.name.in_(names)))}
-    missing = [n for n in dict.fromkeys(names) if n not in have]
-    if missing:
-        session.execute(insert(table), [{"name": n} for n in missing])
-        have.update(
-            (n, i) for n, i in session.execute(select(table.name, table.id).where(table.name.in_(missing)))
-        )
-    return have
-
-
-def list_tags(session: Session) -> list[tuple[str, int]]:
-    """Every tag with the number of experts carrying it."""
-    stmt = (
-        select(TagRow.name, func.count(ExpertTagRow.expert_id))
-        .outerjoin(ExpertTagRow, ExpertTagRow.tag_id == TagRow.id)
-        .group_by(TagRow.name)
-        .order_by(TagRow.name)
-    )
-    return [(name, int(n)) for name, n in session.execute(stmt)]
-
-
-def add_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
-    """Tag every expert ``query`` matches with ``tags`` (one statement per tag, however many experts)."""
-    cond = query_condition(session, query)
-    for tag_id in _ensure_named(session, TagRow, tags).values():
-        already = exists().where(ExpertTagRow.expert_id == ExpertRow.id, ExpertTagRow.tag_id == tag_id)
-        rows = select(ExpertRow.id, literal(tag_id)).where(cond, ~already)
-        session.execute(insert(ExpertTagRow).from_select(["expert_id", "tag_id"], rows))
-    session.expire_all()
-
-
-def remove_tags(session: Session, query: ExpertQuery, tags: Sequence[str]) -> None:
-    """Take ``tags`` off every expert ``query`` matches (one statement)."""
-    tag_ids = select(TagRow.id).where(TagRow.name.in_(tags))
-    session.execute(
-        delete(ExpertTagRow).where(
-            ExpertTagRow.tag_id.in_(tag_ids), ExpertTagRow.expert_id.in_(_matching_ids(session, query))
-        )
-    )
-    session.expire_all()
-
-
 # --- querying experts --------------------------------------------------------------------------
-
-
-def _matching_ids(session: Session, query: ExpertQuery) -> Select[int]:
-    return select(ExpertRow.id).where(query_condition(session, query)).correlate(None)
 
 
 def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
@@ -389,7 +308,9 @@ def load_experts(
         files[eid].append(StoredFile(path, sha, size))
     tags = names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
     tasks = names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
-    lineage = _lineages(session, ids) if with_lineage else {}
+    from libstore.catalog.derivations import by_expert_id  # that module builds on this one
+
+    lineage = by_expert_id(session, ids) if with_lineage else {}
     return [
         Expert(
             name=r.name,
@@ -434,47 +355,6 @@ def names_by_expert(
     for eid, name in session.execute(stmt):
         out[eid].append(name)
     return out
-
-
-def _lineages(session: Session, ids: Select[int]) -> dict[int, Derivation]:
-    """``expert id -> how it was derived`` for the derived experts among ``ids`` (two statements)."""
-    derivations = session.execute(
-        select(
-            DerivationRow.id,
-            DerivationRow.child_id,
-            DerivationRow.method,
-            DerivationRow.method_version,
-            DerivationRow.params,
-            DerivationRow.inputs_key,
-            DerivationRow.created_at,
-        ).where(DerivationRow.child_id.in_(ids))
-    ).all()
-    if not derivations:
-        return {}
-    parents: dict[int, list[DerivationParent]] = defaultdict(list)
-    for did, role, name, sha in session.execute(
-        select(
-            DerivationParentRow.derivation_id,
-            DerivationParentRow.role,
-            DerivationParentRow.parent_name,
-            DerivationParentRow.parent_sha256,
-        )
-        .join(DerivationRow, DerivationRow.id == DerivationParentRow.derivation_id)
-        .where(DerivationRow.child_id.in_(ids))
-        .order_by(DerivationParentRow.derivation_id, DerivationParentRow.position)
-    ):
-        parents[did].append(DerivationParent(role, name, sha))
-    return {
-        child: Derivation(
-            method=method,
-            method_version=version,
-            params=dict(params or {}),
-            inputs_key=key,
-            parents=tuple(parents[did]),
-            created_at=created,
-        )
-        for did, child, method, version, params, key, created in derivations
-    }
 
 
 # --- writing experts ---------------------------------------------------------------------------
@@ -542,6 +422,21 @@ def insert_expert(
     return _insert(session, expert, base.id, cluster_id)
 
 
+def expert_columns(expert: Expert) -> dict[str, Any]:
+    """The ``experts`` columns the record sets from its LoRA config and metadata (name, base, files,
+    links and provenance aside): what inserting and replacing an expert's content both write."""
+    return {
+        "kind": expert.kind,
+        "rank": expert.rank,
+        "alpha": expert.alpha,
+        "use_rslora": expert.use_rslora,
+        "target_modules": list(expert.target_modules),
+        "module_shapes": {k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
+        "dtype": expert.dtype,
+        "extra": dict(expert.metadata),
+    }
+
+
 def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | None) -> ExpertRow:
     """The one writer of expert rows and their file, tag and task links."""
     if expert_exists(session, expert.name):
@@ -556,18 +451,11 @@ def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | No
         ensure_blob(session, f.sha256, f.size)
     row = ExpertRow(
         name=expert.name,
-        kind=expert.kind,
         base_model_id=base_id,
-        rank=expert.rank,
-        alpha=expert.alpha,
-        use_rslora=expert.use_rslora,
-        target_modules=list(expert.target_modules),
-        module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in expert.modules.items()},
-        dtype=expert.dtype,
+        **expert_columns(expert),
         sha256=expert.sha256,
         bytes=sum(f.size for f in expert.files),
         source=expert.source,
-        extra=dict(expert.metadata),
         cluster_id=cluster_id,
         created_at=expert.created_at or dt.datetime.now(dt.UTC),
     )
@@ -578,7 +466,7 @@ def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | No
         (ExpertTaskRow, TaskRow, "task_id", expert.tasks),
         (ExpertTagRow, TagRow, "tag_id", expert.tags),
     ):
-        ids = _ensure_named(session, named, list(dict.fromkeys(names)))
+        ids = ensure_named(session, named, list(dict.fromkeys(names)))
         if ids:
             session.execute(insert(link), [{"expert_id": row.id, key: i} for i in ids.values()])
     return row

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from libstore.cli.app import State
-from libstore.cli.options import option_kwargs
+from libstore.cli.options import allow_routing_base_mismatch, option_kwargs
 from libstore.cli.output import echo_json, echo_table, json_option
 from libstore.types import EVAL_METRICS
 
@@ -66,11 +66,7 @@ def _echo_metrics(rec: Any) -> None:
 @click.option(
     "--record/--no-record", default=True, help="--no-record: print the results without recording them."
 )
-@click.option(
-    "--allow-base-mismatch",
-    is_flag=True,
-    help="Route experts whose base model is not the one loaded (shapes must still fit).",
-)
+@allow_routing_base_mismatch
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write a routers x tasks heatmap.")
 @_metric_for_plot
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")

@@ -12,6 +12,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import click
+
+#: ``--allow-base-mismatch`` of the commands that build a routed model (``eval``, ``export-routed``)
+allow_routing_base_mismatch = click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Route experts whose base model is not the one loaded (shapes must still fit).",
+)
+
 
 def option_kwargs(cls: type[Any], kw: Mapping[str, Any]) -> dict[str, Any]:
     """The ``Library`` keywords of click's options ``kw``, checked by building ``cls`` from them."""

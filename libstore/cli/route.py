@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from libstore.cli.app import State
-from libstore.cli.options import option_kwargs
+from libstore.cli.options import allow_routing_base_mismatch, option_kwargs
 from libstore.cli.output import echo_json, json_option
 from libstore.types import MIXINGS, PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMethod, RouterName
 
@@ -129,11 +129,7 @@ def route(
     help="output: mix the experts' outputs (PEFT); parameter: mix their A and B (mttl).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
-@click.option(
-    "--allow-base-mismatch",
-    is_flag=True,
-    help="Route experts whose base model is not the one loaded (shapes must still fit).",
-)
+@allow_routing_base_mismatch
 @json_option
 @click.pass_obj
 def export_routed(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from libstore.catalog import listing, repo
+from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     AlreadyExistsError,
@@ -379,7 +380,7 @@ def tag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[str
     q = parse_query(query)
     with ctx.catalog.write() as s:
         names = _names_or_error(s, q, query)
-        repo.add_tags(s, q, tags)
+        tags_repo.add_tags(s, q, tags)
         return names
 
 
@@ -388,7 +389,7 @@ def untag(ctx: Context, query: str | ExpertQuery, tags: Iterable[str]) -> list[s
     q = parse_query(query)
     with ctx.catalog.write() as s:
         names = _names_or_error(s, q, query)
-        repo.remove_tags(s, q, list(tags))
+        tags_repo.remove_tags(s, q, list(tags))
         return names
 
 
@@ -404,4 +405,4 @@ def _names_or_error(s: Transaction, q: ExpertQuery, query: str | ExpertQuery) ->
 
 def tags(ctx: Context) -> list[tuple[str, int]]:
     with ctx.catalog.read() as s:
-        return repo.list_tags(s)
+        return tags_repo.list_tags(s)

@@ -25,6 +25,7 @@ from libstore.ops.context import Context
 from libstore.ops.maintenance import DEFAULT_GRACE_S, library_leftovers, shown
 from libstore.store.blob_upkeep import BlobStat
 from libstore.store.leftovers import remove_if_older
+from libstore.types import PrototypeSet
 
 #: Blobs deleted per write transaction: the write lock is released between batches.
 BATCH = 500
@@ -47,7 +48,7 @@ class GcReport:
     grace_s: float
     blobs: tuple[str, ...] = ()
     bytes_freed: int = 0
-    caches: tuple[cache.CacheEntry, ...] = ()
+    caches: tuple[PrototypeSet, ...] = ()
     temp: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
 

@@ -17,6 +17,7 @@ from libstore.catalog.derivations import DerivationState, ParentState
 from libstore.errors import NotFoundError
 from libstore.ops.context import Context
 from libstore.ops.derive import METHOD_VERSIONS, OUTPUT_PARAMS, inputs_key
+from libstore.types import PrototypeSet
 
 __all__ = [
     "ChildLink",
@@ -84,7 +85,7 @@ class StaleReport:
     clusterings whose inputs changed."""
 
     experts: tuple[StaleExpert, ...]
-    caches: tuple[cache.CacheEntry, ...]
+    caches: tuple[PrototypeSet, ...]
     clusterings: tuple[StaleClustering, ...] = ()
 
     @property

@@ -35,12 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from libstore.canonical import canonical_json
 from libstore.catalog import prototypes as cache
-from libstore.catalog.prototypes import CacheEntry
 from libstore.errors import IncompatibleExpertsError, IntegrityError, NotFoundError, ValidationError
 from libstore.ops.context import Context
 from libstore.ops.select import Target, resolve_experts
 from libstore.ops.tensors import default_device
-from libstore.types import PROTOTYPE_METHODS, Expert, PrototypeMethod
+from libstore.types import PROTOTYPE_METHODS, Expert, PrototypeMethod, PrototypeSet
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOTYPE_FORMAT",
-    "CacheEntry",
     "ExpertPrototypes",
     "PrototypeOptions",
     "PrototypeReport",
@@ -487,7 +485,7 @@ def stacked(
     return out
 
 
-def cache_entries(ctx: Context) -> list[CacheEntry]:
+def cache_entries(ctx: Context) -> list[PrototypeSet]:
     """Every prototype cache entry, with the experts that currently have its weights hash."""
     with ctx.catalog.read() as s:
         return cache.entries(s)

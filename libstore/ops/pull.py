@@ -18,6 +18,7 @@ from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
+from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     BaseModelMismatchError,
@@ -355,20 +356,13 @@ def _apply(
                 row,
                 files,
                 ADAPTER_WEIGHTS,
-                kind=e.kind,
+                **repo.expert_columns(e),
                 base_model=base_row,
-                rank=e.rank,
-                alpha=e.alpha,
-                use_rslora=e.use_rslora,
-                target_modules=list(e.target_modules),
-                module_shapes={k: [v.in_features, v.out_features, v.rank] for k, v in e.modules.items()},
-                dtype=e.dtype,
-                extra=dict(e.metadata),
                 cluster_id=cid,
                 source=source,
             )
-            row.tasks = [repo.task_row(s, t) for t in e.tasks]
-            row.tags = [repo.tag_row(s, t) for t in e.tags]
+            row.tasks = [tags_repo.task_row(s, t) for t in e.tasks]
+            row.tags = [tags_repo.tag_row(s, t) for t in e.tags]
             updated.append(e.name)
         else:
             repo.insert_expert(

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from libstore.catalog import clusterings as clustering_repo
 from libstore.catalog import prototypes as proto_repo
-from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import HubError, IntegrityError, NotFoundError, ValidationError
@@ -104,22 +103,9 @@ def local_state(s: Transaction) -> LocalState:
                 f"{', '.join(EXPERT_FILES)} can be synced"
             )
         experts[e.name] = e
-    cached = proto_repo.entries(s)
-    sizes = remote_repo.blob_sizes(s, (c.blob_sha256 for c in cached))
     protos: dict[str, list[PrototypeSet]] = {}
-    for c in cached:
-        if c.blob_sha256 in sizes:
-            protos.setdefault(c.expert_sha256, []).append(
-                PrototypeSet(
-                    expert_sha256=c.expert_sha256,
-                    method=c.method,
-                    method_version=c.method_version,
-                    params=dict(c.params),
-                    params_key=c.params_key,
-                    blob_sha256=c.blob_sha256,
-                    size=sizes[c.blob_sha256],
-                )
-            )
+    for c in proto_repo.entries(s):
+        protos.setdefault(c.expert_sha256, []).append(c)
     return LocalState(
         experts=experts,
         bases={b.name: b for b in repo.list_bases(s)},

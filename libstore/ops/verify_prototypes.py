@@ -17,13 +17,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, get_args
 
 from libstore.catalog.maintenance import CatalogSnapshot
-from libstore.catalog.prototypes import CacheEntry
 from libstore.errors import LibstoreError
 from libstore.ops.context import Context
 from libstore.ops.problems import BadPrototypeCache, Problem
 from libstore.ops.prototypes import PROTOTYPE_FORMAT, PrototypeSpec, method_spec
 from libstore.store.safetensors_io import read_header
-from libstore.types import Expert, PrototypeMethod
+from libstore.types import Expert, PrototypeMethod, PrototypeSet
 
 if TYPE_CHECKING:
     from libstore.lowrank.prototypes import Prototypes
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 def check_prototypes(ctx: Context, cat: CatalogSnapshot, good: set[str]) -> list[Problem]:
     """Problems of the cache entries whose blobs hash right (the others are reported as blobs)."""
     out: list[Problem] = []
-    sound: list[CacheEntry] = []
+    sound: list[PrototypeSet] = []
     for c in cat.caches:
         if c.blob_sha256 not in good:
             continue
@@ -54,7 +53,7 @@ def check_prototypes(ctx: Context, cat: CatalogSnapshot, good: set[str]) -> list
     return out
 
 
-def _format_problem(ctx: Context, c: CacheEntry) -> str | None:
+def _format_problem(ctx: Context, c: PrototypeSet) -> str | None:
     """Why the blob is not a prototype file made for this entry's weights and method, or None."""
     try:
         meta = read_header(ctx.blobs.path(c.blob_sha256)).metadata
@@ -71,7 +70,7 @@ def _format_problem(ctx: Context, c: CacheEntry) -> str | None:
     return None
 
 
-def _current_spec(c: CacheEntry) -> PrototypeSpec | None:
+def _current_spec(c: PrototypeSet) -> PrototypeSpec | None:
     """The entry's method and parameters, if this libstore computes that method version."""
     method = next((m for m in get_args(PrototypeMethod) if m == c.method), None)
     if method is None:
@@ -80,7 +79,9 @@ def _current_spec(c: CacheEntry) -> PrototypeSpec | None:
     return PrototypeSpec(method, c.method_version, dict(c.params)) if c.method_version == current else None
 
 
-def _check_values(ctx: Context, todo: list[tuple[CacheEntry, PrototypeSpec, list[Expert]]]) -> list[Problem]:
+def _check_values(
+    ctx: Context, todo: list[tuple[PrototypeSet, PrototypeSpec, list[Expert]]]
+) -> list[Problem]:
     import torch
 
     from libstore.ops.prototypes import compute_modules, read_cached

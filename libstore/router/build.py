@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from libstore.errors import LibstoreError, RouterError
 from libstore.lowrank.gks import subtract_general_param
-from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy, layer_features
+from libstore.router.layer import RoutedLinear, layer_features
 from libstore.router.model import RoutedModel
 from libstore.router.routers import (
     Arrow,
@@ -66,7 +66,7 @@ from libstore.router.routers import (
     make_router,
     peft_prototype_fn,
 )
-from libstore.types import Granularity
+from libstore.types import MIXINGS, STRATEGIES, Granularity, Mixing, Strategy
 
 __all__ = [
     "ExpertTensors",

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -62,11 +62,7 @@ from torch import Tensor, nn
 from libstore.errors import RouterError
 from libstore.router.routers import Arrow, Router
 from libstore.router.sequence import SequenceRoutes
-
-Mixing = Literal["output", "parameter"]
-Strategy = Literal["auto", "dense", "gather", "grouped"]
-MIXINGS: tuple[str, ...] = ("output", "parameter")
-STRATEGIES: tuple[str, ...] = ("auto", "dense", "gather", "grouped")
+from libstore.types import MIXINGS, STRATEGIES, Mixing, Strategy
 
 
 class RouteRecorder(Protocol):
@@ -590,12 +586,8 @@ def dense_reference(
 
 
 __all__ = [
-    "MIXINGS",
-    "STRATEGIES",
-    "Mixing",
     "RouteRecorder",
     "RoutedLinear",
-    "Strategy",
     "choose_strategy",
     "dense_reference",
 ]

@@ -19,10 +19,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from libstore.errors import RouterError
-from libstore.router.layer import MIXINGS, STRATEGIES, Mixing, RoutedLinear, Strategy
+from libstore.router.layer import RoutedLinear
 from libstore.router.sequence import SequenceRoutes
 from libstore.router.trace import RoutingTrace
-from libstore.types import GRANULARITIES, Granularity
+from libstore.types import GRANULARITIES, MIXINGS, STRATEGIES, Granularity, Mixing, Strategy
 
 __all__ = ["RoutedModel"]
 
