@@ -218,3 +218,20 @@ def test_values_follow_each_experts_scale(library: Library, base_dir: Path, tmp_
 
             s.query(PrototypeCacheRow).delete()
     assert len(library.prototype_cache()) == 0
+
+
+def test_the_cache_lists_prototype_sets_as_the_manifest_carries_them(lib3: Library) -> None:
+    """``prototype_cache`` returns ``types.PrototypeSet`` (the one type the catalog, the API and the
+    manifest share): its size is the blob's, and the experts that have its weights come with it
+    without making two listings of one set unequal."""
+    import dataclasses
+
+    from libstore.types import PrototypeSet
+
+    lib3.compute_prototypes()
+    entries = lib3.prototype_cache()
+    assert sorted(e.experts for e in entries) == [("a",), ("b",), ("c",)]
+    for e in entries:
+        assert type(e) is PrototypeSet
+        assert e.size == lib3.context.blobs.size(e.blob_sha256) > 0
+        assert dataclasses.replace(e, experts=()) == e
