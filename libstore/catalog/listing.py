@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
 from libstore.catalog.filters import query_condition
+from libstore.catalog.loading import load_experts, names_by_expert
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringRow,
@@ -25,7 +26,6 @@ from libstore.catalog.models import (
     TagRow,
     TaskRow,
 )
-from libstore.catalog.repo import load_experts, names_by_expert
 from libstore.types import Expert, ExpertQuery, ExpertSort, ExpertSummary
 
 _SORT_COLUMNS: dict[str, Any] = {
