@@ -43,10 +43,11 @@ def _order(sort: ExpertSort, descending: bool) -> list[ColumnElement[Any]]:
     return [c.desc() if descending else c.asc() for c in cols]
 
 
-def _page_ids(
+def page_ids(
     session: Session, query: ExpertQuery, sort: ExpertSort, descending: bool, limit: int | None, offset: int
 ) -> Select[int]:
-    """The ids of the page of experts ``query`` matches, as a subquery the linked tables filter by."""
+    """The ids of the page of experts ``query`` matches, as a subquery the linked tables filter by
+    (what ``tests/test_catalog_indexes.py`` EXPLAINs)."""
     stmt = select(ExpertRow.id).where(query_condition(session, query)).order_by(*_order(sort, descending))
     return stmt.limit(limit).offset(offset or None).correlate(None)
 
@@ -61,7 +62,7 @@ def list_experts(
     offset: int = 0,
 ) -> list[Expert]:
     """Full records of a page of the experts ``query`` matches (``repo.load_experts``'s statements)."""
-    ids = _page_ids(session, query, sort, descending, limit, offset)
+    ids = page_ids(session, query, sort, descending, limit, offset)
     return load_experts(session, ExpertRow.id.in_(ids), order=_order(sort, descending))
 
 
@@ -75,7 +76,7 @@ def list_summaries(
     offset: int = 0,
 ) -> list[ExpertSummary]:
     """Summaries of a page of the experts ``query`` matches: four statements, however many."""
-    ids = _page_ids(session, query, sort, descending, limit, offset)
+    ids = page_ids(session, query, sort, descending, limit, offset)
     rows = session.execute(
         select(
             ExpertRow.id,
