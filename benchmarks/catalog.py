@@ -165,6 +165,12 @@ def bench(kind: str, sizes: Sequence[int], n_import: int, runs: int, pg_admin: s
                 cells = {
                     "ls --json": _median(lib_path, db, ["ls", "--json"], runs),
                     "ls (table)": _median(lib_path, db, ["ls"], runs),
+                    "ls --jsonl": _median(lib_path, db, ["ls", "--jsonl"], runs)
+                    if _supports(lib_path, db, "--jsonl")
+                    else float("nan"),
+                    "ls --full --json": _median(lib_path, db, ["ls", "--full", "--json"], runs)
+                    if _supports(lib_path, db, "--full")
+                    else float("nan"),
                     f"show {probe}": _median(lib_path, db, ["show", probe], runs),
                     "ls 'name=e09*'": _median(lib_path, db, ["ls", "name=e09*"], runs),
                     "ls --limit 20": _median(lib_path, db, ["ls", "--limit", "20"], runs)

@@ -97,6 +97,38 @@ def test_import_dir_all_or_nothing_and_rerun(library: Library, base_dir: Path, t
     assert _snapshot(library) == before  # t4 was not imported either
 
 
+def test_import_dir_rerun_skips_by_hash_before_copying(
+    library: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run hashes the already-recorded folders in place: nothing is copied into staging for
+    them; a folder whose weights changed under a recorded name is still refused, and a new folder
+    next to them is still copied, validated and added."""
+    from libstore.store.blobs import BlobStore
+
+    root = tmp_path / "adapters"
+    for i in range(3):
+        make_adapter(base_dir, root / f"t{i}", seed=10 + i)
+    library.import_dir(root)
+    staged: list[str] = []
+    real = BlobStore.stage_file
+
+    def counting(self: BlobStore, src: str, **kw: object) -> object:
+        staged.append(Path(src).parent.name)
+        return real(self, src, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BlobStore, "stage_file", counting)
+    again = library.import_dir(root)
+    assert sorted(again.skipped) == ["t0", "t1", "t2"] and staged == []
+    make_adapter(base_dir, root / "t3", seed=13)
+    report = library.import_dir(root, tags=["new"])
+    assert [e.name for e in report.added] == ["t3"] and staged == ["t3"]
+    assert library.get("t3").tags == ("new",) and len(library.experts()) == 4
+    make_adapter(base_dir, root / "t1", seed=99)  # other weights under a recorded name
+    with pytest.raises(AlreadyExistsError, match="t1"):
+        library.import_dir(root)
+    assert staged == ["t3", "t1"] and len(library.experts()) == 4
+
+
 def test_failed_imports_change_nothing(library: Library, base_dir: Path, tmp_path: Path) -> None:
     library.add(make_adapter(base_dir, tmp_path / "ok", seed=1), name="ok", tags=["keep"])
     before = _snapshot(library)

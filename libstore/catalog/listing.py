@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
 from libstore.catalog.filters import query_condition
+from libstore.catalog.loading import load_experts, names_by_expert
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringRow,
@@ -25,7 +26,6 @@ from libstore.catalog.models import (
     TagRow,
     TaskRow,
 )
-from libstore.catalog.repo import load_experts, names_by_expert
 from libstore.types import Expert, ExpertQuery, ExpertSort, ExpertSummary
 
 _SORT_COLUMNS: dict[str, Any] = {
@@ -43,12 +43,26 @@ def _order(sort: ExpertSort, descending: bool) -> list[ColumnElement[Any]]:
     return [c.desc() if descending else c.asc() for c in cols]
 
 
-def _page_ids(
+def page_ids(
     session: Session, query: ExpertQuery, sort: ExpertSort, descending: bool, limit: int | None, offset: int
 ) -> Select[int]:
-    """The ids of the page of experts ``query`` matches, as a subquery the linked tables filter by."""
+    """The ids of the page of experts ``query`` matches, as a subquery the linked tables filter by
+    (what ``tests/test_catalog_indexes.py`` EXPLAINs)."""
     stmt = select(ExpertRow.id).where(query_condition(session, query)).order_by(*_order(sort, descending))
     return stmt.limit(limit).offset(offset or None).correlate(None)
+
+
+def _selection(
+    session: Session, query: ExpertQuery, sort: ExpertSort, descending: bool, limit: int | None, offset: int
+) -> tuple[ColumnElement[bool], Select[int]]:
+    """The condition on ``experts`` and the id subquery for the linked tables: the query's own
+    condition when the whole result is wanted (no ordered subquery to sort again per table), the
+    page's ids otherwise."""
+    if limit is None and not offset:
+        cond = query_condition(session, query)
+        return cond, select(ExpertRow.id).where(cond).correlate(None)
+    ids = page_ids(session, query, sort, descending, limit, offset)
+    return ExpertRow.id.in_(ids), ids
 
 
 def list_experts(
@@ -61,8 +75,8 @@ def list_experts(
     offset: int = 0,
 ) -> list[Expert]:
     """Full records of a page of the experts ``query`` matches (``repo.load_experts``'s statements)."""
-    ids = _page_ids(session, query, sort, descending, limit, offset)
-    return load_experts(session, ExpertRow.id.in_(ids), order=_order(sort, descending))
+    cond, _ = _selection(session, query, sort, descending, limit, offset)
+    return load_experts(session, cond, order=_order(sort, descending))
 
 
 def list_summaries(
@@ -75,7 +89,7 @@ def list_summaries(
     offset: int = 0,
 ) -> list[ExpertSummary]:
     """Summaries of a page of the experts ``query`` matches: four statements, however many."""
-    ids = _page_ids(session, query, sort, descending, limit, offset)
+    cond, ids = _selection(session, query, sort, descending, limit, offset)
     rows = session.execute(
         select(
             ExpertRow.id,
@@ -97,7 +111,7 @@ def list_summaries(
         .outerjoin(ClusterRow, ClusterRow.id == ExpertRow.cluster_id)
         .outerjoin(ClusteringRow, ClusteringRow.id == ClusterRow.clustering_id)
         .outerjoin(DerivationRow, DerivationRow.child_id == ExpertRow.id)
-        .where(ExpertRow.id.in_(ids))
+        .where(cond)
         .order_by(*_order(sort, descending))
     ).all()
     if not rows:

@@ -120,11 +120,11 @@ class ExpertRow(Base):
     module_shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
     dtype: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(SHA_LEN), index=True)
-    bytes: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger, index=True)
     source: Mapped[str | None] = mapped_column(String(1024))
     extra: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="SET NULL"), index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
     base_model: Mapped[BaseModelRow] = relationship(lazy="joined")

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
-    Select,
     insert,
     select,
     update,
 )
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
+from libstore.catalog.batches import chunks, pairs
 from libstore.catalog.filters import query_condition
+from libstore.catalog.loading import load_experts
 from libstore.catalog.models import (
     BaseModelRow,
     BlobRow,
@@ -256,107 +255,6 @@ def _no_expert(name: str) -> NotFoundError:
     return NotFoundError(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
 
 
-_EXPERT_COLUMNS = (
-    ExpertRow.id,
-    ExpertRow.name,
-    ExpertRow.kind,
-    BaseModelRow.name.label("base"),
-    ExpertRow.rank,
-    ExpertRow.alpha,
-    ExpertRow.use_rslora,
-    ExpertRow.target_modules,
-    ExpertRow.module_shapes,
-    ExpertRow.dtype,
-    ExpertRow.sha256,
-    ExpertRow.bytes,
-    ExpertRow.source,
-    ExpertRow.extra,
-    ExpertRow.created_at,
-    ClusteringRow.name.label("clustering"),
-    ClusterRow.index.label("cluster_index"),
-)
-
-
-def load_experts(
-    session: Session,
-    cond: ColumnElement[bool],
-    *,
-    with_lineage: bool = True,
-    order: Sequence[Any] = (),
-) -> list[Expert]:
-    """The experts ``cond`` selects, with files, tags, tasks, cluster and lineage: 1 statement for the
-    experts, then one per linked table (the ``IN (SELECT id ...)`` repeats ``cond``), never one per
-    expert. Callers read inside one transaction, so every statement sees the same snapshot."""
-    stmt = (
-        select(*_EXPERT_COLUMNS)
-        .join(BaseModelRow, BaseModelRow.id == ExpertRow.base_model_id)
-        .outerjoin(ClusterRow, ClusterRow.id == ExpertRow.cluster_id)
-        .outerjoin(ClusteringRow, ClusteringRow.id == ClusterRow.clustering_id)
-        .where(cond)
-        .order_by(*(order or [ExpertRow.name]))
-    )
-    rows = session.execute(stmt).all()
-    if not rows:
-        return []
-    ids = select(ExpertRow.id).where(cond).correlate(None)
-    files: dict[int, list[StoredFile]] = defaultdict(list)
-    for eid, path, sha, size in session.execute(
-        select(ExpertFileRow.expert_id, ExpertFileRow.path, ExpertFileRow.blob_sha256, ExpertFileRow.size)
-        .where(ExpertFileRow.expert_id.in_(ids))
-        .order_by(ExpertFileRow.expert_id, ExpertFileRow.path)
-    ):
-        files[eid].append(StoredFile(path, sha, size))
-    tags = names_by_expert(session, ExpertTagRow.expert_id, ExpertTagRow.tag_id, TagRow, ids)
-    tasks = names_by_expert(session, ExpertTaskRow.expert_id, ExpertTaskRow.task_id, TaskRow, ids)
-    from libstore.catalog.derivations import by_expert_id  # that module builds on this one
-
-    lineage = by_expert_id(session, ids) if with_lineage else {}
-    return [
-        Expert(
-            name=r.name,
-            kind=r.kind,
-            base_model=r.base,
-            rank=r.rank,
-            alpha=r.alpha,
-            use_rslora=r.use_rslora,
-            target_modules=tuple(r.target_modules),
-            modules={k: ModuleShape(*v) for k, v in r.module_shapes.items()},
-            dtype=r.dtype,
-            sha256=r.sha256,
-            bytes=r.bytes,
-            files=tuple(files[r.id]),
-            source=r.source,
-            tasks=tuple(tasks[r.id]),
-            tags=tuple(tags[r.id]),
-            cluster=None if r.clustering is None else f"{r.clustering}:{r.cluster_index}",
-            metadata=dict(r.extra or {}),
-            lineage=lineage.get(r.id),
-            created_at=r.created_at,
-        )
-        for r in rows
-    ]
-
-
-def names_by_expert(
-    session: Session,
-    expert_id: InstrumentedAttribute[int],
-    named_id: InstrumentedAttribute[int],
-    named: type[TagRow] | type[TaskRow],
-    ids: Select[int],
-) -> dict[int, list[str]]:
-    """``expert id -> names`` of its tags or tasks (one statement over a link table)."""
-    out: dict[int, list[str]] = defaultdict(list)
-    stmt = (
-        select(expert_id, named.name)
-        .join(named, named.id == named_id)
-        .where(expert_id.in_(ids))
-        .order_by(expert_id, named.name)
-    )
-    for eid, name in session.execute(stmt):
-        out[eid].append(name)
-    return out
-
-
 # --- writing experts ---------------------------------------------------------------------------
 
 
@@ -438,38 +336,89 @@ def expert_columns(expert: Expert) -> dict[str, Any]:
 
 
 def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | None) -> ExpertRow:
-    """The one writer of expert rows and their file, tag and task links."""
-    if expert_exists(session, expert.name):
-        raise AlreadyExistsError(
-            f"an expert named {expert.name!r} already exists; choose another --name, or remove it first",
-            what="expert",
-            name=expert.name,
-        )
-    if expert.file(ADAPTER_WEIGHTS).sha256 != expert.sha256:
-        raise ValueError(f"expert {expert.name!r}: sha256 must be the hash of {ADAPTER_WEIGHTS}")
-    for f in expert.files:
-        ensure_blob(session, f.sha256, f.size)
-    row = ExpertRow(
-        name=expert.name,
-        base_model_id=base_id,
-        **expert_columns(expert),
-        sha256=expert.sha256,
-        bytes=sum(f.size for f in expert.files),
-        source=expert.source,
-        cluster_id=cluster_id,
-        created_at=expert.created_at or dt.datetime.now(dt.UTC),
-    )
-    row.files = [ExpertFileRow(path=f.path, blob_sha256=f.sha256, size=f.size) for f in expert.files]
-    session.add(row)
-    session.flush()
-    for link, named, key, names in (
-        (ExpertTaskRow, TaskRow, "task_id", expert.tasks),
-        (ExpertTagRow, TagRow, "tag_id", expert.tags),
-    ):
-        ids = ensure_named(session, named, list(dict.fromkeys(names)))
-        if ids:
-            session.execute(insert(link), [{"expert_id": row.id, key: i} for i in ids.values()])
+    """One expert through :func:`insert_experts`, as its ORM row (for callers that link to it)."""
+    (expert_id,) = insert_experts(session, [(expert, base_id, cluster_id)])
+    row = session.get(ExpertRow, expert_id)
+    assert row is not None
     return row
+
+
+def expert_sha256s(session: Session, names: Sequence[str]) -> dict[str, str]:
+    """``name -> weights sha256`` of those of ``names`` that are experts (one statement per 5,000)."""
+    out: dict[str, str] = {}
+    for part in chunks(names):
+        out.update(pairs(session, select(ExpertRow.name, ExpertRow.sha256).where(ExpertRow.name.in_(part))))
+    return out
+
+
+def insert_experts(session: Session, items: Sequence[tuple[Expert, int, int | None]]) -> list[int]:
+    """The one writer of expert rows and their file, tag and task links: ``(expert, base id, cluster
+    id)`` each, in bulk (a constant number of statements per 5,000 experts); returns their ids."""
+    names = [e.name for e, _, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError("insert_experts: names must be unique")
+    taken = sorted(expert_sha256s(session, names))
+    if taken:
+        raise AlreadyExistsError(
+            f"an expert named {taken[0]!r} already exists; choose another --name, or remove it first",
+            what="expert",
+            name=taken[0],
+        )
+    for e, _, _ in items:
+        if e.file(ADAPTER_WEIGHTS).sha256 != e.sha256:
+            raise ValueError(f"expert {e.name!r}: sha256 must be the hash of {ADAPTER_WEIGHTS}")
+    _ensure_blobs(session, {f.sha256: f.size for e, _, _ in items for f in e.files})
+    now = dt.datetime.now(dt.UTC)
+    ids: dict[str, int] = {}
+    for part in chunks(items):
+        session.execute(
+            insert(ExpertRow),
+            [
+                {
+                    "name": e.name,
+                    "base_model_id": base_id,
+                    **expert_columns(e),
+                    "sha256": e.sha256,
+                    "bytes": sum(f.size for f in e.files),
+                    "source": e.source,
+                    "cluster_id": cluster_id,
+                    "created_at": e.created_at or now,
+                    "updated_at": now,
+                }
+                for e, base_id, cluster_id in part
+            ],
+        )
+        part_names = [e.name for e, _, _ in part]
+        stmt = select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(part_names))
+        ids.update(pairs(session, stmt))
+    files = [
+        {"expert_id": ids[e.name], "path": f.path, "blob_sha256": f.sha256, "size": f.size}
+        for e, _, _ in items
+        for f in e.files
+    ]
+    if files:
+        session.execute(insert(ExpertFileRow), files)
+    for link, named, key, field in (
+        (ExpertTaskRow, TaskRow, "task_id", "tasks"),
+        (ExpertTagRow, TagRow, "tag_id", "tags"),
+    ):
+        wanted = {e.name: list(dict.fromkeys(getattr(e, field))) for e, _, _ in items}
+        named_ids = ensure_named(session, named, list(dict.fromkeys(n for v in wanted.values() for n in v)))
+        links = [{"expert_id": ids[name], key: named_ids[n]} for name, ns in wanted.items() for n in ns]
+        if links:
+            session.execute(insert(link), links)
+    return [ids[n] for n in names]
+
+
+def _ensure_blobs(session: Session, sizes: dict[str, int]) -> None:
+    """Record the blobs ``sha256 -> size`` the store holds (idempotent, bulk)."""
+    digests = list(sizes)
+    have: set[str] = set()
+    for part in chunks(digests):
+        have.update(session.scalars(select(BlobRow.sha256).where(BlobRow.sha256.in_(part))))
+    missing = [{"sha256": d, "size": sizes[d]} for d in digests if d not in have]
+    if missing:
+        session.execute(insert(BlobRow), missing)
 
 
 def replace_files(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,7 +231,9 @@ def import_dir(
 
     Every adapter is validated before anything is written; one bad folder fails the whole import and
     leaves the library unchanged. A folder whose name and weights are already in the library is
-    skipped, so re-running an import is harmless.
+    skipped, so re-running an import is harmless: its weights are hashed in place and nothing is
+    copied. Folders are read (hashed and copied in one pass, validated) in parallel threads; the
+    experts go in with bulk inserts in the one transaction.
     """
     _check_kind(kind)
     tags = [validate_name(t) for t in tags]
@@ -244,36 +248,107 @@ def import_dir(
             f"import them one by one with libstore add --name",
             path=str(root),
         )
+    with ctx.catalog.read() as s:
+        recorded = repo.expert_sha256s(s, names)
     adapters: list[tuple[str, AdapterFile]] = []
+    skipped: list[str] = []
     with ctx.blobs.discarding(a.weights for _, a in adapters):  # read on exit: all staged so far
-        for name, folder in zip(names, folders, strict=True):
-            try:
-                adapters.append((name, read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)))
-            except LibstoreError as e:
-                raise e.add_context(str(folder)) from None
-        added: list[Expert] = []
-        skipped: list[str] = []
+        for name, adapter in _read_folders(ctx, names, folders, recorded, allow_nonfinite):
+            if adapter is None:
+                skipped.append(name)
+            else:
+                adapters.append((name, adapter))
         with ctx.catalog.write() as s:
-            for name, adapter in adapters:
-                if repo.expert_sha256(s, name) == adapter.weights_sha256:
-                    skipped.append(name)
-                    continue
-                expert = insert_adapter(
-                    ctx,
-                    s,
-                    adapter,
+            if repo.expert_sha256s(s, skipped) != {n: recorded[n] for n in skipped}:
+                raise LibstoreError(
+                    "experts being imported were changed meanwhile; nothing was changed — run again"
+                )
+            base_row = repo.resolve_base_row(s, base)
+            base_model = repo.to_base(base_row)
+            for _, adapter in adapters:
+                try:
+                    check_against_base(adapter, base_model, allow_base_mismatch=allow_base_mismatch)
+                except LibstoreError as e:
+                    raise e.add_context(adapter.folder) from None
+            stored = _store_files(ctx, [a for _, a in adapters])
+            now = dt.datetime.now(dt.UTC)
+            added = [
+                Expert(
                     name=name,
                     kind=kind,
-                    base=base,
-                    tasks=[name] if task_from_name else [],
-                    tags=tags,
-                    metadata=None,
-                    cluster=None,
-                    source=str(Path(adapter.folder).resolve()),
-                    allow_base_mismatch=allow_base_mismatch,
+                    base_model=base_model.name,
+                    rank=a.rank,
+                    alpha=a.alpha,
+                    use_rslora=a.use_rslora,
+                    target_modules=a.target_modules,
+                    modules=dict(a.modules),
+                    dtype=a.dtype,
+                    sha256=a.weights_sha256,
+                    bytes=sum(f.size for f in files),
+                    files=tuple(files),
+                    source=str(Path(a.folder).resolve()),
+                    tasks=(name,) if task_from_name else (),
+                    tags=tuple(dict.fromkeys(tags)),
+                    created_at=now,
                 )
-                added.append(expert)
+                for (name, a), files in zip(adapters, stored, strict=True)
+            ]
+            repo.insert_experts(s, [(e, base_row.id, None) for e in added])
     return ImportReport(added=tuple(added), skipped=tuple(skipped))
+
+
+def _workers() -> int:
+    """Threads for reading adapter folders: hashing, copying and fsync release the GIL."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
+def _read_folders(
+    ctx: Context,
+    names: Sequence[str],
+    folders: Sequence[Path],
+    recorded: dict[str, str],
+    allow_nonfinite: bool,
+) -> Iterator[tuple[str, AdapterFile | None]]:
+    """``(name, validated adapter)`` per folder in order, read in parallel; ``None`` for a folder whose
+    weights are already recorded under its name (hashed in place: no copy, no validation). The
+    first failure (in folder order) is raised once every folder is done; the caller discards what
+    was staged."""
+
+    def read(name: str, folder: Path) -> AdapterFile | None:
+        if name in recorded:
+            try:
+                if sha256_file(folder / ADAPTER_WEIGHTS) == recorded[name]:
+                    return None
+            except OSError:
+                pass  # read_adapter says what is wrong with the folder
+        try:
+            return read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)
+        except LibstoreError as e:
+            raise e.add_context(str(folder)) from None
+
+    with ThreadPoolExecutor(_workers()) as pool:
+        futures = [pool.submit(read, n, f) for n, f in zip(names, folders, strict=True)]
+        failure: BaseException | None = None
+        for name, fut in zip(names, futures, strict=True):
+            try:
+                result = fut.result()
+            except BaseException as e:
+                failure = failure or e
+                continue
+            yield name, result
+    if failure is not None:
+        raise failure
+
+
+def _store_files(ctx: Context, adapters: Sequence[AdapterFile]) -> list[list[StoredFile]]:
+    """Store the configs and the staged weights of ``adapters`` (one fsync per shard for the weights)."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        configs = list(pool.map(lambda a: ctx.blobs.put_bytes(a.config_bytes), adapters))
+    weights = ctx.blobs.commit_staged_many([a.weights for a in adapters])
+    return [
+        [StoredFile(ADAPTER_CONFIG, c.sha256, c.size), StoredFile(ADAPTER_WEIGHTS, w.sha256, w.size)]
+        for c, w in zip(configs, weights, strict=True)
+    ]
 
 
 # --- reading -----------------------------------------------------------------------------------

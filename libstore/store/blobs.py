@@ -33,7 +33,8 @@ import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -327,31 +328,42 @@ class BlobStore(BlobUpkeep):
     def commit_staged(self, staged: StagedBlob) -> BlobRef:
         """Move a staged copy to its content address; if that blob is already stored, claim it and
         drop the copy. A :class:`StagedBlob` naming a blob already in place is claimed."""
-        ref = BlobRef(staged.sha256, staged.size)
-        final = self.path(staged.sha256)
-        tmp = Path(staged.path)
-        if self._already_stored(staged.sha256, staged.size):
-            if tmp != final:
-                self.discard(staged)
-            return ref
-        if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
-            raise self._missing(staged.sha256)
-        try:
-            os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except FileNotFoundError:
-            raise BlobsRemovedError(
-                f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc with a grace period "
-                f"shorter than this operation removed it. Nothing was stored; run the operation "
-                f"again (and give gc a longer --grace while imports run)",
-                sha256s=(staged.sha256,),
-            ) from None
-        except OSError as e:
-            self.discard(staged)
-            raise self._storage_error(e, f"store {staged.sha256}") from e
-        return ref
+        return self.commit_staged_many([staged])[0]
+
+    def commit_staged_many(self, staged: Sequence[StagedBlob]) -> list[BlobRef]:
+        """:meth:`commit_staged` for many copies: every rename first, then one fsync per shard folder
+        touched (not one per blob), before returning — so the catalog still records them only once
+        they are durable."""
+        refs: list[BlobRef] = []
+        shards: set[Path] = set()
+        for item in staged:
+            refs.append(BlobRef(item.sha256, item.size))
+            final = self.path(item.sha256)
+            tmp = Path(item.path)
+            if self._already_stored(item.sha256, item.size):
+                if tmp != final:
+                    self.discard(item)
+                continue
+            if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
+                raise self._missing(item.sha256)
+            try:
+                os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                shards.add(final.parent)
+            except FileNotFoundError:
+                raise BlobsRemovedError(
+                    f"the staged copy {tmp} of blob {item.sha256} is gone: a gc with a grace period "
+                    f"shorter than this operation removed it. Nothing was stored; run the operation "
+                    f"again (and give gc a longer --grace while imports run)",
+                    sha256s=(item.sha256,),
+                ) from None
+            except OSError as e:
+                self.discard(item)
+                raise self._storage_error(e, f"store {item.sha256}") from e
+        with ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:  # fsync waits on the disk, not the GIL
+            list(pool.map(fsync_dir, shards))
+        return refs
 
     @contextlib.contextmanager
     def discarding(self, staged: Iterable[StagedBlob]) -> Iterator[None]:
