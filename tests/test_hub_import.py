@@ -85,6 +85,66 @@ def test_import_hub_refuses_pickles_and_invalid_adapters(
     assert snapshot(library) == before
 
 
+def test_a_hub_id_with_a_subfolder_works_like_subfolder(
+    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
+    src = make_adapter(base_dir, tmp_path / "arc", seed=4)
+    api = _api(hub)
+    api.create_repo("libstore-org/pasted")
+    api.upload_folder(repo_id="libstore-org/pasted", folder_path=src, path_in_repo="tasks/arc_easy")
+    e = library.import_hub("libstore-org/pasted/tasks/arc_easy")  # as people paste it
+    assert e.name == "arc_easy" and e.source.startswith("hf://libstore-org/pasted/tasks/arc_easy@")
+    again = library.import_hub("hf://libstore-org/pasted/tasks", subfolder="arc_easy", name="again")
+    assert again.sha256 == e.sha256
+    with pytest.raises(ValidationError, match="relative path"):
+        library.import_hub("libstore-org/pasted/../etc")
+
+
+def test_import_hub_all_imports_every_adapter_folder_named_by_path(
+    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
+    api = _api(hub)
+    api.create_repo("libstore-org/runs")
+    layout = {"": 0, "a/checkpoint-17": 1, "b/checkpoint-17": 2, "b/checkpoint-34": 3}
+    for path, seed in layout.items():
+        folder = make_adapter(base_dir, tmp_path / f"src{seed}", seed=seed)
+        api.upload_folder(repo_id="libstore-org/runs", folder_path=folder, path_in_repo=path or None)
+    report = library.import_hub_all("libstore-org/runs", tasks=["t"])
+    names = {e.name: e for e in report.added}
+    assert set(names) == {"runs", "a.checkpoint-17", "b.checkpoint-17", "b.checkpoint-34"}  # no collision
+    for path, seed in layout.items():
+        e = names[path.replace("/", ".") or "runs"]
+        assert e.sha256 == sha256_file(tmp_path / f"src{seed}" / "adapter_model.safetensors")
+        assert e.source.startswith("hf://libstore-org/runs" + (f"/{path}@" if path else "@"))
+        assert e.tasks == ("t",)
+    below = library.import_hub_all("libstore-org/runs/b")  # names relative to the subfolder
+    assert {e.name for e in below.added} == {"checkpoint-17", "checkpoint-34"}
+    assert set(library.import_hub_all("libstore-org/runs").skipped) == set(names)
+
+
+def test_import_hub_all_is_all_or_nothing_and_refuses_colliding_names(
+    library: Library, hub: HubServer, base_dir: Path, tmp_path: Path
+) -> None:
+    api = _api(hub)
+    api.create_repo("libstore-org/mixed")
+    good = make_adapter(base_dir, tmp_path / "good", seed=1)
+    bad = make_adapter(base_dir, tmp_path / "bad", seed=2, config_overrides={"r": 8})
+    api.upload_folder(repo_id="libstore-org/mixed", folder_path=good, path_in_repo="x/good")
+    api.upload_folder(repo_id="libstore-org/mixed", folder_path=bad, path_in_repo="x/bad")
+    before = snapshot(library)
+    with pytest.raises(ValidationError, match="adapter folder 'x/bad'.*rank"):
+        library.import_hub_all("libstore-org/mixed")
+    assert snapshot(library) == before  # the valid one was not added either
+    api.create_repo("libstore-org/clash")
+    api.upload_folder(repo_id="libstore-org/clash", folder_path=good, path_in_repo="a.b/c")
+    api.upload_folder(repo_id="libstore-org/clash", folder_path=good, path_in_repo="a/b.c")
+    with pytest.raises(ValidationError, match="would both be named 'a.b.c'"):
+        library.import_hub_all("libstore-org/clash")
+    with pytest.raises(ValidationError, match="no PEFT adapter"):
+        library.import_hub_all("libstore-org/clash/zzz")
+    assert snapshot(library) == before
+
+
 # --- import-mttl -----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,20 @@ from libstore.types import PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMethod, Rou
 _top_n = click.option(
     "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
 )
+_method = click.option(
+    "--method",
+    type=click.Choice(PROTOTYPE_METHODS),
+    default="exact",
+    show_default=True,
+    help="Prototype method.",
+)
+_seed = click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="--method peft: seed of the power iteration's start vector (PEFT's rng_seed; its tests use 42).",
+)
 
 
 @click.command()
@@ -33,13 +47,8 @@ _top_n = click.option(
 )
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option(
-    "--method",
-    type=click.Choice(PROTOTYPE_METHODS),
-    default="exact",
-    show_default=True,
-    help="Prototype method.",
-)
+@_method
+@_seed
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
 @click.option(
@@ -61,6 +70,7 @@ def route(
     top_k: int,
     temperature: float,
     method: PrototypeMethod,
+    seed: int,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,
@@ -88,6 +98,7 @@ def route(
         router=router,
         top_n=top_n,
         granularity="sequence" if per_sequence else "token",
+        seed=seed,
     )
     source = base or lib.base(lib.get(model.experts[0]).base_model).source
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -111,6 +122,8 @@ def route(
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @_top_n
+@_method
+@_seed
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
 @json_option
 @click.pass_obj
@@ -125,6 +138,8 @@ def export_routed(
     top_k: int,
     temperature: float,
     top_n: int,
+    method: PrototypeMethod,
+    seed: int,
     overwrite: bool,
     as_json: bool,
 ) -> None:
@@ -148,6 +163,8 @@ def export_routed(
         top_k=top_k,
         temperature=temperature,
         top_n=top_n,
+        method=method,
+        seed=seed,
         overwrite=overwrite,
     )
     if as_json:

@@ -70,6 +70,7 @@ def export_routed(
     mixing: Mixing = "output",
     overwrite: bool = False,
     allow_base_mismatch: bool = False,
+    seed: int = 0,
 ) -> RoutedExport:
     """Route ``prompt`` once (per-sequence), write the mixture as a PEFT adapter at ``dest``.
 
@@ -99,6 +100,7 @@ def export_routed(
         method=method,
         mixing=mixing,
         allow_base_mismatch=allow_base_mismatch,
+        seed=seed,
     )
     first = get_expert(ctx, routed.experts[0])
     if tokenizer is None:
@@ -133,6 +135,8 @@ def export_routed(
         "top_k": top_k,
         "temperature": temperature,
         "mixing": mixing,
+        "prototype_method": method,
+        "seed": seed,
         "general": None if general is None else format_query(parse_query(general)),
         "query": format_query(query),
         "prompt": prompt,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -84,6 +85,41 @@ def _fetch_checked(
     return local
 
 
+def split_hub_id(repo_id: str, subfolder: str | None = None) -> tuple[str, str]:
+    """``user/repo/sub/folder`` (as people paste it, optionally ``hf://``) -> (``user/repo``, the
+    sub-folder path), with ``subfolder`` appended; both checked."""
+    parts = repo_id.removeprefix("hf://").strip("/").split("/")
+    repo = check_repo_id("/".join(parts[:2]))
+    sub = "/".join(p for p in ("/".join(parts[2:]), _check_subfolder(subfolder)) if p)
+    return repo, _check_subfolder(sub)
+
+
+def _adapter_files(files: dict[str, RemoteFile], prefix: str, where: str) -> list[RemoteFile]:
+    """The Hub's records of the adapter's two files below ``prefix``, checked before any download."""
+    if prefix + ADAPTER_WEIGHTS not in files:
+        pickled = [prefix + p for p in PICKLE_WEIGHTS if prefix + p in files]
+        if pickled:
+            raise UnsafeFileError(
+                f"{where} holds its weights only as {pickled[0].rsplit('/', 1)[-1]} (a pickle); libstore "
+                f"never unpickles. Convert the adapter to safetensors (load it with PEFT in a trusted "
+                f"environment and save_pretrained(..., safe_serialization=True)), then import that"
+            )
+        raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    return [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+
+
+def _download_adapter(
+    client: HubClient, repo_id: str, commit: str, files: dict[str, RemoteFile], prefix: str, tmp: Path
+) -> Path:
+    """Both files of the adapter below ``prefix``, checked, in a new folder of ``tmp``."""
+    folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=tmp))
+    for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        path = prefix + fname
+        local = _fetch_checked(client, repo_id, path, commit, files[path], tmp / "dl")
+        os.replace(local, folder / fname)
+    return folder
+
+
 def import_hub(
     ctx: Context,
     repo_id: str,
@@ -99,9 +135,9 @@ def import_hub(
     allow_base_mismatch: bool = False,
 ) -> Expert:
     """Download one PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) from a
-    Hub repo, optionally below ``subfolder``, and add it like ``libstore add``."""
-    check_repo_id(repo_id)
-    sub = _check_subfolder(subfolder)
+    Hub repo, optionally below ``subfolder`` (or a sub-folder in the id, ``user/repo/sub``), and add
+    it like ``libstore add``."""
+    repo_id, sub = split_hub_id(repo_id, subfolder)
     name = validate_name(name or (sub.rsplit("/", 1)[-1] if sub else repo_id.split("/")[1]))
     client = HubClient(token=token)
     commit = client.resolve(repo_id, revision or "main")
@@ -110,25 +146,15 @@ def import_hub(
     where = f"{repo_id}@{commit[:12]}" + (f" under {sub}/" if sub else "")
     if prefix + ADAPTER_CONFIG not in files:
         found = sorted({p.rsplit("/", 1)[0] for p in files if p.endswith("/" + ADAPTER_CONFIG)})
-        hint = f"; adapters are in: {', '.join(found[:10])} (pass --subfolder)" if found else ""
+        hint = (
+            f"; adapters are in: {', '.join(found[:10])} (pass --subfolder, or --all to import them all)"
+            if found
+            else ""
+        )
         raise ValidationError(f"{where} has no {ADAPTER_CONFIG}, so it holds no PEFT adapter{hint}")
-    if prefix + ADAPTER_WEIGHTS not in files:
-        pickled = [prefix + p for p in PICKLE_WEIGHTS if prefix + p in files]
-        if pickled:
-            raise UnsafeFileError(
-                f"{where} holds its weights only as {pickled[0].rsplit('/', 1)[-1]} (a pickle); libstore "
-                f"never unpickles. Convert the adapter to safetensors (load it with PEFT in a trusted "
-                f"environment and save_pretrained(..., safe_serialization=True)), then import that"
-            )
-        raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    _check_sizes(repo_id, commit, [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)])
+    _check_sizes(repo_id, commit, _adapter_files(files, prefix, where))
     with temp_dir(ctx, "import-hub") as tmp:
-        folder = tmp / "adapter"
-        folder.mkdir()
-        for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            path = prefix + fname
-            local = _fetch_checked(client, repo_id, path, commit, files[path], tmp / "dl")
-            os.replace(local, folder / fname)
+        folder = _download_adapter(client, repo_id, commit, files, prefix, tmp)
         source = f"hf://{repo_id}" + (f"/{sub}" if sub else "") + f"@{commit}"
         return experts_ops.add(
             ctx,
@@ -141,6 +167,106 @@ def import_hub(
             source=source,
             allow_base_mismatch=allow_base_mismatch,
         )
+
+
+def hub_adapter_names(repo_id: str, sub: str, folders: Iterable[str]) -> dict[str, str]:
+    """Adapter folder (repo path) -> expert name: its path below ``sub`` with '/' read as '.'
+    (``arc/checkpoint-17`` -> ``arc.checkpoint-17``), the folder's own name for ``sub`` itself (the
+    repo's name at the root). Two folders that would get one name are refused, naming both."""
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    own = sub.rsplit("/", 1)[-1] if sub else repo_id.split("/")[1]
+    for folder in folders:
+        rel = folder[len(sub) :].strip("/") if sub else folder
+        name = rel.replace("/", ".") if rel else own
+        try:
+            validate_name(name)
+        except LibstoreError as e:
+            raise e.add_context(f"adapter folder {folder or '/'!r} of {repo_id}") from None
+        if name in seen:
+            raise ValidationError(
+                f"adapter folders {seen[name] or '/'!r} and {folder!r} of {repo_id} would both be named "
+                f"{name!r}; import them one at a time with --subfolder and --name"
+            )
+        seen[name] = folder
+        names[folder] = name
+    return names
+
+
+def import_hub_all(
+    ctx: Context,
+    repo_id: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    kind: str = "task",
+    base: str | None = None,
+    tasks: Iterable[str] = (),
+    tags: Iterable[str] = (),
+    token: str | None = None,
+    allow_base_mismatch: bool = False,
+) -> experts_ops.ImportReport:
+    """Import every PEFT adapter folder at or below ``subfolder`` of a Hub repo (a collection
+    trained with PEFT/TRL, one folder per adapter or checkpoint), all or nothing.
+
+    Names come from the paths (:func:`hub_adapter_names`). Every adapter is downloaded, checked
+    against the Hub's hashes and validated like ``libstore add`` before one transaction adds them
+    all; one that is already in the library with the same weights is reported as skipped.
+    """
+    repo_id, sub = split_hub_id(repo_id, subfolder)
+    client = HubClient(token=token)
+    commit = client.resolve(repo_id, revision or "main")
+    files = client.list_files(repo_id, commit)
+    prefix = f"{sub}/" if sub else ""
+    where = f"{repo_id}@{commit[:12]}" + (f" under {sub}/" if sub else "")
+    folders = sorted(
+        p[: -len(ADAPTER_CONFIG)].rstrip("/")
+        for p in files
+        if p == prefix + ADAPTER_CONFIG or (p.startswith(prefix) and p.endswith("/" + ADAPTER_CONFIG))
+    )
+    if not folders:
+        raise ValidationError(f"{where} holds no PEFT adapter (no {ADAPTER_CONFIG} at or below it)")
+    names = hub_adapter_names(repo_id, sub, folders)
+    records = {
+        f: _adapter_files(files, f"{f}/" if f else "", f"{repo_id}@{commit[:12]}:{f or '/'}") for f in folders
+    }
+    _check_sizes(repo_id, commit, [rf for rfs in records.values() for rf in rfs])
+    tags = [validate_name(t) for t in tags]
+    tasks = list(tasks)
+    prepared: list[tuple[str, str, AdapterFile]] = []
+    with temp_dir(ctx, "import-hub") as tmp, ctx.blobs.discarding(a.weights for _, _, a in prepared):
+        for f in folders:
+            local = _download_adapter(client, repo_id, commit, files, f"{f}/" if f else "", tmp)
+            try:
+                adapter = read_adapter(local, into=ctx.blobs)
+            except LibstoreError as e:
+                raise e.add_context(f"adapter folder {f or '/'!r} of {repo_id}") from None
+            prepared.append((f, names[f], adapter))
+        added, skipped = [], []
+        with ctx.catalog.write() as s:
+            for f, name, adapter in prepared:
+                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
+                    continue
+                try:
+                    row = experts_ops.insert_adapter(
+                        ctx,
+                        s,
+                        adapter,
+                        name=name,
+                        kind=kind,
+                        base=base,
+                        tasks=tasks,
+                        tags=tags,
+                        metadata=None,
+                        cluster=None,
+                        source=f"hf://{repo_id}" + (f"/{f}" if f else "") + f"@{commit}",
+                        allow_base_mismatch=allow_base_mismatch,
+                    )
+                except LibstoreError as e:
+                    raise e.add_context(f"adapter folder {f or '/'!r} of {repo_id}") from None
+                added.append(row)
+    return experts_ops.ImportReport(added=tuple(added), skipped=tuple(skipped))
 
 
 def _is_local(source: str | os.PathLike[str]) -> bool:

@@ -38,6 +38,7 @@ def routed_model(
     router: RouterName = "arrow",
     top_n: int = 1,
     granularity: Granularity = "token",
+    seed: int = 0,
 ) -> RoutedModel:
     """Build a routed model (Arrow by default) over the experts a query selects.
 
@@ -49,6 +50,7 @@ def routed_model(
         general: GenKnowSub on the fly: subtract the mean of these general experts from each routed
             expert (PEFT's ``use_gks``); prototypes are then computed for the residuals at build time.
         method: ``"exact"`` prototypes (default) or ``"peft"`` (PEFT's power iteration, bit for bit).
+        seed: ``method="peft"``: seed of the power iteration's start vector (PEFT's ``rng_seed``).
         mixing: ``"output"`` (PEFT: Σ c_e s_e B_e A_e x) or ``"parameter"`` (mttl: per-token mixed A, B).
         device: where the routed model runs (default: the base model's device); prototypes missing
             from the cache are computed there, from the weights already read for the router.
@@ -60,7 +62,7 @@ def routed_model(
 
     from libstore.router.build import ExpertTensors, build_router
 
-    rt = routers.make(router, top_n=top_n, method=method)
+    rt = routers.make(router, top_n=top_n, method=method, seed=seed)
     chosen = _select(ctx, experts)
     gen = resolve_experts(ctx, general, what="general expert") if general is not None else []
     base_rec = _common_base(ctx, chosen)
