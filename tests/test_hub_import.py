@@ -152,13 +152,21 @@ MODULES = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj",
 
 
 def _write_mttl_library(
-    folder: Path, names: dict[str, str], *, rank: int = 4, alpha: float = 16.0, seed: int = 0
+    folder: Path,
+    names: dict[str, str],
+    *,
+    rank: int = 4,
+    alpha: float = 16.0,
+    seed: int = 0,
+    tie_params: str | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """What mttl's ExpertLibrary writes: <name>.ckpt (weights dict) and <name>.meta (metadata dict)."""
+    """What mttl's ExpertLibrary writes: <name>.ckpt (weights dict) and <name>.meta (metadata dict);
+    a name with '/' in a sub-folder (LocalExpertLibrary.add_expert makes it)."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, task in names.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         weights = {}
         for m in MODULES:  # tiny llama: hidden 32, q/v 32 -> 32
             weights[f"{m}.lora_a"] = torch.randn(32, rank, generator=gen)  # (in, r)
@@ -174,7 +182,7 @@ def _write_mttl_library(
                 "expert_config": {
                     "modify_modules": ".*",
                     "modify_layers": "q_proj|v_proj",
-                    "tie_params": None,
+                    "tie_params": tie_params,
                     "lora_rank": rank,
                     "lora_alpha": alpha,
                     "lora_dropout": 0.05,
@@ -243,7 +251,7 @@ def test_import_mttl_checks_modifier_base_and_names(library: Library, tmp_path: 
     meta = torch.load(folder / "a.meta", weights_only=True)
     meta["expert_config"]["class_name"] = "mttl.models.modifiers.lora.SkilledLoRAConfig"
     torch.save(meta, folder / "a.meta")
-    with pytest.raises(ValidationError, match="plain LoRA"):
+    with pytest.raises(ValidationError, match="holds no LoRA experts: a .*SkilledLoRAConfig"):
         library.import_mttl(folder, allow_base_mismatch=True)
     _write_mttl_library(folder, {"a": "bad task/name"})
     with pytest.raises(InvalidNameError):
@@ -256,6 +264,55 @@ def test_import_mttl_checks_modifier_base_and_names(library: Library, tmp_path: 
     with pytest.raises(BaseModelMismatchError, match=r"\(in, r\)"):
         library.import_mttl(folder, allow_base_mismatch=True)
     assert library.experts() == []
+
+
+def _write_mlp_expert(folder: Path, name: str) -> None:
+    """An expert of another mttl modifier (MLPConfig), as ExpertLibrary.add_expert writes it."""
+    torch.save({"model.layers.0.mlp.down_proj.mlp.weight": torch.zeros(4, 4)}, folder / f"{name}.ckpt")
+    config = {"modify_modules": ".*mlp", "modify_layers": "", "tie_params": None, "n_embd": 32}
+    config["class_name"] = "mttl.models.modifiers.mlp.MLPConfig"
+    meta = {"expert_name": name, "expert_task_name": name, "parent_node": None, "expert_model": "tiny-llama"}
+    meta |= {"expert_deleted": False, "expert_config": config, "training_config": {"model": "tiny-llama"}}
+    torch.save(meta, folder / f"{name}.meta")
+
+
+def test_import_mttl_imports_nested_experts_records_tie_params_and_reports_other_types(
+    library: Library, hub: HubServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mttl"
+    tie = "q_proj.*\\.lora_a|v_proj.*\\.lora_a"
+    src = _write_mttl_library(folder, {"top": "t1", "sub/e_nested": "t2"}, tie_params=tie)
+    _write_mlp_expert(folder, "mlp_expert")
+    assert (folder / "sub" / "e_nested.ckpt").is_file() and (folder / "sub" / "e_nested.arrow.bin").is_file()
+    r = library.import_mttl(folder, allow_base_mismatch=True)
+    assert sorted(e.name for e in r.added) == ["sub.e_nested", "top"]  # nothing skipped silently
+    assert r.not_imported == (
+        (
+            "mlp_expert",
+            "mttl modifier 'mttl.models.modifiers.mlp.MLPConfig': libstore stores LoRA experts only",
+        ),
+    )
+    nested = library.get("sub.e_nested")
+    assert nested.metadata["mttl"]["expert_name"] == "sub/e_nested" and nested.tasks == ("t2",)
+    assert nested.metadata["mttl"]["tie_params"] == tie
+    assert nested.source.endswith("/sub/e_nested.ckpt")
+    t = load_file(library.context.blobs.path(nested.file("adapter_model.safetensors").sha256))
+    m = MODULES[1]
+    torch.testing.assert_close(
+        nested.scale * t[f"base_model.model.{m}.lora_B.weight"] @ t[f"base_model.model.{m}.lora_A.weight"],
+        _delta_w(src["sub/e_nested"], m, 4.0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    api = _api(hub)  # the Hub lists sub-folders too (mttl's HFExpertLibrary sees 'sub/e_nested')
+    api.create_repo("libstore-org/mttl-nested")
+    api.upload_folder(repo_id="libstore-org/mttl-nested", folder_path=folder)
+    lib2 = Library.init(tmp_path / "lib2")
+    lib2.add_base("tiny", library.base("tiny").source)
+    r2 = lib2.import_mttl("libstore-org/mttl-nested", allow_base_mismatch=True)
+    assert sorted(e.name for e in r2.added) == ["sub.e_nested", "top"] and len(r2.not_imported) == 1
+    assert lib2.get("sub.e_nested").sha256 == nested.sha256
+    lib2.close()
 
 
 def test_import_mttl_from_the_hub_skips_deleted_experts(

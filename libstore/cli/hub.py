@@ -357,7 +357,12 @@ def import_mttl(state: State, /, source: str, experts: tuple[str, ...], as_json:
         click.echo(f"added    {e.name} (rank {e.rank}, tasks {', '.join(e.tasks) or '-'})")
     for name in r.skipped:
         click.echo(f"skipped  {name} (already in the library)")
-    click.echo(f"{len(r.added)} added, {len(r.skipped)} skipped")
+    for name, why in r.not_imported:
+        click.echo(f"not imported  {name} ({why})")
+    click.echo(
+        f"{len(r.added)} added, {len(r.skipped)} skipped"
+        + (f", {len(r.not_imported)} not imported (not LoRA)" if r.not_imported else "")
+    )
 
 
 COMMANDS = [remote, push, pull, status_cmd, import_hub, import_mttl]

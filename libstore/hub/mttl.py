@@ -1,6 +1,10 @@
 """Read microsoft/mttl's expert-library format and convert its LoRA experts to PEFT folders.
 
-An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is a flat folder:
+An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is a folder of
+experts; an expert named ``sub/e_nested`` (mttl allows '/' in names, not '.') lives in a
+sub-folder, and mttl lists it on the Hub (its local engine lists the top level only). libstore
+imports it as ``sub.e_nested`` (no mttl name has a '.', so no two names meet) and records the mttl
+name. Per expert:
 
 - ``<expert>.meta``: ``torch.save`` of ``MetadataEntry.asdict()``: ``expert_name``,
   ``expert_task_name``, ``expert_model`` (base model), ``parent_node``, ``expert_deleted`` and
@@ -12,6 +16,11 @@ An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is
   and the same ``lora_alpha``;
 - ``<expert>.<data>.bin``: auxiliary data (embeddings, scores, Arrow prototypes), not imported —
   libstore computes exact prototypes itself.
+
+``expert_config.tie_params`` (a regex over parameter names, e.g. ``q_proj.*\\.lora_a|k_proj...``)
+is recorded: mttl trains those ``lora_a`` shared within one attention block and its Arrow gives the
+tied modules one joint prototype. Experts of other mttl modifiers (``class_name`` not LoRA) are
+listed, not imported (:attr:`MttlExpert.lora` is False).
 
 Every file is read with ``torch.load(..., weights_only=True)`` only: plain containers, numbers,
 strings and tensors load; anything that would need arbitrary classes (pickled objects, code) is
@@ -48,10 +57,15 @@ MAX_FILE_BYTES = 8 << 30
 class MttlFiles:
     """One expert's files in an mttl library folder."""
 
-    name: str
+    name: str  # mttl's name: the path below the library without suffix (``sub/e_nested``)
     meta: Path
     ckpt: Path
     aux: tuple[str, ...] = ()  # auxiliary data types present (``<name>.<type>.bin``)
+
+    @property
+    def libstore_name(self) -> str:
+        """The expert's name in libstore: mttl's with '/' read as '.' (``sub.e_nested``)."""
+        return self.name.replace("/", ".")
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,9 @@ class MttlExpert:
     dropout: float
     deleted: bool
     metadata: dict[str, Any]
+    modifier: str = "lora"
+    lora: bool = True  # False: another mttl modifier; rank and alpha are then 0 and it is not imported
+    tie_params: str | None = None
 
 
 def scan(folder: Path) -> list[MttlFiles]:
@@ -74,15 +91,16 @@ def scan(folder: Path) -> list[MttlFiles]:
     if not folder.is_dir():
         raise ValidationError(f"{folder} is not a folder holding an mttl library (<expert>.meta/.ckpt files)")
     out = []
-    for meta in sorted(folder.glob(f"*{META_SUFFIX}")):
-        name = meta.name[: -len(META_SUFFIX)]
-        ckpt = folder / f"{name}{CKPT_SUFFIX}"
+    for meta in sorted(folder.rglob(f"*{META_SUFFIX}")):
+        name = meta.relative_to(folder).as_posix()[: -len(META_SUFFIX)]
+        leaf = meta.name[: -len(META_SUFFIX)]
+        ckpt = meta.with_name(f"{leaf}{CKPT_SUFFIX}")
         if not ckpt.is_file():
             raise ValidationError(f"{meta} has no weights file {ckpt.name}; the mttl library is incomplete")
         aux = tuple(
             sorted(
-                p.name[len(name) + 1 : -len(AUX_SUFFIX)]
-                for p in folder.glob(f"{name}.*{AUX_SUFFIX}")
+                p.name[len(leaf) + 1 : -len(AUX_SUFFIX)]
+                for p in meta.parent.glob(f"{leaf}.*{AUX_SUFFIX}")
                 if p.name.count(".") == 2
             )
         )
@@ -141,11 +159,25 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     cls = str(
         cfg.get("class_name") or cfg.get("__model_modifier__") or training.get("model_modifier") or "lora"
     )
+    name = meta.get("expert_name") or files.name
+    if name != files.name:
+        raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
     if cls.rsplit(".", 1)[-1] not in ("LoRAConfig", "lora"):
-        raise ValidationError(
-            f"{files.meta}: expert {files.name!r} uses the mttl modifier {cls!r}; libstore imports "
-            f"plain LoRA experts only (mttl.models.modifiers.lora.LoRAConfig)"
+        return MttlExpert(
+            name=files.name,
+            tasks=(),
+            base_model=None,
+            rank=0,
+            alpha=0.0,
+            dropout=0.0,
+            deleted=bool(meta.get("expert_deleted", False)),
+            metadata={"format": "mttl", "modifier": cls},
+            modifier=cls,
+            lora=False,
         )
+    tie = cfg.get("tie_params")
+    if tie is not None and not (isinstance(tie, str) and tie):
+        raise ValidationError(f"{files.meta}: tie_params must be a regex string or null, got {tie!r:.80}")
     rank = cfg.get("lora_rank", training.get("lora_rank"))
     alpha = cfg.get("lora_alpha", training.get("lora_alpha"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
@@ -166,9 +198,6 @@ def read_meta(files: MttlFiles) -> MttlExpert:
             path=str(files.meta),
             field="lora_dropout",
         )
-    name = meta.get("expert_name") or files.name
-    if name != files.name:
-        raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
     task_text = meta.get("expert_task_name") or training.get("finetune_task_name") or ""
     if not isinstance(task_text, str):
         raise ValidationError(f"{files.meta}: expert_task_name must be a string, got {task_text!r}")
@@ -185,6 +214,8 @@ def read_meta(files: MttlFiles) -> MttlExpert:
         "modify_layers": _plain(cfg.get("modify_layers")),
         "lora_dropout": _plain(cfg.get("lora_dropout")),
         "modifier": cls,
+        "expert_name": files.name if files.name != files.libstore_name else None,
+        "tie_params": tie,
     }
     if files.aux:
         record["aux_data_not_imported"] = list(files.aux)
@@ -198,6 +229,8 @@ def read_meta(files: MttlFiles) -> MttlExpert:
         dropout=float(dropout),
         deleted=bool(meta.get("expert_deleted", False)),
         metadata={k: v for k, v in record.items() if v is not None},
+        modifier=cls,
+        tie_params=tie,
     )
 
 

@@ -39,11 +39,15 @@ from libstore.types import (
 
 @dataclass(frozen=True)
 class ImportReport:
-    """What ``import_dir`` did: experts added, folders skipped because already present."""
+    """What ``import_dir`` did: experts added, folders skipped because already present.
+
+    ``not_imported``: (name, why) of what an import found but does not store by design, e.g. the
+    experts of an mttl library that use another adapter type than LoRA."""
 
     added: tuple[Expert, ...] = ()
     skipped: tuple[str, ...] = ()
     failed: tuple[tuple[str, str], ...] = field(default=())
+    not_imported: tuple[tuple[str, str], ...] = field(default=())
 
 
 # --- base models -------------------------------------------------------------------------------

@@ -288,7 +288,9 @@ def import_mttl(
 ) -> experts_ops.ImportReport:
     """Import every LoRA expert of an mttl expert library (local folder or Hub repo ``org/name``).
 
-    Each ``<expert>.ckpt`` / ``.meta`` pair is read with ``torch.load(weights_only=True)`` only,
+    Experts in sub-folders (mttl name ``sub/e``) are imported as ``sub.e``; experts of other mttl
+    modifiers are reported in ``not_imported``, never silently left out. Each ``<expert>.ckpt`` /
+    ``.meta`` pair is read with ``torch.load(weights_only=True)`` only,
     converted to a PEFT folder (A = lora_aᵀ, B = lora_bᵀ), validated like ``libstore add`` and
     added with its tasks; all experts in one transaction. ``experts`` limits the import to these
     names (globs allowed). Soft-deleted experts are skipped, as mttl does; so are experts already
@@ -296,8 +298,9 @@ def import_mttl(
     """
     tags = [validate_name(t) for t in tags]
     patterns = list(experts) if experts is not None else None
-    prepared: list[tuple[mttl.MttlExpert, AdapterFile]] = []
-    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, a in prepared):
+    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile]] = []
+    not_lora: list[tuple[str, str]] = []
+    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, _, a in prepared):
         if _is_local(source):
             folder = Path(source).expanduser()
             label = str(folder.resolve())
@@ -307,39 +310,48 @@ def import_mttl(
             label = f"hf://{repo_id}@{commit}"
         found = mttl.scan(folder)
         if patterns is not None:
-            found = [f for f in found if any(fnmatch.fnmatchcase(f.name, p) for p in patterns)]
+            found = [
+                f
+                for f in found
+                if any(fnmatch.fnmatchcase(n, p) for n in (f.name, f.libstore_name) for p in patterns)
+            ]
             if not found:
                 raise ValidationError(f"no expert of {source} matches {', '.join(patterns)}")
         with ctx.catalog.read() as s:
             base_model = repo.to_base(repo.resolve_base_row(s, base))
         for files in found:
             try:
-                validate_name(files.name)
+                validate_name(files.libstore_name)
                 info = mttl.read_meta(files)
                 if info.deleted:
+                    continue
+                if not info.lora:
+                    why = f"mttl modifier {info.modifier!r}: libstore stores LoRA experts only"
+                    not_lora.append((files.libstore_name, why))
                     continue
                 if not allow_base_mismatch:
                     _check_trained_on(info, base_model)
                 weights = mttl.read_weights(files)
-                out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.name)
+                out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.libstore_name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
                 raise e.add_context(f"mttl expert {files.name!r}") from None
-            prepared.append((info, adapter))
+            prepared.append((files.libstore_name, info, adapter))
+        if not prepared and not_lora:
+            raise ValidationError(
+                f"{source} holds no LoRA experts: {', '.join(f'{n} ({why})' for n, why in not_lora[:5])}"
+            )
         added, skipped = [], []
         with ctx.catalog.write() as s:
-            for info, adapter in prepared:
-                if (
-                    repo.expert_exists(s, info.name)
-                    and repo.expert_row(s, info.name).sha256 == adapter.weights_sha256
-                ):
-                    skipped.append(info.name)
+            for name, info, adapter in prepared:
+                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
                     continue
                 row = experts_ops.insert_adapter(
                     ctx,
                     s,
                     adapter,
-                    name=info.name,
+                    name=name,
                     kind=kind,
                     base=base_model.name,
                     tasks=list(info.tasks),
@@ -351,7 +363,7 @@ def import_mttl(
                 )
                 added.append(row)
             report = tuple(added)
-    return experts_ops.ImportReport(added=report, skipped=tuple(skipped))
+    return experts_ops.ImportReport(added=report, skipped=tuple(skipped), not_imported=tuple(not_lora))
 
 
 def _check_trained_on(info: mttl.MttlExpert, base: BaseModel) -> None:
@@ -384,7 +396,7 @@ def _download_mttl(
     files = client.list_files(repo_id, commit)
     wanted = []
     for path, rf in sorted(files.items()):
-        if "/" in path or not path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX)):
+        if not path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX)):  # sub-folders too: mttl lists them
             continue
         stem = path.rsplit(".", 1)[0]
         if patterns is not None and not any(fnmatch.fnmatchcase(stem, p) for p in patterns):
@@ -392,7 +404,7 @@ def _download_mttl(
         wanted.append((path, rf))
     if not any(p.endswith(mttl.META_SUFFIX) for p, _ in wanted):
         raise HubError(
-            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)",
+            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files)",
             repo_id=repo_id,
         )
     _check_sizes(repo_id, commit, [rf for _, rf in wanted])
@@ -400,5 +412,6 @@ def _download_mttl(
     folder.mkdir()
     for path, rf in wanted:
         local = _fetch_checked(client, repo_id, path, commit, rf, tmp / "dl")
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
         os.replace(local, folder / path)
     return folder, commit
