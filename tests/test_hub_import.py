@@ -315,6 +315,59 @@ def test_import_mttl_imports_nested_experts_records_tie_params_and_reports_other
     lib2.close()
 
 
+ARROW_SAVE = "arrowtransformconfig-5f1c2a"  # ArrowTransformConfig().save_name: class name + param hash
+ARROW_CONFIG = {"name": None, "ab_only": True, "scale": False, "tie_params": "default", "tie_op": "concat"}
+
+
+def _write_arrow_protos(folder: Path, name: str, weights: dict[str, torch.Tensor], tied: bool) -> None:
+    """What mttl's ArrowTransform.transform persists: <name>.<save_name>_protos.bin, the top
+    eigenvector of (lora_a @ lora_b) per module; with tied lora_a (tie_op "concat") one joint vector
+    from [B_q B_v] for q and v of a layer."""
+    protos = {}
+    for layer in (0, 1):
+        q, v = (f"model.layers.{layer}.self_attn.{m}" for m in ("q_proj", "v_proj"))
+        groups = [[q, v]] if tied else [[q], [v]]
+        for group in groups:
+            A = weights[f"{group[0]}.lora_a"].float()
+            B = torch.cat([weights[f"{p}.lora_b"] for p in group], dim=1).float()
+            top = torch.linalg.svd(A @ B)[0][:, 0]  # U_W[:, 0] of mttl's _low_rank_svd (up to sign)
+            for p in group:
+                protos[p] = torch.from_numpy(top.cpu().numpy())
+    torch.save({"data": protos, "config": ARROW_CONFIG}, folder / f"{name}.{ARROW_SAVE}_protos.bin")
+
+
+def test_import_mttl_compares_mttls_arrow_prototypes_with_libstores(
+    library: Library, hub: HubServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mttl"
+    tie = "q_proj.*\\.lora_a|v_proj.*\\.lora_a"
+    src = _write_mttl_library(folder, {"plain": "t1", "sub/tied": "t2"}, tie_params=tie)
+    tied = src["sub/tied"]
+    for layer in (0, 1):  # trained with tie_params: q and v of a layer share lora_a
+        prefix = f"model.layers.{layer}.self_attn"
+        tied[f"{prefix}.v_proj.lora_a"] = tied[f"{prefix}.q_proj.lora_a"]
+    torch.save(tied, folder / "sub" / "tied.ckpt")
+    _write_arrow_protos(folder, "plain", src["plain"], tied=False)
+    _write_arrow_protos(folder / "sub", "tied", tied, tied=True)
+    library.import_mttl(folder, allow_base_mismatch=True)
+    plain = library.get("plain").metadata["mttl"]["arrow_prototypes"][f"{ARROW_SAVE}_protos"]
+    assert plain["config"] == {"ab_only": True, "scale": False, "tie_params": "default", "tie_op": "concat"}
+    assert plain["modules"] == 4 and plain["min_abs_cos"] > 0.9999 and plain["differ"] == []
+    joint = library.get("sub.tied").metadata["mttl"]["arrow_prototypes"][f"{ARROW_SAVE}_protos"]
+    assert joint["min_abs_cos"] < 0.9999 and set(joint["differ"]) <= set(MODULES) and joint["differ"]
+    api = _api(hub)  # from the Hub: the _protos files are downloaded and compared too
+    api.create_repo("libstore-org/mttl-arrow")
+    api.upload_folder(repo_id="libstore-org/mttl-arrow", folder_path=folder)
+    lib2 = Library.init(tmp_path / "lib2")
+    lib2.add_base("tiny", library.base("tiny").source)
+    lib2.import_mttl("libstore-org/mttl-arrow", allow_base_mismatch=True)
+    assert (
+        lib2.get("sub.tied").metadata["mttl"]["arrow_prototypes"]
+        == library.get("sub.tied").metadata["mttl"]["arrow_prototypes"]
+    )
+    lib2.close()
+
+
 def test_import_mttl_from_the_hub_skips_deleted_experts(
     library: Library, hub: HubServer, tmp_path: Path
 ) -> None:

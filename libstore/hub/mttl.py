@@ -14,8 +14,11 @@ name. Per expert:
   ``<module>.lora_b`` of shape (r, out); mttl's update is ``scaling · (lora_a @ lora_b)ᵀ`` with
   ``scaling = lora_alpha / lora_rank``, i.e. PEFT's ``A = lora_aᵀ`` (r, in), ``B = lora_bᵀ`` (out, r)
   and the same ``lora_alpha``;
-- ``<expert>.<data>.bin``: auxiliary data (embeddings, scores, Arrow prototypes), not imported —
-  libstore computes exact prototypes itself.
+- ``<expert>.<data>.bin``: auxiliary data, ``torch.save`` of ``{"data": ..., "config": ...}``
+  (``ExpertLibrary.add_auxiliary_data``). mttl's Arrow writes ``<save_name>_protos`` (module ->
+  tensor), ``_vectors`` and ``_eigvals`` (numpy arrays and floats), ``add_embeddings`` numpy arrays.
+  The ``_protos`` (plain tensors) are read (:func:`read_arrow_protos`) and compared with libstore's
+  own prototypes at import; the others are listed. None is stored: libstore computes its own.
 
 ``expert_config.tie_params`` (a regex over parameter names, e.g. ``q_proj.*\\.lora_a|k_proj...``)
 is recorded: mttl trains those ``lora_a`` shared within one attention block and its Arrow gives the
@@ -250,7 +253,28 @@ def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _module_name(key: str, base: BaseModel) -> str | None:
+PROTOS_SUFFIX = "_protos"
+
+
+def read_arrow_protos(files: MttlFiles, data_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """mttl Arrow prototypes ``<name>.<data_type>.bin`` (``data_type`` ends in ``_protos``): the
+    transform's config (plain values) and mttl module name -> (in,) prototype."""
+    import torch
+
+    path = files.meta.with_name(f"{files.meta.name[: -len(META_SUFFIX)]}.{data_type}{AUX_SUFFIX}")
+    payload = safe_load(path)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim == 1 for k, v in data.items()
+    ):
+        raise ValidationError(f"{path} does not hold mttl Arrow prototypes ({{'data': {{module: vector}}}})")
+    config = payload.get("config")
+    plain = {str(k): _plain(v) for k, v in config.items()} if isinstance(config, dict) else {}
+    return {k: v for k, v in plain.items() if v is not None}, data
+
+
+def module_name(key: str, base: BaseModel) -> str | None:
+    """The base model's module an mttl weight stem names (mttl may drop or keep ``model.``)."""
     for cand in (key, f"model.{key}", key.removeprefix("model.")):
         if cand in base.linear_shapes:
             return cand
@@ -273,7 +297,7 @@ def to_peft(expert: MttlExpert, weights: Mapping[str, torch.Tensor], base: BaseM
     for stem, ab in sorted(pairs.items()):
         if set(ab) != {"lora_a", "lora_b"}:
             raise ValidationError(f"expert {expert.name!r}: module {stem!r} lacks lora_a or lora_b")
-        module = _module_name(stem, base)
+        module = module_name(stem, base)
         if module is None:
             raise BaseModelMismatchError(
                 f"expert {expert.name!r}: module {stem!r} is not an nn.Linear of base model "

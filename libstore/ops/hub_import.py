@@ -14,8 +14,9 @@ import fnmatch
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from libstore import config
 from libstore.catalog import repo
@@ -332,6 +333,9 @@ def import_mttl(
                 if not allow_base_mismatch:
                     _check_trained_on(info, base_model)
                 weights = mttl.read_weights(files)
+                compared = _compare_arrow_protos(files, weights)
+                if compared:
+                    info.metadata["arrow_prototypes"] = compared
                 out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.libstore_name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
@@ -366,6 +370,44 @@ def import_mttl(
     return experts_ops.ImportReport(added=report, skipped=tuple(skipped), not_imported=tuple(not_lora))
 
 
+#: |cos| below which an mttl prototype counts as another direction than libstore's
+PROTO_AGREE = 1 - 1e-4
+
+
+def _compare_arrow_protos(files: mttl.MttlFiles, weights: Mapping[str, Any]) -> dict[str, Any]:
+    """mttl's stored Arrow prototypes of this expert compared with libstore's exact ones, per
+    ``<save_name>_protos`` data type: its config, the module count, the smallest |cos| and the
+    modules where they differ — with ``tie_params`` mttl gives tied modules one joint prototype,
+    which libstore's per-module routing does not use."""
+    import torch
+
+    from libstore.lowrank.prototypes import exact_prototypes
+
+    out: dict[str, Any] = {}
+    for data_type in files.aux:
+        if not data_type.endswith(mttl.PROTOS_SUFFIX):
+            continue
+        config, protos = mttl.read_arrow_protos(files, data_type)
+        cos: dict[str, float] = {}
+        for stem, theirs in sorted(protos.items()):
+            a, b = weights.get(f"{stem}.lora_a"), weights.get(f"{stem}.lora_b")
+            if a is None or b is None or a.ndim != 2 or theirs.shape[0] != a.shape[0]:
+                raise ValidationError(
+                    f"mttl expert {files.name!r}: its {data_type} data has a prototype for {stem!r}, "
+                    f"which its weights do not fit; the library is inconsistent"
+                )
+            ours = exact_prototypes(a.T.double(), b.T.double()).vectors[0]
+            cos[stem] = float(torch.nn.functional.cosine_similarity(ours, theirs.double(), dim=0).abs())
+        differ = [m for m, c in cos.items() if c < PROTO_AGREE]
+        out[data_type] = {
+            "config": config,
+            "modules": len(cos),
+            "min_abs_cos": round(min(cos.values()), 6) if cos else None,
+            "differ": differ,
+        }
+    return out
+
+
 def _check_trained_on(info: mttl.MttlExpert, base: BaseModel) -> None:
     """mttl records the base as a Hub id or a short name (``phi-2``); compare loosely by last part."""
     said = info.base_model
@@ -396,9 +438,10 @@ def _download_mttl(
     files = client.list_files(repo_id, commit)
     wanted = []
     for path, rf in sorted(files.items()):
-        if not path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX)):  # sub-folders too: mttl lists them
+        protos = path.endswith(mttl.PROTOS_SUFFIX + mttl.AUX_SUFFIX) and path.count(".") == 2
+        if not (protos or path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX))):  # sub-folders too
             continue
-        stem = path.rsplit(".", 1)[0]
+        stem = path.split(".", 1)[0]
         if patterns is not None and not any(fnmatch.fnmatchcase(stem, p) for p in patterns):
             continue
         wanted.append((path, rf))
