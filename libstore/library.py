@@ -626,13 +626,16 @@ class Library:
         top_n: int = 1,
         granularity: Granularity = "token",
         seed: int = 0,
+        joint_prototypes: bool = False,
     ) -> RoutedModel:
         """A routed model over the experts a query selects (see ``libstore.ops.route``).
 
         ``base`` is a folder, a Hub id, a loaded ``PreTrainedModel`` or ``None`` (the registered
         source). ``router``: ``"arrow"`` (default; ``top_n``, ``method``, ``seed`` of ``method="peft"``'s
         power iteration, PEFT's ``rng_seed``), ``"spectr"`` or
-        ``"uniform"``; ``granularity="sequence"`` routes each sequence once from its prompt. The
+        ``"uniform"``; ``granularity="sequence"`` routes each sequence once from its prompt;
+        ``joint_prototypes``: mttl's one prototype for the modules ``tie_params`` tied (warns where
+        that changes the routing). The
         result forwards ``__call__``/``generate`` and adds ``explain()``, ``sequence_routing()``,
         ``pinned()``.
         """
@@ -654,6 +657,7 @@ class Library:
             top_n=top_n,
             granularity=granularity,
             seed=seed,
+            joint_prototypes=joint_prototypes,
         )
 
     def export_routed(

@@ -368,6 +368,36 @@ def test_import_mttl_compares_mttls_arrow_prototypes_with_libstores(
     lib2.close()
 
 
+def test_joint_prototypes_route_tied_modules_as_mttl_does(library: Library, tmp_path: Path) -> None:
+    from tests.factories import load_base
+
+    folder = tmp_path / "mttl"
+    tie = "q_proj.*\\.lora_a|v_proj.*\\.lora_a"
+    src = _write_mttl_library(folder, {"plain": "t1", "tied": "t2"}, seed=3)
+    tied = src["tied"]
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}.self_attn"
+        tied[f"{prefix}.v_proj.lora_a"] = tied[f"{prefix}.q_proj.lora_a"]
+    torch.save(tied, folder / "tied.ckpt")
+    meta = torch.load(folder / "tied.meta", weights_only=True)
+    meta["expert_config"]["tie_params"] = tie
+    torch.save(meta, folder / "tied.meta")
+    _write_arrow_protos(folder, "tied", tied, tied=True)
+    library.import_mttl(folder, allow_base_mismatch=True)
+    base = library.base("tiny").source
+    per_module = library.routed_model(load_base(base), experts=["plain", "tied"])
+    with pytest.warns(UserWarning, match="joint prototypes .* change the routing of 4 expert-modules"):
+        joint = library.routed_model(load_base(base), experts=["plain", "tied"], joint_prototypes=True)
+    mttl_protos = torch.load(folder / f"tied.{ARROW_SAVE}_protos.bin", weights_only=True)["data"]
+    for m in MODULES:
+        plain_row, tied_row = joint.layers[m].prototypes
+        assert torch.equal(plain_row, per_module.layers[m].prototypes[0])  # untied: unchanged
+        cos = torch.nn.functional.cosine_similarity(tied_row, mttl_protos[m], dim=0)
+        assert float(cos.abs()) > 1 - 1e-5  # mttl's joint prototype
+    with pytest.raises(ValidationError, match="joint_prototypes is mttl's Arrow"):
+        library.routed_model(load_base(base), experts=["tied"], joint_prototypes=True, router="spectr")
+
+
 def test_import_mttl_from_the_hub_skips_deleted_experts(
     library: Library, hub: HubServer, tmp_path: Path
 ) -> None:

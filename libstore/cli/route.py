@@ -49,6 +49,12 @@ _seed = click.option(
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @_method
 @_seed
+@click.option(
+    "--joint-prototypes",
+    is_flag=True,
+    help="mttl experts with tie_params: one prototype for the tied modules, as mttl's Arrow (warns "
+    "where that changes the routing).",
+)
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
 @click.option(
@@ -71,6 +77,7 @@ def route(
     temperature: float,
     method: PrototypeMethod,
     seed: int,
+    joint_prototypes: bool,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,
@@ -99,6 +106,7 @@ def route(
         top_n=top_n,
         granularity="sequence" if per_sequence else "token",
         seed=seed,
+        joint_prototypes=joint_prototypes,
     )
     source = base or lib.base(lib.get(model.experts[0]).base_model).source
     tokenizer = AutoTokenizer.from_pretrained(source)

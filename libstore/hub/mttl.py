@@ -36,7 +36,7 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from libstore.errors import BaseModelMismatchError, UnsafeFileError, ValidationE
 from libstore.store.adapter import validate_name
 from libstore.store.safetensors_io import save_tensors
 from libstore.store.strict_json import check_json_value
+from libstore.store.targeting import search_matches
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel
 
 if TYPE_CHECKING:
@@ -254,6 +255,21 @@ def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
 
 
 PROTOS_SUFFIX = "_protos"
+
+
+def tie_groups(tie_params: str, modules: Iterable[str], *, where: str) -> list[list[str]]:
+    """The module groups whose ``lora_a`` mttl ties under ``tie_params``, as
+    ``mttl.models.modifiers.base.get_target_2_source_param_mapping`` forms them: parameters
+    ``<module>.lora_a`` the regex finds (``re.search``) that share the text before the match (one
+    attention block). Groups of one are left out; modules in the order given."""
+    params = [f"{m}.lora_a" for m in modules]
+    found = search_matches(tie_params, params, where=where, field="tie_params")
+    groups: dict[str, list[str]] = {}
+    for p in params:
+        matched = found[p]
+        if matched:
+            groups.setdefault(p.split(matched)[0], []).append(p.removesuffix(".lora_a"))
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def read_arrow_protos(files: MttlFiles, data_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
