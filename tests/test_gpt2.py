@@ -185,6 +185,25 @@ def test_gpt2_adapter_on_a_llama_base_names_the_layer_types(
     assert "of another type, LoRA on it is not supported" in msg
 
 
+def test_adapter_on_an_unsupported_layer_type_names_the_type(gpt2_lib: Library, tmp_path: Path) -> None:
+    """A module the base has, of a type LoRA cannot adapt here (LayerNorm): the error names both."""
+    from safetensors.torch import save_file
+
+    src = Path(gpt2_lib.get("task0").source or "")
+    folder = tmp_path / "ln"
+    folder.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text()) | {"target_modules": ["ln_1"]}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    prefix = "base_model.model.transformer.h.0.ln_1"
+    tensors = {f"{prefix}.lora_A.weight": torch.ones(4, 32), f"{prefix}.lora_B.weight": torch.ones(32, 4)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(BaseModelMismatchError) as err:
+        gpt2_lib.add(folder, name="ln")
+    msg = str(err.value)
+    assert "'transformer.h.0.ln_1' is not an nn.Linear or Conv1D layer" in msg
+    assert "is a torch.nn.modules.normalization.LayerNorm: LoRA on that layer type is not supported" in msg
+
+
 def test_router_names_an_unsupported_module_type(gpt2_dir: Path) -> None:
     model = load_base(gpt2_dir)
     ex = ExpertTensors("e", 1.0, {"transformer.h.0.ln_1": (torch.zeros(2, 32), torch.zeros(32, 2))})
