@@ -398,6 +398,21 @@ def test_joint_prototypes_route_tied_modules_as_mttl_does(library: Library, tmp_
         library.routed_model(load_base(base), experts=["tied"], joint_prototypes=True, router="spectr")
 
 
+def test_import_mttl_puts_back_tied_weights_a_checkpoint_left_out(library: Library, tmp_path: Path) -> None:
+    """mttl's Expert.expert_weights re-ties what tie_params shares; a .ckpt may hold the source only."""
+    folder = tmp_path / "mttl"
+    src = _write_mttl_library(folder, {"tied": "t"}, tie_params="q_proj.*\\.lora_a|v_proj.*\\.lora_a")
+    stored = {k: v for k, v in src["tied"].items() if not k.endswith("v_proj.lora_a")}
+    torch.save(stored, folder / "tied.ckpt")
+    e = library.import_mttl(folder, allow_base_mismatch=True).added[0]
+    t = load_file(library.context.blobs.path(e.file("adapter_model.safetensors").sha256))
+    for layer in (0, 1):
+        q, v = (f"model.layers.{layer}.self_attn.{m}" for m in ("q_proj", "v_proj"))
+        want = 4.0 * (stored[f"{q}.lora_a"] @ stored[f"{v}.lora_b"]).T  # v's B with q's (tied) A
+        got = e.scale * t[f"base_model.model.{v}.lora_B.weight"] @ t[f"base_model.model.{v}.lora_A.weight"]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_import_mttl_from_the_hub_skips_deleted_experts(
     library: Library, hub: HubServer, tmp_path: Path
 ) -> None:

@@ -289,6 +289,29 @@ def read_arrow_protos(files: MttlFiles, data_type: str) -> tuple[dict[str, Any],
     return {k: v for k, v in plain.items() if v is not None}, data
 
 
+def expand_tied(weights: dict[str, torch.Tensor], tie_params: str, *, where: str) -> dict[str, torch.Tensor]:
+    """``weights`` with the tied parameters a checkpoint left out put back, as mttl's
+    ``Expert.expert_weights`` does (``get_target_2_source_param_mapping(...,
+    expand_if_targets_are_missing=True)``): the first parameter ``tie_params`` finds in a block is
+    the source, and each alternative of the regex (``\\`` and ``.*`` removed) missing there is it."""
+    found = search_matches(tie_params, list(weights), where=where, field="tie_params")
+    alternatives = tie_params.replace("\\", "").replace(".*", "").split("|")
+    out = dict(weights)
+    sources: set[str] = set()
+    for name in weights:
+        matched = found[name]
+        if not matched:
+            continue
+        parent = name.split(matched)[0]
+        if parent in sources:
+            continue
+        sources.add(parent)
+        for alt in alternatives:
+            if alt not in name:
+                out.setdefault(f"{parent}{alt}", weights[name])
+    return out
+
+
 def module_name(key: str, base: BaseModel) -> str | None:
     """The base model's module an mttl weight stem names (mttl may drop or keep ``model.``)."""
     for cand in (key, f"model.{key}", key.removeprefix("model.")):

@@ -333,6 +333,8 @@ def import_mttl(
                 if not allow_base_mismatch:
                     _check_trained_on(info, base_model)
                 weights = mttl.read_weights(files)
+                if info.tie_params:
+                    weights = mttl.expand_tied(weights, info.tie_params, where=str(files.ckpt))
                 compared = _compare_arrow_protos(files, weights)
                 if compared:
                     info.metadata["arrow_prototypes"] = compared
