@@ -313,7 +313,8 @@ class Library(LowRankMethods, EvalMethods):
         token: str | None = None,
         allow_base_mismatch: bool = False,
     ) -> Expert:
-        """Import one PEFT adapter from a Hub repo (optionally a subfolder), validated like ``add``."""
+        """Import one PEFT adapter from a Hub repo (optionally a subfolder, also given in the id as
+        ``user/repo/sub/folder``), validated like ``add``."""
         from libstore.ops import hub_import
 
         return hub_import.import_hub(
@@ -322,6 +323,36 @@ class Library(LowRankMethods, EvalMethods):
             subfolder=subfolder,
             revision=revision,
             name=name,
+            kind=kind,
+            base=base,
+            tasks=tasks,
+            tags=tags,
+            token=token,
+            allow_base_mismatch=allow_base_mismatch,
+        )
+
+    def import_hub_all(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        kind: ExpertKind = "task",
+        base: str | None = None,
+        tasks: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        token: str | None = None,
+        allow_base_mismatch: bool = False,
+    ) -> _experts.ImportReport:
+        """Import every PEFT adapter folder at or below ``subfolder`` of a Hub repo, all or nothing;
+        names from the paths (``arc/checkpoint-17`` -> ``arc.checkpoint-17``)."""
+        from libstore.ops import hub_import
+
+        return hub_import.import_hub_all(
+            self._ctx,
+            repo_id,
+            subfolder=subfolder,
+            revision=revision,
             kind=kind,
             base=base,
             tasks=tasks,
@@ -376,12 +407,17 @@ class Library(LowRankMethods, EvalMethods):
         router: RouterName = "arrow",
         top_n: int = 1,
         granularity: Granularity = "token",
+        seed: int = 0,
+        joint_prototypes: bool = False,
     ) -> RoutedModel:
         """A routed model over the experts a query selects (see ``libstore.ops.route``).
 
         ``base`` is a folder, a Hub id, a loaded ``PreTrainedModel`` or ``None`` (the registered
-        source). ``router``: ``"arrow"`` (default; ``top_n``, ``method``), ``"spectr"`` or
-        ``"uniform"``; ``granularity="sequence"`` routes each sequence once from its prompt. The
+        source). ``router``: ``"arrow"`` (default; ``top_n``, ``method``, ``seed`` of ``method="peft"``'s
+        power iteration, PEFT's ``rng_seed``), ``"spectr"`` or
+        ``"uniform"``; ``granularity="sequence"`` routes each sequence once from its prompt;
+        ``joint_prototypes``: mttl's one prototype for the modules ``tie_params`` tied (warns where
+        that changes the routing). The
         result forwards ``__call__``/``generate`` and adds ``explain()``, ``sequence_routing()``,
         ``pinned()``.
         """
@@ -402,4 +438,6 @@ class Library(LowRankMethods, EvalMethods):
             router=router,
             top_n=top_n,
             granularity=granularity,
+            seed=seed,
+            joint_prototypes=joint_prototypes,
         )

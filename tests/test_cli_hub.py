@@ -116,6 +116,9 @@ def test_import_commands(run, hub: HubServer, base_dir: Path, tmp_path: Path) ->
     )
     assert e["name"] == "arc" and e["tasks"] == ["arc"]
     run("lib", "import-hub", "libstore-org/adapters", "--subfolder", "../x", code=6)
+    every = json.loads(run("lib", "import-hub", "libstore-org/adapters", "--all", "--json").stdout)
+    assert every["added"] == [] and every["skipped"] == ["arc"]  # the one folder, already imported
+    run("lib", "import-hub", "libstore-org/adapters", "--all", "--name", "x", code=2)
 
     folder = tmp_path / "mttl"
     folder.mkdir()

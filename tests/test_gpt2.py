@@ -72,18 +72,22 @@ def test_register_records_conv1d_layers_as_in_out(gpt2_lib: Library) -> None:
     assert task0.target_modules == ("c_attn", "c_fc", "c_proj") and task0.base_model == "gpt2"
 
 
-@pytest.mark.parametrize(("top_k", "gks"), [(1, False), (2, True), (4, False)])
+@pytest.mark.parametrize(("top_k", "gks", "seed"), [(1, False, 0), (2, True, 42), (4, False, 42)])
 def test_routed_gpt2_matches_peft_arrow(
-    gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path, top_k: int, gks: bool
+    gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path, top_k: int, gks: bool, seed: int
 ) -> None:
+    """PEFT's own Arrow test scenario (LoRA on a tiny GPT-2, rng_seed 42), prototypes PEFT's."""
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     ours = gpt2_lib.routed_model(
-        load_base(gpt2_dir), top_k=top_k, method="peft", general="kind=general" if gks else None
+        load_base(gpt2_dir), top_k=top_k, method="peft", general="kind=general" if gks else None, seed=seed
     )
-    ref = _peft_arrow(gpt2_lib, gpt2_dir, tmp_path, top_k=top_k, gks=gks, seed=SEED)
+    ref = _peft_arrow(gpt2_lib, gpt2_dir, tmp_path, top_k=top_k, gks=gks, seed=seed)
     with torch.no_grad():
         got, want = ours(ids).logits, ref(ids).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, layer in ours.layers.items():  # PEFT's power iteration, bit for bit, from this seed
+        peft_layer = ref.get_submodule(f"base_model.model.{name}").lora_arrow["arrow_router"]
+        assert torch.equal(layer.prototypes, peft_layer.prototypes), name
         assert not torch.allclose(load_base(gpt2_dir)(ids).logits, want, atol=1e-3)  # adapters act
 
 
@@ -103,6 +107,33 @@ def test_routed_gpt2_float64_matches_peft_within_1e6(
     ours = gpt2_lib.routed_model(load_base(gpt2_dir).double(), top_k=2, method="peft", dtype=torch.float64)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_the_seed_reaches_the_power_iteration(gpt2_lib: Library, gpt2_dir: Path) -> None:
+    """``seed`` was fixed to 0: seeds 0 and 42 start PEFT's 15 steps from different vectors."""
+    a = gpt2_lib.routed_model(load_base(gpt2_dir), method="peft", seed=0)
+    b = gpt2_lib.routed_model(load_base(gpt2_dir), method="peft", seed=42)
+    layer = "transformer.h.0.mlp.c_fc"
+    assert not torch.equal(a.layers[layer].prototypes, b.layers[layer].prototypes)
+
+
+def test_cli_seed_and_method_reach_export_routed(gpt2_lib: Library, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from libstore.cli import cli
+
+    db = [] if gpt2_lib.context.catalog.is_sqlite else ["--db", gpt2_lib.context.catalog.url]
+    prompt = "w5 w17 w3 w99 w42"
+    args = ["-L", str(gpt2_lib.path), *db, "export-routed", "--prompt", prompt, "--top-k", "1"]
+    result = CliRunner().invoke(
+        cli, [*args, str(tmp_path / "cli"), "--method", "peft", "--seed", "42"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    api = gpt2_lib.export_routed(tmp_path / "api", prompt=prompt, top_k=1, method="peft", seed=42)
+    cli_doc = json.loads((tmp_path / "cli" / "libstore_routing.json").read_text())
+    api_doc = json.loads((api.path / "libstore_routing.json").read_text())
+    assert cli_doc["routes"] == api_doc["routes"]
+    assert (cli_doc["prototype_method"], cli_doc["seed"]) == ("peft", 42)
 
 
 def test_export_of_a_gpt2_expert_loads_in_peft(gpt2_lib: Library, gpt2_dir: Path, tmp_path: Path) -> None:
@@ -152,6 +183,25 @@ def test_gpt2_adapter_on_a_llama_base_names_the_layer_types(
     msg = str(err.value)
     assert "'transformer.h.0.attn.c_attn' is not an nn.Linear or Conv1D layer of base model 'tiny'" in msg
     assert "of another type, LoRA on it is not supported" in msg
+
+
+def test_adapter_on_an_unsupported_layer_type_names_the_type(gpt2_lib: Library, tmp_path: Path) -> None:
+    """A module the base has, of a type LoRA cannot adapt here (LayerNorm): the error names both."""
+    from safetensors.torch import save_file
+
+    src = Path(gpt2_lib.get("task0").source or "")
+    folder = tmp_path / "ln"
+    folder.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text()) | {"target_modules": ["ln_1"]}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    prefix = "base_model.model.transformer.h.0.ln_1"
+    tensors = {f"{prefix}.lora_A.weight": torch.ones(4, 32), f"{prefix}.lora_B.weight": torch.ones(32, 4)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(BaseModelMismatchError) as err:
+        gpt2_lib.add(folder, name="ln")
+    msg = str(err.value)
+    assert "'transformer.h.0.ln_1' is not an nn.Linear or Conv1D layer" in msg
+    assert "is a torch.nn.modules.normalization.LayerNorm: LoRA on that layer type is not supported" in msg
 
 
 def test_router_names_an_unsupported_module_type(gpt2_dir: Path) -> None:

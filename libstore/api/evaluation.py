@@ -32,6 +32,7 @@ class EvalMethods(Facade):
         mixing: Mixing = "output",
         overwrite: bool = False,
         allow_base_mismatch: bool = False,
+        seed: int = 0,
     ) -> RoutedExport:
         """Route ``prompt`` once and write that mixture as one exact PEFT adapter at ``dest``
         (see ``libstore.ops.export_routed``): ``PeftModel.from_pretrained(base, dest)`` serves it."""
@@ -48,6 +49,7 @@ class EvalMethods(Facade):
             mixing=mixing,
             overwrite=overwrite,
             allow_base_mismatch=allow_base_mismatch,
+            seed=seed,
         )
         return export_routed(self._ctx, dest, prompt=prompt, options=options, base=base, tokenizer=tokenizer)
 

@@ -240,9 +240,15 @@ def status_cmd(state: State, /, remote_name: str | None, show_all: bool, as_json
 
 @click.command("import-hub")
 @click.argument("repo_id")
-@click.option("--subfolder", metavar="PATH", help="Folder of the repo that holds the adapter.")
+@click.option("--subfolder", metavar="PATH", help="Folder of the repo that holds the adapter(s).")
 @click.option("--revision", help="Branch, tag or commit id (default: main).")
 @click.option("--name", help="Expert name (default: the subfolder's or repo's name).")
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Import every adapter folder at or below the subfolder, named by its path (not with --name).",
+)
 @click.option("--kind", type=click.Choice(EXPERT_KINDS), default="task", show_default=True)
 @click.option("--base", help="Base model name (default: the only registered one).")
 @click.option("--task", "tasks", multiple=True, help="Task the expert was trained on (repeatable).")
@@ -255,22 +261,43 @@ def status_cmd(state: State, /, remote_name: str | None, show_all: bool, as_json
 @_token_option
 @json_option
 @click.pass_obj
-def import_hub(state: State, /, repo_id: str, as_json: bool, **kw: Any) -> None:
-    """Import one PEFT adapter from Hub repo REPO_ID, validated like `libstore add`.
+def import_hub(
+    state: State, /, repo_id: str, as_json: bool, name: str | None, every: bool, **kw: Any
+) -> None:
+    """Import a PEFT adapter from Hub repo REPO_ID (``user/repo``, or ``user/repo/sub/folder`` like
+    --subfolder), validated like `libstore add`.
+
+    With --all, every adapter folder at or below it, all or nothing (a collection trained with
+    PEFT/TRL, one folder per adapter or checkpoint), each named by its path below the subfolder
+    ('/' becomes '.', e.g. arc/checkpoint-17 -> arc.checkpoint-17; the one at the subfolder itself
+    is named after it).
 
     \b
     Example:
       libstore import-hub user/some-peft-adapter --kind task --task arc_easy
-      libstore import-hub org/adapters --subfolder arc_easy --name arc_easy
+      libstore import-hub org/adapters/tasks/arc_easy --name arc_easy
+      libstore import-hub org/checkpoints --subfolder runs --all
     """
-    e = state.lib.import_hub(repo_id, **kw)
+    if every and name is not None:
+        raise click.UsageError("--name names one adapter; --all names each by its path")
+    if not every:
+        e = state.lib.import_hub(repo_id, name=name, **kw)
+        if as_json:
+            echo_json(e)
+        else:
+            click.echo(
+                f"Imported {e.name} ({e.kind}, rank {e.rank}, {len(e.modules)} modules, "
+                f"{human_bytes(e.bytes)}) from {e.source}"
+            )
+        return
+    report = state.lib.import_hub_all(repo_id, **kw)
     if as_json:
-        echo_json(e)
-    else:
-        click.echo(
-            f"Imported {e.name} ({e.kind}, rank {e.rank}, {len(e.modules)} modules, "
-            f"{human_bytes(e.bytes)}) from {e.source}"
-        )
+        echo_json(report)
+        return
+    for e in report.added:
+        click.echo(f"Imported {e.name} ({e.kind}, rank {e.rank}, {len(e.modules)} modules) from {e.source}")
+    for skipped in report.skipped:
+        click.echo(f"Skipped {skipped}: already in the library with the same weights")
 
 
 @click.command("import-mttl")
@@ -312,7 +339,12 @@ def import_mttl(state: State, /, source: str, experts: tuple[str, ...], as_json:
         click.echo(f"added    {e.name} (rank {e.rank}, tasks {', '.join(e.tasks) or '-'})")
     for name in r.skipped:
         click.echo(f"skipped  {name} (already in the library)")
-    click.echo(f"{len(r.added)} added, {len(r.skipped)} skipped")
+    for name, why in r.not_imported:
+        click.echo(f"not imported  {name} ({why})")
+    click.echo(
+        f"{len(r.added)} added, {len(r.skipped)} skipped"
+        + (f", {len(r.not_imported)} not imported (not LoRA)" if r.not_imported else "")
+    )
 
 
 COMMANDS = [remote, push, pull, status_cmd, import_hub, import_mttl]

@@ -14,6 +14,20 @@ from libstore.types import MIXINGS, PROTOTYPE_METHODS, ROUTER_NAMES, PrototypeMe
 _top_n = click.option(
     "--top-n", default=1, show_default=True, type=click.IntRange(min=1), help="arrow: prototypes per module."
 )
+_method = click.option(
+    "--method",
+    type=click.Choice(PROTOTYPE_METHODS),
+    default="exact",
+    show_default=True,
+    help="Prototype method.",
+)
+_seed = click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="--method peft: seed of the power iteration's start vector (PEFT's rng_seed; its tests use 42).",
+)
 
 
 @click.command()
@@ -36,12 +50,13 @@ _top_n = click.option(
 )
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@_method
+@_seed
 @click.option(
-    "--method",
-    type=click.Choice(PROTOTYPE_METHODS),
-    default="exact",
-    show_default=True,
-    help="Prototype method.",
+    "--joint-prototypes",
+    is_flag=True,
+    help="mttl experts with tie_params: one prototype for the tied modules, as mttl's Arrow (warns "
+    "where that changes the routing).",
 )
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cpu).")
@@ -64,6 +79,8 @@ def route(
     top_k: int,
     temperature: float,
     method: PrototypeMethod,
+    seed: int,
+    joint_prototypes: bool,
     max_new_tokens: int,
     device: str | None,
     explain_png: str | None,
@@ -91,6 +108,8 @@ def route(
         router=router,
         top_n=top_n,
         granularity="sequence" if per_sequence else "token",
+        seed=seed,
+        joint_prototypes=joint_prototypes,
     )
     source = base or lib.base(lib.get(model.experts[0]).base_model).source
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -114,13 +133,7 @@ def route(
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @_top_n
-@click.option(
-    "--method",
-    type=click.Choice(PROTOTYPE_METHODS),
-    default="exact",
-    show_default=True,
-    help="Prototype method.",
-)
+@_method
 @click.option(
     "--mixing",
     type=click.Choice(MIXINGS),
@@ -128,6 +141,7 @@ def route(
     show_default=True,
     help="output: mix the experts' outputs (PEFT); parameter: mix their A and B (mttl).",
 )
+@_seed
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
 @allow_routing_base_mismatch
 @json_option

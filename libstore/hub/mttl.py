@@ -1,6 +1,10 @@
 """Read microsoft/mttl's expert-library format and convert its LoRA experts to PEFT folders.
 
-An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is a flat folder:
+An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is a folder of
+experts; an expert named ``sub/e_nested`` (mttl allows '/' in names, not '.') lives in a
+sub-folder, and mttl lists it on the Hub (its local engine lists the top level only). libstore
+imports it as ``sub.e_nested`` (no mttl name has a '.', so no two names meet) and records the mttl
+name. Per expert:
 
 - ``<expert>.meta``: ``torch.save`` of ``MetadataEntry.asdict()``: ``expert_name``,
   ``expert_task_name``, ``expert_model`` (base model), ``parent_node``, ``expert_deleted`` and
@@ -10,8 +14,16 @@ An mttl library (``mttl.models.library.expert_library``, local or on the Hub) is
   ``<module>.lora_b`` of shape (r, out); mttl's update is ``scaling · (lora_a @ lora_b)ᵀ`` with
   ``scaling = lora_alpha / lora_rank``, i.e. PEFT's ``A = lora_aᵀ`` (r, in), ``B = lora_bᵀ`` (out, r)
   and the same ``lora_alpha``;
-- ``<expert>.<data>.bin``: auxiliary data (embeddings, scores, Arrow prototypes), not imported —
-  libstore computes exact prototypes itself.
+- ``<expert>.<data>.bin``: auxiliary data, ``torch.save`` of ``{"data": ..., "config": ...}``
+  (``ExpertLibrary.add_auxiliary_data``). mttl's Arrow writes ``<save_name>_protos`` (module ->
+  tensor), ``_vectors`` and ``_eigvals`` (numpy arrays and floats), ``add_embeddings`` numpy arrays.
+  The ``_protos`` (plain tensors) are read (:func:`read_arrow_protos`) and compared with libstore's
+  own prototypes at import; the others are listed. None is stored: libstore computes its own.
+
+``expert_config.tie_params`` (a regex over parameter names, e.g. ``q_proj.*\\.lora_a|k_proj...``)
+is recorded: mttl trains those ``lora_a`` shared within one attention block and its Arrow gives the
+tied modules one joint prototype. Experts of other mttl modifiers (``class_name`` not LoRA) are
+listed, not imported (:attr:`MttlExpert.lora` is False).
 
 Every file is read with ``torch.load(..., weights_only=True)`` only: plain containers, numbers,
 strings and tensors load; anything that would need arbitrary classes (pickled objects, code) is
@@ -24,7 +36,7 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +45,7 @@ from libstore.errors import BaseModelMismatchError, UnsafeFileError, ValidationE
 from libstore.store.adapter import validate_name
 from libstore.store.safetensors_io import save_tensors
 from libstore.store.strict_json import check_json_value
+from libstore.store.targeting import search_matches
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel
 
 if TYPE_CHECKING:
@@ -48,10 +61,15 @@ MAX_FILE_BYTES = 8 << 30
 class MttlFiles:
     """One expert's files in an mttl library folder."""
 
-    name: str
+    name: str  # mttl's name: the path below the library without suffix (``sub/e_nested``)
     meta: Path
     ckpt: Path
     aux: tuple[str, ...] = ()  # auxiliary data types present (``<name>.<type>.bin``)
+
+    @property
+    def libstore_name(self) -> str:
+        """The expert's name in libstore: mttl's with '/' read as '.' (``sub.e_nested``)."""
+        return self.name.replace("/", ".")
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,9 @@ class MttlExpert:
     dropout: float
     deleted: bool
     metadata: dict[str, Any]
+    modifier: str = "lora"
+    lora: bool = True  # False: another mttl modifier; rank and alpha are then 0 and it is not imported
+    tie_params: str | None = None
 
 
 def scan(folder: Path) -> list[MttlFiles]:
@@ -74,15 +95,16 @@ def scan(folder: Path) -> list[MttlFiles]:
     if not folder.is_dir():
         raise ValidationError(f"{folder} is not a folder holding an mttl library (<expert>.meta/.ckpt files)")
     out = []
-    for meta in sorted(folder.glob(f"*{META_SUFFIX}")):
-        name = meta.name[: -len(META_SUFFIX)]
-        ckpt = folder / f"{name}{CKPT_SUFFIX}"
+    for meta in sorted(folder.rglob(f"*{META_SUFFIX}")):
+        name = meta.relative_to(folder).as_posix()[: -len(META_SUFFIX)]
+        leaf = meta.name[: -len(META_SUFFIX)]
+        ckpt = meta.with_name(f"{leaf}{CKPT_SUFFIX}")
         if not ckpt.is_file():
             raise ValidationError(f"{meta} has no weights file {ckpt.name}; the mttl library is incomplete")
         aux = tuple(
             sorted(
-                p.name[len(name) + 1 : -len(AUX_SUFFIX)]
-                for p in folder.glob(f"{name}.*{AUX_SUFFIX}")
+                p.name[len(leaf) + 1 : -len(AUX_SUFFIX)]
+                for p in meta.parent.glob(f"{leaf}.*{AUX_SUFFIX}")
                 if p.name.count(".") == 2
             )
         )
@@ -141,11 +163,25 @@ def read_meta(files: MttlFiles) -> MttlExpert:
     cls = str(
         cfg.get("class_name") or cfg.get("__model_modifier__") or training.get("model_modifier") or "lora"
     )
+    name = meta.get("expert_name") or files.name
+    if name != files.name:
+        raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
     if cls.rsplit(".", 1)[-1] not in ("LoRAConfig", "lora"):
-        raise ValidationError(
-            f"{files.meta}: expert {files.name!r} uses the mttl modifier {cls!r}; libstore imports "
-            f"plain LoRA experts only (mttl.models.modifiers.lora.LoRAConfig)"
+        return MttlExpert(
+            name=files.name,
+            tasks=(),
+            base_model=None,
+            rank=0,
+            alpha=0.0,
+            dropout=0.0,
+            deleted=bool(meta.get("expert_deleted", False)),
+            metadata={"format": "mttl", "modifier": cls},
+            modifier=cls,
+            lora=False,
         )
+    tie = cfg.get("tie_params")
+    if tie is not None and not (isinstance(tie, str) and tie):
+        raise ValidationError(f"{files.meta}: tie_params must be a regex string or null, got {tie!r:.80}")
     rank = cfg.get("lora_rank", training.get("lora_rank"))
     alpha = cfg.get("lora_alpha", training.get("lora_alpha"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
@@ -166,9 +202,6 @@ def read_meta(files: MttlFiles) -> MttlExpert:
             path=str(files.meta),
             field="lora_dropout",
         )
-    name = meta.get("expert_name") or files.name
-    if name != files.name:
-        raise ValidationError(f"{files.meta} names expert {name!r} but the file is {files.name!r}")
     task_text = meta.get("expert_task_name") or training.get("finetune_task_name") or ""
     if not isinstance(task_text, str):
         raise ValidationError(f"{files.meta}: expert_task_name must be a string, got {task_text!r}")
@@ -185,6 +218,8 @@ def read_meta(files: MttlFiles) -> MttlExpert:
         "modify_layers": _plain(cfg.get("modify_layers")),
         "lora_dropout": _plain(cfg.get("lora_dropout")),
         "modifier": cls,
+        "expert_name": files.name if files.name != files.libstore_name else None,
+        "tie_params": tie,
     }
     if files.aux:
         record["aux_data_not_imported"] = list(files.aux)
@@ -198,6 +233,8 @@ def read_meta(files: MttlFiles) -> MttlExpert:
         dropout=float(dropout),
         deleted=bool(meta.get("expert_deleted", False)),
         metadata={k: v for k, v in record.items() if v is not None},
+        modifier=cls,
+        tie_params=tie,
     )
 
 
@@ -217,7 +254,66 @@ def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _module_name(key: str, base: BaseModel) -> str | None:
+PROTOS_SUFFIX = "_protos"
+
+
+def tie_groups(tie_params: str, modules: Iterable[str], *, where: str) -> list[list[str]]:
+    """The module groups whose ``lora_a`` mttl ties under ``tie_params``, as
+    ``mttl.models.modifiers.base.get_target_2_source_param_mapping`` forms them: parameters
+    ``<module>.lora_a`` the regex finds (``re.search``) that share the text before the match (one
+    attention block). Groups of one are left out; modules in the order given."""
+    params = [f"{m}.lora_a" for m in modules]
+    found = search_matches(tie_params, params, where=where, field="tie_params")
+    groups: dict[str, list[str]] = {}
+    for p in params:
+        matched = found[p]
+        if matched:
+            groups.setdefault(p.split(matched)[0], []).append(p.removesuffix(".lora_a"))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def read_arrow_protos(files: MttlFiles, data_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """mttl Arrow prototypes ``<name>.<data_type>.bin`` (``data_type`` ends in ``_protos``): the
+    transform's config (plain values) and mttl module name -> (in,) prototype."""
+    import torch
+
+    path = files.meta.with_name(f"{files.meta.name[: -len(META_SUFFIX)]}.{data_type}{AUX_SUFFIX}")
+    payload = safe_load(path)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim == 1 for k, v in data.items()
+    ):
+        raise ValidationError(f"{path} does not hold mttl Arrow prototypes ({{'data': {{module: vector}}}})")
+    config = payload.get("config")
+    plain = {str(k): _plain(v) for k, v in config.items()} if isinstance(config, dict) else {}
+    return {k: v for k, v in plain.items() if v is not None}, data
+
+
+def expand_tied(weights: dict[str, torch.Tensor], tie_params: str, *, where: str) -> dict[str, torch.Tensor]:
+    """``weights`` with the tied parameters a checkpoint left out put back, as mttl's
+    ``Expert.expert_weights`` does (``get_target_2_source_param_mapping(...,
+    expand_if_targets_are_missing=True)``): the first parameter ``tie_params`` finds in a block is
+    the source, and each alternative of the regex (``\\`` and ``.*`` removed) missing there is it."""
+    found = search_matches(tie_params, list(weights), where=where, field="tie_params")
+    alternatives = tie_params.replace("\\", "").replace(".*", "").split("|")
+    out = dict(weights)
+    sources: set[str] = set()
+    for name in weights:
+        matched = found[name]
+        if not matched:
+            continue
+        parent = name.split(matched)[0]
+        if parent in sources:
+            continue
+        sources.add(parent)
+        for alt in alternatives:
+            if alt not in name:
+                out.setdefault(f"{parent}{alt}", weights[name])
+    return out
+
+
+def module_name(key: str, base: BaseModel) -> str | None:
+    """The base model's module an mttl weight stem names (mttl may drop or keep ``model.``)."""
     for cand in (key, f"model.{key}", key.removeprefix("model.")):
         if cand in base.linear_shapes:
             return cand
@@ -240,7 +336,7 @@ def to_peft(expert: MttlExpert, weights: Mapping[str, torch.Tensor], base: BaseM
     for stem, ab in sorted(pairs.items()):
         if set(ab) != {"lora_a", "lora_b"}:
             raise ValidationError(f"expert {expert.name!r}: module {stem!r} lacks lora_a or lora_b")
-        module = _module_name(stem, base)
+        module = module_name(stem, base)
         if module is None:
             raise BaseModelMismatchError(
                 f"expert {expert.name!r}: module {stem!r} is not an nn.Linear of base model "

@@ -307,6 +307,7 @@ def _build(
         general=p.get("general"),
         top_n=int(p.get("top_n", 1)),
         method=cast(PrototypeMethod, p.get("method", "exact")),
+        seed=int(p.get("seed", 0)),
         device=device,
         allow_base_mismatch=allow_base_mismatch,
     )

@@ -16,6 +16,7 @@ from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     AlreadyExistsError,
+    BaseModelMismatchError,
     IntegrityError,
     LibstoreError,
     NotFoundError,
@@ -45,11 +46,15 @@ from libstore.types import (
 
 @dataclass(frozen=True)
 class ImportReport:
-    """What ``import_dir`` did: experts added, folders skipped because already present."""
+    """What ``import_dir`` did: experts added, folders skipped because already present.
+
+    ``not_imported``: (name, why) of what an import found but does not store by design, e.g. the
+    experts of an mttl library that use another adapter type than LoRA."""
 
     added: tuple[Expert, ...] = ()
     skipped: tuple[str, ...] = ()
     failed: tuple[tuple[str, str], ...] = field(default=())
+    not_imported: tuple[tuple[str, str], ...] = field(default=())
 
 
 # --- base models -------------------------------------------------------------------------------
@@ -107,10 +112,9 @@ def add(
     tags = [validate_name(t) for t in tags]
     check_json_value(metadata, "metadata")
     adapter = read_adapter(folder, into=ctx.blobs, allow_nonfinite=allow_nonfinite)
-    with ctx.blobs.discarding([adapter.weights]), ctx.catalog.write() as s:
-        return insert_adapter(
+    try:
+        return _add_adapter(
             ctx,
-            s,
             adapter,
             name=name,
             kind=kind,
@@ -122,6 +126,32 @@ def add(
             source=source or str(folder.resolve()),
             allow_base_mismatch=allow_base_mismatch,
         )
+    except BaseModelMismatchError as e:
+        raise _naming_module_types(ctx, e, adapter, base) from None
+
+
+def _add_adapter(ctx: Context, adapter: AdapterFile, **kw: Any) -> Expert:
+    with ctx.blobs.discarding([adapter.weights]), ctx.catalog.write() as s:
+        return insert_adapter(ctx, s, adapter, **kw)
+
+
+def _naming_module_types(
+    ctx: Context, error: BaseModelMismatchError, adapter: AdapterFile, base: str | None
+) -> BaseModelMismatchError:
+    """``error`` with the type of the first adapter module the base has but cannot adapt."""
+    from libstore.store.basemodel import module_types
+
+    with ctx.catalog.read() as s:
+        base_model = repo.resolve_base(s, base)
+    missing = [m for m in adapter.modules if m not in base_model.linear_shapes]
+    types = module_types(base_model, missing) if missing else {}
+    if not types:
+        return error
+    module, kind = next(iter(types.items()))
+    return BaseModelMismatchError(
+        f"{error.message} Module {module!r} of base model {base_model.name!r} is a {kind}: LoRA on "
+        f"that layer type is not supported (libstore adapts nn.Linear and transformers Conv1D)"
+    )
 
 
 def insert_adapter(

@@ -68,6 +68,7 @@ class ExportRoutedOptions:
     mixing: Mixing = "output"
     overwrite: bool = False
     allow_base_mismatch: bool = False
+    seed: int = 0
 
 
 def export_routed(
@@ -95,7 +96,7 @@ def export_routed(
     o = options
     experts, router, top_k, temperature, general = o.experts, o.router, o.top_k, o.temperature, o.general
     top_n, method, mixing, overwrite = o.top_n, o.method, o.mixing, o.overwrite
-    allow_base_mismatch = o.allow_base_mismatch
+    allow_base_mismatch, seed = o.allow_base_mismatch, o.seed
 
     if not prompt:
         raise ValidationError("the prompt is empty", field="prompt")
@@ -115,6 +116,7 @@ def export_routed(
         method=method,
         mixing=mixing,
         allow_base_mismatch=allow_base_mismatch,
+        seed=seed,
     )
     first = get_expert(ctx, routed.experts[0])
     if tokenizer is None:
@@ -149,6 +151,8 @@ def export_routed(
         "top_k": top_k,
         "temperature": temperature,
         "mixing": mixing,
+        "prototype_method": method,
+        "seed": seed,
         "general": None if general is None else format_query(parse_query(general)),
         "query": format_query(query),
         "prompt": prompt,

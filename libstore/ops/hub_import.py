@@ -13,8 +13,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from libstore import config
 from libstore.catalog import repo
@@ -84,6 +86,41 @@ def _fetch_checked(
     return local
 
 
+def split_hub_id(repo_id: str, subfolder: str | None = None) -> tuple[str, str]:
+    """``user/repo/sub/folder`` (as people paste it, optionally ``hf://``) -> (``user/repo``, the
+    sub-folder path), with ``subfolder`` appended; both checked."""
+    parts = repo_id.removeprefix("hf://").strip("/").split("/")
+    repo = check_repo_id("/".join(parts[:2]))
+    sub = "/".join(p for p in ("/".join(parts[2:]), _check_subfolder(subfolder)) if p)
+    return repo, _check_subfolder(sub)
+
+
+def _adapter_files(files: dict[str, RemoteFile], prefix: str, where: str) -> list[RemoteFile]:
+    """The Hub's records of the adapter's two files below ``prefix``, checked before any download."""
+    if prefix + ADAPTER_WEIGHTS not in files:
+        pickled = [prefix + p for p in PICKLE_WEIGHTS if prefix + p in files]
+        if pickled:
+            raise UnsafeFileError(
+                f"{where} holds its weights only as {pickled[0].rsplit('/', 1)[-1]} (a pickle); libstore "
+                f"never unpickles. Convert the adapter to safetensors (load it with PEFT in a trusted "
+                f"environment and save_pretrained(..., safe_serialization=True)), then import that"
+            )
+        raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    return [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+
+
+def _download_adapter(
+    client: HubClient, repo_id: str, commit: str, files: dict[str, RemoteFile], prefix: str, tmp: Path
+) -> Path:
+    """Both files of the adapter below ``prefix``, checked, in a new folder of ``tmp``."""
+    folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=tmp))
+    for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        path = prefix + fname
+        local = _fetch_checked(client, repo_id, path, commit, files[path], tmp / "dl")
+        os.replace(local, folder / fname)
+    return folder
+
+
 def import_hub(
     ctx: Context,
     repo_id: str,
@@ -99,9 +136,9 @@ def import_hub(
     allow_base_mismatch: bool = False,
 ) -> Expert:
     """Download one PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) from a
-    Hub repo, optionally below ``subfolder``, and add it like ``libstore add``."""
-    check_repo_id(repo_id)
-    sub = _check_subfolder(subfolder)
+    Hub repo, optionally below ``subfolder`` (or a sub-folder in the id, ``user/repo/sub``), and add
+    it like ``libstore add``."""
+    repo_id, sub = split_hub_id(repo_id, subfolder)
     name = validate_name(name or (sub.rsplit("/", 1)[-1] if sub else repo_id.split("/")[1]))
     client = HubClient(token=token)
     commit = client.resolve(repo_id, revision or "main")
@@ -110,25 +147,15 @@ def import_hub(
     where = f"{repo_id}@{commit[:12]}" + (f" under {sub}/" if sub else "")
     if prefix + ADAPTER_CONFIG not in files:
         found = sorted({p.rsplit("/", 1)[0] for p in files if p.endswith("/" + ADAPTER_CONFIG)})
-        hint = f"; adapters are in: {', '.join(found[:10])} (pass --subfolder)" if found else ""
+        hint = (
+            f"; adapters are in: {', '.join(found[:10])} (pass --subfolder, or --all to import them all)"
+            if found
+            else ""
+        )
         raise ValidationError(f"{where} has no {ADAPTER_CONFIG}, so it holds no PEFT adapter{hint}")
-    if prefix + ADAPTER_WEIGHTS not in files:
-        pickled = [prefix + p for p in PICKLE_WEIGHTS if prefix + p in files]
-        if pickled:
-            raise UnsafeFileError(
-                f"{where} holds its weights only as {pickled[0].rsplit('/', 1)[-1]} (a pickle); libstore "
-                f"never unpickles. Convert the adapter to safetensors (load it with PEFT in a trusted "
-                f"environment and save_pretrained(..., safe_serialization=True)), then import that"
-            )
-        raise ValidationError(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    _check_sizes(repo_id, commit, [files[prefix + f] for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)])
+    _check_sizes(repo_id, commit, _adapter_files(files, prefix, where))
     with temp_dir(ctx, "import-hub") as tmp:
-        folder = tmp / "adapter"
-        folder.mkdir()
-        for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            path = prefix + fname
-            local = _fetch_checked(client, repo_id, path, commit, files[path], tmp / "dl")
-            os.replace(local, folder / fname)
+        folder = _download_adapter(client, repo_id, commit, files, prefix, tmp)
         source = f"hf://{repo_id}" + (f"/{sub}" if sub else "") + f"@{commit}"
         return experts_ops.add(
             ctx,
@@ -141,6 +168,106 @@ def import_hub(
             source=source,
             allow_base_mismatch=allow_base_mismatch,
         )
+
+
+def hub_adapter_names(repo_id: str, sub: str, folders: Iterable[str]) -> dict[str, str]:
+    """Adapter folder (repo path) -> expert name: its path below ``sub`` with '/' read as '.'
+    (``arc/checkpoint-17`` -> ``arc.checkpoint-17``), the folder's own name for ``sub`` itself (the
+    repo's name at the root). Two folders that would get one name are refused, naming both."""
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    own = sub.rsplit("/", 1)[-1] if sub else repo_id.split("/")[1]
+    for folder in folders:
+        rel = folder[len(sub) :].strip("/") if sub else folder
+        name = rel.replace("/", ".") if rel else own
+        try:
+            validate_name(name)
+        except LibstoreError as e:
+            raise e.add_context(f"adapter folder {folder or '/'!r} of {repo_id}") from None
+        if name in seen:
+            raise ValidationError(
+                f"adapter folders {seen[name] or '/'!r} and {folder!r} of {repo_id} would both be named "
+                f"{name!r}; import them one at a time with --subfolder and --name"
+            )
+        seen[name] = folder
+        names[folder] = name
+    return names
+
+
+def import_hub_all(
+    ctx: Context,
+    repo_id: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    kind: str = "task",
+    base: str | None = None,
+    tasks: Iterable[str] = (),
+    tags: Iterable[str] = (),
+    token: str | None = None,
+    allow_base_mismatch: bool = False,
+) -> experts_ops.ImportReport:
+    """Import every PEFT adapter folder at or below ``subfolder`` of a Hub repo (a collection
+    trained with PEFT/TRL, one folder per adapter or checkpoint), all or nothing.
+
+    Names come from the paths (:func:`hub_adapter_names`). Every adapter is downloaded, checked
+    against the Hub's hashes and validated like ``libstore add`` before one transaction adds them
+    all; one that is already in the library with the same weights is reported as skipped.
+    """
+    repo_id, sub = split_hub_id(repo_id, subfolder)
+    client = HubClient(token=token)
+    commit = client.resolve(repo_id, revision or "main")
+    files = client.list_files(repo_id, commit)
+    prefix = f"{sub}/" if sub else ""
+    where = f"{repo_id}@{commit[:12]}" + (f" under {sub}/" if sub else "")
+    folders = sorted(
+        p[: -len(ADAPTER_CONFIG)].rstrip("/")
+        for p in files
+        if p == prefix + ADAPTER_CONFIG or (p.startswith(prefix) and p.endswith("/" + ADAPTER_CONFIG))
+    )
+    if not folders:
+        raise ValidationError(f"{where} holds no PEFT adapter (no {ADAPTER_CONFIG} at or below it)")
+    names = hub_adapter_names(repo_id, sub, folders)
+    records = {
+        f: _adapter_files(files, f"{f}/" if f else "", f"{repo_id}@{commit[:12]}:{f or '/'}") for f in folders
+    }
+    _check_sizes(repo_id, commit, [rf for rfs in records.values() for rf in rfs])
+    tags = [validate_name(t) for t in tags]
+    tasks = list(tasks)
+    prepared: list[tuple[str, str, AdapterFile]] = []
+    with temp_dir(ctx, "import-hub") as tmp, ctx.blobs.discarding(a.weights for _, _, a in prepared):
+        for f in folders:
+            local = _download_adapter(client, repo_id, commit, files, f"{f}/" if f else "", tmp)
+            try:
+                adapter = read_adapter(local, into=ctx.blobs)
+            except LibstoreError as e:
+                raise e.add_context(f"adapter folder {f or '/'!r} of {repo_id}") from None
+            prepared.append((f, names[f], adapter))
+        added, skipped = [], []
+        with ctx.catalog.write() as s:
+            for f, name, adapter in prepared:
+                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
+                    continue
+                try:
+                    row = experts_ops.insert_adapter(
+                        ctx,
+                        s,
+                        adapter,
+                        name=name,
+                        kind=kind,
+                        base=base,
+                        tasks=tasks,
+                        tags=tags,
+                        metadata=None,
+                        cluster=None,
+                        source=f"hf://{repo_id}" + (f"/{f}" if f else "") + f"@{commit}",
+                        allow_base_mismatch=allow_base_mismatch,
+                    )
+                except LibstoreError as e:
+                    raise e.add_context(f"adapter folder {f or '/'!r} of {repo_id}") from None
+                added.append(row)
+    return experts_ops.ImportReport(added=tuple(added), skipped=tuple(skipped))
 
 
 def _is_local(source: str | os.PathLike[str]) -> bool:
@@ -162,7 +289,9 @@ def import_mttl(
 ) -> experts_ops.ImportReport:
     """Import every LoRA expert of an mttl expert library (local folder or Hub repo ``org/name``).
 
-    Each ``<expert>.ckpt`` / ``.meta`` pair is read with ``torch.load(weights_only=True)`` only,
+    Experts in sub-folders (mttl name ``sub/e``) are imported as ``sub.e``; experts of other mttl
+    modifiers are reported in ``not_imported``, never silently left out. Each ``<expert>.ckpt`` /
+    ``.meta`` pair is read with ``torch.load(weights_only=True)`` only,
     converted to a PEFT folder (A = lora_aᵀ, B = lora_bᵀ), validated like ``libstore add`` and
     added with its tasks; all experts in one transaction. ``experts`` limits the import to these
     names (globs allowed). Soft-deleted experts are skipped, as mttl does; so are experts already
@@ -170,8 +299,9 @@ def import_mttl(
     """
     tags = [validate_name(t) for t in tags]
     patterns = list(experts) if experts is not None else None
-    prepared: list[tuple[mttl.MttlExpert, AdapterFile]] = []
-    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, a in prepared):
+    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile]] = []
+    not_lora: list[tuple[str, str]] = []
+    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, _, a in prepared):
         if _is_local(source):
             folder = Path(source).expanduser()
             label = str(folder.resolve())
@@ -181,39 +311,53 @@ def import_mttl(
             label = f"hf://{repo_id}@{commit}"
         found = mttl.scan(folder)
         if patterns is not None:
-            found = [f for f in found if any(fnmatch.fnmatchcase(f.name, p) for p in patterns)]
+            found = [
+                f
+                for f in found
+                if any(fnmatch.fnmatchcase(n, p) for n in (f.name, f.libstore_name) for p in patterns)
+            ]
             if not found:
                 raise ValidationError(f"no expert of {source} matches {', '.join(patterns)}")
         with ctx.catalog.read() as s:
             base_model = repo.to_base(repo.resolve_base_row(s, base))
         for files in found:
             try:
-                validate_name(files.name)
+                validate_name(files.libstore_name)
                 info = mttl.read_meta(files)
                 if info.deleted:
+                    continue
+                if not info.lora:
+                    why = f"mttl modifier {info.modifier!r}: libstore stores LoRA experts only"
+                    not_lora.append((files.libstore_name, why))
                     continue
                 if not allow_base_mismatch:
                     _check_trained_on(info, base_model)
                 weights = mttl.read_weights(files)
-                out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.name)
+                if info.tie_params:
+                    weights = mttl.expand_tied(weights, info.tie_params, where=str(files.ckpt))
+                compared = _compare_arrow_protos(files, weights)
+                if compared:
+                    info.metadata["arrow_prototypes"] = compared
+                out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.libstore_name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
                 raise e.add_context(f"mttl expert {files.name!r}") from None
-            prepared.append((info, adapter))
+            prepared.append((files.libstore_name, info, adapter))
+        if not prepared and not_lora:
+            raise ValidationError(
+                f"{source} holds no LoRA experts: {', '.join(f'{n} ({why})' for n, why in not_lora[:5])}"
+            )
         added, skipped = [], []
         with ctx.catalog.write() as s:
-            for info, adapter in prepared:
-                if (
-                    repo.expert_exists(s, info.name)
-                    and repo.expert_row(s, info.name).sha256 == adapter.weights_sha256
-                ):
-                    skipped.append(info.name)
+            for name, info, adapter in prepared:
+                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                    skipped.append(name)
                     continue
                 row = experts_ops.insert_adapter(
                     ctx,
                     s,
                     adapter,
-                    name=info.name,
+                    name=name,
                     kind=kind,
                     base=base_model.name,
                     tasks=list(info.tasks),
@@ -225,7 +369,45 @@ def import_mttl(
                 )
                 added.append(row)
             report = tuple(added)
-    return experts_ops.ImportReport(added=report, skipped=tuple(skipped))
+    return experts_ops.ImportReport(added=report, skipped=tuple(skipped), not_imported=tuple(not_lora))
+
+
+#: |cos| below which an mttl prototype counts as another direction than libstore's
+PROTO_AGREE = 1 - 1e-4
+
+
+def _compare_arrow_protos(files: mttl.MttlFiles, weights: Mapping[str, Any]) -> dict[str, Any]:
+    """mttl's stored Arrow prototypes of this expert compared with libstore's exact ones, per
+    ``<save_name>_protos`` data type: its config, the module count, the smallest |cos| and the
+    modules where they differ — with ``tie_params`` mttl gives tied modules one joint prototype,
+    which libstore's per-module routing does not use."""
+    import torch
+
+    from libstore.lowrank.prototypes import exact_prototypes
+
+    out: dict[str, Any] = {}
+    for data_type in files.aux:
+        if not data_type.endswith(mttl.PROTOS_SUFFIX):
+            continue
+        config, protos = mttl.read_arrow_protos(files, data_type)
+        cos: dict[str, float] = {}
+        for stem, theirs in sorted(protos.items()):
+            a, b = weights.get(f"{stem}.lora_a"), weights.get(f"{stem}.lora_b")
+            if a is None or b is None or a.ndim != 2 or theirs.shape[0] != a.shape[0]:
+                raise ValidationError(
+                    f"mttl expert {files.name!r}: its {data_type} data has a prototype for {stem!r}, "
+                    f"which its weights do not fit; the library is inconsistent"
+                )
+            ours = exact_prototypes(a.T.double(), b.T.double()).vectors[0]
+            cos[stem] = float(torch.nn.functional.cosine_similarity(ours, theirs.double(), dim=0).abs())
+        differ = [m for m, c in cos.items() if c < PROTO_AGREE]
+        out[data_type] = {
+            "config": config,
+            "modules": len(cos),
+            "min_abs_cos": round(min(cos.values()), 6) if cos else None,
+            "differ": differ,
+        }
+    return out
 
 
 def _check_trained_on(info: mttl.MttlExpert, base: BaseModel) -> None:
@@ -258,15 +440,16 @@ def _download_mttl(
     files = client.list_files(repo_id, commit)
     wanted = []
     for path, rf in sorted(files.items()):
-        if "/" in path or not path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX)):
+        protos = path.endswith(mttl.PROTOS_SUFFIX + mttl.AUX_SUFFIX) and path.count(".") == 2
+        if not (protos or path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX))):  # sub-folders too
             continue
-        stem = path.rsplit(".", 1)[0]
+        stem = path.split(".", 1)[0]
         if patterns is not None and not any(fnmatch.fnmatchcase(stem, p) for p in patterns):
             continue
         wanted.append((path, rf))
     if not any(p.endswith(mttl.META_SUFFIX) for p, _ in wanted):
         raise HubError(
-            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files at its root)",
+            f"{repo_id}@{commit[:12]} holds no mttl experts (<expert>.meta files)",
             repo_id=repo_id,
         )
     _check_sizes(repo_id, commit, [rf for _, rf in wanted])
@@ -274,5 +457,6 @@ def _download_mttl(
     folder.mkdir()
     for path, rf in wanted:
         local = _fetch_checked(client, repo_id, path, commit, rf, tmp / "dl")
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
         os.replace(local, folder / path)
     return folder, commit

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from libstore.errors import BaseModelMismatchError, RouterError
+from libstore.errors import BaseModelMismatchError, RouterError, ValidationError
 from libstore.ops import routers
 from libstore.ops.context import Context
 from libstore.ops.experts import get_base
@@ -38,6 +38,8 @@ def routed_model(
     router: RouterName = "arrow",
     top_n: int = 1,
     granularity: Granularity = "token",
+    seed: int = 0,
+    joint_prototypes: bool = False,
 ) -> RoutedModel:
     """Build a routed model (Arrow by default) over the experts a query selects.
 
@@ -49,18 +51,23 @@ def routed_model(
         general: GenKnowSub on the fly: subtract the mean of these general experts from each routed
             expert (PEFT's ``use_gks``); prototypes are then computed for the residuals at build time.
         method: ``"exact"`` prototypes (default) or ``"peft"`` (PEFT's power iteration, bit for bit).
+        seed: ``method="peft"``: seed of the power iteration's start vector (PEFT's ``rng_seed``).
         mixing: ``"output"`` (PEFT: Σ c_e s_e B_e A_e x) or ``"parameter"`` (mttl: per-token mixed A, B).
         device: where the routed model runs (default: the base model's device); prototypes missing
             from the cache are computed there, from the weights already read for the router.
         router: ``"arrow"``, ``"spectr"`` or ``"uniform"`` (:mod:`libstore.router.routers`);
             ``top_n`` and ``method`` are Arrow's.
         granularity: ``"token"`` or ``"sequence"`` (each sequence routed once, from its prompt).
+        joint_prototypes: mttl's Arrow for experts imported with ``tie_params``: the modules whose
+            ``lora_a`` mttl tied (q/k/v of a block) share one prototype, the top right singular
+            vector of their stacked ΔW ([B_q; B_k; B_v]·A). Warns (``UserWarning``) where that
+            changes a prototype, i.e. the routing. Arrow with ``top_n=1`` and no ``general`` only.
     """
     import torch
 
     from libstore.router.build import ExpertTensors, build_router
 
-    rt = routers.make(router, top_n=top_n, method=method)
+    rt = routers.make(router, top_n=top_n, method=method, seed=seed)
     chosen = _select(ctx, experts)
     gen = resolve_experts(ctx, general, what="general expert") if general is not None else []
     base_rec = _common_base(ctx, chosen)
@@ -74,6 +81,13 @@ def routed_model(
     prototypes = None
     if not gen:  # with GenKnowSub the router computes the residuals' keys itself
         prototypes = routers.cached_keys(ctx, chosen, rt, str(target), loaded)
+    if joint_prototypes:
+        if gen or router != "arrow" or top_n != 1 or prototypes is None:
+            raise ValidationError(
+                "joint_prototypes is mttl's Arrow: use router 'arrow' with top_n=1 and no general experts",
+                field="joint_prototypes",
+            )
+        prototypes = _joint_prototypes(chosen, loaded, prototypes)
     return build_router(
         model,
         tensors,
@@ -86,6 +100,55 @@ def routed_model(
         granularity=granularity,
         device=target,
     )
+
+
+#: |cos| below which a joint prototype counts as a change of the per-module one
+_SAME_DIRECTION = 1 - 1e-4
+
+
+def _joint_prototypes(
+    chosen: list[Expert], loaded: dict[str, Any], keys: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``keys`` with each ``tie_params`` group of an mttl expert given its joint prototype (mttl's
+    ArrowTransform, ``tie_op="concat"``); warns where one changes."""
+    import warnings
+
+    import torch
+
+    from libstore.hub.mttl import tie_groups
+    from libstore.lowrank.prototypes import exact_prototypes
+
+    out = {m: k.clone() for m, k in keys.items()}
+    changed: list[str] = []
+    for e in chosen:
+        tie = (e.metadata.get("mttl") or {}).get("tie_params")
+        if not isinstance(tie, str):
+            continue
+        factors = loaded[e.sha256]
+        for group in tie_groups(tie, list(factors), where=f"expert {e.name!r}"):
+            A = factors[group[0]][0]
+            if any(not torch.equal(factors[m][0], A) for m in group):
+                raise ValidationError(
+                    f"expert {e.name!r}: tie_params ties lora_a of {group} but they differ; its "
+                    f"weights are not those mttl trained with tie_params",
+                    field="joint_prototypes",
+                )
+            B = torch.cat([factors[m][1] for m in group], dim=0)
+            joint = exact_prototypes(A.double(), B.double()).vectors[0]
+            for m in group:
+                row = [x.name for x in chosen if m in loaded[x.sha256]].index(e.name)
+                before = out[m][row].double()
+                if float(torch.nn.functional.cosine_similarity(before, joint, dim=0).abs()) < _SAME_DIRECTION:
+                    changed.append(f"{e.name}:{m}")
+                out[m][row] = joint.to(out[m].dtype)
+    if changed:
+        warnings.warn(
+            f"joint prototypes (mttl's tie_params) change the routing of {len(changed)} expert-modules, "
+            f"e.g. {', '.join(changed[:3])}: they differ from the per-module prototypes",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
 
 
 def _select(ctx: Context, experts: Target) -> list[Expert]:

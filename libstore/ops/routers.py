@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 NAMES = (*ROUTER_NAMES, "oracle")
 COMMON = {"top_k": int, "temperature": float, "granularity": str, "general": str}
 OWN: dict[str, dict[str, type]] = {
-    "arrow": {"top_n": int, "method": str},
+    "arrow": {"top_n": int, "method": str, "seed": int},
     "spectr": {},
     "uniform": {},
     "oracle": {},

@@ -205,10 +205,30 @@ def inspect_base_model(source: str, *, name: str, revision: str | None = None) -
     )
 
 
+def module_types(base: BaseModel, names: list[str]) -> dict[str, str]:
+    """``module.Class`` of each of ``names`` the base has (rebuilt on the meta device from its
+    config), for errors that must say why a module cannot be adapted. Empty when the base is not a
+    local folder (no network on an error path) or its config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not Path(base.source).is_dir():
+        return {}
+    try:
+        config = AutoConfig.from_pretrained(base.source, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    named = dict(model.named_modules())
+    return {n: f"{type(named[n]).__module__}.{type(named[n]).__name__}" for n in names if n in named}
+
+
 __all__ = [
     "FINGERPRINT_IGNORED_KEYS",
     "canonical_config",
     "fingerprint_config",
     "inspect_base_model",
     "linear_shapes",
+    "module_types",
 ]
