@@ -194,6 +194,7 @@ def ensure(
     from libstore.ops.tensors import load_expert_tensors
 
     todo = _todo(experts, _cached(ctx, experts, spec), spec)
+    ctx.blobs.fetch(e.sha256 for e in todo)
     calls = 0
     for chunk in _chunks(todo, batch_bytes):
         results, n_calls = _compute(chunk, spec, device, lambda e: load_expert_tensors(ctx, e, device=device))
