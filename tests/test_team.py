@@ -13,7 +13,8 @@ import torch
 from libstore import Library
 from libstore.errors import IntegrityError, StorageError, ValidationError
 from libstore.ops import gc as gc_mod
-from libstore.store import object_store
+from libstore.ops import team as team_ops
+from libstore.store import blob_cache, object_store
 from libstore.store.object_store import ObjectBlobStore
 from tests.factories import load_base, make_adapter
 from tests.s3_support import SECRET_KEY
@@ -152,3 +153,73 @@ def test_one_catalog_has_one_blob_store(team: tuple[Library, Library], tmp_path:
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValidationError, match="not an object store URL"):
         Library.init(tmp_path / "bad", blob_store="http://x")
+
+
+def test_cache_is_bounded_lru_and_cli_lists_sizes_clears(
+    team: tuple[Library, Library], tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import cli_invoker
+
+    alice, _ = team
+    weights = {e.name: next(f for f in e.files if f.path.endswith(".safetensors")) for e in alice.experts()}
+    one = max(f.size for f in weights.values())
+    monkeypatch.setenv("LIBSTORE_CACHE_MAX_BYTES", str(int(one * 1.5)))
+    monkeypatch.setattr(blob_cache, "PINNED_S", 0.0)
+    carol = Library.init(tmp_path / "carol", db_url=pg_url)
+    store = carol.context.blobs
+    assert isinstance(store, ObjectBlobStore)
+    for name in ("t0", "t1", "t0", "t2"):  # t0 used again after t1: t1 is the least recently used
+        store.path(weights[name].sha256)
+    cached = {b.sha256 for b in store.cache.stats().entries}
+    assert weights["t2"].sha256 in cached and weights["t1"].sha256 not in cached
+    assert store.cache.stats().bytes <= int(one * 1.5)
+
+    run = cli_invoker("-L", str(tmp_path / "carol"), "--db", pg_url)
+    assert "blobs," in run("cache", "size").output
+    assert weights["t2"].sha256[:16] in run("cache", "ls").output
+    assert "Removed" in run("cache", "clear").output
+    assert carol.cache_stats().entries == ()
+    assert carol.verify().ok  # the cache is not the store
+    carol.close()
+    lone = Library.init(tmp_path / "lone")
+    with pytest.raises(ValidationError, match="only a team library"):
+        lone.cache_stats()
+    lone.close()
+
+
+def test_blobs_migrate_is_resumable_and_verified(
+    tmp_path: Path, s3_url: str, base_dir: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    solo = Library.init(tmp_path / "solo", db_url=pg_url)
+    solo.add_base("tiny", str(base_dir))
+    for i in range(3):
+        solo.add(make_adapter(base_dir, tmp_path / "src" / f"t{i}", seed=i), name=f"t{i}", kind="task")
+    solo.compute_prototypes("kind=task")
+    local = set(solo.context.blobs)
+    real_put = ObjectBlobStore.put_file
+    calls = {"n": 0}
+
+    def crashing_put(self, path, *, expected_sha256=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise StorageError("connection dropped", location=s3_url)
+        return real_put(self, path, expected_sha256=expected_sha256)
+
+    with monkeypatch.context() as m:
+        m.setattr(ObjectBlobStore, "put_file", crashing_put)
+        m.setattr(team_ops, "WORKERS", 1)
+        with pytest.raises(StorageError):
+            solo.migrate_blobs(s3_url)
+    assert not solo.context.blobs.shared and set(solo.context.blobs) == local  # still a local library
+    report = solo.migrate_blobs(s3_url)
+    assert len(report.present) == 2 and set(report.uploaded) | set(report.present) == local
+    assert solo.context.blobs.shared and solo.verify().ok
+    solo.close()
+    reopened = Library.open(tmp_path / "solo", db_url=pg_url)
+    assert isinstance(reopened.context.blobs, ObjectBlobStore)
+    assert set(reopened.context.blobs) == local and reopened.verify().ok
+    assert not list((tmp_path / "solo" / "blobs").rglob("*/*/*"))  # the local files moved to the cache
+    bob = Library.init(tmp_path / "bob", db_url=pg_url)
+    assert bob.export("t1", tmp_path / "out").is_dir()
+    reopened.close()
+    bob.close()
