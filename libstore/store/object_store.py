@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from libstore.errors import BlobsRemovedError, IntegrityError, NotFoundError, StorageError, ValidationError
 from libstore.store.blob_cache import BlobCache
 from libstore.store.blob_upkeep import _DIGEST, ALGORITHM, BlobStat, StoreScan
-from libstore.store.blobs import BlobRef, check_digest, sha256_bytes, sha256_file
+from libstore.store.blobs import BlobRef, check_digest, sha256_bytes
 from libstore.store.leftovers import Leftover
 from libstore.types import StagedBlob
 
@@ -92,6 +93,7 @@ class ObjectBlobStore:
         self.cache = cache
         self.claims = claims
         self._client: S3Client | None = client
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ObjectBlobStore({self.url!r})"
@@ -100,6 +102,10 @@ class ObjectBlobStore:
     def client(self) -> S3Client:
         """The client, made on first use, after one check that the bucket exists and lets us in (an
         S3 server may otherwise create a missing bucket on the first put)."""
+        with self._lock:  # one client (and one bucket check) for all the threads of a fetch
+            return self._connect()
+
+    def _connect(self) -> S3Client:
         if self._client is None:
             with self._errors("connect to"):
                 client = make_client()
@@ -224,9 +230,14 @@ class ObjectBlobStore:
         wanted = [sha for sha in dict.fromkeys(sha256s) if self.cache.hit(sha) is None]
         if not wanted:
             return
-        with cf.ThreadPoolExecutor(max_workers=min(WORKERS, len(wanted))) as pool:
+        from tqdm.auto import tqdm
+
+        with (
+            cf.ThreadPoolExecutor(max_workers=min(WORKERS, len(wanted))) as pool,
+            tqdm(total=len(wanted), unit="blob", desc="fetching", disable=None, leave=False) as bar,
+        ):
             for _ in pool.map(self.path, wanted):
-                pass
+                bar.update()
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path(sha256), "rb")
@@ -302,13 +313,7 @@ class ObjectBlobStore:
             if not self.claim(staged.sha256):
                 raise self._missing(staged.sha256)
             return BlobRef(staged.sha256, staged.size)
-        if sha256_file(tmp) != staged.sha256:
-            raise IntegrityError(
-                f"the staged copy {tmp} no longer hashes to {staged.sha256}; nothing was stored",
-                sha256=staged.sha256,
-                path=str(tmp),
-            )
-        with open(tmp, "rb") as f:
+        with open(tmp, "rb") as f:  # hashed as it was staged (a read-only temp only we name)
             self._upload(staged.sha256, staged.size, f)
         self.cache.adopt(staged)
         return BlobRef(staged.sha256, staged.size)
