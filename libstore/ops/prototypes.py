@@ -237,6 +237,7 @@ def router_sets(
             }
     from libstore.store.safetensors_io import load_tensors
 
+    ctx.blobs.fetch(have[e.sha256] for e in experts if e.sha256 not in out)  # in parallel
     for e in experts:
         if e.sha256 not in out:
             names = [k for m in sorted(e.modules) for k in (f"vectors::{m}", f"values::{m}")]
@@ -393,6 +394,7 @@ def load(
     if compute_missing:
         ensure(ctx, experts, spec, default_device(device), DEFAULT_BATCH_BYTES)
     blobs = _cached(ctx, experts, spec)
+    ctx.blobs.fetch(blobs.values())  # a team library downloads them in parallel
     wanted = None if modules is None else list(modules)
     out: dict[str, ExpertPrototypes] = {}
     for e in experts:
