@@ -155,6 +155,18 @@ def test_one_catalog_has_one_blob_store(team: tuple[Library, Library], tmp_path:
         Library.init(tmp_path / "bad", blob_store="http://x")
 
 
+def test_blob_store_not_set_over_folder_blobs(
+    tmp_path: Path, pg_url: str, s3_url: str, base_dir: Path
+) -> None:
+    solo = Library.init(tmp_path / "solo", db_url=pg_url)
+    solo.add_base("tiny", str(base_dir))
+    solo.add(make_adapter(base_dir, tmp_path / "src", seed=1), name="a", kind="task")
+    with pytest.raises(ValidationError, match="blobs migrate"):
+        Library.init(tmp_path / "second", db_url=pg_url, blob_store=s3_url)
+    assert not (tmp_path / "second").exists() and not solo.context.blobs.shared
+    solo.close()
+
+
 def test_cache_is_bounded_lru_and_cli_lists_sizes_clears(
     team: tuple[Library, Library], tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,10 +18,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from libstore.catalog.engine import translate_errors
-from libstore.catalog.models import BlobClaimRow, SettingRow
+from libstore.catalog.models import BlobClaimRow, BlobRow, SettingRow
 
 #: The settings key of the blob store URL (absent: each library folder holds its own blobs).
 BLOB_STORE = "blob_store"
+
+
+def has_blobs(session: Session) -> bool:
+    """True if the catalog records any blob (a library folder holds it, unless a blob store is set)."""
+    return session.scalar(select(BlobRow.sha256).limit(1)) is not None
 
 
 def get_setting(session: Session, key: str) -> str | None:

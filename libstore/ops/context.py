@@ -157,6 +157,12 @@ def _record_blob_store(catalog: Catalog, url: str) -> None:
                 f"blob store: leave out --blob-store (or use {current})",
                 field="blob_store",
             )
+        if current is None and team.has_blobs(s):
+            raise ValidationError(
+                f"this catalog's experts keep their blobs in a library folder; move them to {url} from "
+                f"that library with: libstore blobs migrate --to {url}",
+                field="blob_store",
+            )
         team.set_setting(s, team.BLOB_STORE, url)
 
 

@@ -14,6 +14,7 @@ only costs downloads.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class BlobCache:
     def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
         self.store = BlobStore(root)
         self.max_bytes = max_bytes
+        #: bytes cached as this process last counted them plus its fills since (None: not counted
+        #: yet): a fill scans the folder only when this goes over the limit
+        self._bytes: int | None = None
+        self._lock = threading.Lock()
 
     @property
     def root(self) -> Path:
@@ -59,7 +64,10 @@ class BlobCache:
     def adopt(self, staged: StagedBlob) -> Path:
         """Move a hash-checked staged copy (of this cache's store) in; evicts to the limit."""
         ref = self.store.commit_staged(staged)
-        self.evict(keep={ref.sha256})
+        with self._lock:
+            self._bytes = self.stats().bytes if self._bytes is None else self._bytes + ref.size
+            if self._bytes > self.max_bytes:
+                self.evict(keep={ref.sha256})
         return self.store.path(ref.sha256)
 
     def stats(self) -> CacheStats:
@@ -78,6 +86,7 @@ class BlobCache:
             if self.store.delete(entry.sha256):
                 total -= entry.size
                 gone.append(entry.sha256)
+        self._bytes = total
         return gone
 
     def clear(self) -> CacheStats:
@@ -87,4 +96,5 @@ class BlobCache:
         for entry in stats.entries:
             self.store.delete(entry.sha256)
         self.store.remove_temp_files()
+        self._bytes = None
         return stats
