@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from libstore import Library
-from libstore.errors import IntegrityError, StorageError, ValidationError
+from libstore.errors import BlobsRemovedError, IntegrityError, StorageError, ValidationError
 from libstore.ops import gc as gc_mod
 from libstore.ops import team as team_ops
 from libstore.store import blob_cache, object_store
@@ -235,3 +235,13 @@ def test_blobs_migrate_is_resumable_and_verified(
     assert bob.export("t1", tmp_path / "out").is_dir()
     reopened.close()
     bob.close()
+
+
+def test_gc_grace_0_taking_a_staged_copy_is_reported(team: tuple[Library, Library], tmp_path: Path) -> None:
+    _, bob = team
+    (tmp_path / "f.bin").write_bytes(b"staged bytes " * 100)
+    staged = bob.context.blobs.stage_file(tmp_path / "f.bin")
+    bob.gc(grace_s=0)  # collects this folder's staging temp files
+    with pytest.raises(BlobsRemovedError):
+        bob.context.blobs.commit_staged(staged)
+    assert not bob.context.blobs.exists(staged.sha256)

@@ -313,9 +313,17 @@ class ObjectBlobStore:
             if not self.claim(staged.sha256):
                 raise self._missing(staged.sha256)
             return BlobRef(staged.sha256, staged.size)
-        with open(tmp, "rb") as f:  # hashed as it was staged (a read-only temp only we name)
-            self._upload(staged.sha256, staged.size, f)
-        self.cache.adopt(staged)
+        try:
+            with open(tmp, "rb") as f:  # hashed as it was staged (a read-only temp only we name)
+                self._upload(staged.sha256, staged.size, f)
+            self.cache.adopt(staged)
+        except (FileNotFoundError, BlobsRemovedError):
+            raise BlobsRemovedError(
+                f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc on this library folder "
+                f"with a grace period shorter than this operation removed it. Nothing was recorded; run "
+                f"the operation again (and give gc a longer --grace while imports run)",
+                sha256s=(staged.sha256,),
+            ) from None
         return BlobRef(staged.sha256, staged.size)
 
     def discard(self, staged: StagedBlob) -> None:
