@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from libstore import Library
-from libstore.errors import BlobsRemovedError, IntegrityError, StorageError, ValidationError
+from libstore.errors import BlobsRemovedError, IntegrityError, NotFoundError, StorageError, ValidationError
 from libstore.ops import gc as gc_mod
 from libstore.ops import team as team_ops
 from libstore.store import blob_cache, object_store
@@ -245,3 +245,19 @@ def test_gc_grace_0_taking_a_staged_copy_is_reported(team: tuple[Library, Librar
     with pytest.raises(BlobsRemovedError):
         bob.context.blobs.commit_staged(staged)
     assert not bob.context.blobs.exists(staged.sha256)
+
+
+def test_folder_libraries_on_one_catalog_say_what_is_missing(
+    tmp_path: Path, pg_url: str, base_dir: Path
+) -> None:
+    """Without an object store, a blob another folder holds is a NotFoundError (exit 4), not a
+    FileNotFoundError traceback (the issue's first symptom)."""
+    alice = Library.init(tmp_path / "alice", db_url=pg_url)
+    alice.add_base("tiny", str(base_dir))
+    alice.add(make_adapter(base_dir, tmp_path / "src", seed=1), name="a", kind="task")
+    bob = Library.init(tmp_path / "bob", db_url=pg_url)
+    with pytest.raises(NotFoundError) as err:
+        bob.export("a", tmp_path / "out")
+    assert err.value.exit_code == 4 and "is not in the store" in str(err.value)
+    alice.close()
+    bob.close()
