@@ -8,6 +8,8 @@ from pathlib import Path
 DEFAULT_HOME = "~/.libstore"
 CATALOG_FILE = "catalog.db"
 BLOBS_DIR = "blobs"
+#: A team library's per-machine read-through cache of the object store, inside the library folder.
+CACHE_DIR = "cache"
 
 
 def library_path(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -97,3 +99,12 @@ def _positive_float(variable: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise SettingError(f"${variable} must be a positive number, got {text!r}", variable=variable)
     return value
+
+
+DEFAULT_CACHE_MAX_BYTES = 50 << 30
+
+
+def cache_max_bytes() -> int:
+    """Size limit of a team library's local blob cache: ``$LIBSTORE_CACHE_MAX_BYTES``, else 50 GiB
+    (least recently used blobs are evicted beyond it)."""
+    return int(_positive_float("LIBSTORE_CACHE_MAX_BYTES", DEFAULT_CACHE_MAX_BYTES))

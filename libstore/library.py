@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torch and the Hub client load only when an operation needs 
     from libstore.ops.pull import PullReport
     from libstore.ops.push import PushReport
     from libstore.ops.sync import StatusReport
+    from libstore.ops.team import CacheStats, MigrateReport
     from libstore.router.model import RoutedModel
 
 __all__ = ["Library", "PathLike", "Selection"]
@@ -58,9 +59,12 @@ class Library(LowRankMethods, EvalMethods):
     # --- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: PathLike | None = None, *, db_url: str | None = None) -> Library:
-        """Create a library folder (catalog + ``blobs/``) at ``path`` (default: see ``config``)."""
-        return cls(init_library(config.library_path(path), db_url))
+    def init(
+        cls, path: PathLike | None = None, *, db_url: str | None = None, blob_store: str | None = None
+    ) -> Library:
+        """Create a library folder (catalog + ``blobs/``) at ``path`` (default: see ``config``);
+        ``blob_store`` (``s3://bucket/prefix``) records the team's object store in the catalog."""
+        return cls(init_library(config.library_path(path), db_url, blob_store))
 
     @classmethod
     def open(cls, path: PathLike | None = None, *, db_url: str | None = None) -> Library:
@@ -230,6 +234,27 @@ class Library(LowRankMethods, EvalMethods):
         from libstore.ops.maintenance import DEFAULT_GRACE_S
 
         return gc(self._ctx, dry_run=dry_run, grace_s=DEFAULT_GRACE_S if grace_s is None else grace_s)
+
+    # --- team libraries (issue 14) -----------------------------------------------------------
+
+    def cache_stats(self) -> CacheStats:
+        """This machine's cache of the team's object store (entries least recently used first)."""
+        from libstore.ops.team import cache_stats
+
+        return cache_stats(self._ctx)
+
+    def cache_clear(self) -> CacheStats:
+        """Empty this machine's cache of the object store; returns what it held. Nothing shared changes."""
+        from libstore.ops.team import cache_clear
+
+        return cache_clear(self._ctx)
+
+    def migrate_blobs(self, to: str) -> MigrateReport:
+        """Move this library's blobs to the object store ``to`` (``s3://bucket/prefix``) and record it
+        in the catalog: resumable, every blob hash-checked before upload and listed after."""
+        from libstore.ops.team import migrate_blobs
+
+        return migrate_blobs(self._ctx, to=to)
 
     # --- Hub sync (issue 6) ----------------------------------------------------------------
     # Imported per call: opening a library must not pay for the Hub client.

@@ -26,6 +26,24 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One SeaweedFS S3 server for the session (see tests/s3_support.py)."""
+    from tests.s3_support import start_seaweedfs
+
+    yield from start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+    """A fresh ``s3://bucket/prefix``, with this process's AWS variables pointing at the server."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return str(s3_server.new_url())
 
 
 def _pg_schema_url() -> Iterator[str]:

@@ -3,8 +3,9 @@
 Every module of the package is scanned, absolute and relative imports alike, type-only imports too
 (a ``TYPE_CHECKING`` import is still a dependency a reader has to follow). Besides the libstore
 modules each layer may use, the libraries that define a layer stay inside it: SQLAlchemy, Alembic
-and the ORM rows (``catalog/models.py``) in ``catalog/``, ``huggingface_hub`` in ``hub/``. The CLI's
-torch-free commands are checked by running them (``test_cli_*::*do_not_import_torch``).
+and the ORM rows (``catalog/models.py``) in ``catalog/``, ``huggingface_hub`` in ``hub/``, boto3 in
+``store/``. The CLI's torch-free commands are checked by running them
+(``test_cli_*::*do_not_import_torch``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ OWNED_BY = {
     "sqlalchemy": "catalog",
     "alembic": "catalog",
     "huggingface_hub": "hub",
+    "boto3": "store",
+    "botocore": "store",
+    "mypy_boto3_s3": "store",
     "libstore.catalog.models": "catalog",
 }
 

@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -25,6 +26,7 @@ from libstore.catalog.models import Base
 from libstore.errors import HubError, LibstoreError
 from libstore.ops import push
 from tests import hub_support as support
+from tests.factories import make_adapter
 from tests.hub_support import REPO
 from tests.hubserver import HubServer, client_env, patch_hf_client, skip_client_backoff
 
@@ -199,3 +201,50 @@ def test_token_stays_secret_in_the_cli(locked_hub: HubServer, base_dir: Path, tm
     for f in _files_of(tmp_path / "lib"):
         assert SECRET.encode() not in f.read_bytes() and WRONG.encode() not in f.read_bytes(), f
     _clean(_server_text(locked_hub), "what was pushed")
+
+
+@pytest.mark.postgres
+def test_object_store_secret_and_db_password_stay_secret(
+    pg_url: str, s3_url: str, s3_server: Any, base_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A team library: the S3 secret (from the AWS environment) and a password in ``--db`` never
+    reach the CLI's output, an error, the logs, the catalog or a file of the library folders."""
+    from click.testing import CliRunner
+
+    from libstore.cli import cli
+    from tests.s3_support import SECRET_KEY
+
+    caplog.set_level(logging.DEBUG)
+    password = "PgPassw0rd-LibstoreSecrets"
+    db = pg_url.replace("postgres@", f"postgres:{password}@")  # the test server trusts, ignores it
+    needles = (SECRET_KEY, password)
+    runner = CliRunner()
+    outputs = []
+
+    def run(*args: str, env: dict[str, str] | None = None) -> int:
+        result = runner.invoke(cli, ["--db", db, *args], env=env)
+        outputs.append(result.output + (result.stderr or "") + repr(result.exception))
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            outputs.append(_exception_text(result.exception))
+        return result.exit_code
+
+    adapter = make_adapter(base_dir, tmp_path / "src" / "a", seed=1)
+    assert run("init", str(tmp_path / "m1"), "--blob-store", s3_url) == 0
+    assert run("-L", str(tmp_path / "m1"), "base", "add", "tiny", "--from", str(base_dir)) == 0
+    assert run("-L", str(tmp_path / "m1"), "add", str(adapter), "--name", "a") == 0
+    assert run("init", str(tmp_path / "m2")) == 0
+    wrong = {"AWS_SECRET_ACCESS_KEY": SECRET_KEY[:-2] + "xx"}
+    assert run("-L", str(tmp_path / "m2"), "export", "a", str(tmp_path / "out"), env=wrong) == 13
+    bad_db = db.replace("/test", "/no_such_database_here")
+    assert run("-L", str(tmp_path / "m2"), "--db", bad_db, "ls") != 0
+    assert run("-L", str(tmp_path / "m2"), "export", "a", str(tmp_path / "out")) == 0
+    assert run("-L", str(tmp_path / "m2"), "verify") == 0
+    texts = [*outputs, caplog.text]
+    lib = Library.open(tmp_path / "m2", db_url=pg_url)
+    texts.append(_catalog_text(lib))
+    lib.close()
+    for folder in ("m1", "m2"):
+        texts += [p.read_bytes().decode("latin-1") for p in _files_of(tmp_path / folder)]
+    for text in texts:
+        for needle in needles:
+            assert needle not in text

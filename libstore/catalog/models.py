@@ -376,3 +376,23 @@ class EvaluationExpertRow(Base):
     expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="SET NULL"), index=True)
     expert_name: Mapped[str] = mapped_column(String(NAME_LEN))
     expert_sha256: Mapped[str] = mapped_column(String(SHA_LEN))
+
+
+class SettingRow(Base):
+    """A library-wide setting every machine on this catalog reads (e.g. ``blob_store``, the object
+    store URL). Never a secret: credentials come from each machine's environment."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    value: Mapped[str] = mapped_column(String(1024))
+
+
+class BlobClaimRow(Base):
+    """A claim on an object-store blob (epoch seconds): gc on any machine keeps an unreferenced blob
+    claimed within its grace period. The local folder store keeps its claims in file times instead."""
+
+    __tablename__ = "blob_claims"
+
+    sha256: Mapped[str] = mapped_column(String(SHA_LEN), primary_key=True)
+    claimed_at: Mapped[float] = mapped_column(Float)

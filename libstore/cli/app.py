@@ -86,9 +86,9 @@ def cli(ctx: click.Context, library: str | None, db_url: str | None) -> None:
 
 
 def _register() -> None:
-    from libstore.cli import base, clusters, db, eval, experts, hub, lowrank, maintenance, route
+    from libstore.cli import base, clusters, db, eval, experts, hub, lowrank, maintenance, route, team
 
-    for module in (experts, base, db, lowrank, clusters, hub, maintenance, route, eval):
+    for module in (experts, base, db, lowrank, clusters, hub, maintenance, route, eval, team):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -23,19 +23,28 @@ KIND = click.Choice(EXPERT_KINDS)
 
 @click.command()
 @click.argument("path", required=False)
+@click.option(
+    "--blob-store",
+    metavar="URL",
+    help="Keep blobs in this object store (s3://BUCKET/PREFIX), recorded in the catalog for the team; "
+    "endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...).",
+)
 @click.pass_obj
-def init(state: State, path: str | None) -> None:
+def init(state: State, path: str | None, blob_store: str | None) -> None:
     """Create a library: PATH/catalog.db (SQLite, unless --db) and PATH/blobs/.
+
+    On a catalog that names an object store (a team library), the new library uses it.
 
     \b
     Example:
       libstore init ./mylib
-      libstore --db postgresql+psycopg://me@db/team init ./mylib
+      libstore --db postgresql+psycopg://me@db/team init ./mylib --blob-store s3://team-bucket/lib
     """
     from libstore.library import Library
 
-    lib = Library.init(path or state.library_path, db_url=state.db_url)
-    click.echo(f"Initialised library at {lib.path}")
+    lib = Library.init(path or state.library_path, db_url=state.db_url, blob_store=blob_store)
+    where = f" (blobs in {lib.context.blobs.location})" if lib.context.blobs.shared else ""
+    click.echo(f"Initialised library at {lib.path}{where}")
     lib.close()
 
 

@@ -286,6 +286,7 @@ def similarity_matrix(
 
     budget = STREAM_BYTES if budget_bytes is None else budget_bytes
     n = len(experts)
+    ctx.blobs.fetch(e.sha256 for e in experts)  # a team library downloads them in parallel
     if metric == "flat":
         widths = {m: s.rank * (s.in_features + s.out_features) for m, s in experts[0].modules.items()}
         groups = module_groups(widths, n, budget)

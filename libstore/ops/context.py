@@ -14,12 +14,25 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from libstore import config
+from libstore.catalog import team
 from libstore.catalog.engine import Catalog, translate_errors
 from libstore.catalog.migrate import current_revision, ensure_current, head_revision
-from libstore.errors import LibraryExistsError, LibraryNotFoundError, LibstoreError, SchemaError, StorageError
+from libstore.errors import (
+    LibraryExistsError,
+    LibraryNotFoundError,
+    LibstoreError,
+    SchemaError,
+    StorageError,
+    ValidationError,
+)
+from libstore.store.backend import BlobBackend
 from libstore.store.blobs import BlobStore
+
+if TYPE_CHECKING:
+    from libstore.store.object_store import ObjectBlobStore
 
 MARKER = "library.json"
 #: The folder layout this libstore writes and reads; a newer one is refused on open.
@@ -33,7 +46,7 @@ class Context:
 
     path: Path
     catalog: Catalog
-    blobs: BlobStore
+    blobs: BlobBackend
 
     def close(self) -> None:
         self.catalog.dispose()
@@ -81,17 +94,23 @@ def read_marker(path: Path) -> dict[str, object]:
     return data
 
 
-def init_library(path: Path, db_url: str | None = None) -> Context:
+def init_library(path: Path, db_url: str | None = None, blob_store: str | None = None) -> Context:
     """Create the folder layout and the catalog schema (by running every migration).
 
-    All or nothing: if the folder cannot be written or the catalog cannot be created, whatever this
-    call made is removed again and the error says why.
+    ``blob_store`` (``s3://bucket/prefix``) makes it a team library: the URL is recorded in the
+    catalog, and every library later opened on that catalog uses it. A catalog that already names
+    another blob store is refused. All or nothing: if the folder cannot be written or the catalog
+    cannot be created, whatever this call made is removed again and the error says why.
     """
     path = Path(path)
     if (path / MARKER).exists():
         raise LibraryExistsError(
             f"{path} already holds a library; open it with Library.open or libstore -L {path}", path=str(path)
         )
+    if blob_store is not None:
+        from libstore.store.object_store import parse_url
+
+        parse_url(blob_store)
     catalog = Catalog(config.db_url(path, db_url))  # a bad URL or missing driver fails here, before any write
     made: list[Path] = []
     try:
@@ -102,6 +121,8 @@ def init_library(path: Path, db_url: str | None = None) -> Context:
         _write_file(staged, (json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n").encode())
         _made_by_catalog(catalog, path, made)
         _upgrade(catalog)
+        if blob_store is not None:
+            _record_blob_store(catalog, blob_store)
         os.replace(staged, path / MARKER)
     except BaseException as e:
         catalog.dispose()
@@ -109,7 +130,7 @@ def init_library(path: Path, db_url: str | None = None) -> Context:
         if isinstance(e, OSError) and not isinstance(e, LibstoreError):
             raise _folder_error(path, e, "create a library in") from None
         raise
-    return Context(path=path, catalog=catalog, blobs=BlobStore(path / config.BLOBS_DIR))
+    return Context(path=path, catalog=catalog, blobs=_blob_backend(path, catalog))
 
 
 def open_library(path: Path, db_url: str | None = None) -> Context:
@@ -119,10 +140,54 @@ def open_library(path: Path, db_url: str | None = None) -> Context:
     catalog = Catalog(config.db_url(path, db_url))
     try:
         _upgrade(catalog)
+        blobs = _blob_backend(path, catalog)
     except BaseException:
         catalog.dispose()
         raise
-    return Context(path=path, catalog=catalog, blobs=BlobStore(path / config.BLOBS_DIR))
+    return Context(path=path, catalog=catalog, blobs=blobs)
+
+
+def _record_blob_store(catalog: Catalog, url: str) -> None:
+    """Record the team's object store in the catalog (the same URL again is fine)."""
+    with catalog.write() as s:
+        current = team.get_setting(s, team.BLOB_STORE)
+        if current is not None and current != url:
+            raise ValidationError(
+                f"this catalog's libraries already keep their blobs in {current}; one catalog has one "
+                f"blob store: leave out --blob-store (or use {current})",
+                field="blob_store",
+            )
+        if current is None and team.has_blobs(s):
+            raise ValidationError(
+                f"this catalog's experts keep their blobs in a library folder; move them to {url} from "
+                f"that library with: libstore blobs migrate --to {url}",
+                field="blob_store",
+            )
+        team.set_setting(s, team.BLOB_STORE, url)
+
+
+def _blob_backend(path: Path, catalog: Catalog) -> BlobBackend:
+    """The library folder's own blob store, or the object store the catalog names (read through
+    this folder's cache)."""
+    with catalog.read() as s:
+        url = team.get_setting(s, team.BLOB_STORE)
+    if url is None:
+        return BlobStore(path / config.BLOBS_DIR)
+    return object_backend(path, catalog, url)
+
+
+def object_backend(path: Path, catalog: Catalog, url: str) -> ObjectBlobStore:
+    """The object store at ``url`` as this library folder sees it: through its own cache, with its
+    claims in ``catalog``."""
+    from libstore.store.blob_cache import BlobCache
+    from libstore.store.object_store import ObjectBlobStore
+
+    try:
+        limit = config.cache_max_bytes()
+    except config.SettingError as e:
+        raise ValidationError(str(e), field=e.variable) from None
+    cache = BlobCache(path / config.CACHE_DIR, limit)
+    return ObjectBlobStore(url, cache, team.ClaimLedger(catalog.engine, catalog.location))
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,7 @@ def _compute_residuals(
     from libstore.lowrank.gks import subtract_general_delta, subtract_general_param
     from libstore.ops.tensors import load_expert_tensors
 
+    ctx.blobs.fetch(e.sha256 for e in [*gen, *(p.expert for p in plans)])
     gen_t = [load_expert_tensors(ctx, g, device=device, dtype=torch.float32) for g in gen]
     with torch.no_grad():
         for p in plans:
@@ -494,6 +495,7 @@ def _compute_merge(
     from libstore.lowrank.merge import merge_delta
     from libstore.ops.tensors import load_expert_tensors
 
+    ctx.blobs.fetch(e.sha256 for e in experts)
     tensors = [load_expert_tensors(ctx, e, device=device, dtype=torch.float32) for e in experts]
     modules = sorted(experts[0].modules)
     with torch.no_grad():

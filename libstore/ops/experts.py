@@ -451,7 +451,8 @@ def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:
     """Copy a blob to ``target`` atomically, checking its hash on the way out."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        shutil.copyfile(ctx.blobs.path(f.sha256), tmp)
+        with ctx.blobs.open(f.sha256) as src, open(tmp, "wb") as out:  # a missing blob: NotFoundError
+            shutil.copyfileobj(src, out, 1 << 20)
         if sha256_file(tmp) != f.sha256:
             raise IntegrityError(
                 f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify",

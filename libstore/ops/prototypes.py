@@ -205,6 +205,7 @@ def ensure(
     from libstore.ops.tensors import load_expert_tensors
 
     todo = _todo(experts, _cached(ctx, experts, spec), spec)
+    ctx.blobs.fetch(e.sha256 for e in todo)
     calls = 0
     for chunk in _chunks(todo, batch_bytes):
         results, n_calls = _compute(chunk, spec, device, lambda e: load_expert_tensors(ctx, e, device=device))
@@ -247,6 +248,7 @@ def router_sets(
             }
     from libstore.store.safetensors_io import load_tensors
 
+    ctx.blobs.fetch(have[e.sha256] for e in experts if e.sha256 not in out)  # in parallel
     for e in experts:
         if e.sha256 not in out:
             names = [k for m in sorted(e.modules) for k in (f"vectors::{m}", f"values::{m}")]
@@ -399,6 +401,7 @@ def load(
     if compute_missing:
         ensure(ctx, experts, spec, default_device(options.device), DEFAULT_BATCH_BYTES)
     blobs = _cached(ctx, experts, spec)
+    ctx.blobs.fetch(blobs.values())  # a team library downloads them in parallel
     wanted = None if modules is None else list(modules)
     out: dict[str, ExpertPrototypes] = {}
     for e in experts:

@@ -315,7 +315,7 @@ def _holds(ctx: Context, rf: RemoteFile | None, sha256: str, size: int) -> bool:
 
 def _uploads(ctx: Context, new: Manifest, remote_files: Mapping[str, RemoteFile]) -> tuple[list[Upload], int]:
     """Files of the new manifest whose content the remote lacks, as (path, blob, sha256)."""
-    adds: list[Upload] = []
+    wanted: list[tuple[str, str]] = []
     n_protos = 0
     for path, f in sorted(new.files().items()):
         if _holds(ctx, remote_files.get(path), f.sha256, f.size):
@@ -327,9 +327,11 @@ def _uploads(ctx: Context, new: Manifest, remote_files: Mapping[str, RemoteFile]
                 sha256=f.sha256,
                 path=path,
             )
-        adds.append((path, ctx.blobs.path(f.sha256), f.sha256))
+        wanted.append((path, f.sha256))
         if path.startswith("prototypes/"):
             n_protos += 1
+    ctx.blobs.fetch(sha for _, sha in wanted)  # a team library downloads them in parallel
+    adds: list[Upload] = [(path, ctx.blobs.path(sha), sha) for path, sha in wanted]
     return adds, n_protos
 
 

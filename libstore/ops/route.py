@@ -75,6 +75,7 @@ def routed_model(
     _check_identity(model, base_rec, allow_base_mismatch)
     target = torch.device(device if device is not None else _model_device(model))
 
+    ctx.blobs.fetch(e.sha256 for e in [*chosen, *gen])  # a team library downloads them in parallel
     loaded = {e.sha256: load_expert_tensors(ctx, e) for e in chosen}  # each blob read once
     tensors = [ExpertTensors(e.name, e.scale, loaded[e.sha256]) for e in chosen]
     general_tensors = [ExpertTensors(g.name, g.scale, load_expert_tensors(ctx, g)) for g in gen]

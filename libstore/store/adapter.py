@@ -27,7 +27,7 @@ from libstore.errors import (
     UnsafeFileError,
     ValidationError,
 )
-from libstore.store.blobs import BlobStore
+from libstore.store.backend import BlobBackend
 from libstore.store.safetensors_io import (
     FLOAT_DTYPE_NAMES,
     SafetensorsHeader,
@@ -136,7 +136,7 @@ def validate_name(name: str) -> str:
 def read_adapter(
     folder: str | os.PathLike[str],
     *,
-    into: BlobStore,
+    into: BlobBackend,
     allow_nonfinite: bool = False,
     max_file_bytes: int | None = None,
 ) -> AdapterFile:
@@ -181,7 +181,7 @@ def read_adapter(
 
 
 def read_stored_adapter(
-    blobs: BlobStore,
+    blobs: BlobBackend,
     config_sha256: str,
     weights_sha256: str,
     *,

@@ -111,6 +111,17 @@ class BlobStore(BlobUpkeep):
     def __repr__(self) -> str:
         return f"BlobStore({str(self.root)!r})"
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    def fetch(self, sha256s: Iterable[str]) -> None:
+        """Nothing to fetch: every blob of this store is a local file already."""
+
     # --- addressing --------------------------------------------------------------------------
 
     @property
@@ -324,6 +335,37 @@ class BlobStore(BlobUpkeep):
                 path=str(src),
             )
         return StagedBlob(path=str(tmp), sha256=digest, size=size)
+
+    def stage_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str, what: str) -> StagedBlob:
+        """Write ``chunks`` (a download) to a staged temp file while hashing them; bytes that hash
+        to anything but ``expected_sha256`` raise :class:`IntegrityError` and leave no temp file."""
+        check_digest(expected_sha256)
+        tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, what)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with out:
+                for chunk in chunks:
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o444)
+        except BaseException as e:
+            _remove_temp(tmp)
+            if isinstance(e, OSError):
+                raise self._storage_error(e, f"copy {what}") from e
+            raise
+        if h.hexdigest() != expected_sha256:
+            _remove_temp(tmp)
+            raise IntegrityError(
+                f"{what} has sha256 {h.hexdigest()} but {expected_sha256} was expected: the server "
+                f"returned wrong bytes; nothing was stored",
+                sha256=expected_sha256,
+                path=what,
+            )
+        return StagedBlob(path=str(tmp), sha256=expected_sha256, size=size)
 
     def commit_staged(self, staged: StagedBlob) -> BlobRef:
         """Move a staged copy to its content address; if that blob is already stored, claim it and
