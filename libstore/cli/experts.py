@@ -168,8 +168,7 @@ def ls(
         echo_json(experts)
     elif full:
         echo_table_stream(
-            [*_COLUMNS[:4], "modules", *_COLUMNS[4:]],
-            ([*_row(e)[:4], len(e.modules), *_row(e)[4:]] for e in experts if isinstance(e, Expert)),
+            [*_COLUMNS, "modules"], ([*_row(e), len(e.modules)] for e in experts if isinstance(e, Expert))
         )
     else:
         echo_table_stream(_COLUMNS, (_row(e) for e in experts))
