@@ -114,6 +114,8 @@ def start_seaweedfs(folder: Path) -> Iterator[S3Server]:
         "-master.volumeSizeLimitMB=256",
         "-s3",
         f"-s3.port={ports[3]}",
+        "-s3.port.iceberg=0",  # fixed default ports: two servers (pytest -n 2) would clash
+        "-s3.port.lance=0",
         f"-s3.config={identities}",
     ]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
