@@ -114,6 +114,8 @@ def start_seaweedfs(folder: Path) -> Iterator[S3Server]:
         "-master.volumeSizeLimitMB=256",
         "-s3",
         f"-s3.port={ports[3]}",
+        "-s3.port.iceberg=0",  # fixed default ports: two servers (pytest -n 2) would clash
+        "-s3.port.lance=0",
         f"-s3.config={identities}",
         # the Iceberg and Lance listeners default to fixed ports (8181, 9101): two servers (xdist
         # workers, or another checkout's tests) would collide there, and the tests need neither

@@ -4,7 +4,8 @@ output, the catalog (SQLite file bytes, WAL included, or every PostgreSQL row), 
 library, or anything pushed to the server (manifest, model card, expert files).
 
 ``test_hub_sync.py::test_token_never_leaks`` covers the basic push/pull paths; this file adds the
-stored-login token, ``status``/``import-hub``, PostgreSQL, the CLI, and the server's own copy.
+stored-login token, ``status``/``import-hub``, PostgreSQL, the CLI, and the server's own copy; and,
+for a team library, the object store's secret key and a password in ``--db``.
 """
 
 from __future__ import annotations
