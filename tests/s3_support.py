@@ -117,10 +117,6 @@ def start_seaweedfs(folder: Path) -> Iterator[S3Server]:
         "-s3.port.iceberg=0",  # fixed default ports: two servers (pytest -n 2) would clash
         "-s3.port.lance=0",
         f"-s3.config={identities}",
-        # the Iceberg and Lance listeners default to fixed ports (8181, 9101): two servers (xdist
-        # workers, or another checkout's tests) would collide there, and the tests need neither
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
     ]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

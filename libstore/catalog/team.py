@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from libstore.catalog.engine import translate_errors
@@ -55,6 +54,8 @@ class ClaimLedger:
         rows = [{"sha256": sha, "claimed_at": at} for sha in sorted(set(sha256s))]
         if not rows:
             return
+        from sqlalchemy.dialects import postgresql, sqlite  # upserts are per dialect; a heavy import
+
         dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
         stmt = dialect.insert(BlobClaimRow).values(rows)
         stmt = stmt.on_conflict_do_update(
