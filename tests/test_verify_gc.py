@@ -537,3 +537,24 @@ def test_gc_settles_tombstones_left_by_a_crash(library: Library) -> None:
 def test_gc_rejects_a_negative_grace(library: Library) -> None:
     with pytest.raises(ValueError, match="grace"):
         library.gc(grace_s=-1)
+
+
+def test_repair_on_a_folder_library_sharing_a_catalog_keeps_the_others_rows(
+    library: Library, base_dir: Path, tmp_path: Path
+) -> None:
+    """Alice's experts and prototype caches are in one catalog that Bob's library folder opens too
+    (issue 14: Bob's ``verify --repair`` deleted Alice's caches). Bob's folder lacks Alice's blobs, so
+    his verify reports them missing, but his repair changes no shared row; Alice's library still
+    verifies clean."""
+    _stock(library, base_dir, tmp_path)
+    caches = library.prototype_cache()
+    assert caches
+    bob = Library.init(tmp_path / "bob", db_url=library.context.catalog.url)
+    report = bob.verify()
+    assert {type(p).__name__ for p in report.errors} == {"MissingBlob"}
+    repaired = bob.verify(repair=True)
+    assert repaired.repairs and not any(r.fixed for r in repaired.repairs if r.problem.severity == "error")
+    assert all("shares its catalog" in r.action for r in repaired.repairs if r.problem.severity == "error")
+    bob.close()
+    assert library.prototype_cache() == caches
+    assert library.verify().ok

@@ -21,6 +21,9 @@ from libstore.catalog.models import BlobClaimRow, BlobRow, SettingRow
 
 #: The settings key of the blob store URL (absent: each library folder holds its own blobs).
 BLOB_STORE = "blob_store"
+#: The settings key of the library (its ``library.json`` id) whose folder holds the blobs of a catalog
+#: without a blob store; another folder library opened on that catalog holds only what it imported.
+FOLDER_OWNER = "folder_blobs_library"
 
 
 def has_blobs(session: Session) -> bool:
@@ -30,6 +33,11 @@ def has_blobs(session: Session) -> bool:
 
 def get_setting(session: Session, key: str) -> str | None:
     return session.scalar(select(SettingRow.value).where(SettingRow.key == key))
+
+
+def settings(session: Session) -> dict[str, str]:
+    """Every setting (one statement: opening a library reads them all at once)."""
+    return {k: v for k, v in session.execute(select(SettingRow.key, SettingRow.value))}
 
 
 def set_setting(session: Session, key: str, value: str) -> None:

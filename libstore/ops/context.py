@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,9 @@ class Context:
     path: Path
     catalog: Catalog
     blobs: BlobBackend
+    #: Whether every blob the catalog references belongs in ``blobs``: false only for a folder library
+    #: on a catalog whose blobs are another library's folder (a blob missing here is not lost).
+    blobs_complete: bool = True
 
     def close(self) -> None:
         self.catalog.dispose()
@@ -118,11 +122,15 @@ def init_library(path: Path, db_url: str | None = None, blob_store: str | None =
         _make_dirs(path / config.BLOBS_DIR, made)
         staged = path / f".{MARKER}.tmp-{os.getpid()}"
         made.append(staged)
-        _write_file(staged, (json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n").encode())
+        library_id = uuid.uuid4().hex
+        marker = {"format": FORMAT_VERSION, "id": library_id}
+        _write_file(staged, (json.dumps(marker, indent=2) + "\n").encode())
         _made_by_catalog(catalog, path, made)
         _upgrade(catalog)
         if blob_store is not None:
             _record_blob_store(catalog, blob_store)
+        else:
+            _claim_folder_blobs(catalog, library_id)
         os.replace(staged, path / MARKER)
     except BaseException as e:
         catalog.dispose()
@@ -130,21 +138,33 @@ def init_library(path: Path, db_url: str | None = None, blob_store: str | None =
         if isinstance(e, OSError) and not isinstance(e, LibstoreError):
             raise _folder_error(path, e, "create a library in") from None
         raise
-    return Context(path=path, catalog=catalog, blobs=_blob_backend(path, catalog))
+    blobs, complete = _blob_backend(path, catalog, library_id)
+    return Context(path, catalog, blobs, complete)
 
 
 def open_library(path: Path, db_url: str | None = None) -> Context:
     """Open an existing library, upgrading its catalog schema if an older libstore created it."""
     path = Path(path)
-    read_marker(path)
+    library_id = read_marker(path).get("id")
     catalog = Catalog(config.db_url(path, db_url))
     try:
         _upgrade(catalog)
-        blobs = _blob_backend(path, catalog)
+        blobs, complete = _blob_backend(path, catalog, library_id if isinstance(library_id, str) else None)
     except BaseException:
         catalog.dispose()
         raise
-    return Context(path=path, catalog=catalog, blobs=blobs)
+    return Context(path, catalog, blobs, complete)
+
+
+def _claim_folder_blobs(catalog: Catalog, library_id: str) -> None:
+    """The first folder library on a catalog without a blob store is the one whose folder holds its
+    blobs; later ones (a shared catalog over folders) hold only what they import themselves."""
+    with catalog.write() as s:
+        unclaimed = (
+            team.get_setting(s, team.BLOB_STORE) is None and team.get_setting(s, team.FOLDER_OWNER) is None
+        )
+        if unclaimed and not team.has_blobs(s):  # a catalog of before this setting: nobody is a guest
+            team.set_setting(s, team.FOLDER_OWNER, library_id)
 
 
 def _record_blob_store(catalog: Catalog, url: str) -> None:
@@ -166,14 +186,17 @@ def _record_blob_store(catalog: Catalog, url: str) -> None:
         team.set_setting(s, team.BLOB_STORE, url)
 
 
-def _blob_backend(path: Path, catalog: Catalog) -> BlobBackend:
+def _blob_backend(path: Path, catalog: Catalog, library_id: str | None) -> tuple[BlobBackend, bool]:
     """The library folder's own blob store, or the object store the catalog names (read through
-    this folder's cache)."""
+    this folder's cache); and whether every blob the catalog references belongs in it (not so for a
+    folder library on a catalog whose blobs are another library's folder)."""
     with catalog.read() as s:
-        url = team.get_setting(s, team.BLOB_STORE)
+        found = team.settings(s)
+    url = found.get(team.BLOB_STORE)
     if url is None:
-        return BlobStore(path / config.BLOBS_DIR)
-    return object_backend(path, catalog, url)
+        owner = found.get(team.FOLDER_OWNER)
+        return BlobStore(path / config.BLOBS_DIR), owner is None or owner == library_id
+    return object_backend(path, catalog, url), True
 
 
 def object_backend(path: Path, catalog: Catalog, url: str) -> ObjectBlobStore:

@@ -250,6 +250,13 @@ def _check_files(ctx: Context, e: Expert) -> list[Problem]:
     return out
 
 
+_NOT_HERE = (
+    "nothing: this folder library shares its catalog, so the blob may be in another library's folder; "
+    "the shared rows stay (repair where the blob was stored, or move the team to an object store: "
+    "libstore blobs migrate --to s3://...)"
+)
+
+
 def _repair(
     ctx: Context, problems: list[Problem], leftovers: Mapping[int, tuple[Leftover, bool]], grace_s: float
 ) -> list[Repair]:
@@ -258,7 +265,9 @@ def _repair(
     quarantine: list[CorruptBlob] = []
     with ctx.catalog.write() as s:
         for p in problems:
-            if isinstance(p, MissingBlob | CorruptBlob):
+            if isinstance(p, MissingBlob) and not ctx.blobs_complete:
+                done.append(Repair(p, _NOT_HERE, False))
+            elif isinstance(p, MissingBlob | CorruptBlob):
                 if isinstance(p, CorruptBlob):
                     quarantine.append(p)
                 dropped = cat_maint.drop_caches_of_blob(s, p.sha256)
