@@ -41,7 +41,7 @@ def _now() -> dt.datetime:
 # --- remotes ---------------------------------------------------------------------------------------
 
 
-def to_remote(session: Session, row: RemoteRow) -> Remote:
+def _to_remote(session: Session, row: RemoteRow) -> Remote:
     n = session.scalar(
         select(func.count()).select_from(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id)
     )
@@ -57,7 +57,7 @@ def to_remote(session: Session, row: RemoteRow) -> Remote:
     )
 
 
-def remote_row(session: Session, name: str) -> RemoteRow:
+def _remote_row(session: Session, name: str) -> RemoteRow:
     row = session.scalar(select(RemoteRow).where(RemoteRow.name == name))
     if row is None:
         known = ", ".join(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name))) or "none yet"
@@ -69,10 +69,10 @@ def remote_row(session: Session, name: str) -> RemoteRow:
     return row
 
 
-def resolve_remote(session: Session, name: str | None) -> RemoteRow:
+def resolve_remote(session: Session, name: str | None) -> Remote:
     """The named remote, or when none is named ``origin``, else the only one."""
     if name is not None:
-        return remote_row(session, name)
+        return _to_remote(session, _remote_row(session, name))
     names = list(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name)))
     found = "origin" if "origin" in names else names[0] if len(names) == 1 else None
     if found is None:
@@ -81,10 +81,10 @@ def resolve_remote(session: Session, name: str | None) -> RemoteRow:
             "libstore remote add origin ORG/REPO",
             what="remote",
         )
-    return remote_row(session, found)
+    return _to_remote(session, _remote_row(session, found))
 
 
-def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> RemoteRow:
+def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> Remote:
     if session.scalar(select(RemoteRow.id).where(RemoteRow.name == name)) is not None:
         raise AlreadyExistsError(
             f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})",
@@ -94,20 +94,21 @@ def add_remote(session: Session, *, name: str, repo_id: str, revision: str, priv
     row = RemoteRow(name=name, repo_id=repo_id, revision=revision, private=private)
     session.add(row)
     session.flush()
-    return row
+    return _to_remote(session, row)
 
 
 def list_remotes(session: Session) -> list[Remote]:
-    return [to_remote(session, r) for r in session.scalars(select(RemoteRow).order_by(RemoteRow.name))]
+    return [_to_remote(session, r) for r in session.scalars(select(RemoteRow).order_by(RemoteRow.name))]
 
 
 def remove_remote(session: Session, name: str) -> None:
-    session.delete(remote_row(session, name))
+    session.delete(_remote_row(session, name))
     session.flush()
 
 
-def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
-    """``expert name -> record digest`` both sides had at the last sync."""
+def sync_state(session: Session, remote: str) -> dict[str, str]:
+    """``expert name -> record digest`` both sides had at the last sync with remote ``remote``."""
+    row = _remote_row(session, remote)
     stmt = select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_digest).where(
         RemoteExpertRow.remote_id == row.id
     )
@@ -116,14 +117,16 @@ def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
 
 def record_sync(
     session: Session,
-    row: RemoteRow,
+    remote: str,
     *,
     commit: str,
     digests: Mapping[str, str],
     forget: Iterable[str] = (),
     last_commit: bool = True,
 ) -> None:
-    """Record a finished push or pull: new digests per expert, forgotten names, the commit."""
+    """Record a finished push or pull with remote ``remote``: new digests per expert, forgotten
+    names, the commit."""
+    row = _remote_row(session, remote)
     forget = sorted(set(forget))
     if forget:
         for i in range(0, len(forget), 500):

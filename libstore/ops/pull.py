@@ -106,7 +106,7 @@ def pull(
     revision, experts, token = options.revision, options.experts, options.token
     force, prune = options.force, options.prune
     with ctx.catalog.read() as s:
-        rem = remote_repo.to_remote(s, remote_repo.resolve_remote(s, remote))
+        rem = remote_repo.resolve_remote(s, remote)
     client = HubClient(token=token)
     rev = revision or rem.revision
     commit = client.resolve(rem.repo_id, rev)
@@ -121,7 +121,7 @@ def pull(
         manifest = view.manifest
         _check_remote_files(rem.repo_id, commit, manifest, view.files)
         with ctx.catalog.read() as s:
-            synced = remote_repo.sync_state(s, remote_repo.remote_row(s, rem.name))
+            synced = remote_repo.sync_state(s, rem.name)
             local = local_state(s)
         selection = select_experts(experts, manifest.experts, local.experts)
         remote_d = manifest.digests()
@@ -161,12 +161,11 @@ def pull(
             added, updated, new_clusterings, skipped_clusterings = _apply(
                 s, manifest, entries, removes, protos, source
             )
-            row = remote_repo.remote_row(s, rem.name)
             in_sync = [p.name for p in plans if p.state == "in_sync"]
             digests = {n: remote_d[n] for n in [*fetch, *in_sync]}
             forget = [*removes, *stale_sync_records(local_d, remote_d, synced)]
             remote_repo.record_sync(
-                s, row, commit=commit, digests=digests, forget=forget, last_commit=at_head
+                s, rem.name, commit=commit, digests=digests, forget=forget, last_commit=at_head
             )
     return PullReport(
         remote=rem.name,
