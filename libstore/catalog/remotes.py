@@ -14,13 +14,14 @@ Every function takes an open ``Session``; the caller owns the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from libstore.catalog import repo
+from libstore.catalog import clusterings, repo, tags
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -31,7 +32,7 @@ from libstore.catalog.models import (
     RemoteRow,
 )
 from libstore.errors import AlreadyExistsError, BaseModelMismatchError, NotFoundError
-from libstore.types import BaseModel, Remote
+from libstore.types import ADAPTER_WEIGHTS, BaseModel, Expert, Remote
 
 
 def _now() -> dt.datetime:
@@ -163,28 +164,68 @@ def record_sync(
 # --- what a manifest carries -------------------------------------------------------------------------
 
 
-def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:
-    """The local base model named like ``base``; registered from the record if absent (with the
-    record's ``origin``: where a pull took it from).
+def ensure_base(session: Session, base: BaseModel) -> None:
+    """Make sure the local base model named like ``base`` is that model: registered from the record
+    if absent (with the record's ``origin``: where a pull took it from).
 
     A local base of that name with another config fingerprint is a different model: refused.
     """
     row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
     if row is None:
-        return repo.add_base(session, base)
-    if row.fingerprint != base.fingerprint:
+        repo.add_base(session, base)
+    elif row.fingerprint != base.fingerprint:
         raise BaseModelMismatchError(
             f"the remote's base model {base.name!r} ({base.architecture}, fingerprint "
             f"{base.fingerprint[:12]}) is not this library's {base.name!r} ({row.architecture}, "
             f"fingerprint {row.fingerprint[:12]}); its experts cannot be pulled into this library"
         )
-    return row
 
 
-def same_base(session: Session, base: BaseModel) -> BaseModelRow | None:
-    """The local base model of that name if it is the same model (same fingerprint), else ``None``."""
+def same_base(session: Session, base: BaseModel) -> bool:
+    """Whether the local base model of that name is the same model (same fingerprint)."""
     row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
-    return row if row is not None and row.fingerprint == base.fingerprint else None
+    return row is not None and row.fingerprint == base.fingerprint
+
+
+def put_pulled_expert(session: Session, expert: Expert, *, source: str) -> bool:
+    """Record a pulled, verified ``expert`` (its base registered, its blobs in the store) under its
+    name, replacing the content of a local expert of that name; ``True`` when one was replaced.
+
+    Its base and cluster are looked up by name (a cluster this library lacks is not linked); its
+    lineage is recorded by ``catalog.derivations``. A new expert is stamped now, as any import is.
+    """
+    files = sorted(expert.files, key=lambda f: f.path)
+    weights = next(f for f in files if f.path == ADAPTER_WEIGHTS)
+    base = repo.base_row(session, expert.base_model)
+    cid = clusterings.cluster_id(session, expert.cluster)
+    existed = repo.expert_exists(session, expert.name)
+    if existed:
+        row = repo.expert_row(session, expert.name)
+        repo.replace_files(
+            session,
+            row,
+            files,
+            ADAPTER_WEIGHTS,
+            **repo.expert_columns(expert),
+            base_model=base,
+            cluster_id=cid,
+            source=source,
+        )
+        row.tasks = [tags.task_row(session, t) for t in expert.tasks]
+        row.tags = [tags.tag_row(session, t) for t in expert.tags]
+    else:
+        record = dataclasses.replace(
+            expert,
+            sha256=weights.sha256,
+            bytes=sum(f.size for f in files),
+            files=tuple(files),
+            source=source,
+            lineage=None,
+            created_at=None,
+        )
+        repo.insert_experts(session, [(record, base.id, cid)])
+    session.flush()
+    return existed
 
 
 # --- links of records kept by name ------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -48,7 +48,6 @@ from libstore.types import (
     Expert,
     ExpertQuery,
     LinearShape,
-    ModuleShape,
     StoredFile,
     parse_cluster_ref,
 )
@@ -274,50 +273,6 @@ def add_expert(session: Session, expert: Expert) -> Expert:
         cluster_id = cluster_row(session, name, index).id
     row = _insert(session, expert, base_row(session, expert.base_model).id, cluster_id)
     return dataclasses.replace(expert, created_at=row.created_at)
-
-
-def insert_expert(
-    session: Session,
-    *,
-    name: str,
-    kind: str,
-    base: BaseModelRow,
-    rank: int,
-    alpha: float,
-    use_rslora: bool,
-    target_modules: Sequence[str],
-    modules: dict[str, ModuleShape],
-    dtype: str,
-    files: Sequence[StoredFile],
-    weights_file: str,
-    source: str | None,
-    metadata: dict[str, Any] | None = None,
-    tasks: Iterable[str] = (),
-    tags: Iterable[str] = (),
-    cluster_id: int | None = None,
-) -> ExpertRow:
-    """Row-level form of :func:`add_expert` for catalog callers that already hold the base and
-    cluster rows; the same writer underneath."""
-    weights = next(f for f in files if f.path == weights_file)
-    expert = Expert(
-        name=name,
-        kind=kind,
-        base_model=base.name,
-        rank=rank,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=tuple(target_modules),
-        modules=dict(modules),
-        dtype=dtype,
-        sha256=weights.sha256,
-        bytes=sum(f.size for f in files),
-        files=tuple(files),
-        source=source,
-        tasks=tuple(tasks),
-        tags=tuple(tags),
-        metadata=dict(metadata or {}),
-    )
-    return _insert(session, expert, base.id, cluster_id)
 
 
 def expert_columns(expert: Expert) -> dict[str, Any]:
