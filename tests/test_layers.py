@@ -4,13 +4,16 @@ Every module of the package is scanned, absolute and relative imports alike, typ
 (a ``TYPE_CHECKING`` import is still a dependency a reader has to follow). Besides the libstore
 modules each layer may use, the libraries that define a layer stay inside it: SQLAlchemy, Alembic
 and the ORM rows (``catalog/models.py``) in ``catalog/``, ``huggingface_hub`` in ``hub/``, boto3 in
-``store/``. The CLI's torch-free commands are checked by running them
+``store/``. Nor do the rows travel through a catalog function's signature: the layers above the catalog
+call no catalog function that takes or returns an ORM row (they hand in and get back the dataclasses of
+``libstore.types``, or names). The CLI's torch-free commands are checked by running them
 (``test_cli_*::*do_not_import_torch``).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,88 @@ def test_math_layers_are_free_of_sql_and_hub() -> None:
         for path in (PKG / layer).rglob("*.py"):
             text = path.read_text()
             assert "sqlalchemy" not in text and "huggingface_hub" not in text, path
+
+
+#: the layers above the catalog, which hold records and names, never rows
+ROW_FREE = ("ops", "cli", "library", "api", "__init__")
+
+
+def row_functions(pkg: Path = PKG) -> dict[str, set[str]]:
+    """``catalog module -> its functions`` whose parameters or return are annotated with an ORM row
+    class (a class of ``catalog/models.py``), and every ``*_row`` function."""
+    models = ast.parse((pkg / "catalog" / "models.py").read_text())
+    orm = {n.name for n in models.body if isinstance(n, ast.ClassDef)}
+    names = re.compile(r"\b(" + "|".join(sorted(orm)) + r")\b") if orm else None
+    found: dict[str, set[str]] = {}
+    for path in sorted((pkg / "catalog").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            a = node.args
+            anns = [node.returns, *(x.annotation for x in [*a.posonlyargs, *a.args, *a.kwonlyargs])]
+            text = " ".join(ast.unparse(x) for x in anns if x is not None)
+            if node.name.endswith("_row") or (names is not None and names.search(text)):
+                found.setdefault(f"{pkg.name}.catalog.{path.stem}", set()).add(node.name)
+    return found
+
+
+def row_calls(path: Path, pkg: Path = PKG) -> set[str]:
+    """``module.function`` of the :func:`row_functions` that ``path`` names (``repo.expert_row`` after
+    ``from libstore.catalog import repo``, or ``expert_row`` imported by name)."""
+    rows = row_functions(pkg)
+    tree = ast.parse(path.read_text())
+    package = list(path.relative_to(pkg.parent).parent.parts)
+    aliases: dict[str, str] = {}  # local name -> catalog module
+    used: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in rows})
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                if f"{module}.{a.name}" in rows:
+                    aliases[a.asname or a.name] = f"{module}.{a.name}"
+                elif a.name in rows.get(module, ()):
+                    used.add(f"{module}.{a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            module = aliases.get(node.value.id)
+            if module is not None and node.attr in rows[module]:
+                used.add(f"{module}.{node.attr}")
+    return used
+
+
+def test_layers_above_the_catalog_hold_no_rows() -> None:
+    bad = {}
+    for path in _all_modules():
+        if _layer(path) in ROW_FREE and (used := row_calls(path)):
+            bad[str(path.relative_to(PKG))] = sorted(used)
+    assert bad == {}, f"these call catalog functions that take or return ORM rows: {bad}"
+
+
+def test_row_calls_are_found(tmp_path: Path) -> None:
+    """The scanner itself: row-typed catalog functions are found however the module is imported."""
+    catalog = tmp_path / "libstore" / "catalog"
+    catalog.mkdir(parents=True)
+    (catalog / "models.py").write_text("class ThingRow:\n    pass\n")
+    (catalog / "things.py").write_text(
+        "def thing_row(s, name): ...\n"
+        "def first(s) -> ThingRow | None: ...\n"
+        "def touch(s, row: ThingRow) -> None: ...\n"
+        "def names(s) -> list[str]: ...\n"
+    )
+    assert row_functions(tmp_path / "libstore") == {
+        "libstore.catalog.things": {"thing_row", "first", "touch"}
+    }
+    ops = tmp_path / "libstore" / "ops"
+    ops.mkdir()
+    (ops / "a.py").write_text("from ..catalog import things as t\nt.first(s)\nt.names(s)\n")
+    (ops / "b.py").write_text("from libstore.catalog.things import touch, names\n")
+    (ops / "c.py").write_text("import libstore.catalog.things as t\nt.thing_row(s, 'x')\n")
+    found = {p.name: row_calls(p, tmp_path / "libstore") for p in sorted(ops.glob("*.py"))}
+    assert found == {
+        "a.py": {"libstore.catalog.things.first"},
+        "b.py": {"libstore.catalog.things.touch"},
+        "c.py": {"libstore.catalog.things.thing_row"},
+    }

@@ -14,13 +14,14 @@ Every function takes an open ``Session``; the caller owns the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from libstore.catalog import repo
+from libstore.catalog import clusterings, repo, tags
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -31,7 +32,7 @@ from libstore.catalog.models import (
     RemoteRow,
 )
 from libstore.errors import AlreadyExistsError, BaseModelMismatchError, NotFoundError
-from libstore.types import BaseModel, Remote
+from libstore.types import ADAPTER_WEIGHTS, BaseModel, Expert, Remote
 
 
 def _now() -> dt.datetime:
@@ -41,7 +42,7 @@ def _now() -> dt.datetime:
 # --- remotes ---------------------------------------------------------------------------------------
 
 
-def to_remote(session: Session, row: RemoteRow) -> Remote:
+def _to_remote(session: Session, row: RemoteRow) -> Remote:
     n = session.scalar(
         select(func.count()).select_from(RemoteExpertRow).where(RemoteExpertRow.remote_id == row.id)
     )
@@ -57,7 +58,7 @@ def to_remote(session: Session, row: RemoteRow) -> Remote:
     )
 
 
-def remote_row(session: Session, name: str) -> RemoteRow:
+def _remote_row(session: Session, name: str) -> RemoteRow:
     row = session.scalar(select(RemoteRow).where(RemoteRow.name == name))
     if row is None:
         known = ", ".join(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name))) or "none yet"
@@ -69,10 +70,10 @@ def remote_row(session: Session, name: str) -> RemoteRow:
     return row
 
 
-def resolve_remote(session: Session, name: str | None) -> RemoteRow:
+def resolve_remote(session: Session, name: str | None) -> Remote:
     """The named remote, or when none is named ``origin``, else the only one."""
     if name is not None:
-        return remote_row(session, name)
+        return _to_remote(session, _remote_row(session, name))
     names = list(session.scalars(select(RemoteRow.name).order_by(RemoteRow.name)))
     found = "origin" if "origin" in names else names[0] if len(names) == 1 else None
     if found is None:
@@ -81,10 +82,10 @@ def resolve_remote(session: Session, name: str | None) -> RemoteRow:
             "libstore remote add origin ORG/REPO",
             what="remote",
         )
-    return remote_row(session, found)
+    return _to_remote(session, _remote_row(session, found))
 
 
-def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> RemoteRow:
+def add_remote(session: Session, *, name: str, repo_id: str, revision: str, private: bool) -> Remote:
     if session.scalar(select(RemoteRow.id).where(RemoteRow.name == name)) is not None:
         raise AlreadyExistsError(
             f"a remote named {name!r} already exists; remove it first (libstore remote rm {name})",
@@ -94,20 +95,21 @@ def add_remote(session: Session, *, name: str, repo_id: str, revision: str, priv
     row = RemoteRow(name=name, repo_id=repo_id, revision=revision, private=private)
     session.add(row)
     session.flush()
-    return row
+    return _to_remote(session, row)
 
 
 def list_remotes(session: Session) -> list[Remote]:
-    return [to_remote(session, r) for r in session.scalars(select(RemoteRow).order_by(RemoteRow.name))]
+    return [_to_remote(session, r) for r in session.scalars(select(RemoteRow).order_by(RemoteRow.name))]
 
 
 def remove_remote(session: Session, name: str) -> None:
-    session.delete(remote_row(session, name))
+    session.delete(_remote_row(session, name))
     session.flush()
 
 
-def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
-    """``expert name -> record digest`` both sides had at the last sync."""
+def sync_state(session: Session, remote: str) -> dict[str, str]:
+    """``expert name -> record digest`` both sides had at the last sync with remote ``remote``."""
+    row = _remote_row(session, remote)
     stmt = select(RemoteExpertRow.expert_name, RemoteExpertRow.synced_digest).where(
         RemoteExpertRow.remote_id == row.id
     )
@@ -116,14 +118,16 @@ def sync_state(session: Session, row: RemoteRow) -> dict[str, str]:
 
 def record_sync(
     session: Session,
-    row: RemoteRow,
+    remote: str,
     *,
     commit: str,
     digests: Mapping[str, str],
     forget: Iterable[str] = (),
     last_commit: bool = True,
 ) -> None:
-    """Record a finished push or pull: new digests per expert, forgotten names, the commit."""
+    """Record a finished push or pull with remote ``remote``: new digests per expert, forgotten
+    names, the commit."""
+    row = _remote_row(session, remote)
     forget = sorted(set(forget))
     if forget:
         for i in range(0, len(forget), 500):
@@ -160,28 +164,68 @@ def record_sync(
 # --- what a manifest carries -------------------------------------------------------------------------
 
 
-def ensure_base(session: Session, base: BaseModel) -> BaseModelRow:
-    """The local base model named like ``base``; registered from the record if absent (with the
-    record's ``origin``: where a pull took it from).
+def ensure_base(session: Session, base: BaseModel) -> None:
+    """Make sure the local base model named like ``base`` is that model: registered from the record
+    if absent (with the record's ``origin``: where a pull took it from).
 
     A local base of that name with another config fingerprint is a different model: refused.
     """
     row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
     if row is None:
-        return repo.add_base(session, base)
-    if row.fingerprint != base.fingerprint:
+        repo.add_base(session, base)
+    elif row.fingerprint != base.fingerprint:
         raise BaseModelMismatchError(
             f"the remote's base model {base.name!r} ({base.architecture}, fingerprint "
             f"{base.fingerprint[:12]}) is not this library's {base.name!r} ({row.architecture}, "
             f"fingerprint {row.fingerprint[:12]}); its experts cannot be pulled into this library"
         )
-    return row
 
 
-def same_base(session: Session, base: BaseModel) -> BaseModelRow | None:
-    """The local base model of that name if it is the same model (same fingerprint), else ``None``."""
+def same_base(session: Session, base: BaseModel) -> bool:
+    """Whether the local base model of that name is the same model (same fingerprint)."""
     row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == base.name))
-    return row if row is not None and row.fingerprint == base.fingerprint else None
+    return row is not None and row.fingerprint == base.fingerprint
+
+
+def put_pulled_expert(session: Session, expert: Expert, *, source: str) -> bool:
+    """Record a pulled, verified ``expert`` (its base registered, its blobs in the store) under its
+    name, replacing the content of a local expert of that name; ``True`` when one was replaced.
+
+    Its base and cluster are looked up by name (a cluster this library lacks is not linked); its
+    lineage is recorded by ``catalog.derivations``. A new expert is stamped now, as any import is.
+    """
+    files = sorted(expert.files, key=lambda f: f.path)
+    weights = next(f for f in files if f.path == ADAPTER_WEIGHTS)
+    base = repo.base_row(session, expert.base_model)
+    cid = clusterings.cluster_id(session, expert.cluster)
+    existed = repo.expert_exists(session, expert.name)
+    if existed:
+        row = repo.expert_row(session, expert.name)
+        repo.replace_files(
+            session,
+            row,
+            files,
+            ADAPTER_WEIGHTS,
+            **repo.expert_columns(expert),
+            base_model=base,
+            cluster_id=cid,
+            source=source,
+        )
+        row.tasks = [tags.task_row(session, t) for t in expert.tasks]
+        row.tags = [tags.tag_row(session, t) for t in expert.tags]
+    else:
+        record = dataclasses.replace(
+            expert,
+            sha256=weights.sha256,
+            bytes=sum(f.size for f in files),
+            files=tuple(files),
+            source=source,
+            lineage=None,
+            created_at=None,
+        )
+        repo.insert_experts(session, [(record, base.id, cid)])
+    session.flush()
+    return existed
 
 
 # --- links of records kept by name ------------------------------------------------------------

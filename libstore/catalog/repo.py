@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -48,7 +48,6 @@ from libstore.types import (
     Expert,
     ExpertQuery,
     LinearShape,
-    ModuleShape,
     StoredFile,
     parse_cluster_ref,
 )
@@ -89,8 +88,8 @@ def get_base(session: Session, name: str) -> BaseModel:
     return to_base(base_row(session, name))
 
 
-def add_base(session: Session, base: BaseModel) -> BaseModelRow:
-    """Register ``base``; the row is returned for the catalog modules that link to it."""
+def add_base(session: Session, base: BaseModel) -> None:
+    """Register ``base``; :class:`AlreadyExistsError` if a base of that name is registered."""
     if session.scalar(select(BaseModelRow.id).where(BaseModelRow.name == base.name)) is not None:
         raise AlreadyExistsError(
             f"a base model named {base.name!r} is already registered; see it with: libstore base show "
@@ -110,16 +109,15 @@ def add_base(session: Session, base: BaseModel) -> BaseModelRow:
     )
     session.add(row)
     session.flush()
-    return row
 
 
-def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
+def resolve_base(session: Session, base: str | None) -> BaseModel:
     """The named base, or the only registered one when no name is given."""
     if base is not None:
-        return base_row(session, base)
+        return get_base(session, base)
     rows = list(session.scalars(select(BaseModelRow).order_by(BaseModelRow.name).limit(11)))
     if len(rows) == 1:
-        return rows[0]
+        return to_base(rows[0])
     if not rows:
         raise NotFoundError(
             "no base model is registered; register one first: libstore base add NAME --from PATH",
@@ -129,11 +127,6 @@ def resolve_base_row(session: Session, base: str | None) -> BaseModelRow:
     raise ValidationError(
         f"several base models are registered ({names}); choose one with --base", field="base"
     )
-
-
-def resolve_base(session: Session, base: str | None) -> BaseModel:
-    """:func:`resolve_base_row` as a record."""
-    return to_base(resolve_base_row(session, base))
 
 
 def list_bases(session: Session) -> list[BaseModel]:
@@ -207,11 +200,6 @@ def referenced_blobs(session: Session) -> set[str]:
 # --- querying experts --------------------------------------------------------------------------
 
 
-def find_expert_rows(session: Session, query: ExpertQuery) -> list[ExpertRow]:
-    stmt = select(ExpertRow).where(query_condition(session, query)).order_by(ExpertRow.name)
-    return list(session.scalars(stmt).unique())
-
-
 def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
     """The experts ``query`` matches, in name order, in a constant number of statements."""
     return load_experts(session, query_condition(session, query), with_lineage=with_lineage)
@@ -246,11 +234,6 @@ def expert_sha256(session: Session, name: str) -> str | None:
     return session.scalar(select(ExpertRow.sha256).where(ExpertRow.name == name))
 
 
-def to_expert(session: Session, row: ExpertRow, *, with_lineage: bool = True) -> Expert:
-    session.flush()
-    return load_experts(session, ExpertRow.id == row.id, with_lineage=with_lineage)[0]
-
-
 def _no_expert(name: str) -> NotFoundError:
     return NotFoundError(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
 
@@ -264,60 +247,29 @@ def add_expert(session: Session, expert: Expert) -> Expert:
     expert was computed is recorded by ``catalog.derivations``, so ``lineage`` must be ``None``."""
     if expert.lineage is not None:
         raise ValueError("add_expert records no lineage: record it with catalog.derivations")
-    cluster_id = None
-    if expert.cluster is not None:
-        name, index = parse_cluster_ref(expert.cluster)
-        if index is None:
-            raise ValidationError(
-                f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {expert.cluster!r}", field="cluster"
-            )
-        cluster_id = cluster_row(session, name, index).id
+    cluster_id = _cluster_id(session, expert.cluster)
     row = _insert(session, expert, base_row(session, expert.base_model).id, cluster_id)
     return dataclasses.replace(expert, created_at=row.created_at)
 
 
-def insert_expert(
-    session: Session,
-    *,
-    name: str,
-    kind: str,
-    base: BaseModelRow,
-    rank: int,
-    alpha: float,
-    use_rslora: bool,
-    target_modules: Sequence[str],
-    modules: dict[str, ModuleShape],
-    dtype: str,
-    files: Sequence[StoredFile],
-    weights_file: str,
-    source: str | None,
-    metadata: dict[str, Any] | None = None,
-    tasks: Iterable[str] = (),
-    tags: Iterable[str] = (),
-    cluster_id: int | None = None,
-) -> ExpertRow:
-    """Row-level form of :func:`add_expert` for catalog callers that already hold the base and
-    cluster rows; the same writer underneath."""
-    weights = next(f for f in files if f.path == weights_file)
-    expert = Expert(
-        name=name,
-        kind=kind,
-        base_model=base.name,
-        rank=rank,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=tuple(target_modules),
-        modules=dict(modules),
-        dtype=dtype,
-        sha256=weights.sha256,
-        bytes=sum(f.size for f in files),
-        files=tuple(files),
-        source=source,
-        tasks=tuple(tasks),
-        tags=tuple(tags),
-        metadata=dict(metadata or {}),
-    )
-    return _insert(session, expert, base.id, cluster_id)
+def add_experts(session: Session, experts: Sequence[Expert]) -> None:
+    """:func:`add_expert` for many experts at once (one base lookup per base; the bulk writer)."""
+    if any(e.lineage is not None for e in experts):
+        raise ValueError("add_experts records no lineage: record it with catalog.derivations")
+    bases = {n: base_row(session, n).id for n in dict.fromkeys(e.base_model for e in experts)}
+    insert_experts(session, [(e, bases[e.base_model], _cluster_id(session, e.cluster)) for e in experts])
+
+
+def _cluster_id(session: Session, ref: str | None) -> int | None:
+    """The id of cluster ``CLUSTERING:INDEX`` an expert added here links to (it must exist)."""
+    if ref is None:
+        return None
+    name, index = parse_cluster_ref(ref)
+    if index is None:
+        raise ValidationError(
+            f"--cluster takes CLUSTERING:INDEX (e.g. mbc-k10:3), got {ref!r}", field="cluster"
+        )
+    return cluster_row(session, name, index).id
 
 
 def expert_columns(expert: Expert) -> dict[str, Any]:

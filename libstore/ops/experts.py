@@ -293,8 +293,7 @@ def import_dir(
                 raise LibstoreError(
                     "experts being imported were changed meanwhile; nothing was changed — run again"
                 )
-            base_row = repo.resolve_base_row(s, base)
-            base_model = repo.to_base(base_row)
+            base_model = repo.resolve_base(s, base)
             for _, adapter in adapters:
                 try:
                     check_against_base(adapter, base_model, allow_base_mismatch=allow_base_mismatch)
@@ -323,7 +322,7 @@ def import_dir(
                 )
                 for (name, a), files in zip(adapters, stored, strict=True)
             ]
-            repo.insert_experts(s, [(e, base_row.id, None) for e in added])
+            repo.add_experts(s, added)
     return ImportReport(added=tuple(added), skipped=tuple(skipped))
 
 

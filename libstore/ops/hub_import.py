@@ -246,7 +246,7 @@ def import_hub_all(
         added, skipped = [], []
         with ctx.catalog.write() as s:
             for f, name, adapter in prepared:
-                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                if repo.expert_sha256(s, name) == adapter.weights_sha256:
                     skipped.append(name)
                     continue
                 try:
@@ -319,7 +319,7 @@ def import_mttl(
             if not found:
                 raise ValidationError(f"no expert of {source} matches {', '.join(patterns)}")
         with ctx.catalog.read() as s:
-            base_model = repo.to_base(repo.resolve_base_row(s, base))
+            base_model = repo.resolve_base(s, base)
         for files in found:
             try:
                 validate_name(files.libstore_name)
@@ -350,7 +350,7 @@ def import_mttl(
         added, skipped = [], []
         with ctx.catalog.write() as s:
             for name, info, adapter in prepared:
-                if repo.expert_exists(s, name) and repo.expert_row(s, name).sha256 == adapter.weights_sha256:
+                if repo.expert_sha256(s, name) == adapter.weights_sha256:
                     skipped.append(name)
                     continue
                 row = experts_ops.insert_adapter(

@@ -18,7 +18,6 @@ from libstore.catalog import derivations as derivation_repo
 from libstore.catalog import prototypes as proto_repo
 from libstore.catalog import remotes as remote_repo
 from libstore.catalog import repo
-from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
     BaseModelMismatchError,
@@ -106,7 +105,7 @@ def pull(
     revision, experts, token = options.revision, options.experts, options.token
     force, prune = options.force, options.prune
     with ctx.catalog.read() as s:
-        rem = remote_repo.to_remote(s, remote_repo.resolve_remote(s, remote))
+        rem = remote_repo.resolve_remote(s, remote)
     client = HubClient(token=token)
     rev = revision or rem.revision
     commit = client.resolve(rem.repo_id, rev)
@@ -121,7 +120,7 @@ def pull(
         manifest = view.manifest
         _check_remote_files(rem.repo_id, commit, manifest, view.files)
         with ctx.catalog.read() as s:
-            synced = remote_repo.sync_state(s, remote_repo.remote_row(s, rem.name))
+            synced = remote_repo.sync_state(s, rem.name)
             local = local_state(s)
         selection = select_experts(experts, manifest.experts, local.experts)
         remote_d = manifest.digests()
@@ -161,12 +160,11 @@ def pull(
             added, updated, new_clusterings, skipped_clusterings = _apply(
                 s, manifest, entries, removes, protos, source
             )
-            row = remote_repo.remote_row(s, rem.name)
             in_sync = [p.name for p in plans if p.state == "in_sync"]
             digests = {n: remote_d[n] for n in [*fetch, *in_sync]}
             forget = [*removes, *stale_sync_records(local_d, remote_d, synced)]
             remote_repo.record_sync(
-                s, row, commit=commit, digests=digests, forget=forget, last_commit=at_head
+                s, rem.name, commit=commit, digests=digests, forget=forget, last_commit=at_head
             )
     return PullReport(
         remote=rem.name,
@@ -327,13 +325,14 @@ def _apply(
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """Write a verified pull into the catalog (the caller's transaction)."""
     entry_bases = {e.base_model for e in entries}
-    bases = {}
+    bases: set[str] = set()
     for name in sorted(entry_bases | {c.base_model for c in m.clusterings.values()}):
         rb = m.base_models[name]
         if name in entry_bases:  # registered from the remote's record: remember where it came from
-            bases[name] = remote_repo.ensure_base(s, dataclasses.replace(rb, origin=source))
-        elif (have := remote_repo.same_base(s, rb)) is not None:
-            bases[name] = have  # clusterings of bases this library has come along
+            remote_repo.ensure_base(s, dataclasses.replace(rb, origin=source))
+            bases.add(name)
+        elif remote_repo.same_base(s, rb):
+            bases.add(name)  # clusterings of bases this library has come along
     new_clusterings, skipped = [], []
     for name, c in sorted(m.clusterings.items()):
         if c.base_model not in bases:
@@ -344,48 +343,10 @@ def _apply(
             new_clusterings.append(name)
         elif not same_clustering(mine, c):
             skipped.append(name)
-    added, updated = [], []
+    added: list[str] = []
+    updated: list[str] = []
     for e in entries:
-        base_row = bases[e.base_model]
-        files = sorted(e.files, key=lambda f: f.path)
-        cid = clustering_repo.cluster_id(s, e.cluster)
-        if repo.expert_exists(s, e.name):
-            row = repo.expert_row(s, e.name)
-            repo.replace_files(
-                s,
-                row,
-                files,
-                ADAPTER_WEIGHTS,
-                **repo.expert_columns(e),
-                base_model=base_row,
-                cluster_id=cid,
-                source=source,
-            )
-            row.tasks = [tags_repo.task_row(s, t) for t in e.tasks]
-            row.tags = [tags_repo.tag_row(s, t) for t in e.tags]
-            updated.append(e.name)
-        else:
-            repo.insert_expert(
-                s,
-                name=e.name,
-                kind=e.kind,
-                base=base_row,
-                rank=e.rank,
-                alpha=e.alpha,
-                use_rslora=e.use_rslora,
-                target_modules=e.target_modules,
-                modules=e.modules,
-                dtype=e.dtype,
-                files=files,
-                weights_file=ADAPTER_WEIGHTS,
-                source=source,
-                metadata=dict(e.metadata),
-                tasks=e.tasks,
-                tags=e.tags,
-                cluster_id=cid,
-            )
-            added.append(e.name)
-        s.flush()
+        (updated if remote_repo.put_pulled_expert(s, e, source=source) else added).append(e.name)
     for e in entries:
         derivation_repo.set_derivation(s, e.name, e.lineage)
     for name in removes:

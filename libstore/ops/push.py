@@ -122,9 +122,8 @@ def push(
         raise ValidationError("the commit message holds a lone surrogate, which is not text", field="message")
     max_files_per_commit = max(3, min(max_files_per_commit, MAX_FILES_PER_COMMIT))
     with ctx.catalog.read() as s:
-        row = remote_repo.resolve_remote(s, remote)
-        rem = remote_repo.to_remote(s, row)
-        synced = remote_repo.sync_state(s, row)
+        rem = remote_repo.resolve_remote(s, remote)
+        synced = remote_repo.sync_state(s, rem.name)
         local = local_state(s)
     # prototypes are a cache: one whose blob is gone (gc, damage) is simply not pushed
     local.prototypes = {
@@ -188,8 +187,7 @@ def push(
     digests = {n: local_d[n] for n in [*uploads, *in_sync]}
     forget = [*deletes, *stale_sync_records(local_d, new.digests(), synced)]
     with ctx.catalog.write() as s:  # the remote has the commit: record it before anything else can fail
-        row = remote_repo.remote_row(s, rem.name)
-        remote_repo.record_sync(s, row, commit=commit, digests=digests, forget=forget)
+        remote_repo.record_sync(s, rem.name, commit=commit, digests=digests, forget=forget)
     if tag is not None:
         try:
             client.create_tag(rem.repo_id, tag, commit)

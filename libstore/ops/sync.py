@@ -72,8 +72,7 @@ def add_remote(
     check_repo_id(repo_id)
     _check_branch(revision)
     with ctx.catalog.write() as s:
-        row = remote_repo.add_remote(s, name=name, repo_id=repo_id, revision=revision, private=private)
-        return remote_repo.to_remote(s, row)
+        return remote_repo.add_remote(s, name=name, repo_id=repo_id, revision=revision, private=private)
 
 
 def remotes(ctx: Context) -> list[Remote]:
@@ -108,9 +107,8 @@ def status(ctx: Context, remote: str | None = None, *, options: StatusOptions) -
     push and pull would do. Reads the remote head's manifest; changes nothing."""
     token = options.token
     with ctx.catalog.read() as s:
-        row = remote_repo.resolve_remote(s, remote)
-        rem = remote_repo.to_remote(s, row)
-        synced = remote_repo.sync_state(s, row)
+        rem = remote_repo.resolve_remote(s, remote)
+        synced = remote_repo.sync_state(s, rem.name)
         local = local_state(s)
     client = HubClient(token=token)
     with temp_dir(ctx, "status") as tmp:
