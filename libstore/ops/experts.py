@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,28 +184,58 @@ def insert_adapter(
         )
     cluster_tasks = _cluster_tasks(s, cluster, kind)
     files = store_adapter_files(ctx, adapter)
-    weights = next(f for f in files if f.path == ADAPTER_WEIGHTS)
     return repo.add_expert(
         s,
-        Expert(
+        expert_record(
+            adapter,
+            files,
             name=name,
             kind=kind,
             base_model=base_model.name,
-            rank=adapter.rank,
-            alpha=adapter.alpha,
-            use_rslora=adapter.use_rslora,
-            target_modules=adapter.target_modules,
-            modules=dict(adapter.modules),
-            dtype=adapter.dtype,
-            sha256=weights.sha256,
-            bytes=sum(f.size for f in files),
-            files=tuple(files),
             source=source,
-            tasks=tuple(dict.fromkeys([*tasks, *cluster_tasks])),
-            tags=tuple(dict.fromkeys(tags)),
+            tasks=[*tasks, *cluster_tasks],
+            tags=tags,
             cluster=cluster,
-            metadata=dict(metadata or {}),
+            metadata=metadata,
         ),
+    )
+
+
+def expert_record(
+    adapter: AdapterFile,
+    files: Sequence[StoredFile],
+    *,
+    name: str,
+    kind: str,
+    base_model: str,
+    source: str | None,
+    tasks: Iterable[str] = (),
+    tags: Iterable[str] = (),
+    cluster: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    created_at: dt.datetime | None = None,
+) -> Expert:
+    """The catalog record of a validated adapter whose ``files`` are stored (the one place that maps
+    an adapter's LoRA config onto an :class:`Expert`)."""
+    return Expert(
+        name=name,
+        kind=kind,
+        base_model=base_model,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        target_modules=adapter.target_modules,
+        modules=dict(adapter.modules),
+        dtype=adapter.dtype,
+        sha256=next(f for f in files if f.path == ADAPTER_WEIGHTS).sha256,
+        bytes=sum(f.size for f in files),
+        files=tuple(files),
+        source=source,
+        tasks=tuple(dict.fromkeys(tasks)),
+        tags=tuple(dict.fromkeys(tags)),
+        cluster=cluster,
+        metadata=dict(metadata or {}),
+        created_at=created_at,
     )
 
 
@@ -302,22 +332,15 @@ def import_dir(
             stored = _store_files(ctx, [a for _, a in adapters])
             now = dt.datetime.now(dt.UTC)
             added = [
-                Expert(
+                expert_record(
+                    a,
+                    files,
                     name=name,
                     kind=kind,
                     base_model=base_model.name,
-                    rank=a.rank,
-                    alpha=a.alpha,
-                    use_rslora=a.use_rslora,
-                    target_modules=a.target_modules,
-                    modules=dict(a.modules),
-                    dtype=a.dtype,
-                    sha256=a.weights_sha256,
-                    bytes=sum(f.size for f in files),
-                    files=tuple(files),
                     source=str(Path(a.folder).resolve()),
                     tasks=(name,) if task_from_name else (),
-                    tags=tuple(dict.fromkeys(tags)),
+                    tags=tags,
                     created_at=now,
                 )
                 for (name, a), files in zip(adapters, stored, strict=True)

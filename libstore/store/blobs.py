@@ -308,24 +308,7 @@ class BlobStore(BlobUpkeep):
         if expected_sha256 is not None:
             check_digest(expected_sha256)
         with open_regular(src) as f:
-            tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {src}")
-            try:
-                h = hashlib.sha256()
-                size = 0
-                with out:
-                    for chunk in read_chunks(f, src, limit=max_bytes):
-                        h.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, 0o444)
-            except BaseException as e:
-                _remove_temp(tmp)
-                if isinstance(e, OSError):
-                    raise self._storage_error(e, f"copy {src}") from e
-                raise
-        digest = h.hexdigest()
+            tmp, digest, size = self._write_staged(read_chunks(f, src, limit=max_bytes), f"copy {src}", src)
         if expected_sha256 is not None and digest != expected_sha256:
             _remove_temp(tmp)
             raise IntegrityError(
@@ -340,7 +323,22 @@ class BlobStore(BlobUpkeep):
         """Write ``chunks`` (a download) to a staged temp file while hashing them; bytes that hash
         to anything but ``expected_sha256`` raise :class:`IntegrityError` and leave no temp file."""
         check_digest(expected_sha256)
-        tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, what)
+        tmp, digest, size = self._write_staged(chunks, f"copy {what}", what)
+        if digest != expected_sha256:
+            _remove_temp(tmp)
+            raise IntegrityError(
+                f"{what} has sha256 {digest} but {expected_sha256} was expected: the server "
+                f"returned wrong bytes; nothing was stored",
+                sha256=expected_sha256,
+                path=what,
+            )
+        return StagedBlob(path=str(tmp), sha256=expected_sha256, size=size)
+
+    def _write_staged(self, chunks: Iterable[bytes], action: str, what: object) -> tuple[Path, str, int]:
+        """Write ``chunks`` to a new read-only, fsynced temp file in the staging shard while hashing
+        them: (its path, sha256, size). On any error no temp file is left; OS errors are
+        :class:`StorageError` saying ``action``."""
+        tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {what}")
         h = hashlib.sha256()
         size = 0
         try:
@@ -355,17 +353,9 @@ class BlobStore(BlobUpkeep):
         except BaseException as e:
             _remove_temp(tmp)
             if isinstance(e, OSError):
-                raise self._storage_error(e, f"copy {what}") from e
+                raise self._storage_error(e, action) from e
             raise
-        if h.hexdigest() != expected_sha256:
-            _remove_temp(tmp)
-            raise IntegrityError(
-                f"{what} has sha256 {h.hexdigest()} but {expected_sha256} was expected: the server "
-                f"returned wrong bytes; nothing was stored",
-                sha256=expected_sha256,
-                path=what,
-            )
-        return StagedBlob(path=str(tmp), sha256=expected_sha256, size=size)
+        return tmp, h.hexdigest(), size
 
     def commit_staged(self, staged: StagedBlob) -> BlobRef:
         """Move a staged copy to its content address; if that blob is already stored, claim it and
