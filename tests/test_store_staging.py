@@ -116,6 +116,35 @@ def test_symlink_flipping_during_add_never_stores_nan(lib: Library, base_dir: Pa
     assert lib.context.blobs.temp_files() == []
 
 
+def test_staged_copy_taken_by_gc_during_validation_is_blobs_removed(
+    lib: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``gc --grace 0`` that takes an import's staged copy while it is being validated makes the
+    import fail with ``BlobsRemovedError`` (exit 9: run it again), not a ``ValidationError`` saying
+    the library's own temp file does not exist; nothing is recorded."""
+    from libstore.errors import BlobsRemovedError
+    from libstore.store import adapter as adapter_mod
+
+    real = adapter_mod._describe
+
+    def gc_took_it(
+        folder: Path,
+        config_path: Path,
+        config_bytes: bytes,
+        weights_path: Path,
+        staged: StagedBlob,
+        **kw: bool,
+    ) -> object:
+        Path(staged.path).unlink()
+        return real(folder, config_path, config_bytes, weights_path, staged, **kw)
+
+    monkeypatch.setattr(adapter_mod, "_describe", gc_took_it)
+    with pytest.raises(BlobsRemovedError) as err:
+        lib.add(make_adapter(base_dir, tmp_path / "a", seed=3), name="a")
+    assert err.value.exit_code == 9 and err.value.sha256s
+    assert lib.experts() == [] and lib.context.blobs.temp_files() == []
+
+
 def test_staging_api(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "blobs")
     src = tmp_path / "src"

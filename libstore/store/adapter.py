@@ -23,7 +23,9 @@ from typing import Any, TypeGuard
 from libstore import config as config_mod
 from libstore.errors import (
     BaseModelMismatchError,
+    BlobsRemovedError,
     InvalidNameError,
+    LibstoreError,
     UnsafeFileError,
     ValidationError,
 )
@@ -174,6 +176,16 @@ def read_adapter(
         adapter = _describe(
             folder, config_path, config_bytes, weights_path, staged, allow_nonfinite=allow_nonfinite
         )
+    except LibstoreError:
+        into.discard(staged)
+        if not os.path.lexists(staged.path):  # a gc with too short a grace took the copy mid-check
+            raise BlobsRemovedError(
+                f"the staged copy {staged.path} of {weights_path} is gone: a gc with a grace period "
+                f"shorter than this operation removed it. Nothing was stored; run the operation again "
+                f"(and give gc a longer --grace while imports run)",
+                sha256s=(staged.sha256,),
+            ) from None
+        raise
     except BaseException:
         into.discard(staged)
         raise
