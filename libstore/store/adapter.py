@@ -177,8 +177,9 @@ def read_adapter(
             folder, config_path, config_bytes, weights_path, staged, allow_nonfinite=allow_nonfinite
         )
     except LibstoreError:
+        gone = not os.path.lexists(staged.path)  # a gc with too short a grace took the copy mid-check
         into.discard(staged)
-        if not os.path.lexists(staged.path):  # a gc with too short a grace took the copy mid-check
+        if gone:
             raise BlobsRemovedError(
                 f"the staged copy {staged.path} of {weights_path} is gone: a gc with a grace period "
                 f"shorter than this operation removed it. Nothing was stored; run the operation again "
