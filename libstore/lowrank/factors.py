@@ -269,7 +269,7 @@ def check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool):
         raise ValidationError(f"{name} must be an integer, got {value!r}")
     try:
-        v = operator.index(value)  # type: ignore[arg-type]
+        v = operator.index(value)  # type: ignore[arg-type]  # any object; TypeError is the check
     except TypeError:
         raise ValidationError(f"{name} must be an integer, got {value!r}") from None
     if v < minimum:

@@ -63,7 +63,7 @@ class CorruptBlob(Problem):
     referenced_by: tuple[str, ...]
 
     @property
-    def severity(self) -> str:  # type: ignore[override]
+    def severity(self) -> str:  # type: ignore[override]  # a field elsewhere, computed here
         return "error" if self.referenced_by else "warning"
 
     @property

@@ -76,8 +76,8 @@ class RoutedModel:
         self._check_patched()
         if self.granularity == "sequence" and self._routes is None:
             with self.sequence_routing(kwargs.get("attention_mask")):
-                return self.model.generate(*args, **kwargs)  # type: ignore[operator]
-        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+                return self.model.generate(*args, **kwargs)  # type: ignore[operator]  # nn.Module attr
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]  # an HF model's method
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name in ("model", "layers", "experts", "granularity"):

@@ -124,7 +124,7 @@ def canonical_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     d = config.to_dict() if hasattr(config, "to_dict") else config
     if not isinstance(d, Mapping):
         raise TypeError(f"expected a config dict or PretrainedConfig, got {type(config).__name__}")
-    return _canonical(d, top=True)  # type: ignore[no-any-return]
+    return _canonical(d, top=True)  # type: ignore[no-any-return]  # a dict at the top level
 
 
 def fingerprint_config(config: Mapping[str, Any] | Any) -> str:
@@ -184,7 +184,7 @@ def inspect_base_model(source: str, *, name: str, revision: str | None = None) -
         ) from e
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # untyped HF
     except (ValueError, KeyError, TypeError) as e:
         raise ValidationError(
             f"{source!r} (model_type {getattr(config, 'model_type', None)!r}) cannot be built as a "
@@ -217,7 +217,7 @@ def module_types(base: BaseModel, names: list[str]) -> dict[str, str]:
     try:
         config = AutoConfig.from_pretrained(base.source, trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # untyped HF
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     named = dict(model.named_modules())
