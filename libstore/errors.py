@@ -235,6 +235,26 @@ class BlobsRemovedError(LibstoreError):
         super().__init__(message)
         self.sha256s = sha256s
 
+    @classmethod
+    def staged_copy_gone(cls, path: str, sha256: str) -> Self:
+        """A writer's staged copy of ``sha256`` vanished before it was stored."""
+        return cls(
+            f"the staged copy {path} of blob {sha256} is gone: a gc with a grace period shorter than "
+            f"this operation removed it. Nothing was stored; run the operation again (and give gc a "
+            f"longer --grace while imports run)",
+            sha256s=(sha256,),
+        )
+
+    @classmethod
+    def taken_before_recorded(cls, gone: list[str]) -> Self:
+        """Blobs a writer stored were gone when it went to record them."""
+        return cls(
+            f"{len(gone)} blob(s) this operation stored were removed by a concurrent gc before they were "
+            f"recorded (e.g. {gone[0]}); nothing was changed — run it again, and give gc a grace period "
+            f"(--grace) longer than the operation takes",
+            sha256s=tuple(gone),
+        )
+
 
 class StorageError(LibstoreError, OSError):
     """The library folder, the catalog database or the blob store cannot be used: read-only, full,

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import ColumnElement, select, true
 from sqlalchemy.orm import Session
 
 from libstore.catalog import filters, repo
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -382,7 +383,7 @@ def insert_clustering(session: Session, rec: ClusteringRecord, *, require_inputs
     base = repo.base_row(session, rec.base_model)
     names = sorted({i.name for i in rec.inputs} | {m for c in rec.clusters for m in c.members})
     ids: dict[str, int] = {}
-    for chunk in _chunks(names, 900):  # stay below SQLite's bound-parameter limit
+    for chunk in chunks(names, 900):  # stay below SQLite's bound-parameter limit
         stmt = select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk))
         ids.update({n: eid for n, eid in session.execute(stmt)})
     missing = [i.name for i in rec.inputs if i.name not in ids]
@@ -424,7 +425,7 @@ def _task_rows(session: Session, names: Iterable[str]) -> dict[str, TaskRow]:
     """Task rows by name, creating the missing ones (a few statements for any number of names)."""
     wanted = sorted(set(names))
     rows: dict[str, TaskRow] = {}
-    for chunk in _chunks(wanted, 900):
+    for chunk in chunks(wanted, 900):
         rows.update({t.name: t for t in session.scalars(select(TaskRow).where(TaskRow.name.in_(chunk)))})
     for n in wanted:
         if n not in rows:
@@ -463,8 +464,3 @@ def delete_clustering(session: Session, name: str, *, force: bool = False) -> li
     session.delete(row)
     session.flush()
     return [e.name for e in linked]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -26,6 +26,7 @@ from sqlalchemy import ColumnElement, Select, select, true
 from sqlalchemy.orm import Session
 
 from libstore.catalog import repo
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import DerivationParentRow, DerivationRow, ExpertRow
 from libstore.errors import LibstoreError, NotFoundError
 from libstore.types import (
@@ -226,11 +227,11 @@ def children_by_inputs_key(session: Session, keys: Iterable[str]) -> dict[str, s
     one (the oldest, if several)."""
     wanted = sorted(set(keys))
     found: dict[str, str] = {}
-    for i in range(0, len(wanted), _IN_LIMIT):
+    for part in chunks(wanted, _IN_LIMIT):
         stmt = (
             select(DerivationRow.inputs_key, ExpertRow.name)
             .join(ExpertRow, DerivationRow.child_id == ExpertRow.id)
-            .where(DerivationRow.inputs_key.in_(wanted[i : i + _IN_LIMIT]))
+            .where(DerivationRow.inputs_key.in_(part))
             .order_by(ExpertRow.id.desc())
         )
         found.update({key: name for key, name in session.execute(stmt)})  # the last (oldest) wins

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import EvaluationExpertRow, EvaluationRow, ExpertRow
 from libstore.errors import AlreadyExistsError, NotFoundError
 from libstore.types import ClusteringInput, EvalMetrics, EvalRecord
@@ -150,7 +151,7 @@ def views(session: Session, rows: Sequence[EvaluationRow]) -> list[Evaluation]:
     """The rows as :class:`Evaluation` views, with one query for the current state of all experts."""
     ids = sorted({e.expert_id for r in rows for e in r.experts if e.expert_id is not None})
     current: dict[int, tuple[str, str]] = {}
-    for chunk in _chunks(ids, 900):  # stay below SQLite's bound-parameter limit
+    for chunk in chunks(ids, 900):  # stay below SQLite's bound-parameter limit
         stmt = select(ExpertRow.id, ExpertRow.name, ExpertRow.sha256).where(ExpertRow.id.in_(chunk))
         current.update({eid: (n, sha) for eid, n, sha in session.execute(stmt)})
     out = []
@@ -200,12 +201,7 @@ def _metrics_json(m: EvalMetrics) -> dict[str, Any]:
 
 def _ids_by_name(session: Session, names: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
-    for chunk in _chunks(sorted(set(names)), 900):
+    for chunk in chunks(sorted(set(names)), 900):
         stmt = select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk))
         out.update({n: eid for n, eid in session.execute(stmt)})
     return out
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from libstore.catalog import prototypes as cache
 from libstore.catalog import repo
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import Base, BlobRow, ExpertFileRow, ExpertRow, PrototypeCacheRow
 from libstore.types import BaseModel, Expert, ExpertQuery, PrototypeSet
 
@@ -84,8 +85,7 @@ def referenced_among(session: Session, sha256s: Iterable[str]) -> set[str]:
     """Those of ``sha256s`` that an expert file or a prototype cache row references."""
     shas = sorted(set(sha256s))
     found: set[str] = set()
-    for i in range(0, len(shas), IN_CHUNK):
-        part = shas[i : i + IN_CHUNK]
+    for part in chunks(shas, IN_CHUNK):
         stmt = union(
             select(ExpertFileRow.blob_sha256).where(ExpertFileRow.blob_sha256.in_(part)),
             select(PrototypeCacheRow.blob_sha256).where(PrototypeCacheRow.blob_sha256.in_(part)),
@@ -147,8 +147,8 @@ def set_blob_size(session: Session, sha256: str, size: int) -> None:
 def delete_blob_rows(session: Session, sha256s: Iterable[str]) -> None:
     """Delete ``blobs`` rows (the caller has checked that nothing references them)."""
     shas = sorted(set(sha256s))
-    for i in range(0, len(shas), IN_CHUNK):
-        session.execute(delete(BlobRow).where(BlobRow.sha256.in_(shas[i : i + IN_CHUNK])))
+    for part in chunks(shas, IN_CHUNK):
+        session.execute(delete(BlobRow).where(BlobRow.sha256.in_(part)))
 
 
 def drop_caches_of_blob(session: Session, sha256: str) -> int:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from libstore.canonical import canonical_sha256
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import BlobRow, ExpertRow, PrototypeCacheRow
 from libstore.catalog.repo import ensure_blob
 from libstore.types import PrototypeSet
@@ -62,9 +63,9 @@ def find_cached(
     """``expert sha256 -> blob sha256`` for the hashes that have this cache entry."""
     shas = sorted(set(expert_sha256s))
     found: dict[str, str] = {}
-    for i in range(0, len(shas), 500):  # keep IN lists within every driver's limits
+    for part in chunks(shas, 500):  # keep IN lists within every driver's limits
         stmt = select(PrototypeCacheRow.expert_sha256, PrototypeCacheRow.blob_sha256).where(
-            PrototypeCacheRow.expert_sha256.in_(shas[i : i + 500]),
+            PrototypeCacheRow.expert_sha256.in_(part),
             PrototypeCacheRow.method == method,
             PrototypeCacheRow.method_version == int(method_version),
             PrototypeCacheRow.params_key == key,
@@ -115,8 +116,8 @@ def entries(session: Session, expert_sha256: str | None = None) -> list[Prototyp
     rows = list(session.execute(stmt).tuples())
     names: dict[str, list[str]] = {}
     shas = sorted({r.expert_sha256 for r, _ in rows})
-    for i in range(0, len(shas), 500):
-        q = select(ExpertRow.sha256, ExpertRow.name).where(ExpertRow.sha256.in_(shas[i : i + 500]))
+    for part in chunks(shas, 500):
+        q = select(ExpertRow.sha256, ExpertRow.name).where(ExpertRow.sha256.in_(part))
         for sha, name in session.execute(q):
             names.setdefault(sha, []).append(name)
     return [_entry(r, size, names.get(r.expert_sha256, ())) for r, size in rows]

@@ -22,6 +22,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from libstore.catalog import clusterings, repo, tags
+from libstore.catalog.batches import chunks
 from libstore.catalog.models import (
     BaseModelRow,
     ClusteringInputRow,
@@ -130,10 +131,10 @@ def record_sync(
     row = _remote_row(session, remote)
     forget = sorted(set(forget))
     if forget:
-        for i in range(0, len(forget), 500):
+        for part in chunks(forget, 500):
             session.execute(
                 delete(RemoteExpertRow).where(
-                    RemoteExpertRow.remote_id == row.id, RemoteExpertRow.expert_name.in_(forget[i : i + 500])
+                    RemoteExpertRow.remote_id == row.id, RemoteExpertRow.expert_name.in_(part)
                 )
             )
     existing = {
@@ -234,8 +235,7 @@ def put_pulled_expert(session: Session, expert: Expert, *, source: str) -> bool:
 def link_experts(session: Session, names: Iterable[str]) -> None:
     """Point clustering inputs/members and derivation parents recorded by name at these experts."""
     names = sorted(set(names))
-    for i in range(0, len(names), 500):
-        chunk = names[i : i + 500]
+    for chunk in chunks(names, 500):
         ids = {
             n: x
             for n, x in session.execute(select(ExpertRow.name, ExpertRow.id).where(ExpertRow.name.in_(chunk)))

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
+from libstore.catalog.batches import chunks
 from libstore.catalog.engine import translate_errors
 from libstore.catalog.models import BlobClaimRow, BlobRow, SettingRow
 
@@ -80,8 +81,7 @@ class ClaimLedger:
             if wanted is None:
                 return {sha: at for sha, at in conn.execute(query)}
             found: dict[str, float] = {}
-            for i in range(0, len(wanted), 500):
-                chunk = wanted[i : i + 500]
+            for chunk in chunks(wanted, 500):
                 found.update(
                     {sha: at for sha, at in conn.execute(query.where(BlobClaimRow.sha256.in_(chunk)))}
                 )
@@ -91,5 +91,5 @@ class ClaimLedger:
         """Drop the claims of blobs gc removed."""
         wanted = sorted(set(sha256s))
         with translate_errors(self._location, None), self._engine.begin() as conn:
-            for i in range(0, len(wanted), 500):
-                conn.execute(delete(BlobClaimRow).where(BlobClaimRow.sha256.in_(wanted[i : i + 500])))
+            for part in chunks(wanted, 500):
+                conn.execute(delete(BlobClaimRow).where(BlobClaimRow.sha256.in_(part)))

@@ -160,9 +160,8 @@ def _claim_folder_blobs(catalog: Catalog, library_id: str) -> None:
     """The first folder library on a catalog without a blob store is the one whose folder holds its
     blobs; later ones (a shared catalog over folders) hold only what they import themselves."""
     with catalog.write() as s:
-        unclaimed = (
-            team.get_setting(s, team.BLOB_STORE) is None and team.get_setting(s, team.FOLDER_OWNER) is None
-        )
+        found = team.settings(s)
+        unclaimed = team.BLOB_STORE not in found and team.FOLDER_OWNER not in found
         if unclaimed and not team.has_blobs(s):  # a catalog of before this setting: nobody is a guest
             team.set_setting(s, team.FOLDER_OWNER, library_id)
 

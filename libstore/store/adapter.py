@@ -176,19 +176,11 @@ def read_adapter(
         adapter = _describe(
             folder, config_path, config_bytes, weights_path, staged, allow_nonfinite=allow_nonfinite
         )
-    except LibstoreError:
+    except BaseException as e:
         gone = not os.path.lexists(staged.path)  # a gc with too short a grace took the copy mid-check
         into.discard(staged)
-        if gone:
-            raise BlobsRemovedError(
-                f"the staged copy {staged.path} of {weights_path} is gone: a gc with a grace period "
-                f"shorter than this operation removed it. Nothing was stored; run the operation again "
-                f"(and give gc a longer --grace while imports run)",
-                sha256s=(staged.sha256,),
-            ) from None
-        raise
-    except BaseException:
-        into.discard(staged)
+        if gone and isinstance(e, LibstoreError):
+            raise BlobsRemovedError.staged_copy_gone(staged.path, staged.sha256) from None
         raise
     return adapter
 

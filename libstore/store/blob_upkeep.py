@@ -184,12 +184,7 @@ class BlobUpkeep(abc.ABC):
         """
         gone = sorted({sha for sha in sha256s if not self.claim(sha)})
         if gone:
-            raise BlobsRemovedError(
-                f"{len(gone)} blob(s) this operation stored were removed by a concurrent gc before "
-                f"they were recorded (e.g. {gone[0]}); nothing was changed — run it again, and give "
-                f"gc a grace period (--grace) longer than the operation takes",
-                sha256s=tuple(gone),
-            )
+            raise BlobsRemovedError.taken_before_recorded(gone)
 
     def digest(self, sha256: str) -> str:
         """The sha256 of the blob's bytes as stored now (re-reads the file), without touching its

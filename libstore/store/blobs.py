@@ -384,12 +384,7 @@ class BlobStore(BlobUpkeep):
                 os.replace(tmp, final)
                 shards.add(final.parent)
             except FileNotFoundError:
-                raise BlobsRemovedError(
-                    f"the staged copy {tmp} of blob {item.sha256} is gone: a gc with a grace period "
-                    f"shorter than this operation removed it. Nothing was stored; run the operation "
-                    f"again (and give gc a longer --grace while imports run)",
-                    sha256s=(item.sha256,),
-                ) from None
+                raise BlobsRemovedError.staged_copy_gone(str(tmp), item.sha256) from None
             except OSError as e:
                 self.discard(item)
                 raise self._storage_error(e, f"store {item.sha256}") from e

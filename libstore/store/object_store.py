@@ -318,12 +318,7 @@ class ObjectBlobStore:
                 self._upload(staged.sha256, staged.size, f)
             self.cache.adopt(staged)
         except (FileNotFoundError, BlobsRemovedError):
-            raise BlobsRemovedError(
-                f"the staged copy {tmp} of blob {staged.sha256} is gone: a gc on this library folder "
-                f"with a grace period shorter than this operation removed it. Nothing was recorded; run "
-                f"the operation again (and give gc a longer --grace while imports run)",
-                sha256s=(staged.sha256,),
-            ) from None
+            raise BlobsRemovedError.staged_copy_gone(str(tmp), staged.sha256) from None
         return BlobRef(staged.sha256, staged.size)
 
     def commit_staged_many(self, staged: Sequence[StagedBlob]) -> list[BlobRef]:
@@ -353,12 +348,7 @@ class ObjectBlobStore:
         with cf.ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(wanted)))) as pool:
             gone = [sha for sha, ok in zip(wanted, pool.map(self.exists, wanted), strict=True) if not ok]
         if gone:
-            raise BlobsRemovedError(
-                f"{len(gone)} blob(s) this operation stored were removed by a concurrent gc before they "
-                f"were recorded (e.g. {gone[0]}); nothing was changed — run it again, and give gc a grace "
-                f"period (--grace) longer than the operation takes",
-                sha256s=tuple(gone),
-            )
+            raise BlobsRemovedError.taken_before_recorded(gone)
 
     # --- upkeep ------------------------------------------------------------------------------
 
