@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,18 +57,10 @@ def _database(kind: str, pg_admin: str) -> Iterator[str | None]:
     if kind == "sqlite":
         yield None
         return
-    from sqlalchemy import create_engine, text
+    from tests.catalog_support import fresh_pg_schema
 
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{pg_admin}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_pg_schema(pg_admin) as url:
+        yield url
 
 
 def _adapters(proto: Path, dest: Path, n: int) -> int:

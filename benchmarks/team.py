@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from sqlalchemy import create_engine, text
 
 from libstore import Library
 from libstore.store import object_store
+from tests.catalog_support import fresh_pg_schema
 from tests.factories import LLAMA_TARGETS, load_base, make_adapter, make_base_model
 from tests.s3_support import start_seaweedfs
 
@@ -51,16 +50,8 @@ object_store.make_client = _counting_client
 
 
 def _schema() -> Iterator[str]:
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_pg_schema(PG) as url:
+        yield url
 
 
 def _timed(fn: Any) -> tuple[float, Any, dict[str, int]]:

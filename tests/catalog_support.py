@@ -7,7 +7,11 @@ linked table. Rows go in with a few executemany statements per 5,000 experts.
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, insert, select, text
 
 from libstore import Library
 from libstore.catalog.models import (
@@ -92,3 +96,19 @@ def clone_experts(
                     ]
                     s.add(d)
             s.flush()
+
+
+@contextmanager
+def fresh_pg_schema(admin_url: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL schema on ``admin_url``'s database, dropped afterwards (for
+    the benchmarks: each run gets a catalog of its own)."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{admin_url}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
