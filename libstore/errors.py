@@ -22,6 +22,7 @@ Entity = Literal[
     "task",
     "blob",
     "prototype set",
+    "expert data",
     "evaluation",
     "file",
     "library",

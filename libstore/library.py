@@ -15,6 +15,7 @@ from libstore.ops.context import Context, SchemaState, init_library, open_librar
 from libstore.types import (
     BaseModel,
     Expert,
+    ExpertData,
     ExpertKind,
     ExpertQuery,
     ExpertSort,
@@ -197,8 +198,14 @@ class Library(LowRankMethods, EvalMethods):
         return _experts.get(self._ctx, name)
 
     def export(self, name: str, dest: PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``name`` as a PEFT folder that ``PeftModel.from_pretrained`` loads."""
+        """Write ``name`` as a PEFT folder that ``PeftModel.from_pretrained`` loads (with its
+        attached data, if any, in ``mttl/``: PEFT ignores it)."""
         return _experts.export(self._ctx, name, dest, overwrite=overwrite)
+
+    def expert_data(self, name: str, data_type: str) -> ExpertData:
+        """The data of type ``data_type`` attached to expert ``name`` (``Expert.data_types`` lists
+        them): what an mttl import found in ``<expert>.<data_type>.bin``, read back pickle-free."""
+        return _experts.data(self._ctx, name, data_type)
 
     def remove(self, name: str) -> None:
         _experts.remove(self._ctx, name)

@@ -6,10 +6,13 @@ import datetime as dt
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from libstore.canonical import canonical_sha256
 from libstore.errors import QueryError
+
+if TYPE_CHECKING:
+    import torch
 
 # --- the named choices of the public API (one place; the CLI's click.Choice lists come from here) ---
 
@@ -45,6 +48,12 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: The folder, inside an expert's, of the data attached to it (:class:`ExpertData`):
+#: ``mttl/<data_type>.json`` and ``mttl/<data_type>.safetensors``.
+EXPERT_DATA_DIR = "mttl"
+EXPERT_DATA_FILE = re.compile(
+    rf"{EXPERT_DATA_DIR}/(?P<data_type>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<ext>json|safetensors)"
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,34 @@ class StoredFile:
     path: str
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class ExpertData:
+    """Data attached to an expert besides its adapter: mttl's auxiliary data (Arrow prototypes,
+    ``_vectors``, ``_eigvals``, embeddings), kept as mttl stored it for comparison and reuse.
+
+    Stored pickle-free as two of the expert's files (so sync, gc, verify and export carry it and the
+    expert's weights identity is unchanged): ``mttl/<data_type>.safetensors`` holds every tensor and
+    numpy array, ``mttl/<data_type>.json`` the config and the plain values. Keys are the nested dict
+    keys joined by '/' (list items by their index); data that is a single array or value (mttl's
+    ``add_embeddings``) has the key ``data``.
+
+    Attributes:
+        data_type: mttl's name for it (``<expert>.<data_type>.bin``), e.g. ``embeddings``.
+        source: where it came from (``mttl``).
+        config: the config stored with it (the transform's parameters), as JSON.
+        tensors: every tensor and numpy array, by key, bit-equal to what was stored.
+        values: every plain value (numbers, strings, booleans, null, lists of them), by key.
+        arrays: the keys of ``tensors`` that were numpy arrays.
+    """
+
+    data_type: str
+    source: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    values: dict[str, Any]
+    arrays: tuple[str, ...] = ()
 
 
 # --- records shared by catalog, manifest and API (one type per record) ------------------------------
@@ -258,6 +295,12 @@ class Expert:
     def delta_key(self) -> str:
         """The identity of this expert's ΔW: see :func:`delta_key`."""
         return delta_key(self.sha256, rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora)
+
+    @property
+    def data_types(self) -> tuple[str, ...]:
+        """The types of data attached to this expert (:class:`ExpertData`), sorted."""
+        found = (EXPERT_DATA_FILE.fullmatch(f.path) for f in self.files)
+        return tuple(sorted(m["data_type"] for m in found if m is not None and m["ext"] == "json"))
 
     def file(self, path: str) -> StoredFile:
         for f in self.files:

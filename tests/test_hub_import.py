@@ -208,7 +208,8 @@ def test_import_mttl_folder_keeps_every_delta_w(library: Library, tmp_path: Path
     assert sorted(e.name for e in r.added) == ["cluster_3", "niv2_qa"]
     e = library.get("cluster_3")
     assert e.tasks == ("arc_easy", "boolq") and e.tags == ("mttl",) and e.rank == 4 and e.alpha == 16.0
-    assert e.metadata["mttl"]["aux_data_not_imported"] == ["arrow"]
+    assert e.metadata["mttl"]["aux_data"] == ["arrow"] and e.data_types == ("arrow",)
+    assert "aux_data_not_imported" not in e.metadata["mttl"]
     assert set(e.modules) == set(MODULES)
     for name, weights in src.items():
         ex = library.get(name)
@@ -316,24 +317,30 @@ def test_import_mttl_imports_nested_experts_records_tie_params_and_reports_other
 
 
 ARROW_SAVE = "arrowtransformconfig-5f1c2a"  # ArrowTransformConfig().save_name: class name + param hash
-ARROW_CONFIG = {"name": None, "ab_only": True, "scale": False, "tie_params": "default", "tie_op": "concat"}
+ARROW_CONFIG = {"ab_only": True, "scale": False, "tie_params": "default", "tie_op": "concat"}
 
 
 def _write_arrow_protos(folder: Path, name: str, weights: dict[str, torch.Tensor], tied: bool) -> None:
-    """What mttl's ArrowTransform.transform persists: <name>.<save_name>_protos.bin, the top
-    eigenvector of (lora_a @ lora_b) per module; with tied lora_a (tie_op "concat") one joint vector
-    from [B_q B_v] for q and v of a layer."""
-    protos = {}
+    """What mttl's ArrowTransform.transform persists (add_auxiliary_data, config = the transform
+    config's __dict__): <name>.<save_name>_vectors.bin (module -> numpy top eigenvector of
+    (lora_a @ lora_b)), _eigvals.bin (module -> float, σ₁²) and _protos.bin (module -> tensor, from
+    the numpy vector); with tied lora_a (tie_op "concat") one joint vector from [B_q B_v] for q and v."""
+    vectors, eigvals, protos = {}, {}, {}
     for layer in (0, 1):
         q, v = (f"model.layers.{layer}.self_attn.{m}" for m in ("q_proj", "v_proj"))
         groups = [[q, v]] if tied else [[q], [v]]
         for group in groups:
             A = weights[f"{group[0]}.lora_a"].float()
             B = torch.cat([weights[f"{p}.lora_b"] for p in group], dim=1).float()
-            top = torch.linalg.svd(A @ B)[0][:, 0]  # U_W[:, 0] of mttl's _low_rank_svd (up to sign)
+            U, S, _ = torch.linalg.svd(A @ B)  # U_W, Sigma_W of mttl's _low_rank_svd (up to sign)
+            top = U[:, 0]
             for p in group:
-                protos[p] = torch.from_numpy(top.cpu().numpy())
-    torch.save({"data": protos, "config": ARROW_CONFIG}, folder / f"{name}.{ARROW_SAVE}_protos.bin")
+                vectors[p] = top.real.cpu().numpy()
+                eigvals[p] = (S[0] ** 2).item()
+                protos[p] = torch.from_numpy(vectors[p])
+    config = {"name": None, **ARROW_CONFIG}
+    for kind, data in (("vectors", vectors), ("eigvals", eigvals), ("protos", protos)):
+        torch.save({"data": data, "config": config}, folder / f"{name}.{ARROW_SAVE}_{kind}.bin")
 
 
 def test_import_mttl_compares_mttls_arrow_prototypes_with_libstores(
@@ -355,6 +362,11 @@ def test_import_mttl_compares_mttls_arrow_prototypes_with_libstores(
     assert plain["modules"] == 4 and plain["min_abs_cos"] > 0.9999 and plain["differ"] == []
     joint = library.get("sub.tied").metadata["mttl"]["arrow_prototypes"][f"{ARROW_SAVE}_protos"]
     assert joint["min_abs_cos"] < 0.9999 and set(joint["differ"]) <= set(MODULES) and joint["differ"]
+    compared = {n: library.get(n).metadata["mttl"]["arrow_prototypes"] for n in ("plain", "sub.tied")}
+    vectors, eigvals = f"{ARROW_SAVE}_vectors", f"{ARROW_SAVE}_eigvals"  # mttl's numpy vectors, σ₁²
+    assert compared["plain"][vectors] == plain  # the same vectors as the prototypes (scale False)
+    assert compared["plain"][eigvals]["max_rel_diff"] < 1e-4 and compared["plain"][eigvals]["differ"] == []
+    assert compared["sub.tied"][eigvals]["differ"] and compared["sub.tied"][vectors]["differ"]
     api = _api(hub)  # from the Hub: the _protos files are downloaded and compared too
     api.create_repo("libstore-org/mttl-arrow")
     api.upload_folder(repo_id="libstore-org/mttl-arrow", folder_path=folder)

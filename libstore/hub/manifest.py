@@ -6,6 +6,8 @@ A library on the Hub is one model repo::
     README.md                                       generated model card
     experts/<name>/adapter_config.json              one PEFT folder per expert, so that
     experts/<name>/adapter_model.safetensors        PeftModel.from_pretrained(base, repo, subfolder=...)
+    experts/<name>/mttl/<data_type>.json            data attached to the expert (optional, e.g. mttl's
+    experts/<name>/mttl/<data_type>.safetensors     auxiliary data: libstore.store.expert_data)
     prototypes/<name>/<method>-v<N>-<key>.safetensors   cached Arrow prototypes of expert <name>
 
 Format (``format_version`` 1; every key is required unless marked optional)::
@@ -20,7 +22,9 @@ Format (``format_version`` 1; every key is required unless marked optional)::
           "kind", "base_model", "rank", "alpha", "use_rslora", "target_modules": [...],
           "modules": {"<module>": [in, out, rank]}, "dtype",
           "files": {"adapter_config.json": {"sha256", "size"},
-                    "adapter_model.safetensors": {"sha256", "size"}},
+                    "adapter_model.safetensors": {"sha256", "size"},
+                    "mttl/<data_type>.json": {...}, "mttl/<data_type>.safetensors": {...}},
+                                                  (the mttl/ files optional: attached data)
           "tasks": [...], "tags": [...], "metadata": {...},
           "derivation": null | {"method", "method_version", "params", "inputs_key",
                                 "parents": [{"role", "name", "sha256"}]},
@@ -63,6 +67,8 @@ from libstore.store.adapter import validate_name
 from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    EXPERT_DATA_DIR,
+    EXPERT_DATA_FILE,
     BaseModel,
     ClusteringRecord,
     Derivation,
@@ -271,10 +277,15 @@ def prototype_json(p: PrototypeEntry) -> dict[str, Any]:
 
 
 def expert_path(name: str, file: str) -> str:
-    """``experts/<name>/<file>`` for a validated name and a known file name."""
+    """``experts/<name>/<file>`` for a validated name and a known file name (the adapter's two, or
+    attached data ``mttl/<data_type>.json|.safetensors`` with a valid data type)."""
     validate_name(name)
-    if file not in EXPERT_FILES:
-        raise ManifestError(f"{file!r} is not an expert file; expert folders hold {', '.join(EXPERT_FILES)}")
+    data = EXPERT_DATA_FILE.fullmatch(file)
+    if file not in EXPERT_FILES and (data is None or data["data_type"] != validate_name(data["data_type"])):
+        raise ManifestError(
+            f"{file!r:.80} is not an expert file; expert folders hold {', '.join(EXPERT_FILES)} and "
+            f"attached data ({EXPERT_DATA_DIR}/<data_type>.json and .safetensors)"
+        )
     return f"{EXPERTS_DIR}/{name}/{file}"
 
 

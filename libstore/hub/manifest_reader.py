@@ -34,6 +34,7 @@ from libstore.hub.manifest import (
     expert_path,
 )
 from libstore.store.adapter import validate_name
+from libstore.store.expert_data import check_files
 from libstore.store.strict_json import strict_loads
 from libstore.types import (
     ADAPTER_WEIGHTS,
@@ -219,14 +220,12 @@ def _parse_base(r: _Reader, name: str, b: Any) -> BaseModel:
 
 def _parse_files(r: _Reader, name: str, e: Mapping[str, Any], w: str) -> tuple[StoredFile, ...]:
     files_raw = r.obj(r.key(e, "files", w), f"{w}.files")
-    if set(files_raw) != set(EXPERT_FILES):
-        odd = sorted(set(files_raw) - set(EXPERT_FILES))
-        what = (
-            f"unknown file {odd[0]!r:.80}" if odd else f"missing {sorted(set(EXPERT_FILES) - set(files_raw))}"
-        )
-        raise r.fail(f"{w}.files", f"{what}; an expert folder holds exactly {', '.join(EXPERT_FILES)}")
+    try:
+        check_files(files_raw, where="the expert folder")
+    except LibstoreError as err:
+        raise r.fail(f"{w}.files", err.message) from None
     files = []
-    for fname in EXPERT_FILES:
+    for fname in [*EXPERT_FILES, *sorted(set(files_raw) - set(EXPERT_FILES))]:
         fw = f"{w}.files.{fname}"
         f = r.obj(files_raw[fname], fw)
         if "path" in f and f["path"] != expert_path(name, fname):

@@ -16,9 +16,11 @@ name. Per expert:
   and the same ``lora_alpha``;
 - ``<expert>.<data>.bin``: auxiliary data, ``torch.save`` of ``{"data": ..., "config": ...}``
   (``ExpertLibrary.add_auxiliary_data``). mttl's Arrow writes ``<save_name>_protos`` (module ->
-  tensor), ``_vectors`` and ``_eigvals`` (numpy arrays and floats), ``add_embeddings`` numpy arrays.
-  The ``_protos`` (plain tensors) are read (:func:`read_arrow_protos`) and compared with libstore's
-  own prototypes at import; the others are listed. None is stored: libstore computes its own.
+  tensor), ``_vectors`` (module -> numpy array) and ``_eigvals`` (module -> float), with the
+  transform's config; ``add_embeddings`` and the SVD embedding transform write numpy arrays, the
+  hidden-state computer module -> tensor. Every type is read (:func:`read_aux`) and imported as data
+  attached to the expert (``libstore.store.expert_data``: safetensors + JSON); the Arrow ones are
+  also compared with libstore's own prototypes at import.
 
 ``expert_config.tie_params`` (a regex over parameter names, e.g. ``q_proj.*\\.lora_a|k_proj...``)
 is recorded: mttl trains those ``lora_a`` shared within one attention block and its Arrow gives the
@@ -26,8 +28,10 @@ tied modules one joint prototype. Experts of other mttl modifiers (``class_name`
 listed, not imported (:attr:`MttlExpert.lora` is False).
 
 Every file is read with ``torch.load(..., weights_only=True)`` only: plain containers, numbers,
-strings and tensors load; anything that would need arbitrary classes (pickled objects, code) is
-refused with :class:`UnsafeFileError` and nothing of it runs.
+strings and tensors load, and in auxiliary data numpy arrays of numeric dtypes (numpy's array and
+scalar reconstruction functions, ``ndarray`` and those dtype classes are allowed for that file only,
+:func:`numpy_globals`); anything that would need other classes (pickled objects, code) is refused
+with :class:`UnsafeFileError` and nothing of it runs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from libstore.errors import BaseModelMismatchError, UnsafeFileError, ValidationError
 from libstore.store.adapter import validate_name
+from libstore.store.expert_data import NUMPY_DTYPES
 from libstore.store.safetensors_io import save_tensors
 from libstore.store.strict_json import check_json_value
 from libstore.store.targeting import search_matches
@@ -117,8 +122,25 @@ def scan(folder: Path) -> list[MttlFiles]:
     return out
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)``; refuses (never runs) anything beyond plain data."""
+def numpy_globals() -> list[Any]:
+    """What unpickling a numpy array of a numeric dtype needs and nothing else: the array and
+    scalar reconstruction functions (under numpy 1's and 2's module names: mttl 1.0.2 ran on
+    numpy 1), ``ndarray``, ``dtype`` and the dtype classes of :data:`NUMPY_DTYPES`."""
+    import numpy as np
+
+    reconstruct = np.zeros(0).__reduce__()[0]
+    scalar = np.float64(0).__reduce__()[0]
+    out: list[Any] = [np.ndarray, np.dtype, *(type(np.dtype(c)) for c in NUMPY_DTYPES)]
+    for fn in (reconstruct, scalar):
+        out += [(fn, f"{mod}.multiarray.{fn.__name__}") for mod in ("numpy.core", "numpy._core")]
+    return out
+
+
+def safe_load(path: Path, *, arrays: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``; refuses (never runs) anything beyond plain data
+    (and numpy arrays of numbers with ``arrays``)."""
+    import contextlib
+
     import torch
 
     size = path.stat().st_size
@@ -126,8 +148,10 @@ def safe_load(path: Path) -> Any:
         raise ValidationError(
             f"{path} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for an mttl file"
         )
+    allowed = torch.serialization.safe_globals(numpy_globals()) if arrays else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -221,8 +245,6 @@ def read_meta(files: MttlFiles) -> MttlExpert:
         "expert_name": files.name if files.name != files.libstore_name else None,
         "tie_params": tie,
     }
-    if files.aux:
-        record["aux_data_not_imported"] = list(files.aux)
     check_json_value(record, f"{files.meta} metadata")
     return MttlExpert(
         name=files.name,
@@ -255,6 +277,10 @@ def read_weights(files: MttlFiles) -> dict[str, torch.Tensor]:
 
 
 PROTOS_SUFFIX = "_protos"
+VECTORS_SUFFIX = "_vectors"
+EIGVALS_SUFFIX = "_eigvals"
+#: the data types of mttl's ArrowTransform (``<save_name><suffix>``)
+ARROW_SUFFIXES = (PROTOS_SUFFIX, VECTORS_SUFFIX, EIGVALS_SUFFIX)
 
 
 def tie_groups(tie_params: str, modules: Iterable[str], *, where: str) -> list[list[str]]:
@@ -272,21 +298,46 @@ def tie_groups(tie_params: str, modules: Iterable[str], *, where: str) -> list[l
     return [g for g in groups.values() if len(g) > 1]
 
 
-def read_arrow_protos(files: MttlFiles, data_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """mttl Arrow prototypes ``<name>.<data_type>.bin`` (``data_type`` ends in ``_protos``): the
-    transform's config (plain values) and mttl module name -> (in,) prototype."""
+def aux_path(files: MttlFiles, data_type: str) -> Path:
+    """The file ``<expert>.<data_type>.bin`` beside the expert's ``.meta``."""
+    return files.meta.with_name(f"{files.meta.name[: -len(META_SUFFIX)]}.{data_type}{AUX_SUFFIX}")
+
+
+def read_aux(files: MttlFiles, data_type: str) -> tuple[dict[str, Any], Any]:
+    """One auxiliary data file, pickle-free: (its config, its data) of mttl's ``{"data", "config"}``
+    payload; a file of another shape (mttl's ``<expert>.scores.bin``) is all data, config ``{}``."""
+    path = aux_path(files, data_type)
+    payload = safe_load(path, arrays=True)
+    if isinstance(payload, dict) and "data" in payload and set(payload) <= {"data", "config"}:
+        config = payload.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise ValidationError(f"{path}: its config must be a dict, got {type(config).__name__}")
+        return dict(config or {}), payload["data"]
+    return {}, payload
+
+
+def arrow_vectors(
+    data_type: str, config: Mapping[str, Any], data: Any, *, where: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor | float]]:
+    """mttl Arrow data as :func:`read_aux` returns it: ``_protos`` (module -> (in,) tensor),
+    ``_vectors`` (module -> (in,) numpy array, made a tensor) or ``_eigvals`` (module -> float);
+    the transform's config (plain values) and mttl module name -> vector or value."""
+    import numpy as np
     import torch
 
-    path = files.meta.with_name(f"{files.meta.name[: -len(META_SUFFIX)]}.{data_type}{AUX_SUFFIX}")
-    payload = safe_load(path)
-    data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim == 1 for k, v in data.items()
-    ):
-        raise ValidationError(f"{path} does not hold mttl Arrow prototypes ({{'data': {{module: vector}}}})")
-    config = payload.get("config")
-    plain = {str(k): _plain(v) for k, v in config.items()} if isinstance(config, dict) else {}
-    return {k: v for k, v in plain.items() if v is not None}, data
+    eigvals = data_type.endswith(EIGVALS_SUFFIX)
+    out: dict[str, torch.Tensor | float] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if eigvals and isinstance(v, int | float | np.floating) and not isinstance(v, bool):
+                out[str(k)] = float(v)
+            elif not eigvals and isinstance(v, torch.Tensor | np.ndarray) and v.ndim == 1:
+                out[str(k)] = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+    if not isinstance(data, dict) or len(out) != len(data):
+        what = "module: eigenvalue" if eigvals else "module: vector"
+        raise ValidationError(f"{where} does not hold mttl Arrow data ({{'data': {{{what}}}}})")
+    plain = {str(k): _plain(v) for k, v in config.items()}
+    return {k: v for k, v in plain.items() if v is not None}, out
 
 
 def expand_tied(weights: dict[str, torch.Tensor], tie_params: str, *, where: str) -> dict[str, torch.Tensor]:

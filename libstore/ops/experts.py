@@ -25,6 +25,7 @@ from libstore.errors import (
 )
 from libstore.ops.context import Context
 from libstore.ops.query import format_query, parse_query
+from libstore.store import expert_data
 from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
 from libstore.store.strict_json import check_json_value
@@ -36,6 +37,7 @@ from libstore.types import (
     AdapterFile,
     BaseModel,
     Expert,
+    ExpertData,
     ExpertQuery,
     ExpertSort,
     ExpertSummary,
@@ -168,11 +170,13 @@ def insert_adapter(
     cluster: str | None,
     source: str | None,
     allow_base_mismatch: bool,
+    data_files: Sequence[tuple[str, bytes]] = (),
 ) -> Expert:
     """Store a validated adapter's blobs and record it inside the caller's transaction ``s``.
 
     Imports that must be all or nothing across many adapters (import-dir, import-mttl) call this
-    once per adapter within one transaction.
+    once per adapter within one transaction. ``data_files``: (path, bytes) of the data attached to
+    it (``store.expert_data.encode``), stored as more of its files.
     """
     base_model = repo.resolve_base(s, base)
     check_against_base(adapter, base_model, allow_base_mismatch=allow_base_mismatch)
@@ -184,6 +188,9 @@ def insert_adapter(
         )
     cluster_tasks = _cluster_tasks(s, cluster, kind)
     files = store_adapter_files(ctx, adapter)
+    for path, content in data_files:
+        ref = ctx.blobs.put_bytes(content)
+        files.append(StoredFile(path, ref.sha256, ref.size))
     return repo.add_expert(
         s,
         expert_record(
@@ -465,8 +472,37 @@ def export(ctx: Context, name: str, dest: str | os.PathLike[str], *, overwrite: 
         )
     dest.mkdir(parents=True, exist_ok=True)
     for f in expert.files:
+        (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
         copy_blob(ctx, f, dest / f.path)
     return dest
+
+
+def data(ctx: Context, name: str, data_type: str) -> ExpertData:
+    """The data of type ``data_type`` attached to expert ``name`` (an mttl import's auxiliary data),
+    read back from its files, hash-checked; :class:`NotFoundError` names the types it has."""
+    expert = get(ctx, name)
+    meta, tensors = expert_data.data_files(expert.files, data_type)
+    if meta is None:
+        have = ", ".join(expert.data_types) or "none"
+        raise NotFoundError(
+            f"expert {name!r} has no attached data of type {data_type!r} (it has: {have})",
+            what="expert data",
+            name=f"{name}:{data_type}",
+        )
+    ctx.blobs.fetch([f.sha256 for f in (meta, tensors) if f is not None])
+    for f in (meta, tensors):
+        if f is not None and sha256_file(ctx.blobs.path(f.sha256)) != f.sha256:
+            raise IntegrityError(
+                f"blob {f.sha256} of {f.path} is corrupt in the store; run: libstore verify",
+                sha256=f.sha256,
+                path=f.path,
+            )
+    return expert_data.decode(
+        data_type,
+        ctx.blobs.read_bytes(meta.sha256),
+        None if tensors is None else ctx.blobs.path(tensors.sha256),
+        where=f"expert {name!r}",
+    )
 
 
 def copy_blob(ctx: Context, f: StoredFile, target: Path) -> None:

@@ -34,6 +34,7 @@ from libstore.ops import experts as experts_ops
 from libstore.ops.context import Context
 from libstore.ops.sync_state import temp_dir
 from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
+from libstore.store import expert_data
 from libstore.store.blobs import sha256_file
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert
 
@@ -293,15 +294,18 @@ def import_mttl(
     modifiers are reported in ``not_imported``, never silently left out. Each ``<expert>.ckpt`` /
     ``.meta`` pair is read with ``torch.load(weights_only=True)`` only,
     converted to a PEFT folder (A = lora_aᵀ, B = lora_bᵀ), validated like ``libstore add`` and
-    added with its tasks; all experts in one transaction. ``experts`` limits the import to these
-    names (globs allowed). Soft-deleted experts are skipped, as mttl does; so are experts already
-    in the library with the same weights.
+    added with its tasks; all experts in one transaction. Its auxiliary data files
+    (``<expert>.<data_type>.bin``, numpy arrays allowed) are attached to it as data
+    (:class:`~libstore.types.ExpertData`), the Arrow ones compared with libstore's prototypes
+    (metadata ``mttl.arrow_prototypes``). ``experts`` limits the import to these names (globs
+    allowed). Soft-deleted experts are skipped, as mttl does; so are experts already in the library
+    with the same weights (their data is not replaced).
     """
     tags = [validate_name(t) for t in tags]
     patterns = list(experts) if experts is not None else None
-    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile]] = []
+    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile, list[tuple[str, bytes]]]] = []
     not_lora: list[tuple[str, str]] = []
-    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, _, a in prepared):
+    with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, _, a, _ in prepared):
         if _is_local(source):
             folder = Path(source).expanduser()
             label = str(folder.resolve())
@@ -335,21 +339,31 @@ def import_mttl(
                 weights = mttl.read_weights(files)
                 if info.tie_params:
                     weights = mttl.expand_tied(weights, info.tie_params, where=str(files.ckpt))
-                compared = _compare_arrow_protos(files, weights)
+                aux = {t: mttl.read_aux(files, t) for t in files.aux}
+                data = [
+                    f
+                    for t, (cfg, value) in aux.items()
+                    for f in expert_data.encode(
+                        t, source="mttl", config=cfg, data=value, where=str(mttl.aux_path(files, t))
+                    )
+                ]
+                if aux:
+                    info.metadata["aux_data"] = sorted(aux)
+                compared = _compare_arrow(files, weights, aux)
                 if compared:
                     info.metadata["arrow_prototypes"] = compared
                 out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.libstore_name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
                 raise e.add_context(f"mttl expert {files.name!r}") from None
-            prepared.append((files.libstore_name, info, adapter))
+            prepared.append((files.libstore_name, info, adapter, data))
         if not prepared and not_lora:
             raise ValidationError(
                 f"{source} holds no LoRA experts: {', '.join(f'{n} ({why})' for n, why in not_lora[:5])}"
             )
         added, skipped = [], []
         with ctx.catalog.write() as s:
-            for name, info, adapter in prepared:
+            for name, info, adapter, data in prepared:
                 if repo.expert_sha256(s, name) == adapter.weights_sha256:
                     skipped.append(name)
                     continue
@@ -366,6 +380,7 @@ def import_mttl(
                     cluster=None,
                     source=f"{label}/{info.name}.ckpt",
                     allow_base_mismatch=True,
+                    data_files=data,
                 )
                 added.append(row)
             report = tuple(added)
@@ -374,39 +389,56 @@ def import_mttl(
 
 #: |cos| below which an mttl prototype counts as another direction than libstore's
 PROTO_AGREE = 1 - 1e-4
+#: relative difference above which an mttl eigenvalue counts as another value than libstore's
+#: (mttl computes in float32)
+EIGVAL_AGREE = 1e-4
 
 
-def _compare_arrow_protos(files: mttl.MttlFiles, weights: Mapping[str, Any]) -> dict[str, Any]:
-    """mttl's stored Arrow prototypes of this expert compared with libstore's exact ones, per
-    ``<save_name>_protos`` data type: its config, the module count, the smallest |cos| and the
-    modules where they differ — with ``tie_params`` mttl gives tied modules one joint prototype,
-    which libstore's per-module routing does not use."""
+def _compare_arrow(
+    files: mttl.MttlFiles, weights: Mapping[str, Any], aux: Mapping[str, tuple[dict[str, Any], Any]]
+) -> dict[str, Any]:
+    """mttl's stored Arrow data of this expert compared with libstore's exact prototypes, per data
+    type: ``<save_name>_protos`` and ``_vectors`` by the smallest |cos| with libstore's prototype,
+    ``_eigvals`` (σ₁² of mttl's unscaled ``lora_a @ lora_b``) by the largest relative difference
+    from libstore's top singular value squared (scale 1); each with its config, the module count
+    and the modules where they differ — with ``tie_params`` mttl gives tied modules one joint
+    prototype, which libstore's per-module routing does not use."""
     import torch
 
     from libstore.lowrank.prototypes import exact_prototypes
 
     out: dict[str, Any] = {}
-    for data_type in files.aux:
-        if not data_type.endswith(mttl.PROTOS_SUFFIX):
+    for data_type, (cfg, data) in aux.items():
+        if not data_type.endswith(mttl.ARROW_SUFFIXES):
             continue
-        config, protos = mttl.read_arrow_protos(files, data_type)
-        cos: dict[str, float] = {}
-        for stem, theirs in sorted(protos.items()):
+        where = str(mttl.aux_path(files, data_type))
+        config, theirs = mttl.arrow_vectors(data_type, cfg, data, where=where)
+        eigvals = data_type.endswith(mttl.EIGVALS_SUFFIX)
+        diff: dict[str, float] = {}
+        for stem, value in sorted(theirs.items()):
             a, b = weights.get(f"{stem}.lora_a"), weights.get(f"{stem}.lora_b")
-            if a is None or b is None or a.ndim != 2 or theirs.shape[0] != a.shape[0]:
+            fits = a is not None and b is not None and a.ndim == 2
+            if fits and isinstance(value, torch.Tensor):
+                fits = value.shape[0] == a.shape[0]
+            if not fits or a is None or b is None:
                 raise ValidationError(
-                    f"mttl expert {files.name!r}: its {data_type} data has a prototype for {stem!r}, "
+                    f"mttl expert {files.name!r}: its {data_type} data has an entry for {stem!r}, "
                     f"which its weights do not fit; the library is inconsistent"
                 )
-            ours = exact_prototypes(a.T.double(), b.T.double()).vectors[0]
-            cos[stem] = float(torch.nn.functional.cosine_similarity(ours, theirs.double(), dim=0).abs())
-        differ = [m for m, c in cos.items() if c < PROTO_AGREE]
-        out[data_type] = {
-            "config": config,
-            "modules": len(cos),
-            "min_abs_cos": round(min(cos.values()), 6) if cos else None,
-            "differ": differ,
-        }
+            ours = exact_prototypes(a.T.double(), b.T.double())
+            if isinstance(value, torch.Tensor):
+                cos = torch.nn.functional.cosine_similarity(ours.vectors[0], value.double(), dim=0)
+                diff[stem] = float(cos.abs())
+            else:
+                top = float(ours.values[0]) ** 2
+                diff[stem] = abs(value - top) / max(abs(top), 1e-30)
+        if eigvals:
+            differ = [m for m, d in diff.items() if d > EIGVAL_AGREE]
+            stat = {"max_rel_diff": float(f"{max(diff.values()):.3g}") if diff else None}
+        else:
+            differ = [m for m, c in diff.items() if c < PROTO_AGREE]
+            stat = {"min_abs_cos": round(min(diff.values()), 6) if diff else None}
+        out[data_type] = {"config": config, "modules": len(diff), **stat, "differ": differ}
     return out
 
 
@@ -440,8 +472,8 @@ def _download_mttl(
     files = client.list_files(repo_id, commit)
     wanted = []
     for path, rf in sorted(files.items()):
-        protos = path.endswith(mttl.PROTOS_SUFFIX + mttl.AUX_SUFFIX) and path.count(".") == 2
-        if not (protos or path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX))):  # sub-folders too
+        aux = path.endswith(mttl.AUX_SUFFIX) and path.rsplit("/", 1)[-1].count(".") == 2
+        if not (aux or path.endswith((mttl.META_SUFFIX, mttl.CKPT_SUFFIX))):  # sub-folders too
             continue
         stem = path.split(".", 1)[0]
         if patterns is not None and not any(fnmatch.fnmatchcase(stem, p) for p in patterns):

@@ -37,6 +37,7 @@ from libstore.ops.sync_state import (
     select_experts,
     temp_dir,
 )
+from libstore.store import expert_data
 from libstore.store.adapter import check_against_base, read_stored_adapter
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, ExpertQuery
 
@@ -294,6 +295,7 @@ def _validate_experts(ctx: Context, entries: Sequence[Expert], m: Manifest) -> N
                 files[ADAPTER_WEIGHTS].sha256,
                 where=f"experts/{e.name}",
             )
+            expert_data.check_stored(ctx.blobs, e.files, where=f"experts/{e.name}")
         except LibstoreError as err:
             raise err.add_context(f"expert {e.name!r} from the remote") from None
         claims = {

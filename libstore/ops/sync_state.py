@@ -23,11 +23,12 @@ from libstore.catalog import repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import HubError, IntegrityError, NotFoundError, ValidationError
 from libstore.hub.client import HubClient, RemoteFile, git_blob_id
-from libstore.hub.manifest import EXPERT_FILES, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, record_digest
+from libstore.hub.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, record_digest
 from libstore.hub.manifest_reader import parse_manifest
 from libstore.hub.plan import matches
 from libstore.ops.context import Context
 from libstore.ops.query import parse_query
+from libstore.store.expert_data import check_files
 from libstore.types import (
     BaseModel,
     ClusteringRecord,
@@ -96,12 +97,10 @@ def local_state(s: Transaction) -> LocalState:
     """Everything of the library that travels, read in the caller's (read) transaction."""
     experts = {}
     for e in repo.find_experts(s, ExpertQuery(), with_lineage=True):
-        paths = {f.path for f in e.files}
-        if paths != set(EXPERT_FILES):
-            raise ValidationError(
-                f"expert {e.name!r} has files {sorted(paths)}; only PEFT folders of exactly "
-                f"{', '.join(EXPERT_FILES)} can be synced"
-            )
+        try:
+            check_files((f.path for f in e.files), where=f"expert {e.name!r}")
+        except ValidationError as err:
+            raise ValidationError(f"{err.message}; such an expert cannot be synced") from None
         experts[e.name] = e
     protos: dict[str, list[PrototypeSet]] = {}
     for c in proto_repo.entries(s):

@@ -60,6 +60,7 @@ from libstore.ops.problems import (
     VerifyReport,
 )
 from libstore.ops.verify_prototypes import check_prototypes
+from libstore.store import expert_data
 from libstore.store.adapter import read_stored_adapter
 from libstore.store.blob_upkeep import StoreScan
 from libstore.store.leftovers import Leftover, remove_if_older
@@ -199,6 +200,13 @@ def _check_expert(
                 break
     if files[ADAPTER_CONFIG].sha256 in good and weights.sha256 in good:
         out.extend(_check_files(ctx, e))
+    if all(f.sha256 in good for f in e.files):
+        try:
+            expert_data.check_stored(ctx.blobs, e.files, where=f"expert {e.name!r}")
+        except (NotFoundError, FileNotFoundError):  # removed since it was hashed: reported as missing
+            pass
+        except LibstoreError as err:
+            bad("attached data", "files libstore wrote (mttl/<data_type>.json, .safetensors)", f"refused: {err}")
     return out
 
 
