@@ -128,8 +128,8 @@ def numpy_globals() -> list[Any]:
     numpy 1), ``ndarray``, ``dtype`` and the dtype classes of :data:`NUMPY_DTYPES`."""
     import numpy as np
 
-    reconstruct = np.zeros(0).__reduce__()[0]
-    scalar = np.float64(0).__reduce__()[0]
+    reconstruct: Any = np.zeros(0).__reduce__()[0]
+    scalar: Any = np.float64(0).__reduce__()[0]
     out: list[Any] = [np.ndarray, np.dtype, *(type(np.dtype(c)) for c in NUMPY_DTYPES)]
     for fn in (reconstruct, scalar):
         out += [(fn, f"{mod}.multiarray.{fn.__name__}") for mod in ("numpy.core", "numpy._core")]

@@ -33,8 +33,8 @@ from libstore.hub.client import HubClient, RemoteFile, check_repo_id, git_blob_i
 from libstore.ops import experts as experts_ops
 from libstore.ops.context import Context
 from libstore.ops.sync_state import temp_dir
-from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store import expert_data
+from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
 from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert
 
@@ -417,10 +417,12 @@ def _compare_arrow(
         diff: dict[str, float] = {}
         for stem, value in sorted(theirs.items()):
             a, b = weights.get(f"{stem}.lora_a"), weights.get(f"{stem}.lora_b")
-            fits = a is not None and b is not None and a.ndim == 2
-            if fits and isinstance(value, torch.Tensor):
-                fits = value.shape[0] == a.shape[0]
-            if not fits or a is None or b is None:
+            if (
+                a is None
+                or b is None
+                or a.ndim != 2
+                or (isinstance(value, torch.Tensor) and value.shape[0] != a.shape[0])
+            ):
                 raise ValidationError(
                     f"mttl expert {files.name!r}: its {data_type} data has an entry for {stem!r}, "
                     f"which its weights do not fit; the library is inconsistent"

@@ -206,7 +206,11 @@ def _check_expert(
         except (NotFoundError, FileNotFoundError):  # removed since it was hashed: reported as missing
             pass
         except LibstoreError as err:
-            bad("attached data", "files libstore wrote (mttl/<data_type>.json, .safetensors)", f"refused: {err}")
+            bad(
+                "attached data",
+                "files libstore wrote (mttl/<data_type>.json, .safetensors)",
+                f"refused: {err}",
+            )
     return out
 
 

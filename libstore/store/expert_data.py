@@ -142,7 +142,9 @@ def _flatten(
             _flatten(v, (*key, str(i)), tensors, values, arrays, where)
     elif isinstance(value, torch.Tensor):
         if value.is_complex() or value.is_quantized or value.layout != torch.strided:
-            raise ValidationError(f"{at} is a {value.dtype} {value.layout} tensor; safetensors cannot hold it")
+            raise ValidationError(
+                f"{at} is a {value.dtype} {value.layout} tensor; safetensors cannot hold it"
+            )
         tensors[name] = value.detach().cpu().contiguous().clone()  # tied entries may share storage
     elif isinstance(value, np.ndarray):
         if value.dtype.newbyteorder("=").str[1:] not in NUMPY_DTYPES:
@@ -179,7 +181,10 @@ def decode(
         or not isinstance(doc["source"], str)
         or not isinstance(doc["config"], dict)
         or not isinstance(doc["values"], dict)
-        or not all(isinstance(k, list) and all(isinstance(n, str) for n in k) for k in (doc["tensors"], doc["arrays"]))
+        or not all(
+            isinstance(k, list) and all(isinstance(n, str) for n in k)
+            for k in (doc["tensors"], doc["arrays"])
+        )
         or not set(doc["arrays"]) <= set(doc["tensors"])
     ):
         raise ValidationError(
@@ -215,7 +220,9 @@ def check_stored(blobs: BlobBackend, files: Iterable[StoredFile], *, where: str)
     :func:`decode` reads them (headers only); returns the data types checked."""
     files = list(files)
     check_files((f.path for f in files), where=where)
-    types = sorted(m["data_type"] for f in files if (m := EXPERT_DATA_FILE.fullmatch(f.path)) and m["ext"] == "json")
+    types = sorted(
+        m["data_type"] for f in files if (m := EXPERT_DATA_FILE.fullmatch(f.path)) and m["ext"] == "json"
+    )
     for data_type in types:
         meta, tensors = data_files(files, data_type)
         assert meta is not None  # a data type is named by its .json
