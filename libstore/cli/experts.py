@@ -1,4 +1,5 @@
-"""Commands on the library and its experts: init, add, import-dir, ls, show, export, rm, rename, tag."""
+"""Commands on the library and its experts: init, add, import-dir, ls, show, data, export, rm, rename,
+tag."""
 
 from __future__ import annotations
 
@@ -218,6 +219,7 @@ def show(state: State, name: str, as_json: bool) -> None:
         ("cluster", e.cluster or "-"),
         ("source", e.source or "-"),
         ("created", e.created_at.isoformat() if e.created_at else "-"),
+        ("attached data", ", ".join(e.data_types) or "-"),
     ]
     if e.lineage is not None:
         rows.append(("derived by", f"{e.lineage.method} v{e.lineage.method_version} {e.lineage.params}"))
@@ -239,6 +241,51 @@ def export(state: State, name: str, dest: str, overwrite: bool) -> None:
     """Write expert NAME as a PEFT folder at DEST (PeftModel.from_pretrained loads it)."""
     path = state.lib.export(name, dest, overwrite=overwrite)
     click.echo(f"Exported {name} to {path}")
+
+
+@click.command("data")
+@click.argument("name")
+@click.argument("data_type")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Also write its tensors to this .safetensors file."
+)
+@json_option
+@click.pass_obj
+def data_cmd(state: State, name: str, data_type: str, out: str | None, as_json: bool) -> None:
+    """Show the data of type DATA_TYPE attached to expert NAME (mttl's auxiliary data; `libstore
+    show NAME` lists the types): its config, plain values and tensors.
+
+    Example: libstore data arc_easy embeddings --out arc_easy.embeddings.safetensors
+    """
+    d = state.lib.expert_data(name, data_type)
+    if out is not None:
+        from safetensors.torch import save_file
+
+        save_file(d.tensors, out, metadata={"data_type": d.data_type, "source": d.source})
+    tensors = {
+        k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "numpy": k in d.arrays}
+        for k, t in sorted(d.tensors.items())
+    }
+    if as_json:
+        echo_json(
+            {
+                "data_type": d.data_type,
+                "source": d.source,
+                "config": d.config,
+                "values": d.values,
+                "tensors": tensors,
+            }
+        )
+        return
+    click.echo(f"{d.data_type} (from {d.source}), config {d.config}")
+    rows = [
+        [k, "numpy array" if t["numpy"] else "tensor", f"{t['dtype']} {t['shape']}"]
+        for k, t in tensors.items()
+    ]
+    rows += [[k, "value", v] for k, v in sorted(d.values.items())]
+    echo_table(["key", "kind", "value"], rows)
+    if out is not None:
+        click.echo(f"Wrote {len(d.tensors)} tensors to {out}")
 
 
 @click.command("rm")
@@ -293,4 +340,4 @@ def tags_cmd(state: State, as_json: bool) -> None:
         echo_table(["tag", "experts"], rows)
 
 
-COMMANDS = [init, add, import_dir, ls, show, export, rm, rename, tag, untag, tags_cmd]
+COMMANDS = [init, add, import_dir, ls, show, data_cmd, export, rm, rename, tag, untag, tags_cmd]

@@ -58,13 +58,13 @@ def check_files(paths: Iterable[str], *, where: str) -> None:
     paths = set(paths)
     lacking = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if f not in paths]
     if lacking:
-        raise ValidationError(f"{where} lacks {', '.join(lacking)}")
+        raise ValidationError(f"{where} is missing {', '.join(lacking)}")
     for p in sorted(paths - {ADAPTER_CONFIG, ADAPTER_WEIGHTS}):
         m = EXPERT_DATA_FILE.fullmatch(p)
         if m is None:
             raise ValidationError(
-                f"{where} has the file {p!r:.80}; an expert holds {ADAPTER_CONFIG}, {ADAPTER_WEIGHTS} "
-                f"and attached data ({EXPERT_DATA_DIR}/<data_type>.json and .safetensors) only"
+                f"{where} has the unknown file {p!r:.80}; an expert holds {ADAPTER_CONFIG}, "
+                f"{ADAPTER_WEIGHTS} and attached data ({EXPERT_DATA_DIR}/<data_type>.json, .safetensors) only"
             )
         validate_name(m["data_type"])
         if m["ext"] == "safetensors" and data_path(m["data_type"], "json") not in paths:
