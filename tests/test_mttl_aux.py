@@ -206,3 +206,30 @@ def test_attached_data_travels_through_push_and_pull(
         assert mine.values == theirs.values and mine.config == theirs.config
         assert mine.tensors.keys() == theirs.tensors.keys()
         assert all(torch.equal(t, theirs.tensors[k]) for k, t in mine.tensors.items())
+
+
+def test_cli_show_lists_the_data_and_data_reads_one(library: Library, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from libstore.cli.app import cli
+
+    folder = tmp_path / "mttl"
+    src = _write_mttl_library(folder, {"plain": "t1"})
+    payloads = _write_aux(folder, "plain", src["plain"])
+    library.import_mttl(folder, allow_base_mismatch=True)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(cli, ["-L", str(library.path), *args], catch_exceptions=False)
+        assert result.exit_code == code, (args, result.output)
+        return result.output
+
+    assert f"attached data   arrow, {ARROW_SAVE}_eigvals" in run("show", "plain")
+    out = tmp_path / "e.safetensors"
+    shown = json.loads(run("data", "plain", "embeddings", "--out", str(out), "--json"))
+    assert shown["tensors"] == {"data": {"dtype": "float64", "shape": [3, 8], "numpy": True}}
+    assert torch.equal(load_file(out)["data"], torch.from_numpy(payloads["embeddings"]["data"]))
+    eig = json.loads(run("data", "plain", f"{ARROW_SAVE}_eigvals", "--json"))
+    assert eig["values"] == payloads[f"{ARROW_SAVE}_eigvals"]["data"] and eig["tensors"] == {}
+    assert "has no attached data of type 'nope'" in run("data", "plain", "nope", code=4)
