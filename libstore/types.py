@@ -120,7 +120,7 @@ class ExpertData:
     expert's weights identity is unchanged): ``mttl/<data_type>.safetensors`` holds every tensor and
     numpy array, ``mttl/<data_type>.json`` the config and the plain values. Keys are the nested dict
     keys joined by '/' (list items by their index); data that is a single array or value (mttl's
-    ``add_embeddings``) has the key ``data``.
+    ``add_embeddings``) has the key ``data``. Empty dicts leave no key.
 
     Attributes:
         data_type: mttl's name for it (``<expert>.<data_type>.bin``), e.g. ``embeddings``.
