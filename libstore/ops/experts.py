@@ -170,13 +170,14 @@ def insert_adapter(
     cluster: str | None,
     source: str | None,
     allow_base_mismatch: bool,
-    data_files: Sequence[tuple[str, bytes]] = (),
+    data_files: Sequence[StoredFile] = (),
 ) -> Expert:
     """Store a validated adapter's blobs and record it inside the caller's transaction ``s``.
 
     Imports that must be all or nothing across many adapters (import-dir, import-mttl) call this
-    once per adapter within one transaction. ``data_files``: (path, bytes) of the data attached to
-    it (``store.expert_data.encode``), stored as more of its files.
+    once per adapter within one transaction. ``data_files``: the files of the data attached to it,
+    already stored as blobs (before the transaction, which stays short): recorded as more of its
+    files once they are claimed.
     """
     base_model = repo.resolve_base(s, base)
     check_against_base(adapter, base_model, allow_base_mismatch=allow_base_mismatch)
@@ -188,9 +189,8 @@ def insert_adapter(
         )
     cluster_tasks = _cluster_tasks(s, cluster, kind)
     files = store_adapter_files(ctx, adapter)
-    for path, content in data_files:
-        ref = ctx.blobs.put_bytes(content)
-        files.append(StoredFile(path, ref.sha256, ref.size))
+    ctx.blobs.claim_all(f.sha256 for f in data_files)  # stored before: gc may have run
+    files += data_files
     return repo.add_expert(
         s,
         expert_record(

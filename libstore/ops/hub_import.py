@@ -36,7 +36,7 @@ from libstore.ops.sync_state import temp_dir
 from libstore.store import expert_data
 from libstore.store.adapter import PICKLE_WEIGHTS, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
-from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert
+from libstore.types import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, BaseModel, Expert, StoredFile
 
 _PART = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -299,11 +299,12 @@ def import_mttl(
     (:class:`~libstore.types.ExpertData`), the Arrow ones compared with libstore's prototypes
     (metadata ``mttl.arrow_prototypes``). ``experts`` limits the import to these names (globs
     allowed). Soft-deleted experts are skipped, as mttl does; so are experts already in the library
-    with the same weights (their data is not replaced).
+    with the same weights (their data is not replaced). The data's blobs are stored as each expert
+    is read, outside the write transaction; a refused import records nothing and leaves them to gc.
     """
     tags = [validate_name(t) for t in tags]
     patterns = list(experts) if experts is not None else None
-    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile, list[tuple[str, bytes]]]] = []
+    prepared: list[tuple[str, mttl.MttlExpert, AdapterFile, list[StoredFile]]] = []
     not_lora: list[tuple[str, str]] = []
     with temp_dir(ctx, "import-mttl") as tmp, ctx.blobs.discarding(a.weights for _, _, a, _ in prepared):
         if _is_local(source):
@@ -340,7 +341,7 @@ def import_mttl(
                 if info.tie_params:
                     weights = mttl.expand_tied(weights, info.tie_params, where=str(files.ckpt))
                 aux = {t: mttl.read_aux(files, t) for t in files.aux}
-                data = [
+                encoded = [
                     f
                     for t, (cfg, value) in aux.items()
                     for f in expert_data.encode(
@@ -352,6 +353,9 @@ def import_mttl(
                 compared = _compare_arrow(files, weights, aux)
                 if compared:
                     info.metadata["arrow_prototypes"] = compared
+                # stored now (memory stays bounded), recorded in the transaction; a later refusal
+                # leaves them unreferenced, for gc
+                data = [StoredFile(p, (ref := ctx.blobs.put_bytes(b)).sha256, ref.size) for p, b in encoded]
                 out = mttl.to_peft(info, weights, base_model, tmp / "peft" / files.libstore_name)
                 adapter = read_adapter(out, into=ctx.blobs)
             except LibstoreError as e:
