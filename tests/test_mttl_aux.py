@@ -233,3 +233,23 @@ def test_cli_show_lists_the_data_and_data_reads_one(library: Library, tmp_path: 
     eig = json.loads(run("data", "plain", f"{ARROW_SAVE}_eigvals", "--json"))
     assert eig["values"] == payloads[f"{ARROW_SAVE}_eigvals"]["data"] and eig["tensors"] == {}
     assert "has no attached data of type 'nope'" in run("data", "plain", "nope", code=4)
+
+
+def test_the_allow_list_is_numpy_array_reconstruction_only_and_for_aux_data_only(
+    library: Library, tmp_path: Path
+) -> None:
+    from libstore.hub.mttl import numpy_globals
+
+    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in numpy_globals()}
+    assert all(n.startswith("numpy.") for n in names) and "numpy.dtypes.ObjectDType" not in names
+    folder = tmp_path / "mttl"
+    _write_mttl_library(folder, {"e": "t"})
+    eig = {m: np.float32(1.5) for m in MODULES}  # numpy scalars (not .item()) load as well
+    torch.save({"data": eig, "config": {}}, folder / f"e.{ARROW_SAVE}_eigvals.bin")
+    library.import_mttl(folder, allow_base_mismatch=True)
+    assert library.expert_data("e", f"{ARROW_SAVE}_eigvals").values == dict.fromkeys(MODULES, 1.5)
+    meta = torch.load(folder / "e.meta", weights_only=True)
+    meta["expert_config"]["lora_alpha"] = np.float64(16.0)  # weights and metadata stay plain
+    torch.save(meta, folder / "e.meta")
+    with pytest.raises(UnsafeFileError):
+        library.import_mttl(folder, allow_base_mismatch=True)
