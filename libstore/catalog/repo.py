@@ -215,14 +215,14 @@ def expert_names(session: Session, query: ExpertQuery) -> list[str]:
 def get_expert(session: Session, name: str) -> Expert:
     found = reads.experts(reads.of_session(session), reads.Page(reads.name_is(name)))
     if not found:
-        raise _no_expert(name)
+        raise NotFoundError.expert(name)
     return found[0]
 
 
 def expert_row(session: Session, name: str) -> ExpertRow:
     row = session.scalar(select(ExpertRow).where(ExpertRow.name == name))
     if row is None:
-        raise _no_expert(name)
+        raise NotFoundError.expert(name)
     return row
 
 
@@ -233,10 +233,6 @@ def expert_exists(session: Session, name: str) -> bool:
 def expert_sha256(session: Session, name: str) -> str | None:
     """The weights sha256 of expert ``name``, ``None`` if there is no such expert."""
     return session.scalar(select(ExpertRow.sha256).where(ExpertRow.name == name))
-
-
-def _no_expert(name: str) -> NotFoundError:
-    return NotFoundError(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
 
 
 # --- writing experts ---------------------------------------------------------------------------
