@@ -295,6 +295,7 @@ def experts(db: Reader, page: Page, *, with_lineage: bool = True) -> list[Expert
     tags = _names_by_expert(rows, "expert_tags", "tag_id", "tags", ids, params)
     tasks = _names_by_expert(rows, "expert_tasks", "task_id", "tasks", ids, params)
     lineage = _lineage(rows, ids, params) if with_lineage else {}
+    shapes = _Shapes()
     return [
         Expert(
             name=name,
@@ -303,8 +304,8 @@ def experts(db: Reader, page: Page, *, with_lineage: bool = True) -> list[Expert
             rank=rank,
             alpha=alpha,
             use_rslora=bool(rslora),
-            target_modules=tuple(json_value(targets)),
-            modules={k: ModuleShape(*v) for k, v in json_value(shapes).items()},
+            target_modules=shapes.targets(targets),
+            modules=shapes.modules(module_shapes),
             dtype=dtype,
             sha256=sha,
             bytes=size,
@@ -326,7 +327,7 @@ def experts(db: Reader, page: Page, *, with_lineage: bool = True) -> list[Expert
             alpha,
             rslora,
             targets,
-            shapes,
+            module_shapes,
             dtype,
             sha,
             size,
@@ -337,6 +338,32 @@ def experts(db: Reader, page: Page, *, with_lineage: bool = True) -> list[Expert
             index,
         ) in found
     ]
+
+
+class _Shapes:
+    """Module shapes and targets decoded once per distinct text: the experts of a library share a
+    few (one base, a few target sets), and decoding JSON is most of reading a full record. Each
+    expert still gets its own ``modules`` dict (of frozen shapes)."""
+
+    def __init__(self) -> None:
+        self._modules: dict[Any, dict[str, ModuleShape]] = {}
+        self._targets: dict[Any, tuple[str, ...]] = {}
+
+    def modules(self, value: Any) -> dict[str, ModuleShape]:
+        if not isinstance(value, str | bytes):
+            return {k: ModuleShape(*v) for k, v in value.items()}
+        found = self._modules.get(value)
+        if found is None:
+            found = self._modules[value] = {k: ModuleShape(*v) for k, v in json.loads(value).items()}
+        return dict(found)
+
+    def targets(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, str | bytes):
+            return tuple(value)
+        found = self._targets.get(value)
+        if found is None:
+            found = self._targets[value] = tuple(json.loads(value))
+        return found
 
 
 def _names_by_expert(
