@@ -12,6 +12,8 @@ BLOBS_DIR = "blobs"
 CACHE_DIR = "cache"
 #: How long a catalog statement waits for another process's lock before the catalog counts as busy.
 BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL: seconds to wait for a connection before the catalog counts as unreachable.
+CONNECT_TIMEOUT_S = 10
 
 
 def library_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -1,31 +1,28 @@
 """Reading the catalog without opening the library: ``ls`` and ``show`` in a fraction of a second.
 
 Opening a library imports SQLAlchemy, creates an engine and checks the schema — most of what a
-listing costs at the command line. When the catalog is the library's SQLite file at this libstore's
-schema, :func:`open_snapshot_reader` reads it through ``sqlite3`` instead, with the same statements
-(``catalog/reads.py``) and the same checks of the query and the page, so it returns the same records
-as :class:`libstore.Library`. In every other case (PostgreSQL, an upgrade due, a driver error) it
-returns ``None``, or hands over to the full library mid-way, which then reports or repairs the problem
-as usual.
+listing costs at the command line. When the catalog (the library's SQLite file, or PostgreSQL) is at
+this libstore's schema, :func:`open_snapshot_reader` reads it through the driver instead
+(``catalog/snapshots.py``), with the same statements (``catalog/reads.py``) and the same checks of the
+query and the page, so it returns the same records as :class:`libstore.Library`. In every other case
+(an upgrade due, another database, a driver error) it returns ``None``, or hands over to the full
+library mid-way, which then reports or repairs the problem as usual.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from libstore import config
 from libstore.catalog import reads
-from libstore.catalog.sqlite_read import SqliteSnapshot, Unavailable
+from libstore.catalog.snapshots import Snapshot, Unavailable, open_snapshot
 from libstore.errors import NotFoundError
 from libstore.ops.query import check_page, parse_query
 from libstore.store.marker import read_marker
 from libstore.types import Expert, ExpertQuery, ExpertSort, ExpertSummary
 
 T = TypeVar("T")
-_SQLITE_FILE = re.compile(r"^sqlite(\+pysqlite)?:///(?P<path>[^?]+)$")
 
 
 class ExpertReader(Protocol):
@@ -58,8 +55,9 @@ class SnapshotReader:
     """Expert records from a read-only SQLite snapshot; ``fallback`` (the library, opened on demand)
     answers whatever the snapshot cannot."""
 
-    def __init__(self, snapshot: SqliteSnapshot, fallback: Callable[[], ExpertReader]) -> None:
+    def __init__(self, snapshot: Snapshot, fallback: Callable[[], ExpertReader]) -> None:
         self._snapshot = snapshot
+        self._dialect = snapshot.reader.dialect
         self._fallback = fallback
 
     def _page(
@@ -72,7 +70,7 @@ class SnapshotReader:
     ) -> reads.Page:
         q = parse_query(query)
         check_page(sort, limit, offset)
-        return reads.Page(reads.query_where(q, "sqlite"), sort, descending, limit, offset)
+        return reads.Page(reads.query_where(q, self._dialect), sort, descending, limit, offset)
 
     def _read(self, read: Callable[[reads.Reader], T], full: Callable[[ExpertReader], T]) -> T:
         try:
@@ -126,15 +124,13 @@ class SnapshotReader:
 def open_snapshot_reader(
     library: str | None, db_url: str | None, fallback: Callable[[], ExpertReader]
 ) -> SnapshotReader | None:
-    """A :class:`SnapshotReader` of the library's catalog if it is a SQLite file at this libstore's
-    schema, else ``None``. ``library.json`` is checked first, as opening does (its errors are the same)."""
+    """A :class:`SnapshotReader` of the library's catalog if it has a snapshot reader and is at this
+    libstore's schema, else ``None``. ``library.json`` is checked first, as opening does (its errors
+    are the same)."""
     path = config.library_path(library)
     read_marker(path)
-    found = _SQLITE_FILE.match(config.db_url(path, db_url))
-    if found is None:
-        return None
     try:
-        snapshot = SqliteSnapshot(Path(found["path"]))
+        snapshot = open_snapshot(config.db_url(path, db_url))
     except Unavailable:
         return None
     return SnapshotReader(snapshot, fallback)
