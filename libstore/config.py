@@ -10,6 +10,10 @@ CATALOG_FILE = "catalog.db"
 BLOBS_DIR = "blobs"
 #: A team library's per-machine read-through cache of the object store, inside the library folder.
 CACHE_DIR = "cache"
+#: How long a catalog statement waits for another process's lock before the catalog counts as busy.
+BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL: seconds to wait for a connection before the catalog counts as unreachable.
+CONNECT_TIMEOUT_S = 10
 
 
 def library_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -84,6 +84,11 @@ class NotFoundError(LibstoreError, LookupError):
         self.what = what
         self.name = name
 
+    @classmethod
+    def expert(cls, name: str) -> NotFoundError:
+        """No expert is named ``name``."""
+        return cls(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
+
 
 class AlreadyExistsError(LibstoreError, ValueError):
     """A name is already taken (or a destination is not empty).

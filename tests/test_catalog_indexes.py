@@ -1,6 +1,6 @@
 """Every filter of the query language, and the listing sorts, use an index (EXPLAIN on both databases).
 
-The statement explained is the listing's own page statement (``catalog.listing.page_ids``), so
+The statement explained is the listing's own page statement (``catalog.reads.Page.ids``), so
 what is checked is what ``ls`` runs. PostgreSQL plans with ``enable_seqscan = off`` (a few thousand
 rows are otherwise cheaper to scan): the check is that an index *applies*, which is what matters
 at 100,000 experts. SQLite's plan has no cost model to switch off and must pick the index itself.
@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from libstore import Library
-from libstore.catalog.listing import page_ids
+from libstore.catalog.reads import Page, query_where
 from libstore.ops.query import parse_query
 from tests.catalog_support import clone_experts
 from tests.factories import make_adapter
@@ -44,8 +44,10 @@ def big(library: Library, base_dir: Path, tmp_path: Path) -> Library:
 
 def _plan(lib: Library, query: str, sort: str, descending: bool, limit: int | None) -> str:
     with lib.context.catalog.read() as s:
-        stmt = page_ids(s, parse_query(query), sort, descending, limit, 0)  # type: ignore[arg-type]
-        sql = str(stmt.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
+        dialect = s.get_bind().dialect
+        page = Page(query_where(parse_query(query), dialect.name), sort, descending, limit)  # type: ignore[arg-type]
+        stmt = text(page.ids(dialect.name)).bindparams(**page.where.params)
+        sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         if s.get_bind().dialect.name == "sqlite":
             return "\n".join(str(r[-1]) for r in s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
         s.execute(text("SET LOCAL enable_seqscan = off"))

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from libstore.catalog import migrate
+from libstore.catalog import migrate, revisions
 from libstore.catalog.engine import make_engine
 from libstore.catalog.models import Base
 from libstore.errors import SchemaError
@@ -31,7 +31,7 @@ def _schema_diff(engine) -> list:  # type: ignore[no-untyped-def]
             opts={
                 "compare_type": True,
                 "include_name": lambda name, type_, _p: (
-                    not (type_ == "table" and name == migrate.VERSION_TABLE)
+                    not (type_ == "table" and name == revisions.VERSION_TABLE)
                 ),
             },
         )
@@ -40,7 +40,7 @@ def _schema_diff(engine) -> list:  # type: ignore[no-untyped-def]
 
 def test_models_and_migrations_agree(db_url: str | None, tmp_path: Path) -> None:
     engine = make_engine(_url(db_url, tmp_path))
-    assert migrate.upgrade(engine) == migrate.head_revision()
+    assert migrate.upgrade(engine) == revisions.head_revision()
     assert _schema_diff(engine) == []
     engine.dispose()
 
@@ -49,12 +49,12 @@ def test_each_revision_up_down_up(db_url: str | None, tmp_path: Path) -> None:
     """Walk the history one step at a time, as an old library being upgraded would."""
     engine = make_engine(_url(db_url, tmp_path))
     script = ScriptDirectory.from_config(migrate.alembic_config())
-    revisions = [s.revision for s in reversed(list(script.walk_revisions()))]
-    for rev in revisions:
+    history = [s.revision for s in reversed(list(script.walk_revisions()))]
+    for rev in history:
         assert migrate.upgrade(engine, rev) == rev
     assert _schema_diff(engine) == []
     assert migrate.downgrade(engine, "base") == "base"
-    assert set(inspect(engine).get_table_names()) <= {migrate.VERSION_TABLE}
+    assert set(inspect(engine).get_table_names()) <= {revisions.VERSION_TABLE}
     migrate.upgrade(engine)
     assert _schema_diff(engine) == []
     tables = set(inspect(engine).get_table_names())
@@ -64,18 +64,18 @@ def test_each_revision_up_down_up(db_url: str | None, tmp_path: Path) -> None:
 
 
 def test_revision_chain_read_without_alembic_is_alembics() -> None:
-    """``migrate.revisions`` reads the chain from the files' text (no Alembic import on open); it must
+    """``revisions.revisions`` reads the chain from the files' text (no Alembic import on open); it must
     be exactly the chain Alembic loads, and its head Alembic's head."""
     script = ScriptDirectory.from_config(migrate.alembic_config())
-    assert migrate.revisions() == {s.revision: s.down_revision for s in script.walk_revisions()}
-    assert migrate.head_revision() == script.get_current_head()
+    assert revisions.revisions() == {s.revision: s.down_revision for s in script.walk_revisions()}
+    assert revisions.head_revision() == script.get_current_head()
 
 
 def test_catalog_from_a_newer_libstore_is_refused(tmp_path: Path) -> None:
     engine = make_engine(_url(None, tmp_path))
     migrate.upgrade(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE {migrate.VERSION_TABLE} SET version_num = 'ffff9999'")
+        conn.exec_driver_sql(f"UPDATE {revisions.VERSION_TABLE} SET version_num = 'ffff9999'")
     with pytest.raises(SchemaError, match="newer libstore") as e:
         migrate.ensure_current(engine)
     assert e.value.revision == "ffff9999" and e.value.exit_code == 8
@@ -105,7 +105,7 @@ def test_alembic_command_line_uses_the_same_migrations(tmp_path: Path) -> None:
     up = subprocess.run([*alembic, "upgrade", "head"], capture_output=True, text=True, cwd=ROOT)
     assert up.returncode == 0, up.stderr
     cur = subprocess.run([*alembic, "current"], capture_output=True, text=True, cwd=ROOT)
-    assert migrate.head_revision() in cur.stdout
+    assert revisions.head_revision() in cur.stdout
     engine = make_engine(url)
     assert _schema_diff(engine) == []
     engine.dispose()

@@ -46,6 +46,8 @@ TYPE_ONLY: dict[str, set[str]] = {"library": {"router"}}
 OWNED_BY = {
     "sqlalchemy": "catalog",
     "alembic": "catalog",
+    "sqlite3": "catalog",
+    "psycopg": "catalog",
     "huggingface_hub": "hub",
     "boto3": "store",
     "botocore": "store",

@@ -282,7 +282,7 @@ def test_catalog_from_before_delta_keys_is_upgraded(library: Library, base_dir: 
     from sqlalchemy import text
 
     from libstore.catalog import migrate
-    from libstore.catalog.migrate import VERSION_TABLE
+    from libstore.catalog.revisions import VERSION_TABLE
     from libstore.ops.derive import OUTPUT_PARAMS, inputs_key
 
     library.add(make_adapter(base_dir, tmp_path / "lo", seed=1, alpha=8), name="lo", tasks=["t"])

@@ -178,14 +178,15 @@ def test_prefix_glob_is_served_by_the_name_index(glob_library, backend: str) -> 
     SQLite's ``LIKE`` is case-insensitive and cannot use a ``BINARY`` index; ``GLOB`` can. PostgreSQL's
     ``LIKE`` can only where the name is ``C``-collated (migration 0002).
     """
-    from sqlalchemy import select, text
+    from sqlalchemy import text
 
-    from libstore.catalog.filters import name_condition
-    from libstore.catalog.models import ExpertRow
+    from libstore.catalog.reads import query_where
+    from libstore.types import ExpertQuery
 
     lib = glob_library[backend]
     with lib.context.catalog.read() as s:
-        stmt = select(ExpertRow.id).where(name_condition(s, ["e1*"]))
+        where = query_where(ExpertQuery(names=("e1*",)), s.get_bind().dialect.name)
+        stmt = text(f"SELECT experts.id FROM experts WHERE {where.sql}").bindparams(**where.params)
         sql = str(stmt.compile(dialect=s.get_bind().dialect, compile_kwargs={"literal_binds": True}))
         if backend == "sqlite":
             plan = " ".join(str(r[-1]) for r in s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
@@ -194,4 +195,5 @@ def test_prefix_glob_is_served_by_the_name_index(glob_library, backend: str) -> 
             s.execute(text("SET LOCAL enable_seqscan = off"))
             plan = " ".join(r[0] for r in s.execute(text(f"EXPLAIN {sql}")))
             assert "uq_experts_name" in plan and "Index Cond" in plan and ">=" in plan, plan
-        assert sorted(s.scalars(select(ExpertRow.name).where(name_condition(s, ["e1*"])))) == ["e1", "e10"]
+        names = s.execute(text(f"SELECT experts.name FROM experts WHERE {where.sql}"), dict(where.params))
+        assert sorted(n for (n,) in names) == ["e1", "e10"]

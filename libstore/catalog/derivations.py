@@ -22,10 +22,10 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, select, true
+from sqlalchemy import ColumnElement, select, true
 from sqlalchemy.orm import Session
 
-from libstore.catalog import repo
+from libstore.catalog import reads, repo
 from libstore.catalog.batches import chunks
 from libstore.catalog.models import DerivationParentRow, DerivationRow, ExpertRow
 from libstore.errors import LibstoreError, NotFoundError
@@ -139,14 +139,7 @@ def _read(session: Session, where: ColumnElement[bool]) -> list[tuple[int, _Reco
                 child,
                 kind,
                 sha,
-                Derivation(
-                    method=method,
-                    method_version=version,
-                    params=dict(params or {}),
-                    inputs_key=key,
-                    parents=tuple(parents.get(did, ())),
-                    created_at=created,
-                ),
+                reads.derivation(method, version, params, key, created, parents.get(did, ())),
                 tuple(parent_ids.get(did, ())),
             ),
         )
@@ -159,12 +152,6 @@ def _records(session: Session, names: Iterable[str] | None) -> list[_Record]:
     statements)."""
     cond, keep = _children(names)
     return [r for _, r in _read(session, cond) if keep is None or r[0] in keep]
-
-
-def by_expert_id(session: Session, ids: Select[int]) -> dict[int, Derivation]:
-    """``expert id -> how it was derived`` for the derived experts among ``ids`` (two statements;
-    what listing experts attaches as ``Expert.lineage``)."""
-    return {child_id: r[3] for child_id, r in _read(session, DerivationRow.child_id.in_(ids))}
 
 
 def derivations_of(session: Session, expert_names: Iterable[str]) -> dict[str, Derivation]:

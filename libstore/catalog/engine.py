@@ -33,14 +33,12 @@ from typing import Any, TypeVar
 from sqlalchemy import URL, Engine, create_engine, event, exc, make_url, text
 from sqlalchemy.orm import Session
 
+from libstore.config import BUSY_TIMEOUT_MS, CONNECT_TIMEOUT_S
 from libstore.errors import AlreadyExistsError, CatalogBusyError, LibstoreError, StorageError
 
-BUSY_TIMEOUT_MS = 30_000
 #: PostgreSQL: class id of the advisory lock write transactions take ("libs"); the object id is the
 #: hash of the current schema, so libraries in different schemas of one database do not contend.
 PG_WRITE_LOCK_CLASS = 0x6C696273
-#: PostgreSQL: seconds to wait for a connection before the catalog counts as unreachable.
-CONNECT_TIMEOUT_S = 10
 T = TypeVar("T")
 
 #: The transaction handle ``Catalog.read()``/``write()`` yield; operations pass it to catalog

@@ -5,37 +5,25 @@ upgrade; PostgreSQL: a transaction-scoped advisory lock). A catalog written by a
 detected and refused with a clear message instead of Alembic's "Can't locate revision".
 
 Opening a current catalog costs no Alembic import: the check reads the version row with one plain
-``SELECT`` and compares it with the head of the revision chain read from the migration files' own
-``revision =`` / ``down_revision =`` lines. Alembic (about half a second of imports) loads only when
-an upgrade or downgrade runs.
+``SELECT`` and compares it with the head of the revision chain (``catalog/revisions.py``, read from
+the migration files' own text). Alembic (about half a second of imports) loads only when an upgrade
+or downgrade runs.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, inspect, text
 
+from libstore.catalog.revisions import VERSION_TABLE, check_known, head_revision, script_location
 from libstore.errors import SchemaError
 
 if TYPE_CHECKING:  # Alembic is imported only where a migration actually runs
     from alembic.config import Config
 
-VERSION_TABLE = "libstore_alembic_version"
 _PG_LOCK_KEY = 0x6C696273746F7265  # "libstore"
-
-
-def script_location() -> Path:
-    """The migrations folder, whether libstore runs from a wheel or from a source checkout."""
-    spec = importlib.util.find_spec("libstore.migrations")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -47,29 +35,6 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
-
-
-_REVISION_LINE = re.compile(r"^(down_revision|revision)\s*(?::[^=]+)?=\s*(?:[\"']([^\"']+)[\"']|None)", re.M)
-
-
-@functools.cache
-def revisions() -> dict[str, str | None]:
-    """``revision -> down_revision`` of every packaged migration, read from the files' text (the
-    module-level assignments Alembic itself reads), so checking a catalog needs no Alembic."""
-    chain: dict[str, str | None] = {}
-    for file in sorted((script_location() / "versions").glob("*.py")):
-        found = dict((m[1], m[2] or None) for m in _REVISION_LINE.finditer(file.read_text(encoding="utf-8")))
-        if found.get("revision"):
-            chain[str(found["revision"])] = found.get("down_revision")
-    return chain
-
-
-def head_revision() -> str:
-    """The newest revision: the one no other revision follows."""
-    chain = revisions()
-    heads = sorted(set(chain) - {d for d in chain.values() if d is not None})
-    assert len(heads) == 1, f"the migrations have {len(heads)} heads: {heads}"
-    return heads[0]
 
 
 def current_revision(connection: Connection) -> str | None:
@@ -107,17 +72,8 @@ def ensure_current(engine: Engine) -> None:
     if rev == head:
         return
     if rev is not None:
-        _check_known(rev)
+        check_known(rev)
     upgrade(engine)
-
-
-def _check_known(rev: str) -> None:
-    if rev not in revisions():
-        raise SchemaError(
-            f"this catalog is at schema revision {rev}, which this libstore does not know: it was "
-            f"written by a newer libstore. Upgrade libstore (pip install -U libstore).",
-            revision=rev,
-        )
 
 
 def _run(engine: Engine, action: Callable[[Config], None]) -> str:
@@ -128,7 +84,7 @@ def _run(engine: Engine, action: Callable[[Config], None]) -> str:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
         rev = current_revision(conn)
         if rev is not None:
-            _check_known(rev)
+            check_known(rev)
         action(alembic_config(conn))
         new = current_revision(conn)
     return new or "base"

@@ -24,9 +24,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from libstore.catalog import reads
 from libstore.catalog.batches import chunks, pairs
 from libstore.catalog.filters import query_condition
-from libstore.catalog.loading import load_experts
 from libstore.catalog.models import (
     BaseModelRow,
     BlobRow,
@@ -202,7 +202,8 @@ def referenced_blobs(session: Session) -> set[str]:
 
 def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
     """The experts ``query`` matches, in name order, in a constant number of statements."""
-    return load_experts(session, query_condition(session, query), with_lineage=with_lineage)
+    db = reads.of_session(session)
+    return reads.experts(db, reads.Page(reads.query_where(query, db.dialect)), with_lineage=with_lineage)
 
 
 def expert_names(session: Session, query: ExpertQuery) -> list[str]:
@@ -212,16 +213,16 @@ def expert_names(session: Session, query: ExpertQuery) -> list[str]:
 
 
 def get_expert(session: Session, name: str) -> Expert:
-    found = load_experts(session, ExpertRow.name == name)
+    found = reads.experts(reads.of_session(session), reads.Page(reads.name_is(name)))
     if not found:
-        raise _no_expert(name)
+        raise NotFoundError.expert(name)
     return found[0]
 
 
 def expert_row(session: Session, name: str) -> ExpertRow:
     row = session.scalar(select(ExpertRow).where(ExpertRow.name == name))
     if row is None:
-        raise _no_expert(name)
+        raise NotFoundError.expert(name)
     return row
 
 
@@ -232,10 +233,6 @@ def expert_exists(session: Session, name: str) -> bool:
 def expert_sha256(session: Session, name: str) -> str | None:
     """The weights sha256 of expert ``name``, ``None`` if there is no such expert."""
     return session.scalar(select(ExpertRow.sha256).where(ExpertRow.name == name))
-
-
-def _no_expert(name: str) -> NotFoundError:
-    return NotFoundError(f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name)
 
 
 # --- writing experts ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from libstore.errors import LibstoreError
 if TYPE_CHECKING:  # opening a library imports the catalog: only when a command needs it
     from libstore.library import Library
     from libstore.ops.context import SchemaState
+    from libstore.ops.reading import ExpertReader, SnapshotReader
 
 
 class LibstoreGroup(click.Group):
@@ -32,6 +33,7 @@ class State:
         self.library_path = library
         self.db_url = db_url
         self._lib: Library | None = None
+        self._snapshot: SnapshotReader | None = None
 
     @property
     def lib(self) -> Library:
@@ -42,6 +44,17 @@ class State:
             self._lib = Library.open(self.library_path, db_url=self.db_url)
         return self._lib
 
+    def reader(self) -> ExpertReader:
+        """What ``ls``/``show`` read: a read-only snapshot of a current SQLite catalog when there is
+        one (no SQLAlchemy import, so they answer in a fraction of a second), else the library."""
+        if self._lib is not None:
+            return self._lib
+        if self._snapshot is None:
+            from libstore.ops.reading import open_snapshot_reader
+
+            self._snapshot = open_snapshot_reader(self.library_path, self.db_url, lambda: self.lib)
+        return self._snapshot if self._snapshot is not None else self.lib
+
     def schema(self) -> SchemaState:
         """The catalog's schema revision, read without opening (upgrading) the library."""
         from libstore.library import Library
@@ -49,6 +62,8 @@ class State:
         return Library.schema_state(self.library_path, db_url=self.db_url)
 
     def close(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
         if self._lib is not None:
             self._lib.close()
 

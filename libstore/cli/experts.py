@@ -161,7 +161,7 @@ def ls(
     """
     q = _query(query, kind=kinds, base=bases, tag=tags, task=tasks)
     experts: Sequence[Expert | ExpertSummary] = (
-        state.lib.experts(q, **page) if full else state.lib.summaries(q, **page)
+        state.reader().experts(q, **page) if full else state.reader().summaries(q, **page)
     )
     if jsonl:
         echo_jsonl(experts)
@@ -197,7 +197,7 @@ def _row(e: Expert | ExpertSummary) -> list[Any]:
 @click.pass_obj
 def show(state: State, name: str, as_json: bool) -> None:
     """Everything recorded about one expert: shapes, hashes, tasks, tags, lineage."""
-    e = state.lib.get(name)
+    e = state.reader().get(name)
     if as_json:
         echo_json(e)
         return

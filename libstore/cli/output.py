@@ -23,11 +23,20 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
 
 
+_PLAIN = (str, int, float, bool)
+#: field names per dataclass type (``dataclasses.fields`` per object is most of a listing's cost)
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def to_jsonable(obj: Any) -> Any:
-    if obj is None or type(obj) in (str, int, float, bool):
+    kind = type(obj)
+    if obj is None or kind in _PLAIN:
         return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    names = _FIELDS.get(kind)
+    if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(obj))
+    if names is not None:
+        return {n: to_jsonable(getattr(obj, n)) for n in names}
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -40,7 +49,18 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(to_jsonable(obj), indent=2, sort_keys=False))
+    """``obj`` as JSON: indented, except that a list has one item per line (written in chunks as
+    they come; Python's indenting encoder is pure Python and would make a large listing slow)."""
+    if not isinstance(obj, list | tuple):
+        click.echo(json.dumps(to_jsonable(obj), indent=2, sort_keys=False))
+        return
+    out = sys.stdout
+    out.write("[")
+    for i in range(0, len(obj), _CHUNK):
+        sep = "\n  " if i == 0 else ",\n  "
+        out.write(sep + ",\n  ".join(json.dumps(to_jsonable(item)) for item in obj[i : i + _CHUNK]))
+    out.write("\n]\n" if obj else "]\n")
+    out.flush()
 
 
 def echo_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -20,25 +20,20 @@ from typing import TYPE_CHECKING
 from libstore import config
 from libstore.catalog import team
 from libstore.catalog.engine import Catalog, translate_errors
-from libstore.catalog.migrate import current_revision, ensure_current, head_revision
+from libstore.catalog.migrate import current_revision, ensure_current
+from libstore.catalog.revisions import head_revision
 from libstore.errors import (
     LibraryExistsError,
-    LibraryNotFoundError,
     LibstoreError,
-    SchemaError,
     StorageError,
     ValidationError,
 )
 from libstore.store.backend import BlobBackend
 from libstore.store.blobs import BlobStore
+from libstore.store.marker import FORMAT_VERSION, MARKER, read_marker
 
 if TYPE_CHECKING:
     from libstore.store.object_store import ObjectBlobStore
-
-MARKER = "library.json"
-#: The folder layout this libstore writes and reads; a newer one is refused on open.
-FORMAT_VERSION = 1
-_MARKER_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -54,48 +49,6 @@ class Context:
 
     def close(self) -> None:
         self.catalog.dispose()
-
-
-def read_marker(path: Path) -> dict[str, object]:
-    """The checked contents of ``path/library.json``.
-
-    :class:`LibraryNotFoundError` if it is missing or is not a libstore marker, :class:`SchemaError`
-    if a newer libstore wrote the library, :class:`StorageError` if it cannot be read.
-    """
-    marker = path / MARKER
-    try:
-        with open(marker, "rb") as f:
-            raw = f.read(_MARKER_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise LibraryNotFoundError(
-            f"no libstore library at {path}; create one with: libstore init {path}", path=str(path)
-        ) from None
-    except OSError as e:
-        raise StorageError(
-            f"cannot read {marker} ({e.strerror}); check that the library folder is readable",
-            location=str(path),
-        ) from None
-    data: object = None
-    try:
-        if len(raw) <= _MARKER_MAX_BYTES:
-            data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    fmt = data.get("format") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-        raise LibraryNotFoundError(
-            f"{marker} is not a libstore library marker (expected a JSON object with an integer "
-            f'"format", e.g. {{"format": {FORMAT_VERSION}}}); if {path} is a libstore library, restore '
-            f"that file, otherwise point -L/--library at the library folder",
-            path=str(path),
-        )
-    if fmt > FORMAT_VERSION:
-        raise SchemaError(
-            f"the library at {path} has format {fmt}, written by a newer libstore (this one reads "
-            f"format {FORMAT_VERSION}); upgrade libstore: pip install -U libstore",
-            revision=str(fmt),
-        )
-    return data
 
 
 def init_library(path: Path, db_url: str | None = None, blob_store: str | None = None) -> Context:

@@ -24,7 +24,7 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.ops.context import Context
-from libstore.ops.query import format_query, parse_query
+from libstore.ops.query import check_page, format_query, parse_query
 from libstore.store import expert_data
 from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
@@ -33,7 +33,6 @@ from libstore.types import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     EXPERT_KINDS,
-    EXPERT_SORTS,
     AdapterFile,
     BaseModel,
     Expert,
@@ -425,7 +424,7 @@ def experts(
     """The experts a query matches, ordered by ``sort`` then name, the page ``offset``/``limit`` of
     them (one snapshot, a constant number of statements)."""
     q = parse_query(query)
-    _check_page(sort, limit, offset)
+    check_page(sort, limit, offset)
     with ctx.catalog.read() as s:
         return listing.list_experts(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
 
@@ -441,20 +440,9 @@ def summaries(
 ) -> list[ExpertSummary]:
     """As :func:`experts`, without module shapes, files, metadata or parents: what a listing shows."""
     q = parse_query(query)
-    _check_page(sort, limit, offset)
+    check_page(sort, limit, offset)
     with ctx.catalog.read() as s:
         return listing.list_summaries(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
-
-
-def _check_page(sort: str, limit: int | None, offset: int) -> None:
-    if sort not in EXPERT_SORTS:
-        raise ValidationError(
-            f"unknown sort {sort!r}; sort by one of {', '.join(EXPERT_SORTS)}", field="sort"
-        )
-    if limit is not None and limit < 0:
-        raise ValidationError(f"limit must be 0 or more, got {limit}", field="limit")
-    if offset < 0:
-        raise ValidationError(f"offset must be 0 or more, got {offset}", field="offset")
 
 
 def get(ctx: Context, name: str) -> Expert:

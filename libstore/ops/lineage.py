@@ -126,9 +126,7 @@ def lineage(ctx: Context, name: str) -> LineageInfo:
     with ctx.catalog.read() as s:
         e = deriv.experts_named(s, [name]).get(name)
         if e is None:
-            raise NotFoundError(
-                f"no expert named {name!r}; list them with: libstore ls", what="expert", name=name
-            )
+            raise NotFoundError.expert(name)
         states = deriv.derivation_states(s, [name])
         children = deriv.children_of(s, name)
     state = states[0] if states else None

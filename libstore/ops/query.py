@@ -13,8 +13,8 @@ backend and in push/pull selection)::
 
 from __future__ import annotations
 
-from libstore.errors import QueryError
-from libstore.types import ExpertQuery
+from libstore.errors import QueryError, ValidationError
+from libstore.types import EXPERT_SORTS, ExpertQuery
 
 _FIELDS = {
     "name": "names",
@@ -63,3 +63,15 @@ def format_query(query: ExpertQuery) -> str:
         if vals:
             parts.append(f"{key}={','.join(vals)}")
     return " ".join(parts) or "all"
+
+
+def check_page(sort: str, limit: int | None, offset: int) -> None:
+    """Refuse a sort, limit or offset a listing cannot take (before any statement runs)."""
+    if sort not in EXPERT_SORTS:
+        raise ValidationError(
+            f"unknown sort {sort!r}; sort by one of {', '.join(EXPERT_SORTS)}", field="sort"
+        )
+    if limit is not None and limit < 0:
+        raise ValidationError(f"limit must be 0 or more, got {limit}", field="limit")
+    if offset < 0:
+        raise ValidationError(f"offset must be 0 or more, got {offset}", field="offset")
