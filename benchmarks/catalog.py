@@ -176,6 +176,8 @@ def bench(kind: str, sizes: Sequence[int], n_import: int, runs: int, pg_admin: s
                     for op, s in _python_api(lib_path, db, base).items():
                         val = f"{s:.2f}" if isinstance(s, float) else str(s)
                         rows.append(f"| {kind} | {n:,} | `{op}` (Python, in process) | {val} |")
+        if not n_import:
+            return rows
         with _database(kind, pg_admin) as db:
             src = root / "adapters"
             total = _adapters(proto, src, n_import)
@@ -204,7 +206,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--db", default="sqlite,postgres", help="sqlite, postgres or both (comma-separated)")
     p.add_argument("--experts", default="10000,100000", help="library sizes (comma-separated)")
-    p.add_argument("--import", dest="n_import", type=int, default=2000, help="adapter folders to import")
+    p.add_argument(
+        "--import", dest="n_import", type=int, default=2000, help="adapter folders to import (0: skip)"
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--pg-url", default=os.environ.get("LIBSTORE_TEST_PG_URL", PG_ADMIN))
     p.add_argument("--no-api", action="store_true", help="skip the in-process Python API rows")
