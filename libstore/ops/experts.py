@@ -393,9 +393,9 @@ def _read_folders(
 
 
 def _store_files(ctx: Context, adapters: Sequence[AdapterFile]) -> list[list[StoredFile]]:
-    """Store the configs and the staged weights of ``adapters`` (one fsync per shard for the weights)."""
-    with ThreadPoolExecutor(_workers()) as pool:
-        configs = list(pool.map(lambda a: ctx.blobs.put_bytes(a.config_bytes), adapters))
+    """Store the configs and the staged weights of ``adapters``, each as one batch (one fsync per
+    shard folder, not per blob)."""
+    configs = ctx.blobs.put_bytes_many([a.config_bytes for a in adapters])
     weights = ctx.blobs.commit_staged_many([a.weights for a in adapters])
     return [
         [StoredFile(ADAPTER_CONFIG, c.sha256, c.size), StoredFile(ADAPTER_WEIGHTS, w.sha256, w.size)]

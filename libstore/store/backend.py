@@ -60,6 +60,9 @@ class BlobBackend(Protocol):
     def put_bytes(
         self, data: bytes | bytearray | memoryview, *, expected_sha256: str | None = None
     ) -> StoredRef: ...
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> Sequence[StoredRef]:
+        """``put_bytes`` of each (one ref each, in order), made durable as one batch."""
+
     def stage_file(
         self, src: str | os.PathLike[str], *, expected_sha256: str | None = None, max_bytes: int | None = None
     ) -> StagedBlob: ...

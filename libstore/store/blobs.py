@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from libstore.errors import (
     BlobsRemovedError,
@@ -61,6 +61,8 @@ CHUNK = 1 << 20
 #: The shard folder staged copies are written to (their digest, hence their shard, is not known
 #: before they are copied; the rename into the real shard is on the same file system).
 STAGING_SHARD = "00"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,22 @@ def _remove_temp(tmp: Path) -> None:
     with contextlib.suppress(OSError):
         os.chmod(tmp, 0o644)  # Windows refuses to delete read-only files
         tmp.unlink()
+
+
+#: Threads that fsync a batch: fsync waits on the disk, not the GIL, and the file system commits
+#: concurrent fsyncs together (ext4's journal: one commit for all that wait on it).
+SYNC_THREADS = 16
+
+
+def _in_threads(fn: Callable[[_T], object], items: Sequence[_T]) -> None:
+    """``fn(item)`` for every item, from up to :data:`SYNC_THREADS` threads (inline for one item);
+    the first error is raised once all are done."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(items))) as pool:
+        list(pool.map(fn, items))
 
 
 class BlobStore(BlobUpkeep):
@@ -209,6 +227,40 @@ class BlobStore(BlobUpkeep):
 
         self._write(digest, copy, what="bytes")
         return BlobRef(digest, len(data))
+
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[BlobRef]:
+        """:meth:`put_bytes` for many byte strings (e.g. the configs of an import), one ref each.
+
+        The new ones are written to temps first and made durable together: one fsync per file from
+        parallel threads (the file system commits concurrent fsyncs as one journal commit), then the
+        renames and one fsync per shard folder — instead of a file and a folder fsync per blob, one
+        after the other. On any error the temps are removed and nothing new is in place.
+        """
+        refs: list[BlobRef] = []
+        staged: dict[str, StagedBlob] = {}
+        with self.discarding(staged.values()):
+            for data in datas:
+                digest, size = sha256_bytes(data), len(data)
+                refs.append(BlobRef(digest, size))
+                if digest not in staged and not self._already_stored(digest, size):
+                    tmp, _, _ = self._write_staged([bytes(data)], "store bytes", "bytes", sync=False)
+                    staged[digest] = StagedBlob(str(tmp), digest, size)
+            _in_threads(self._fsync_staged, list(staged.values()))
+            self.commit_staged_many(list(staged.values()))
+        return refs
+
+    def _fsync_staged(self, staged: StagedBlob) -> None:
+        """Make a staged copy's bytes durable (before it is renamed into place)."""
+        try:
+            fd = os.open(staged.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise BlobsRemovedError.staged_copy_gone(staged.path, staged.sha256) from None
+        except OSError as e:
+            raise self._storage_error(e, f"store {staged.sha256}") from e
 
     def _already_stored(self, digest: str, size: int) -> bool:
         """True if the blob is in place with the right size, and now claimed. Dedup never rewrites a
@@ -334,10 +386,13 @@ class BlobStore(BlobUpkeep):
             )
         return StagedBlob(path=str(tmp), sha256=expected_sha256, size=size)
 
-    def _write_staged(self, chunks: Iterable[bytes], action: str, what: object) -> tuple[Path, str, int]:
-        """Write ``chunks`` to a new read-only, fsynced temp file in the staging shard while hashing
-        them: (its path, sha256, size). On any error no temp file is left; OS errors are
-        :class:`StorageError` saying ``action``."""
+    def _write_staged(
+        self, chunks: Iterable[bytes], action: str, what: object, *, sync: bool = True
+    ) -> tuple[Path, str, int]:
+        """Write ``chunks`` to a new read-only temp file in the staging shard while hashing them:
+        (its path, sha256, size); fsynced unless ``sync`` is false (then the caller fsyncs it before
+        it is committed). On any error no temp file is left; OS errors are :class:`StorageError`
+        saying ``action``."""
         tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {what}")
         h = hashlib.sha256()
         size = 0
@@ -348,7 +403,8 @@ class BlobStore(BlobUpkeep):
                     size += len(chunk)
                     out.write(chunk)
                 out.flush()
-                os.fsync(out.fileno())
+                if sync:
+                    os.fsync(out.fileno())
             os.chmod(tmp, 0o444)
         except BaseException as e:
             _remove_temp(tmp)
@@ -388,8 +444,7 @@ class BlobStore(BlobUpkeep):
             except OSError as e:
                 self.discard(item)
                 raise self._storage_error(e, f"store {item.sha256}") from e
-        with ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:  # fsync waits on the disk, not the GIL
-            list(pool.map(fsync_dir, shards))
+        _in_threads(fsync_dir, list(shards))
         return refs
 
     @contextlib.contextmanager

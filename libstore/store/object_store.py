@@ -299,6 +299,11 @@ class ObjectBlobStore:
         self._upload(digest, len(data), data)
         return BlobRef(digest, len(data))
 
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[BlobRef]:
+        """:meth:`put_bytes` of each, uploaded in parallel."""
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(datas)))) as pool:
+            return list(pool.map(self.put_bytes, datas))
+
     def stage_file(
         self, src: str | os.PathLike[str], *, expected_sha256: str | None = None, max_bytes: int | None = None
     ) -> StagedBlob:
