@@ -240,13 +240,12 @@ def _describe(
                 field=bad[0],
             )
     if extra is None:
-        extra = tuple(
-            sorted(
-                p.name
-                for p in folder.iterdir()
-                if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+        with os.scandir(folder) as entries:  # is_file from the listing: no stat per entry
+            extra = tuple(
+                sorted(
+                    e.name for e in entries if e.is_file() and e.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                )
             )
-        )
     return AdapterFile(
         folder=str(folder),
         config=config,

@@ -298,9 +298,13 @@ class BlobStore(BlobUpkeep):
     def _create_temp(self, shard: Path, what: str) -> tuple[Path, BinaryIO]:
         """A new, exclusively created temp file in ``shard`` (created if needed), open for writing."""
         tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         try:
-            shard.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:  # the shard's first blob: make the folder (not on every write)
+                shard.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, flags, 0o600)
         except OSError as e:
             raise self._storage_error(e, f"store {what}") from e
         return tmp, os.fdopen(fd, "wb")
