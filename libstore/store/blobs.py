@@ -16,6 +16,9 @@ the caller validates that copy — the very bytes :meth:`BlobStore.commit_staged
 their address — so a source changed or swapped after the copy cannot matter. Staged temps have the
 same names as write temps (in shard :data:`STAGING_SHARD`), so gc collects them after a crash once
 they are older than its grace period; commit sets a staged file's mtime to now, as a write would.
+A copy may be staged without its fsync (``durable=False``) so that a batch fsyncs many copies at
+once (:meth:`BlobStore.make_durable`); commit fsyncs any copy that is not durable before renaming
+it, so no blob gets its name before its bytes are on disk.
 
 A write the file system refuses (read-only, full disk, quota, permissions) raises
 :class:`StorageError` saying what to do, and leaves no temp file.
@@ -29,6 +32,7 @@ No torch here: the CLI's torch-free commands use this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -244,8 +248,7 @@ class BlobStore(BlobUpkeep):
                 refs.append(BlobRef(digest, size))
                 if digest not in staged and not self._already_stored(digest, size):
                     tmp, _, _ = self._write_staged([bytes(data)], "store bytes", "bytes", sync=False)
-                    staged[digest] = StagedBlob(str(tmp), digest, size)
-            _in_threads(self._fsync_staged, list(staged.values()))
+                    staged[digest] = StagedBlob(str(tmp), digest, size, durable=False)
             self.commit_staged_many(list(staged.values()))
         return refs
 
@@ -351,8 +354,12 @@ class BlobStore(BlobUpkeep):
         *,
         expected_sha256: str | None = None,
         max_bytes: int | None = None,
+        durable: bool = True,
     ) -> StagedBlob:
         """Copy ``src`` once into a temp file inside the store, hashing the bytes as they are copied.
+
+        With ``durable=False`` the copy is not fsynced (``result.durable`` is false): an import of
+        many files validates them first and then fsyncs them all at once with :meth:`make_durable`.
 
         Validate the returned copy (its ``path``), then :meth:`commit_staged` or :meth:`discard` it;
         the caller owns it until then (``discard`` is always safe to call, also after a commit).
@@ -364,7 +371,9 @@ class BlobStore(BlobUpkeep):
         if expected_sha256 is not None:
             check_digest(expected_sha256)
         with open_regular(src) as f:
-            tmp, digest, size = self._write_staged(read_chunks(f, src, limit=max_bytes), f"copy {src}", src)
+            tmp, digest, size = self._write_staged(
+                read_chunks(f, src, limit=max_bytes), f"copy {src}", src, sync=durable
+            )
         if expected_sha256 is not None and digest != expected_sha256:
             _remove_temp(tmp)
             raise IntegrityError(
@@ -373,7 +382,14 @@ class BlobStore(BlobUpkeep):
                 sha256=expected_sha256,
                 path=str(src),
             )
-        return StagedBlob(path=str(tmp), sha256=digest, size=size)
+        return StagedBlob(path=str(tmp), sha256=digest, size=size, durable=durable)
+
+    def make_durable(self, staged: Sequence[StagedBlob]) -> list[StagedBlob]:
+        """fsync the staged copies that are not durable yet, from parallel threads (the file system
+        commits concurrent fsyncs together: far fewer journal commits than one file after another);
+        returns them marked durable, for :meth:`commit_staged_many`."""
+        _in_threads(self._fsync_staged, [s for s in staged if not s.durable])
+        return [s if s.durable else dataclasses.replace(s, durable=True) for s in staged]
 
     def stage_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str, what: str) -> StagedBlob:
         """Write ``chunks`` (a download) to a staged temp file while hashing them; bytes that hash
@@ -423,21 +439,25 @@ class BlobStore(BlobUpkeep):
         return self.commit_staged_many([staged])[0]
 
     def commit_staged_many(self, staged: Sequence[StagedBlob]) -> list[BlobRef]:
-        """:meth:`commit_staged` for many copies: every rename first, then one fsync per shard folder
-        touched (not one per blob), before returning — so the catalog still records them only once
-        they are durable."""
-        refs: list[BlobRef] = []
-        shards: set[Path] = set()
+        """:meth:`commit_staged` for many copies. Those to be renamed that are not durable yet are
+        fsynced first (all together, :meth:`make_durable`), then renamed, then each shard folder
+        touched is fsynced once (not once per blob), before returning — so the catalog records
+        them only once bytes and names are durable. Repeats of one digest are renamed once."""
+        moves: dict[str, StagedBlob] = {}
         for item in staged:
-            refs.append(BlobRef(item.sha256, item.size))
             final = self.path(item.sha256)
             tmp = Path(item.path)
-            if self._already_stored(item.sha256, item.size):
-                if tmp != final:
+            if item.sha256 in moves or self._already_stored(item.sha256, item.size):
+                if tmp != final and moves.get(item.sha256) is not item:
                     self.discard(item)
                 continue
             if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
                 raise self._missing(item.sha256)
+            moves[item.sha256] = item
+        shards: set[Path] = set()
+        for item in self.make_durable(list(moves.values())):
+            final = self.path(item.sha256)
+            tmp = Path(item.path)
             try:
                 os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +469,7 @@ class BlobStore(BlobUpkeep):
                 self.discard(item)
                 raise self._storage_error(e, f"store {item.sha256}") from e
         _in_threads(fsync_dir, list(shards))
-        return refs
+        return [BlobRef(item.sha256, item.size) for item in staged]
 
     @contextlib.contextmanager
     def discarding(self, staged: Iterable[StagedBlob]) -> Iterator[None]:
