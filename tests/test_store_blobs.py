@@ -72,8 +72,8 @@ def test_put_bytes_many_makes_each_new_blob_durable_before_its_rename(
         real_fsync(fd)
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("replace", f"{src} {dst}"))
         real_replace(src, dst)
+        events.append(("replace", f"{src} {dst}"))  # done
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)

@@ -190,8 +190,8 @@ def test_import_dir_records_only_blobs_whose_bytes_and_names_are_durable(
         real_fsync(fd)
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("replace", f"{src} {dst}"))
         real_replace(src, dst)
+        events.append(("replace", f"{src} {dst}"))  # done
 
     @contextlib.contextmanager
     def write(self: engine.Catalog) -> Iterator[engine.Transaction]:

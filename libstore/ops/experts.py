@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -302,7 +303,7 @@ def import_dir(
     if not folders:
         raise ValidationError(f"no PEFT adapter folders (with {ADAPTER_CONFIG}) below {root}", path=str(root))
     names = [validate_name(f.name) for f in folders]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, k in Counter(names).items() if k > 1)  # not names.count: n² at 10k
     if dupes:
         raise ValidationError(
             f"several folders below {root} are named {dupes[0]!r}; expert names must be unique — "

@@ -460,8 +460,11 @@ class BlobStore(BlobUpkeep):
             tmp = Path(item.path)
             try:
                 os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except FileNotFoundError:  # the shard's first blob (or gc took the copy: raised below)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
                 shards.add(final.parent)
             except FileNotFoundError:
                 raise BlobsRemovedError.staged_copy_gone(str(tmp), item.sha256) from None
