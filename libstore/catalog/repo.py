@@ -297,10 +297,10 @@ def _table(row: type[Base]) -> Table:
     return table
 
 
-def _column_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (keyed by ``ExpertRow`` attribute) keyed by column, as a Core insert names them."""
-    columns = ExpertRow.__mapper__.columns
-    return {columns[k].key: v for k, v in values.items()}
+def _column_keys() -> dict[str, str]:
+    """``ExpertRow`` attribute -> column name, as a Core insert names them (look it up once per
+    insert: the mapper's column collection is slow to index)."""
+    return {attr: column.key for attr, column in ExpertRow.__mapper__.columns.items()}
 
 
 def _insert(session: Session, expert: Expert, base_id: int, cluster_id: int | None) -> ExpertRow:
@@ -338,6 +338,7 @@ def insert_experts(session: Session, items: Sequence[tuple[Expert, int, int | No
     _ensure_blobs(session, {f.sha256: f.size for e, _, _ in items for f in e.files})
     now = dt.datetime.now(dt.UTC)
     ids: dict[str, int] = {}
+    column = _column_keys()
     for part in chunks(items):
         session.execute(
             insert(_table(ExpertRow)),
@@ -345,7 +346,7 @@ def insert_experts(session: Session, items: Sequence[tuple[Expert, int, int | No
                 {
                     "name": e.name,
                     "base_model_id": base_id,
-                    **_column_keys(expert_columns(e)),
+                    **{column[k]: v for k, v in expert_columns(e).items()},
                     "sha256": e.sha256,
                     "bytes": sum(f.size for f in e.files),
                     "source": e.source,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import gc
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from libstore.catalog import listing, repo
 from libstore.catalog import tags as tags_repo
@@ -43,6 +45,9 @@ from libstore.types import (
     StoredFile,
     parse_cluster_ref,
 )
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,28 @@ def find_adapter_folders(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob(ADAPTER_CONFIG))
 
 
+def _gc_frozen(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with the objects alive at its start frozen out of the cyclic GC (``gc.freeze``).
+
+    A bulk import allocates enough to trigger full collections, and each one walks every object of
+    the process again (the ORM's, the interpreter's): a fifth of import-dir's time at 2,000
+    adapters. Unfrozen on the way out; left alone where the host process froze objects itself.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if gc.get_freeze_count():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return run
+
+
+@_gc_frozen
 def import_dir(
     ctx: Context,
     root: str | os.PathLike[str],
