@@ -441,11 +441,14 @@ class StagedBlob:
     or ``BlobStore.discard`` drops it. Validating this copy, never the source again, is what makes
     the stored bytes the validated ones. ``path`` may also name a blob already in place (an adapter
     validated where it is stored); committing that claims it, discarding it does nothing.
+    ``durable`` is false for a copy staged without its fsync (a batch fsyncs many together:
+    ``BlobStore.make_durable``); committing such a copy fsyncs it first.
     """
 
     path: str
     sha256: str
     size: int
+    durable: bool = True
 
 
 @dataclass(frozen=True)

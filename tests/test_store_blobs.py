@@ -58,6 +58,38 @@ def test_put_file_streams_and_is_read_only(store: BlobStore, tmp_path: Path) -> 
     assert store.temp_files() == []
 
 
+def test_put_bytes_many_makes_each_new_blob_durable_before_its_rename(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch keeps put_bytes' durability: each new blob's bytes are fsynced before it is renamed
+    into place and its shard folder after; stored bytes and repeats are not written again."""
+    old = store.put_bytes(b"stored before")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        events.append(("replace", f"{src} {dst}"))  # done
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    datas = [b"stored before", b"a", b"b", b"a", bytearray(b"c")]
+    refs = store.put_bytes_many(datas)
+    assert refs == [BlobRef(_digest(bytes(d)), len(d)) for d in datas] and refs[0] == old
+    renames = [tuple(arg.split(" ")) for kind, arg in events if kind == "replace"]
+    assert sorted(Path(dst).name for _, dst in renames) == sorted({_digest(d) for d in (b"a", b"b", b"c")})
+    for src, dst in renames:
+        at = events.index(("replace", f"{src} {dst}"))
+        assert ("fsync", src) in events[:at] and ("fsync", str(Path(dst).parent)) in events[at:]
+    assert store.temp_files() == [] and all(
+        store.read_bytes(r.sha256) == bytes(d) for r, d in zip(refs, datas, strict=True)
+    )
+
+
 def test_dedup_never_rewrites(store: BlobStore, tmp_path: Path) -> None:
     src = tmp_path / "a"
     src.write_bytes(b"same bytes")

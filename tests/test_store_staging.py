@@ -170,6 +170,51 @@ def test_staging_api(tmp_path: Path) -> None:
     assert store.temp_files() == [] and items
 
 
+def test_import_dir_records_only_blobs_whose_bytes_and_names_are_durable(
+    lib: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """import-dir stages its weights without an fsync each and fsyncs them together once all are
+    validated: still every blob's bytes are fsynced before its rename, its shard folder after the
+    rename, and all of it before the catalog commits."""
+    import os
+
+    from libstore.catalog import engine
+
+    for i in range(3):
+        make_adapter(base_dir, tmp_path / "in" / f"a{i}", seed=20 + i)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_write = os.fsync, os.replace, engine.Catalog.write
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        events.append(("replace", f"{src} {dst}"))  # done
+
+    @contextlib.contextmanager
+    def write(self: engine.Catalog) -> Iterator[engine.Transaction]:
+        with real_write(self) as tx:
+            yield tx
+            events.append(("commit", ""))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(engine.Catalog, "write", write)
+    assert len(lib.import_dir(tmp_path / "in").added) == 3
+    blobs = str(lib.context.blobs.root)
+    renames = [
+        arg.split(" ") for kind, arg in events if kind == "replace" and arg.split(" ")[1].startswith(blobs)
+    ]
+    assert len(renames) == 4  # three weights files and their one shared config
+    commit = events.index(("commit", ""))
+    for src, dst in renames:
+        at = events.index(("replace", f"{src} {dst}"))
+        assert ("fsync", src) in events[:at], f"{dst} renamed before its bytes were fsynced"
+        assert ("fsync", str(Path(dst).parent)) in events[at:commit], f"{dst}'s folder not fsynced"
+
+
 def test_gc_collects_staged_copies_of_a_crash_only_after_the_grace_period(
     lib: Library, tmp_path: Path
 ) -> None:

@@ -141,6 +141,7 @@ def read_adapter(
     into: BlobBackend,
     allow_nonfinite: bool = False,
     max_file_bytes: int | None = None,
+    durable: bool = True,
 ) -> AdapterFile:
     """Validate a PEFT LoRA folder (config + safetensors header + NaN/Inf scan), staging its weights.
 
@@ -154,7 +155,8 @@ def read_adapter(
     and the fault, :class:`StorageError` if the store cannot be written. ``target_modules`` of the
     result are the module-name suffixes that actually carry weights (the config may hold a regex
     or a superset). Weights larger than ``max_file_bytes`` (default:
-    ``libstore.config.max_file_bytes()``) are refused before they are read.
+    ``libstore.config.max_file_bytes()``) are refused before they are read. ``durable=False``
+    stages the weights without their fsync (see :meth:`BlobStore.stage_file`).
     """
     folder = Path(folder)
     _check_folder(folder)
@@ -171,7 +173,7 @@ def read_adapter(
             f"raise the limit with LIBSTORE_MAX_FILE_BYTES",
             path=str(weights_path),
         )
-    staged = into.stage_file(weights_path, max_bytes=limit)
+    staged = into.stage_file(weights_path, max_bytes=limit, durable=durable)
     try:
         adapter = _describe(
             folder, config_path, config_bytes, weights_path, staged, allow_nonfinite=allow_nonfinite
@@ -240,13 +242,12 @@ def _describe(
                 field=bad[0],
             )
     if extra is None:
-        extra = tuple(
-            sorted(
-                p.name
-                for p in folder.iterdir()
-                if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+        with os.scandir(folder) as entries:  # is_file from the listing: no stat per entry
+            extra = tuple(
+                sorted(
+                    e.name for e in entries if e.is_file() and e.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                )
             )
-        )
     return AdapterFile(
         folder=str(folder),
         config=config,

@@ -60,9 +60,20 @@ class BlobBackend(Protocol):
     def put_bytes(
         self, data: bytes | bytearray | memoryview, *, expected_sha256: str | None = None
     ) -> StoredRef: ...
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> Sequence[StoredRef]:
+        """``put_bytes`` of each (one ref each, in order), made durable as one batch."""
+
     def stage_file(
-        self, src: str | os.PathLike[str], *, expected_sha256: str | None = None, max_bytes: int | None = None
+        self,
+        src: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
+        durable: bool = True,
     ) -> StagedBlob: ...
+    def make_durable(self, staged: Sequence[StagedBlob]) -> list[StagedBlob]:
+        """fsync the staged copies made with ``durable=False``, all together; returns them durable."""
+
     def commit_staged(self, staged: StagedBlob) -> StoredRef: ...
     def commit_staged_many(self, staged: Sequence[StagedBlob]) -> Sequence[StoredRef]: ...
     def discard(self, staged: StagedBlob) -> None: ...

@@ -16,6 +16,9 @@ the caller validates that copy — the very bytes :meth:`BlobStore.commit_staged
 their address — so a source changed or swapped after the copy cannot matter. Staged temps have the
 same names as write temps (in shard :data:`STAGING_SHARD`), so gc collects them after a crash once
 they are older than its grace period; commit sets a staged file's mtime to now, as a write would.
+A copy may be staged without its fsync (``durable=False``) so that a batch fsyncs many copies at
+once (:meth:`BlobStore.make_durable`); commit fsyncs any copy that is not durable before renaming
+it, so no blob gets its name before its bytes are on disk.
 
 A write the file system refuses (read-only, full disk, quota, permissions) raises
 :class:`StorageError` saying what to do, and leaves no temp file.
@@ -29,6 +32,7 @@ No torch here: the CLI's torch-free commands use this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -37,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from libstore.errors import (
     BlobsRemovedError,
@@ -61,6 +65,8 @@ CHUNK = 1 << 20
 #: The shard folder staged copies are written to (their digest, hence their shard, is not known
 #: before they are copied; the rename into the real shard is on the same file system).
 STAGING_SHARD = "00"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,22 @@ def _remove_temp(tmp: Path) -> None:
     with contextlib.suppress(OSError):
         os.chmod(tmp, 0o644)  # Windows refuses to delete read-only files
         tmp.unlink()
+
+
+#: Threads that fsync a batch: fsync waits on the disk, not the GIL, and the file system commits
+#: concurrent fsyncs together (ext4's journal: one commit for all that wait on it).
+SYNC_THREADS = 16
+
+
+def _in_threads(fn: Callable[[_T], object], items: Sequence[_T]) -> None:
+    """``fn(item)`` for every item, from up to :data:`SYNC_THREADS` threads (inline for one item);
+    the first error is raised once all are done."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(items))) as pool:
+        list(pool.map(fn, items))
 
 
 class BlobStore(BlobUpkeep):
@@ -210,6 +232,39 @@ class BlobStore(BlobUpkeep):
         self._write(digest, copy, what="bytes")
         return BlobRef(digest, len(data))
 
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[BlobRef]:
+        """:meth:`put_bytes` for many byte strings (e.g. the configs of an import), one ref each.
+
+        The new ones are written to temps first and made durable together: one fsync per file from
+        parallel threads (the file system commits concurrent fsyncs as one journal commit), then the
+        renames and one fsync per shard folder — instead of a file and a folder fsync per blob, one
+        after the other. On any error the temps are removed and nothing new is in place.
+        """
+        refs: list[BlobRef] = []
+        staged: dict[str, StagedBlob] = {}
+        with self.discarding(staged.values()):
+            for data in datas:
+                digest, size = sha256_bytes(data), len(data)
+                refs.append(BlobRef(digest, size))
+                if digest not in staged and not self._already_stored(digest, size):
+                    tmp, _, _ = self._write_staged([bytes(data)], "store bytes", "bytes", sync=False)
+                    staged[digest] = StagedBlob(str(tmp), digest, size, durable=False)
+            self.commit_staged_many(list(staged.values()))
+        return refs
+
+    def _fsync_staged(self, staged: StagedBlob) -> None:
+        """Make a staged copy's bytes durable (before it is renamed into place)."""
+        try:
+            fd = os.open(staged.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise BlobsRemovedError.staged_copy_gone(staged.path, staged.sha256) from None
+        except OSError as e:
+            raise self._storage_error(e, f"store {staged.sha256}") from e
+
     def _already_stored(self, digest: str, size: int) -> bool:
         """True if the blob is in place with the right size, and now claimed. Dedup never rewrites a
         good blob; if ``gc`` removed it meanwhile, the caller writes it anew.
@@ -246,9 +301,13 @@ class BlobStore(BlobUpkeep):
     def _create_temp(self, shard: Path, what: str) -> tuple[Path, BinaryIO]:
         """A new, exclusively created temp file in ``shard`` (created if needed), open for writing."""
         tmp = shard / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         try:
-            shard.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:  # the shard's first blob: make the folder (not on every write)
+                shard.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, flags, 0o600)
         except OSError as e:
             raise self._storage_error(e, f"store {what}") from e
         return tmp, os.fdopen(fd, "wb")
@@ -295,8 +354,12 @@ class BlobStore(BlobUpkeep):
         *,
         expected_sha256: str | None = None,
         max_bytes: int | None = None,
+        durable: bool = True,
     ) -> StagedBlob:
         """Copy ``src`` once into a temp file inside the store, hashing the bytes as they are copied.
+
+        With ``durable=False`` the copy is not fsynced (``result.durable`` is false): an import of
+        many files validates them first and then fsyncs them all at once with :meth:`make_durable`.
 
         Validate the returned copy (its ``path``), then :meth:`commit_staged` or :meth:`discard` it;
         the caller owns it until then (``discard`` is always safe to call, also after a commit).
@@ -308,7 +371,9 @@ class BlobStore(BlobUpkeep):
         if expected_sha256 is not None:
             check_digest(expected_sha256)
         with open_regular(src) as f:
-            tmp, digest, size = self._write_staged(read_chunks(f, src, limit=max_bytes), f"copy {src}", src)
+            tmp, digest, size = self._write_staged(
+                read_chunks(f, src, limit=max_bytes), f"copy {src}", src, sync=durable
+            )
         if expected_sha256 is not None and digest != expected_sha256:
             _remove_temp(tmp)
             raise IntegrityError(
@@ -317,7 +382,14 @@ class BlobStore(BlobUpkeep):
                 sha256=expected_sha256,
                 path=str(src),
             )
-        return StagedBlob(path=str(tmp), sha256=digest, size=size)
+        return StagedBlob(path=str(tmp), sha256=digest, size=size, durable=durable)
+
+    def make_durable(self, staged: Sequence[StagedBlob]) -> list[StagedBlob]:
+        """fsync the staged copies that are not durable yet, from parallel threads (the file system
+        commits concurrent fsyncs together: far fewer journal commits than one file after another);
+        returns them marked durable, for :meth:`commit_staged_many`."""
+        _in_threads(self._fsync_staged, [s for s in staged if not s.durable])
+        return [s if s.durable else dataclasses.replace(s, durable=True) for s in staged]
 
     def stage_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str, what: str) -> StagedBlob:
         """Write ``chunks`` (a download) to a staged temp file while hashing them; bytes that hash
@@ -334,10 +406,13 @@ class BlobStore(BlobUpkeep):
             )
         return StagedBlob(path=str(tmp), sha256=expected_sha256, size=size)
 
-    def _write_staged(self, chunks: Iterable[bytes], action: str, what: object) -> tuple[Path, str, int]:
-        """Write ``chunks`` to a new read-only, fsynced temp file in the staging shard while hashing
-        them: (its path, sha256, size). On any error no temp file is left; OS errors are
-        :class:`StorageError` saying ``action``."""
+    def _write_staged(
+        self, chunks: Iterable[bytes], action: str, what: object, *, sync: bool = True
+    ) -> tuple[Path, str, int]:
+        """Write ``chunks`` to a new read-only temp file in the staging shard while hashing them:
+        (its path, sha256, size); fsynced unless ``sync`` is false (then the caller fsyncs it before
+        it is committed). On any error no temp file is left; OS errors are :class:`StorageError`
+        saying ``action``."""
         tmp, out = self._create_temp(self._algo_dir / STAGING_SHARD, f"a copy of {what}")
         h = hashlib.sha256()
         size = 0
@@ -348,7 +423,8 @@ class BlobStore(BlobUpkeep):
                     size += len(chunk)
                     out.write(chunk)
                 out.flush()
-                os.fsync(out.fileno())
+                if sync:
+                    os.fsync(out.fileno())
             os.chmod(tmp, 0o444)
         except BaseException as e:
             _remove_temp(tmp)
@@ -363,34 +439,40 @@ class BlobStore(BlobUpkeep):
         return self.commit_staged_many([staged])[0]
 
     def commit_staged_many(self, staged: Sequence[StagedBlob]) -> list[BlobRef]:
-        """:meth:`commit_staged` for many copies: every rename first, then one fsync per shard folder
-        touched (not one per blob), before returning — so the catalog still records them only once
-        they are durable."""
-        refs: list[BlobRef] = []
-        shards: set[Path] = set()
+        """:meth:`commit_staged` for many copies. Those to be renamed that are not durable yet are
+        fsynced first (all together, :meth:`make_durable`), then renamed, then each shard folder
+        touched is fsynced once (not once per blob), before returning — so the catalog records
+        them only once bytes and names are durable. Repeats of one digest are renamed once."""
+        moves: dict[str, StagedBlob] = {}
         for item in staged:
-            refs.append(BlobRef(item.sha256, item.size))
             final = self.path(item.sha256)
             tmp = Path(item.path)
-            if self._already_stored(item.sha256, item.size):
-                if tmp != final:
+            if item.sha256 in moves or self._already_stored(item.sha256, item.size):
+                if tmp != final and moves.get(item.sha256) is not item:
                     self.discard(item)
                 continue
             if tmp == final or not tmp.name.startswith(TEMP_PREFIX):
                 raise self._missing(item.sha256)
+            moves[item.sha256] = item
+        shards: set[Path] = set()
+        for item in self.make_durable(list(moves.values())):
+            final = self.path(item.sha256)
+            tmp = Path(item.path)
             try:
                 os.utime(tmp)  # claimed now: gc counts an unreferenced blob's age from its mtime
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except FileNotFoundError:  # the shard's first blob (or gc took the copy: raised below)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
                 shards.add(final.parent)
             except FileNotFoundError:
                 raise BlobsRemovedError.staged_copy_gone(str(tmp), item.sha256) from None
             except OSError as e:
                 self.discard(item)
                 raise self._storage_error(e, f"store {item.sha256}") from e
-        with ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:  # fsync waits on the disk, not the GIL
-            list(pool.map(fsync_dir, shards))
-        return refs
+        _in_threads(fsync_dir, list(shards))
+        return [BlobRef(item.sha256, item.size) for item in staged]
 
     @contextlib.contextmanager
     def discarding(self, staged: Iterable[StagedBlob]) -> Iterator[None]:

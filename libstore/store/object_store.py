@@ -299,11 +299,27 @@ class ObjectBlobStore:
         self._upload(digest, len(data), data)
         return BlobRef(digest, len(data))
 
+    def put_bytes_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[BlobRef]:
+        """:meth:`put_bytes` of each, uploaded in parallel."""
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(datas)))) as pool:
+            return list(pool.map(self.put_bytes, datas))
+
     def stage_file(
-        self, src: str | os.PathLike[str], *, expected_sha256: str | None = None, max_bytes: int | None = None
+        self,
+        src: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
+        durable: bool = True,
     ) -> StagedBlob:
         """Copy ``src`` into the cache folder while hashing it (see :meth:`BlobStore.stage_file`)."""
-        return self.cache.store.stage_file(src, expected_sha256=expected_sha256, max_bytes=max_bytes)
+        return self.cache.store.stage_file(
+            src, expected_sha256=expected_sha256, max_bytes=max_bytes, durable=durable
+        )
+
+    def make_durable(self, staged: Sequence[StagedBlob]) -> list[StagedBlob]:
+        """fsync the local staged copies (they become cache entries); see :meth:`BlobStore.make_durable`."""
+        return self.cache.store.make_durable(staged)
 
     def commit_staged(self, staged: StagedBlob) -> BlobRef:
         """Upload a staged copy under its final key (claimed first), then keep it as a cache entry."""

@@ -333,39 +333,71 @@ def _has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
 
 
 def nonfinite_tensors(path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> list[str]:
-    """Names of floating tensors holding NaN or Inf, via a read-only memory map (no torch).
+    """Names of floating tensors holding NaN or Inf (numpy, no torch). Integer tensors are skipped.
 
-    Scans in chunks so a multi-GB file needs little memory. Integer tensors are skipped.
+    A data region of up to one scan chunk is read with one ``read`` (a memory map costs more than
+    the scan of a small adapter); a larger one is memory-mapped and scanned in chunks, so a
+    multi-GB file needs little memory. Neighbouring tensors of one dtype are scanned as one run
+    (an adapter's tensors usually form a single run) and looked at one by one only when the run
+    holds a NaN or Inf.
     """
     import numpy as np
 
     path = Path(path)
     if header is None:
         header = read_header(path)
-    if path.stat().st_size != header.file_size:
-        raise ValidationError(f"{path} changed since its header was read; try again")
-    todo = [(n, t) for n, t in header.tensors.items() if t.nbytes and t.dtype in SCANNED_DTYPES]
-    if not todo:
-        return []
-    bad: list[str] = []
-    data = np.memmap(
-        path,
-        dtype=np.uint8,
-        mode="r",
-        offset=header.data_offset,
-        shape=(header.file_size - header.data_offset,),
+    todo = sorted(
+        ((n, t) for n, t in header.tensors.items() if t.nbytes and t.dtype in SCANNED_DTYPES),
+        key=lambda nt: nt[1].start,
     )
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size != header.file_size:
+            raise ValidationError(f"{path} changed since its header was read; try again")
+        if not todo:
+            return []
+        data_len = header.file_size - header.data_offset
+        if data_len <= _SCAN_CHUNK_BYTES:
+            try:
+                f.seek(header.data_offset)
+                raw = f.read(data_len)
+            except OSError as e:
+                raise read_failed(path, e) from None
+            if len(raw) != data_len:
+                raise ValidationError(f"{path} changed since its header was read; try again")
+            data: np.ndarray = np.frombuffer(raw, dtype=np.uint8)
+        else:
+            data = np.memmap(f, dtype=np.uint8, mode="r", offset=header.data_offset, shape=(data_len,))
+    bad: list[str] = []
     try:
-        for name, t in todo:
-            step = DTYPE_BITS[t.dtype] // 8
-            chunk = _SCAN_CHUNK_BYTES - _SCAN_CHUNK_BYTES % step
-            for lo in range(t.start, t.end, chunk):
-                if _has_nonfinite(np.asarray(data[lo : min(lo + chunk, t.end)]), t.dtype):
-                    bad.append(name)
-                    break
+        for run in _runs(todo):
+            if _scan(data, run[0][1].dtype, run[0][1].start, run[-1][1].end):
+                bad += [n for n, t in run if len(run) == 1 or _scan(data, t.dtype, t.start, t.end)]
     finally:
         del data
     return bad
+
+
+def _runs(tensors: list[tuple[str, TensorInfo]]) -> list[list[tuple[str, TensorInfo]]]:
+    """``tensors`` (sorted by offset) cut into runs of adjacent tensors of one dtype."""
+    runs: list[list[tuple[str, TensorInfo]]] = []
+    for name, t in tensors:
+        last = runs[-1][-1][1] if runs else None
+        if last is not None and last.dtype == t.dtype and last.end == t.start:
+            runs[-1].append((name, t))
+        else:
+            runs.append([(name, t)])
+    return runs
+
+
+def _scan(data: np.ndarray, dtype: str, start: int, end: int) -> bool:
+    """Whether bytes [start, end) of ``data``, elements of ``dtype``, hold a NaN or Inf (in chunks)."""
+    import numpy as np
+
+    step = DTYPE_BITS[dtype] // 8
+    chunk = _SCAN_CHUNK_BYTES - _SCAN_CHUNK_BYTES % step
+    return any(
+        _has_nonfinite(np.asarray(data[lo : min(lo + chunk, end)]), dtype) for lo in range(start, end, chunk)
+    )
 
 
 # --- torch (imported lazily) -------------------------------------------------------------------
