@@ -120,3 +120,23 @@ def library(tmp_path: Path, db_url: str | None, base_dir: Path):  # type: ignore
     lib.add_base("tiny", str(base_dir))
     yield lib
     lib.close()
+
+
+@pytest.fixture
+def durability_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """``("fsync", path)`` and ``("replace", "src dst")`` in the order the process does them (after
+    the real call), to check that a blob is durable before it is named and its folder after."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        events.append(("replace", f"{src} {dst}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

@@ -59,24 +59,13 @@ def test_put_file_streams_and_is_read_only(store: BlobStore, tmp_path: Path) -> 
 
 
 def test_put_bytes_many_makes_each_new_blob_durable_before_its_rename(
-    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+    store: BlobStore, durability_events: list[tuple[str, str]]
 ) -> None:
     """The batch keeps put_bytes' durability: each new blob's bytes are fsynced before it is renamed
     into place and its shard folder after; stored bytes and repeats are not written again."""
+    events = durability_events
     old = store.put_bytes(b"stored before")
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        real_replace(src, dst)
-        events.append(("replace", f"{src} {dst}"))  # done
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events.clear()
     datas = [b"stored before", b"a", b"b", b"a", bytearray(b"c")]
     refs = store.put_bytes_many(datas)
     assert refs == [BlobRef(_digest(bytes(d)), len(d)) for d in datas] and refs[0] == old

@@ -171,27 +171,22 @@ def test_staging_api(tmp_path: Path) -> None:
 
 
 def test_import_dir_records_only_blobs_whose_bytes_and_names_are_durable(
-    lib: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lib: Library,
+    base_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    durability_events: list[tuple[str, str]],
 ) -> None:
     """import-dir stages its weights without an fsync each and fsyncs them together once all are
     validated: still every blob's bytes are fsynced before its rename, its shard folder after the
     rename, and all of it before the catalog commits."""
-    import os
-
     from libstore.catalog import engine
 
     for i in range(3):
         make_adapter(base_dir, tmp_path / "in" / f"a{i}", seed=20 + i)
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_write = os.fsync, os.replace, engine.Catalog.write
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        real_replace(src, dst)
-        events.append(("replace", f"{src} {dst}"))  # done
+    events = durability_events
+    events.clear()
+    real_write = engine.Catalog.write
 
     @contextlib.contextmanager
     def write(self: engine.Catalog) -> Iterator[engine.Transaction]:
@@ -199,8 +194,6 @@ def test_import_dir_records_only_blobs_whose_bytes_and_names_are_durable(
             yield tx
             events.append(("commit", ""))
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(engine.Catalog, "write", write)
     assert len(lib.import_dir(tmp_path / "in").added) == 3
     blobs = str(lib.context.blobs.root)
