@@ -290,3 +290,31 @@ def test_read_only_blob_store_gives_storage_error_and_changes_nothing(
             lib.context.blobs.put_bytes(b"anything new")
         assert (_store_files(lib.context.blobs), [x.name for x in lib.experts()]) == before
         assert lib.context.blobs.temp_files() == []
+
+
+def test_gc_grace_0_taking_a_derived_experts_staging_folder_is_blobs_removed(
+    lib: Library, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge (or GenKnowSub) writes the derived adapter into a ``.derive-*`` folder in the library
+    first; ``gc --grace 0`` beside it removes that folder. The merge then fails with
+    :class:`BlobsRemovedError` (exit 9, "run it again"), not a raw ``FileNotFoundError``, records
+    nothing, and succeeds when run again."""
+    from libstore.errors import BlobsRemovedError
+    from libstore.store import derived
+
+    for i in range(2):
+        lib.add(make_adapter(base_dir, tmp_path / f"t{i}", seed=40 + i), name=f"t{i}")
+    before = [e.name for e in lib.summaries()]
+    real_save = derived.save_tensors
+
+    def save_then_gc(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+        lib.gc(grace_s=0)  # a gc that counts nobody as writing
+
+    monkeypatch.setattr(derived, "save_tensors", save_then_gc)
+    with pytest.raises(BlobsRemovedError, match="run the operation again"):
+        lib.merge(["t0", "t1"], name="m")
+    assert [e.name for e in lib.summaries()] == before
+    monkeypatch.setattr(derived, "save_tensors", real_save)
+    assert lib.merge(["t0", "t1"], name="m").name == "m"
+    assert lib.verify().ok

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libstore.ops import prototypes, sync_state, tensors
+from libstore.ops import prototypes, sync_state
 from libstore.ops.context import Context
+from libstore.store import derived
 from libstore.store.leftovers import Leftover, find
 
 #: Default grace period: unreferenced blobs and temp entries younger than this are kept.
@@ -30,7 +31,7 @@ def library_leftovers(ctx: Context) -> list[Leftover]:
     writes one names its own prefix or folder."""
     return find(
         ctx.path,
-        prefixes=(tensors.TEMP_PREFIX, *prototypes.TEMP_PREFIXES),
+        prefixes=(derived.TEMP_PREFIX, *prototypes.TEMP_PREFIXES),
         folders=(sync_state.TMP_DIR,),
     )
 

@@ -14,10 +14,8 @@ expert: exported, pushed and loaded with ``PeftModel.from_pretrained`` like any 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libstore.errors import (
@@ -26,12 +24,12 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.ops.context import Context
-from libstore.store.adapter import KEY_PREFIX, read_adapter
-from libstore.store.safetensors_io import load_tensors, save_tensors
+from libstore.store.adapter import KEY_PREFIX
+from libstore.store.derived import store_derived
+from libstore.store.safetensors_io import load_tensors
 from libstore.store.targeting import untargeted
 from libstore.types import (
     ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     AdapterFile,
     Expert,
     ExpertKind,
@@ -42,8 +40,6 @@ if TYPE_CHECKING:
     import torch
 
 ModuleFactors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
-#: The folder ``stage_expert`` writes a derived expert's files to (in the library folder) first.
-TEMP_PREFIX = ".derive-"
 
 
 def default_device(device: str | None = None) -> str:
@@ -210,18 +206,7 @@ def stage_expert(
         tensors[peft_key(m, "A")] = a.detach().to("cpu", torch_dtype).contiguous()
         tensors[peft_key(m, "B")] = b.detach().to("cpu", torch_dtype).contiguous()
     cfg = derived_config(template_config, rank=rank, alpha=alpha, use_rslora=use_rslora, modules=modules)
-    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=ctx.path) as tmp:
-        folder = Path(tmp)
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=dict(metadata or {"format": "pt"}))
-        adapter = read_adapter(folder, into=ctx.blobs)
-        with ctx.blobs.discarding([adapter.weights]):
-            cfg_ref = ctx.blobs.put_bytes(adapter.config_bytes)
-            w_ref = ctx.blobs.commit_staged(adapter.weights)
-    files = (
-        StoredFile(ADAPTER_CONFIG, cfg_ref.sha256, cfg_ref.size),
-        StoredFile(ADAPTER_WEIGHTS, w_ref.sha256, w_ref.size),
-    )
+    adapter, files = store_derived(ctx.blobs, ctx.path, cfg, tensors, metadata or {"format": "pt"})
     return StagedExpert(adapter=adapter, files=files)
 
 
