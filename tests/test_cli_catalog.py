@@ -197,7 +197,7 @@ def test_read_only_library_folder_is_a_storage_error(tmpfs, base_dir: Path, tmp_
     before = _state(lib)
     listed = run("ls", "--json").stdout
     remount(disk, "ro")
-    # reading needs no write: ls and show read a read-only snapshot (catalog/sqlite_read.py)
+    # reading needs no write: ls and show read a read-only snapshot (catalog/snapshots.py)
     assert run("ls", "--json").stdout == listed
     assert '"name": "a"' in run("show", "a", "--json").stdout
     for args in (

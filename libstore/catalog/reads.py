@@ -3,11 +3,12 @@ in a constant number of statements, from any DB-API-like connection.
 
 Why plain SQL: ``ls`` and ``show`` must answer in a fraction of a second, and importing SQLAlchemy
 alone costs about as much. These statements are the only ones that read expert records: the catalog
-runs them through its SQLAlchemy session (:func:`session_rows`), ``libstore ls``/``show`` on a SQLite
-library through the standard ``sqlite3`` module (``catalog/sqlite_read.py``), and both get the same
-records. Parameters are named (``:w3_0``), the style SQLAlchemy's ``text()`` and ``sqlite3`` share;
-the values are the driver's own (SQLite: JSON as text, timestamps as text, booleans as 0/1), read
-back by :func:`json_value` and :func:`timestamp`.
+runs them through its SQLAlchemy session (:func:`of_session`), ``libstore ls``/``show`` through the
+database's own driver (``sqlite3`` or ``psycopg``, ``catalog/snapshots.py``), and both get the same
+records. Parameters are named (``:w3_0``), the style SQLAlchemy's ``text()`` and ``sqlite3`` share
+(the PostgreSQL snapshot rewrites them as ``%(w3_0)s``); the values are the driver's own (SQLite:
+JSON as text, timestamps as text, booleans as 0/1), read back by :func:`json_value` and
+:func:`timestamp`.
 
 A listing is one statement for the page of experts (filter, order, ``LIMIT``/``OFFSET``), then one
 per linked table restricted to that page by an uncorrelated ``IN (SELECT id ...)``: its cost depends
@@ -190,6 +191,34 @@ class Page:
         if self.limit is None and not self.offset:
             return self.where.sql
         return f"experts.id IN ({self.ids(dialect)})"
+
+
+def list_summaries(
+    db: Reader,
+    query: ExpertQuery,
+    *,
+    sort: ExpertSort = "name",
+    descending: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[ExpertSummary]:
+    """Summaries of a page of the experts ``query`` matches (:func:`summaries`)."""
+    return summaries(db, Page(query_where(query, db.dialect), sort, descending, limit, offset))
+
+
+def list_experts(
+    db: Reader,
+    query: ExpertQuery,
+    *,
+    sort: ExpertSort = "name",
+    descending: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+    with_lineage: bool = True,
+) -> list[Expert]:
+    """Full records of a page of the experts ``query`` matches (:func:`experts`)."""
+    page = Page(query_where(query, db.dialect), sort, descending, limit, offset)
+    return experts(db, page, with_lineage=with_lineage)
 
 
 def json_value(value: Any) -> Any:

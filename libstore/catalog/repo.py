@@ -202,8 +202,7 @@ def referenced_blobs(session: Session) -> set[str]:
 
 def find_experts(session: Session, query: ExpertQuery, *, with_lineage: bool = True) -> list[Expert]:
     """The experts ``query`` matches, in name order, in a constant number of statements."""
-    db = reads.of_session(session)
-    return reads.experts(db, reads.Page(reads.query_where(query, db.dialect)), with_lineage=with_lineage)
+    return reads.list_experts(reads.of_session(session), query, with_lineage=with_lineage)
 
 
 def expert_names(session: Session, query: ExpertQuery) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from libstore.catalog import listing, repo
+from libstore.catalog import reads, repo
 from libstore.catalog import tags as tags_repo
 from libstore.catalog.engine import Transaction
 from libstore.errors import (
@@ -27,7 +27,7 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.ops.context import Context
-from libstore.ops.query import check_page, format_query, parse_query
+from libstore.ops.query import format_query, parse_listing, parse_query
 from libstore.store import expert_data
 from libstore.store.adapter import check_against_base, read_adapter, validate_name
 from libstore.store.blobs import sha256_file
@@ -456,10 +456,10 @@ def experts(
 ) -> list[Expert]:
     """The experts a query matches, ordered by ``sort`` then name, the page ``offset``/``limit`` of
     them (one snapshot, a constant number of statements)."""
-    q = parse_query(query)
-    check_page(sort, limit, offset)
+    q = parse_listing(query, sort, limit, offset)
     with ctx.catalog.read() as s:
-        return listing.list_experts(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
+        db = reads.of_session(s)
+        return reads.list_experts(db, q, sort=sort, descending=descending, limit=limit, offset=offset)
 
 
 def summaries(
@@ -472,10 +472,10 @@ def summaries(
     offset: int = 0,
 ) -> list[ExpertSummary]:
     """As :func:`experts`, without module shapes, files, metadata or parents: what a listing shows."""
-    q = parse_query(query)
-    check_page(sort, limit, offset)
+    q = parse_listing(query, sort, limit, offset)
     with ctx.catalog.read() as s:
-        return listing.list_summaries(s, q, sort=sort, descending=descending, limit=limit, offset=offset)
+        db = reads.of_session(s)
+        return reads.list_summaries(db, q, sort=sort, descending=descending, limit=limit, offset=offset)
 
 
 def get(ctx: Context, name: str) -> Expert:

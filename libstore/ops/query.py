@@ -65,8 +65,10 @@ def format_query(query: ExpertQuery) -> str:
     return " ".join(parts) or "all"
 
 
-def check_page(sort: str, limit: int | None, offset: int) -> None:
-    """Refuse a sort, limit or offset a listing cannot take (before any statement runs)."""
+def parse_listing(query: str | ExpertQuery | None, sort: str, limit: int | None, offset: int) -> ExpertQuery:
+    """The query of a listing, parsed, with its sort, limit and offset checked (before any statement
+    runs): what every reader of expert listings (library and snapshot) starts with."""
+    parsed = parse_query(query)
     if sort not in EXPERT_SORTS:
         raise ValidationError(
             f"unknown sort {sort!r}; sort by one of {', '.join(EXPERT_SORTS)}", field="sort"
@@ -75,3 +77,4 @@ def check_page(sort: str, limit: int | None, offset: int) -> None:
         raise ValidationError(f"limit must be 0 or more, got {limit}", field="limit")
     if offset < 0:
         raise ValidationError(f"offset must be 0 or more, got {offset}", field="offset")
+    return parsed

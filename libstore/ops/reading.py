@@ -18,7 +18,7 @@ from libstore import config
 from libstore.catalog import reads
 from libstore.catalog.snapshots import Snapshot, Unavailable, open_snapshot
 from libstore.errors import NotFoundError
-from libstore.ops.query import check_page, parse_query
+from libstore.ops.query import parse_listing
 from libstore.store.marker import read_marker
 from libstore.types import Expert, ExpertQuery, ExpertSort, ExpertSummary
 
@@ -52,31 +52,18 @@ class ExpertReader(Protocol):
 
 
 class SnapshotReader:
-    """Expert records from a read-only SQLite snapshot; ``fallback`` (the library, opened on demand)
-    answers whatever the snapshot cannot."""
+    """Expert records from a read-only catalog snapshot (``catalog/snapshots.py``); ``fallback`` (the
+    library, opened on demand) answers whatever the snapshot cannot."""
 
     def __init__(self, snapshot: Snapshot, fallback: Callable[[], ExpertReader]) -> None:
         self._snapshot = snapshot
-        self._dialect = snapshot.reader.dialect
         self._fallback = fallback
-
-    def _page(
-        self,
-        query: str | ExpertQuery | None,
-        sort: ExpertSort,
-        descending: bool,
-        limit: int | None,
-        offset: int,
-    ) -> reads.Page:
-        q = parse_query(query)
-        check_page(sort, limit, offset)
-        return reads.Page(reads.query_where(q, self._dialect), sort, descending, limit, offset)
 
     def _read(self, read: Callable[[reads.Reader], T], full: Callable[[ExpertReader], T]) -> T:
         try:
             return read(self._snapshot.reader)
         except Unavailable:
-            self.close()
+            self.close()  # its read transaction must not outlive it (a PostgreSQL one holds locks)
             return full(self._fallback())
 
     def summaries(
@@ -88,9 +75,11 @@ class SnapshotReader:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[ExpertSummary]:
-        page = self._page(query, sort, descending, limit, offset)
+        q = parse_listing(query, sort, limit, offset)
         return self._read(
-            lambda db: reads.summaries(db, page),
+            lambda db: reads.list_summaries(
+                db, q, sort=sort, descending=descending, limit=limit, offset=offset
+            ),
             lambda lib: lib.summaries(query, sort=sort, descending=descending, limit=limit, offset=offset),
         )
 
@@ -103,9 +92,11 @@ class SnapshotReader:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[Expert]:
-        page = self._page(query, sort, descending, limit, offset)
+        q = parse_listing(query, sort, limit, offset)
         return self._read(
-            lambda db: reads.experts(db, page),
+            lambda db: reads.list_experts(
+                db, q, sort=sort, descending=descending, limit=limit, offset=offset
+            ),
             lambda lib: lib.experts(query, sort=sort, descending=descending, limit=limit, offset=offset),
         )
 
