@@ -24,6 +24,7 @@ from libstore.errors import (
     ValidationError,
 )
 from libstore.ops.context import Context
+from libstore.ops.experts import expert_record
 from libstore.store.adapter import KEY_PREFIX
 from libstore.store.derived import store_derived
 from libstore.store.safetensors_io import load_tensors
@@ -106,24 +107,16 @@ class StagedExpert:
         metadata: Mapping[str, Any] | None = None,
         source: str | None = None,
     ) -> Expert:
-        """The catalog record of these files as expert ``name``."""
-        a = self.adapter
-        return Expert(
+        """The catalog record of these files as expert ``name`` (:func:`ops.experts.expert_record`)."""
+        return expert_record(
+            self.adapter,
+            self.files,
             name=name,
             kind=kind,
             base_model=base_model,
-            rank=a.rank,
-            alpha=a.alpha,
-            use_rslora=a.use_rslora,
-            target_modules=tuple(a.target_modules),
-            modules=dict(a.modules),
-            dtype=a.dtype,
-            sha256=a.weights_sha256,
-            bytes=sum(f.size for f in self.files),
-            files=self.files,
             source=source,
-            tasks=tuple(dict.fromkeys(tasks)),
-            metadata=dict(metadata or {}),
+            tasks=tasks,
+            metadata=metadata,
         )
 
 
