@@ -7,6 +7,7 @@ however large n and m are. The session's owner holds the transaction (see ``cata
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from sqlalchemy import delete, exists, func, insert, literal, select
 from sqlalchemy.orm import Session
@@ -16,23 +17,25 @@ from libstore.catalog.filters import query_condition
 from libstore.catalog.models import ExpertRow, ExpertTagRow, TagRow, TaskRow
 from libstore.types import ExpertQuery
 
+_Named = TypeVar("_Named", TagRow, TaskRow)
 
-def tag_row(session: Session, name: str) -> TagRow:
-    row = session.scalar(select(TagRow).where(TagRow.name == name))
+
+def _named_row(session: Session, table: type[_Named], name: str) -> _Named:
+    """The tag or task row named ``name``, created if missing."""
+    row = session.scalar(select(table).where(table.name == name))
     if row is None:
-        row = TagRow(name=name)
+        row = table(name=name)
         session.add(row)
         session.flush()
     return row
+
+
+def tag_row(session: Session, name: str) -> TagRow:
+    return _named_row(session, TagRow, name)
 
 
 def task_row(session: Session, name: str) -> TaskRow:
-    row = session.scalar(select(TaskRow).where(TaskRow.name == name))
-    if row is None:
-        row = TaskRow(name=name)
-        session.add(row)
-        session.flush()
-    return row
+    return _named_row(session, TaskRow, name)
 
 
 def ensure_named(
